@@ -1,0 +1,6 @@
+"""Thin Lightning adapters over :mod:`lightning_sparse.core`, one file per method."""
+
+from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
+
+__all__ = ["GradualMagnitudePruning", "SparsityCallback"]

@@ -1,0 +1,132 @@
+"""Hook plumbing shared by the sparsity callbacks: masks installed in ``setup``, kept in force around every
+optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and logged to every logger."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from torch.optim import Optimizer
+
+from lightning_sparse import report
+from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.targets import select_targets
+
+
+def check_fraction_or_step(name: str, value: Any) -> None:
+    """``start``/``end`` style arguments: a float in [0, 1] (fraction of training) or an int >= 0 (a step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a float in [0, 1] (fraction of training) or an int >= 0 (step), got {value!r}")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` as a fraction of training must be in [0, 1], got {value}")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"`{name}` as an optimizer step must be >= 0, got {value}")
+
+
+def check_sparsity(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+
+
+def resolve_step(name: str, value: int | float, total_steps: float) -> int:
+    """Turn a fraction of training into an optimizer step (the last step at most); ints pass through."""
+    if isinstance(value, int):
+        return value
+    if total_steps == float("inf"):
+        raise ValueError(
+            f"`{name}`={value} is a fraction of training, but the Trainer has no max_steps/max_epochs; "
+            f"give `{name}` as an int optimizer step instead"
+        )
+    return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
+
+
+class SparsityCallback(Callback):
+    """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
+
+    Subclasses implement :meth:`_update_masks` (what happens at an optimizer step) and may extend
+    :meth:`_extra_state` / :meth:`_load_extra_state`. The base keeps pruned weights and their gradients at
+    exactly zero, makes every rank hold rank 0's masks, and logs ``sparsity/global`` and ``sparsity/<name>``.
+    """
+
+    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.verbose = verbose
+        self.masks: MaskSet | None = None
+        self._decided_step = -1  # last optimizer step whose masks were decided
+        self._masked_step = -1  # last optimizer step after which weights were re-masked
+
+    # ----------------------------------------------------------------- hooks: when
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.masks = MaskSet(select_targets(pl_module, self.include, self.exclude))
+            self._decided_step = self._masked_step = -1
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        if self.masks is None:
+            return
+        step = trainer.global_step
+        if step != self._decided_step:  # once per step, even with several optimizers
+            self._decided_step = step
+            if self._update_masks(trainer, pl_module, step):
+                self._sync_masks(trainer)
+                self._log_sparsity(trainer)
+        self.masks.mask_grads_()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.masks is not None and trainer.global_step != self._masked_step:
+            self._masked_step = trainer.global_step  # an optimizer step ran: it may have moved pruned weights
+            self.masks.apply_()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks is not None and self.verbose:
+            self._print_table()
+
+    # ----------------------------------------------------------------- what
+    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        """Change the masks for optimizer ``step`` if it is an update step; return whether they changed."""
+        raise NotImplementedError
+
+    def _sync_masks(self, trainer: pl.Trainer) -> None:
+        """Make every rank hold rank 0's masks (they agree already; this guards against nondeterministic kernels)."""
+        if trainer.world_size > 1:
+            self.masks.load_state_dict(trainer.strategy.broadcast(self.masks.state_dict(), src=0))
+
+    def _log_sparsity(self, trainer: pl.Trainer) -> None:
+        metrics = {"sparsity/global": self.masks.sparsity()}
+        metrics.update({f"sparsity/{name}": self.masks.sparsity(name) for name in self.masks})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @rank_zero_only
+    def _print_table(self) -> None:
+        report.print_table(report.sparsity_table(report.stats_from_masks(self.masks), title=f"{type(self).__name__}: sparsity per layer"))
+
+    # ----------------------------------------------------------------- checkpoint state
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.masks is None:
+            return {}
+        return {"masks": self.masks.state_dict(), **self._extra_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "masks" not in state_dict:
+            return
+        if self.masks is None:
+            rank_zero_warn(f"{type(self).__name__}: checkpoint masks were given before `setup`; they are ignored")
+            return
+        self.masks.load_state_dict(state_dict["masks"])  # validates every mask before loading any
+        self._load_extra_state(state_dict)

@@ -1,0 +1,114 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) as a Lightning callback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_sparse.callbacks.base import (
+    SparsityCallback,
+    check_choice,
+    check_fraction_or_step,
+    check_sparsity,
+    resolve_step,
+)
+from lightning_sparse.core.allocation import DISTRIBUTIONS
+from lightning_sparse.core.pruning import prune_by_magnitude
+from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
+
+
+class GradualMagnitudePruning(SparsityCallback):
+    """Prune the smallest-magnitude weights on a schedule until ``sparsity`` is reached at ``end``, then hold.
+
+    Sparsity at optimizer step t (Zhu & Gupta 2017, arXiv 1710.01878, Eq. 1, for ``schedule="cubic"``):
+    ``s_t = s_f + (s_i - s_f) (1 - (t - start) / (end - start))^3``, masks recomputed every ``frequency``
+    steps from ``start`` and at ``end``. Pruned weights and their gradients stay exactly zero.
+
+    Args:
+        sparsity: final fraction of zeros in the selected weights, in [0, 1).
+        start: when the ramp begins: fraction of the total optimizer steps (float in [0, 1]) or a step (int).
+        end: when the final sparsity is reached, same convention; must not come before ``start``.
+        frequency: optimizer steps between mask updates (>= 1).
+        schedule: ``cubic`` (Zhu & Gupta), ``linear`` or ``constant`` (one-shot at ``start``).
+        distribution: ``uniform`` (same sparsity per layer), ``global`` (one threshold) or ``erk``.
+        include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
+        exclude: glob patterns of parameter names to leave dense.
+        initial_sparsity: sparsity at ``start``, in [0, ``sparsity``].
+        verbose: print the per-layer table when fitting ends.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        start: int | float = 0.0,
+        end: int | float = 0.75,
+        frequency: int = 100,
+        schedule: str = "cubic",
+        distribution: str = "uniform",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        initial_sparsity: float = 0.0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        check_sparsity("sparsity", sparsity)
+        check_sparsity("initial_sparsity", initial_sparsity)
+        if initial_sparsity > sparsity:
+            raise ValueError(f"`initial_sparsity` must be in [0, sparsity={sparsity}], got {initial_sparsity}")
+        check_fraction_or_step("start", start)
+        check_fraction_or_step("end", end)
+        if type(start) is type(end) and end < start:
+            raise ValueError(f"`end` must not come before `start`: allowed range is [{start}, ...], got end={end}")
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+            raise ValueError(f"`frequency` must be an int >= 1 (optimizer steps), got {frequency!r}")
+        check_choice("schedule", schedule, tuple(SCHEDULES))
+        check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.sparsity = float(sparsity)
+        self.start, self.end = start, end
+        self.frequency = frequency
+        self.schedule = schedule
+        self.distribution = distribution
+        self.initial_sparsity = float(initial_sparsity)
+        self._start_step: int | None = None
+        self._end_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(sparsity=self.sparsity, include=self.include, exclude=self.exclude)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start_step is None:  # a resumed run keeps the schedule it started with
+            total = trainer.estimated_stepping_batches
+            self._start_step = resolve_step("start", self.start, total)
+            self._end_step = resolve_step("end", self.end, total)
+            if self._end_step < self._start_step:
+                raise ValueError(
+                    f"`end` (step {self._end_step}) must not come before `start` (step {self._start_step})"
+                )
+            if self._end_step >= total:
+                rank_zero_warn(
+                    f"GradualMagnitudePruning: `end` is step {self._end_step} but training has only {total} "
+                    f"optimizer steps; sparsity {self.sparsity} will not be reached"
+                )
+
+    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        if not is_update_step(step, self._start_step, self._end_step, self.frequency):
+            return False
+        target = sparsity_at(
+            step, self._start_step, self._end_step, self.initial_sparsity, self.sparsity, self.schedule
+        )
+        prune_by_magnitude(self.masks, target, self.distribution)
+        return True
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"start_step": self._start_step, "end_step": self._end_step}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._start_step, self._end_step = state.get("start_step"), state.get("end_step")

@@ -1,0 +1,134 @@
+"""``lightning-sparse``: LightningCLI (fit/validate/test/predict with any module and datamodule) plus ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from importlib import import_module
+from typing import Any
+
+from pytorch_lightning import seed_everything
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from lightning_sparse import report, wandb_mode
+from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.core.targets import prunable_names
+
+DESCRIPTION = (
+    "Sparsify models inside Trainer.fit. Subcommands: fit, validate, test, predict (LightningCLI) and "
+    "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint)."
+)
+
+
+def _class_of(callback_config: Any) -> type | None:
+    class_path = callback_config.get("class_path") if hasattr(callback_config, "get") else None
+    if not class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    return getattr(import_module(module), name, None)
+
+
+def _is_dropped_for_baseline(callback_config: Any) -> bool:
+    """Compression callbacks and checkpointing are left out of the dense baseline run."""
+    cls = _class_of(callback_config)
+    return isinstance(cls, type) and issubclass(cls, (SparsityCallback, ModelCheckpoint))
+
+
+class SparseCLI(LightningCLI):
+    """LightningCLI with ``--compare_dense``: after ``fit``, train the same config without compression and
+    print the test metrics of both models side by side."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("description", DESCRIPTION)
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--compare_dense",
+            type=bool,
+            default=False,
+            help="After fit: test the compressed model, train and test a dense baseline with the same config "
+            "(compression callbacks removed) and print both (fit only).",
+        )
+
+    def after_fit(self) -> None:
+        wandb_mode.announce_runs(self.trainer.loggers)
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_path:
+            rank_zero_info(f"Checkpoint: {checkpoint.best_model_path} (`lightning-sparse report` prints its sparsity)")
+        if self._get(self.config, "compare_dense"):
+            self._compare_with_dense()
+
+    def _compare_with_dense(self) -> None:
+        sparse = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)[0]
+        config = copy.deepcopy(self.config)
+        trainer_config = config[self.subcommand]["trainer"]
+        trainer_config["callbacks"] = [c for c in trainer_config.get("callbacks") or [] if not _is_dropped_for_baseline(c)]
+        trainer_config["logger"] = False
+        trainer_config["enable_checkpointing"] = False
+        trainer_config["enable_model_summary"] = False
+        seed = config[self.subcommand]["seed_everything"]
+        if seed is not False:
+            seed_everything(seed, workers=True)  # the baseline starts from the same weights and data order
+        init = self.parser.instantiate_classes(config)[self.subcommand]
+        trainer = self.trainer_class(**init["trainer"])
+        rank_zero_info("Training the dense baseline (same config, no compression callbacks)...")
+        trainer.fit(init["model"], datamodule=init["data"])
+        dense = trainer.test(init["model"], datamodule=init["data"], verbose=False)[0]
+        for logger in self.trainer.loggers:
+            logger.log_metrics({f"dense/{name}": value for name, value in dense.items()})
+        names = self._sparsified_names()
+        sparse["sparsity"] = _global_sparsity(self.model, names)
+        dense["sparsity"] = _global_sparsity(init["model"], names)
+        _print_comparison(dense, sparse)
+
+    def _sparsified_names(self) -> list[str]:
+        return [n for cb in self.trainer.callbacks if isinstance(cb, SparsityCallback) and cb.masks for n in cb.masks]
+
+
+def _global_sparsity(model: Any, names: list[str] | None = None) -> float:
+    """Fraction of exact zeros over the sparsified parameters (default: every Linear/Conv weight)."""
+    params = dict(model.named_parameters())
+    names = names or prunable_names(model)
+    return report.global_sparsity(report.stats_from_tensors({n: params[n].detach() for n in names}))
+
+
+@rank_zero_only
+def _print_comparison(dense: dict[str, float], sparse: dict[str, float]) -> None:
+    table = Table(title="Test metrics: dense baseline vs compressed")
+    for column in ("metric", "dense", "compressed", "difference"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name in sorted(set(dense) & set(sparse)):
+        table.add_row(name, f"{dense[name]:.4f}", f"{sparse[name]:.4f}", f"{sparse[name] - dense[name]:+.4f}")
+    Console().print(table)
+
+
+def report_main(args: list[str]) -> None:
+    """``lightning-sparse report CKPT [--plot FILE.png]``."""
+    parser = argparse.ArgumentParser(prog="lightning-sparse report", description="Per-layer sparsity of a checkpoint.")
+    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict)")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw per-layer sparsity as a bar chart")
+    parsed = parser.parse_args(args)
+    stats = report.checkpoint_stats(parsed.checkpoint)
+    report.print_table(report.sparsity_table(stats, title=f"Sparsity per layer: {parsed.checkpoint}"))
+    if parsed.plot:
+        print(f"Plot saved to {report.plot_sparsity(stats, parsed.plot, title=str(parsed.checkpoint))}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-sparse`` command."""
+    args = sys.argv[1:] if args is None else list(args)
+    wandb_mode.default_to_offline()
+    if args and args[0] == "report":
+        report_main(args[1:])
+        return
+    SparseCLI(model_class=None, datamodule_class=None, args=args, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

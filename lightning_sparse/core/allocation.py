@@ -1,0 +1,74 @@
+"""Per-layer sparsity allocation: ``uniform``, ``global`` (one magnitude threshold) and ``erk``.
+
+Data in, data out: shapes or scores go in, the number of zeros per layer comes out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+DISTRIBUTIONS = ("uniform", "global", "erk")
+
+
+def round_half_up(value: float) -> int:
+    """``round(value)`` with halves rounded up, so the count does not depend on banker's rounding."""
+    return int(math.floor(value + 0.5 + 1e-9))
+
+
+def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[str, float]:
+    """Erdős–Rényi-Kernel sparsity per layer (Evci et al. 2020, after google-research/rigl ``sparse_utils``).
+
+    Layer density is ``eps * sum(shape) / prod(shape)`` (for Linear ``(n_in + n_out) / (n_in * n_out)``),
+    with ``eps`` solved so the total number of non-zeros is ``(1 - sparsity) * N``. Layers whose density
+    would exceed 1 are made dense and ``eps`` is solved again over the rest.
+    """
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    total = sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        sparse = [name for name in shapes if name not in dense]
+        if not sparse:
+            raise ValueError(
+                f"ERK cannot reach `sparsity`={sparsity}: every layer would have to be dense ({list(shapes)})"
+            )
+        budget = (1.0 - sparsity) * total - sum(sizes[name] for name in dense)
+        eps = budget / sum(raw[name] * sizes[name] for name in sparse)
+        too_dense = {name for name in sparse if eps * raw[name] > 1.0}
+        if not too_dense:
+            break
+        dense |= too_dense
+    return {name: 0.0 if name in dense else 1.0 - eps * raw[name] for name in shapes}
+
+
+def global_zero_counts(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, int]:
+    """Zeros per layer under one threshold across all layers: the ``round(sparsity * N)`` lowest scores.
+
+    Ties are broken by layer order, then by index within the layer (stable sort), so the result is exact.
+    """
+    names = list(scores)
+    flat = torch.cat([scores[name].reshape(-1).float() for name in names])
+    layer_of = torch.cat(
+        [torch.full((scores[name].numel(),), i, dtype=torch.int32, device=flat.device) for i, name in enumerate(names)]
+    )
+    n_zeros = round_half_up(sparsity * flat.numel())
+    pruned = layer_of[torch.sort(flat, stable=True).indices[:n_zeros]]
+    counts = torch.bincount(pruned.long(), minlength=len(names)).tolist()
+    return dict(zip(names, counts))
+
+
+def zero_counts(distribution: str, scores: Mapping[str, Tensor], sparsity: float) -> dict[str, int]:
+    """Number of weights to prune in each layer so that the model is at ``sparsity`` under ``distribution``."""
+    if distribution == "global":
+        return global_zero_counts(scores, sparsity)
+    if distribution == "uniform":
+        per_layer = {name: sparsity for name in scores}
+    elif distribution == "erk":
+        per_layer = erk_sparsities({name: tuple(s.shape) for name, s in scores.items()}, sparsity)
+    else:
+        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    return {name: round_half_up(per_layer[name] * scores[name].numel()) for name in scores}

@@ -1,0 +1,38 @@
+"""Scores that rank weights for pruning, and the exact mask that keeps the highest-scoring ones."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def magnitude(weight: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``|w|``; entries already pruned by ``mask`` score -1 so they are the first to stay pruned."""
+    scores = weight.detach().abs()
+    if mask is not None:
+        scores.masked_fill_(~mask, -1.0)
+    return scores
+
+
+def gradient_magnitude(grad: Tensor) -> Tensor:
+    """``|g|`` of the dense gradient (RigL's growth criterion)."""
+    return grad.detach().abs()
+
+
+def random_scores(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform random scores from ``generator`` (SET's growth criterion); same seed, same scores everywhere."""
+    return torch.rand(like.shape, generator=generator, device=generator.device).to(like.device)
+
+
+def exact_mask(scores: Tensor, n_zeros: int) -> Tensor:
+    """Boolean mask pruning exactly ``n_zeros`` lowest-scoring entries.
+
+    Ties are broken deterministically by flat index (the lower index is pruned first), via a stable sort.
+    """
+    if not 0 <= n_zeros <= scores.numel():
+        raise ValueError(f"`n_zeros` must be in [0, {scores.numel()}], got {n_zeros}")
+    flat = scores.reshape(-1)
+    mask = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+    if n_zeros:
+        mask[torch.sort(flat, stable=True).indices[:n_zeros]] = False
+    return mask.view(scores.shape)

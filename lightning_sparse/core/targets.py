@@ -1,0 +1,58 @@
+"""Which parameters are sparsified: weights of Linear/Conv layers by default, glob patterns to adjust."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+#: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not.
+DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters pruned by default: the ``weight`` of every Linear and Conv1d/2d/3d."""
+    names = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, DEFAULT_MODULES) and isinstance(weight, nn.Parameter) and id(weight) not in seen:
+            seen.add(id(weight))  # tied weights are pruned once, under their first name
+            names.append(f"{module_name}.weight" if module_name else "weight")
+    return names
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def select_targets(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Return ``{name: parameter}`` to sparsify, in model order.
+
+    Without ``include`` the targets are :func:`prunable_names`; with it, any parameter whose name matches
+    one of the glob patterns (so a user may opt in embeddings or biases). ``exclude`` globs then remove names.
+    Raises ``ValueError`` when an include pattern matches nothing or when nothing is left to prune.
+    """
+    params = dict(model.named_parameters())
+    default = prunable_names(model)
+    if include:
+        for pattern in include:
+            if not any(fnmatchcase(name, pattern) for name in params):
+                raise ValueError(
+                    f"`include` pattern {pattern!r} matches no parameter. Prunable by default: {default}; "
+                    f"all parameters: {list(params)}"
+                )
+        names = [name for name in params if _matches(name, include)]
+    else:
+        names = default
+    if exclude:
+        names = [name for name in names if not _matches(name, exclude)]
+    if not names:
+        raise ValueError(
+            f"Nothing to prune in {type(model).__name__}: no Linear/Conv weights are selected "
+            f"(include={list(include or [])}, exclude={list(exclude or [])}). Prunable by default: {default}"
+        )
+    return {name: params[name] for name in names}

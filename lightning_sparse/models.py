@@ -1,0 +1,136 @@
+"""Reference models (LeNet-300-100, LeNet-5, a small CNN) and a classifier LightningModule over them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def _flat_features(features: nn.Module, input_shape: Sequence[int]) -> int:
+    with torch.no_grad():
+        return features(torch.zeros(1, *input_shape)).numel()
+
+
+def lenet_300_100(input_shape: Sequence[int], num_classes: int) -> nn.Sequential:
+    """LeCun et al. 1998's MLP: in → 300 → 100 → classes (266k weights on MNIST)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def lenet5(input_shape: Sequence[int], num_classes: int) -> nn.Sequential:
+    """The Caffe LeNet-5 used by Han et al. 2015 (conv20-conv50-fc500), with same-padded 5×5 convs."""
+    features = nn.Sequential(
+        nn.Conv2d(input_shape[0], 20, 5, padding=2), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5, padding=2), nn.MaxPool2d(2), nn.Flatten()
+    )
+    return nn.Sequential(
+        features, nn.Linear(_flat_features(features, input_shape), 500), nn.ReLU(), nn.Linear(500, num_classes)
+    )
+
+
+def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Sequential:
+    """Three 3×3 conv layers (32-64-64) with two max-pools, then a 128-unit hidden layer."""
+    features = nn.Sequential(
+        nn.Conv2d(input_shape[0], 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )  # fmt: skip
+    return nn.Sequential(
+        features, nn.Linear(_flat_features(features, input_shape), 128), nn.ReLU(), nn.Linear(128, num_classes)
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
+    "lenet300": lenet_300_100,
+    "lenet5": lenet5,
+    "cnn": small_cnn,
+}
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class Classifier(pl.LightningModule):
+    """Image classifier: cross-entropy, torchmetrics accuracy, SGD/Adam with an optional cosine schedule.
+
+    Logs ``train_loss``, ``val_loss``/``val_acc`` and ``test_loss``/``test_acc``.
+
+    Args:
+        arch: ``lenet300``, ``lenet5`` or ``cnn``.
+        input_shape: (channels, height, width) of one image: (1, 8, 8) for digits, (1, 28, 28) for MNIST.
+        num_classes: output classes.
+        optimizer: ``sgd`` (with momentum), ``adam`` or ``adamw``.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        lr_schedule: ``constant`` or ``cosine`` (annealed to 0 over all optimizer steps).
+    """
+
+    def __init__(
+        self,
+        arch: str = "lenet300",
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        num_classes: int = 10,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+    ) -> None:
+        super().__init__()
+        for name, value, choices in (
+            ("arch", arch, tuple(ARCHITECTURES)),
+            ("optimizer", optimizer, OPTIMIZERS),
+            ("lr_schedule", lr_schedule, LR_SCHEDULES),
+        ):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+        self.save_hyperparameters()
+        self.net = ARCHITECTURES[arch](tuple(input_shape), num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        accuracy(logits, y)
+        self.log(f"{stage}_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}_acc", accuracy, prog_bar=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return types
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+            optimizer = cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

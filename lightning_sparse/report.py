@@ -1,0 +1,112 @@
+"""Per-layer sparsity tables (rich) and bar charts (matplotlib) for a model, a mask set or a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from lightning_sparse.core.masks import MaskSet
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Counts for one sparsified parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+def stats_from_masks(masks: MaskSet) -> list[LayerSparsity]:
+    """Per-layer counts according to the stored masks."""
+    return [
+        LayerSparsity(name, tuple(masks.params[name].shape), masks.numel(name), masks.numel(name) - masks.nonzeros(name))
+        for name in masks
+    ]
+
+
+def stats_from_tensors(tensors: Mapping[str, Tensor]) -> list[LayerSparsity]:
+    """Per-layer counts of exact zeros in the given tensors."""
+    return [
+        LayerSparsity(name, tuple(t.shape), t.numel(), int((t == 0).sum())) for name, t in tensors.items()
+    ]
+
+
+def global_sparsity(stats: Iterable[LayerSparsity]) -> float:
+    stats = list(stats)
+    total = sum(s.numel for s in stats)
+    return sum(s.zeros for s in stats) / total if total else 0.0
+
+
+def sparsity_table(stats: list[LayerSparsity], title: str = "Sparsity per layer") -> Table:
+    """A rich table: one row per layer, then the global total."""
+    table = Table(title=title)
+    for column, justify in (("layer", "left"), ("shape", "left"), ("params", "right"), ("non-zero", "right"), ("sparsity", "right")):
+        table.add_column(column, justify=justify)
+    for s in stats:
+        table.add_row(s.name, "×".join(map(str, s.shape)), f"{s.numel:,}", f"{s.numel - s.zeros:,}", f"{s.sparsity:.2%}")
+    total = sum(s.numel for s in stats)
+    zeros = sum(s.zeros for s in stats)
+    table.add_section()
+    table.add_row("global", "", f"{total:,}", f"{total - zeros:,}", f"{global_sparsity(stats):.2%}", style="bold")
+    return table
+
+
+def print_table(table: Table) -> None:
+    Console().print(table)
+
+
+def checkpoint_stats(path: str | Path) -> list[LayerSparsity]:
+    """Per-layer zeros of a Lightning checkpoint (or a plain state dict file).
+
+    The layers are those a sparsity callback masked, when its state is in the checkpoint; otherwise every
+    floating-point tensor named ``*weight`` with at least two dimensions (Linear/Conv weights).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    names: list[str] = []
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and "masks" in state:
+            names += [n for n in state["masks"]["shapes"] if n not in names]
+    if not names:
+        names = [
+            n for n, t in state_dict.items()
+            if isinstance(t, Tensor) and t.is_floating_point() and t.ndim >= 2 and n.endswith("weight")
+        ]
+    if not names:
+        raise ValueError(f"{path} holds no Linear/Conv weights to report on")
+    return stats_from_tensors({name: state_dict[name] for name in names})
+
+
+def plot_sparsity(stats: list[LayerSparsity], path: str | Path, title: str = "Sparsity per layer") -> Path:
+    """Save a bar chart of per-layer sparsity to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(stats) + 2), 3.5))
+    ax.bar(range(len(stats)), [100 * s.sparsity for s in stats], color="tab:blue")
+    ax.axhline(100 * global_sparsity(stats), color="tab:red", linestyle="--", label="global")
+    ax.set_xticks(range(len(stats)), [s.name for s in stats], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
