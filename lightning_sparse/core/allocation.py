@@ -38,7 +38,7 @@ def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict
             )
         budget = (1.0 - sparsity) * total - sum(sizes[name] for name in dense)
         eps = budget / sum(raw[name] * sizes[name] for name in sparse)
-        too_dense = {name for name in sparse if eps * raw[name] > 1.0}
+        too_dense = {name for name in sparse if eps * raw[name] > 1.0 + 1e-12}
         if not too_dense:
             break
         dense |= too_dense

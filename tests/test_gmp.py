@@ -1,0 +1,204 @@
+"""GradualMagnitudePruning inside real Trainer.fit runs on sklearn's digits."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from conftest import digits_model, make_trainer
+from wandb_records import wandb_history
+from lightning_sparse import GradualMagnitudePruning
+from lightning_sparse.core.allocation import round_half_up
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+STEPS_PER_EPOCH = 20  # 1,257 training digits in batches of 64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\), got 1.0"),
+        ({"sparsity": -0.1}, r"`sparsity` must be a number in \[0, 1\)"),
+        ({"start": 0.5, "end": 0.2}, r"`end` must not come before `start`"),
+        ({"start": 30, "end": 10}, r"`end` must not come before `start`"),
+        ({"end": 1.5}, r"`end` as a fraction of training must be in \[0, 1\]"),
+        ({"start": -3}, r"`start` as an optimizer step must be >= 0"),
+        ({"frequency": 0}, r"`frequency` must be an int >= 1"),
+        ({"schedule": "exp"}, r"`schedule` must be one of \('cubic', 'linear', 'constant'\)"),
+        ({"distribution": "layerwise"}, r"`distribution` must be one of \('uniform', 'global', 'erk'\)"),
+        ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` must be in \[0, sparsity=0.5\]"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradualMagnitudePruning(**kwargs)
+
+
+def test_end_before_start_in_mixed_units_is_caught_at_fit(tmp_path, digits):
+    callback = GradualMagnitudePruning(start=50, end=0.1)  # step 50 vs 10% of 80 steps = step 8
+    with pytest.raises(ValueError, match=r"`end` \(step 8\) must not come before `start` \(step 50\)"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+def test_include_matching_nothing_fails_before_training(tmp_path, digits):
+    callback = GradualMagnitudePruning(include=["encoder.*"])
+    with pytest.raises(ValueError, match=r"matches no parameter. Prunable by default: \['net.1.weight'"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+def _read_sparsity_log(log_dir: Path) -> list[dict[str, float]]:
+    with open(log_dir / "metrics.csv") as f:
+        return [
+            {k: float(v) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(f)
+            if row.get("sparsity/global")
+        ]
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
+def test_target_reached_exactly_at_end_and_held(tmp_path, digits, distribution):
+    callback = GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.5, frequency=7, distribution=distribution)
+    logger = CSVLogger(tmp_path)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], logger=logger).fit(model, digits)
+    rows = _read_sparsity_log(Path(logger.log_dir))
+    steps = [int(row["step"]) for row in rows]
+    assert steps == [8, 15, 22, 29, 36, 40]  # every 7 steps from 10% of 80, and at 50% of 80
+    assert all(a < b for a, b in zip([r["sparsity/global"] for r in rows], [r["sparsity/global"] for r in rows][1:]))
+    weights = {n: p for n, p in model.named_parameters() if n in callback.masks}
+    zeros = {n: int((w == 0).sum()) for n, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    if distribution == "uniform":
+        assert zeros == {n: round_half_up(0.9 * w.numel()) for n, w in weights.items()}
+    elif distribution == "global":
+        assert sum(zeros.values()) == round_half_up(0.9 * total)
+    else:
+        assert sum(zeros.values()) == pytest.approx(0.9 * total, abs=len(zeros))
+    assert rows[-1]["sparsity/global"] == pytest.approx(sum(zeros.values()) / total)
+    for name in weights:
+        assert rows[-1][f"sparsity/{name}"] == pytest.approx(zeros[name] / weights[name].numel())
+
+
+def test_steps_are_optimizer_steps_under_gradient_accumulation(tmp_path, digits):
+    callback = GradualMagnitudePruning(sparsity=0.8, start=0, end=0.5, frequency=5)
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [callback], logger=logger, accumulate_grad_batches=4)
+    trainer.fit(digits_model(), digits)
+    assert trainer.global_step == 4 * STEPS_PER_EPOCH // 4
+    assert [int(r["step"]) for r in _read_sparsity_log(Path(logger.log_dir))] == [0, 5, 10]  # end = 50% of 20
+
+
+def test_no_weight_orig_no_hooks_and_masks_within_memory_budget(tmp_path, digits):
+    model = digits_model("cnn")
+    dense_keys = list(model.state_dict())
+    callback = GradualMagnitudePruning(sparsity=0.9, start=0, end=0.5, frequency=10)
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
+    assert list(model.state_dict()) == dense_keys
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert not any("orig" in name or "mask" in name for name, _ in model.named_buffers())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert callback.masks.packed_bytes() <= 0.05 * param_bytes
+
+
+def test_checkpoint_has_dense_keys_and_loads_into_plain_model(tmp_path, digits):
+    callback = GradualMagnitudePruning(sparsity=0.75, start=0, end=0.5, frequency=10)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
+    trainer.fit(digits_model(), digits)
+    path = tmp_path / "sparse.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    plain = Classifier(arch="lenet300", input_shape=(1, 8, 8))
+    assert set(checkpoint["state_dict"]) == set(plain.state_dict())
+    plain.load_state_dict(checkpoint["state_dict"])  # strict
+    assert (plain.net[1].weight == 0).float().mean().item() == pytest.approx(0.75, abs=1e-4)
+    assert callback.state_key in checkpoint["callbacks"]
+
+
+class _StopAfterEpoch(pl.Callback):
+    """Interrupt training: save a checkpoint at the end of ``epoch`` and stop."""
+
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def _gmp_run(tmp_path: Path, stop_epoch: int | None = None, ckpt: Path | None = None, **trainer_kwargs):
+    pl.seed_everything(7)
+    model = digits_model(optimizer="adam", lr=1e-3)
+    callback = GradualMagnitudePruning(sparsity=0.85, start=0.1, end=0.7, frequency=6)
+    callbacks = [callback] + ([_StopAfterEpoch(stop_epoch, tmp_path / "interrupted.ckpt")] if stop_epoch is not None else [])
+    trainer = make_trainer(tmp_path, callbacks, **trainer_kwargs)
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
+    return model, callback, trainer
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    full_model, full_cb, _ = _gmp_run(tmp_path / "full")
+    _, cut_cb, cut_trainer = _gmp_run(tmp_path / "cut", stop_epoch=1)
+    assert cut_trainer.global_step == 40  # mid-ramp: updates run from step 8 to step 56
+    assert 0 < cut_cb.masks.sparsity() < 0.85
+    resumed_model, resumed_cb, resumed_trainer = _gmp_run(tmp_path / "resumed", ckpt=tmp_path / "cut" / "interrupted.ckpt")
+    assert resumed_trainer.global_step == 80
+    for (name, full), (_, resumed) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(full, resumed), name
+    assert resumed_cb.masks.checksum() == full_cb.masks.checksum()
+
+
+def test_resume_restores_masks_and_schedule_position(tmp_path):
+    _, cut_cb, _ = _gmp_run(tmp_path / "cut", stop_epoch=0)
+    saved = torch.load(tmp_path / "cut" / "interrupted.ckpt", weights_only=False)["callbacks"][cut_cb.state_key]
+    resumed_cb = GradualMagnitudePruning(sparsity=0.85, start=0.1, end=0.7, frequency=6)
+    model = digits_model(optimizer="adam", lr=1e-3)
+    # max_epochs differs from the original run: the restored schedule (steps 8..56) must still win.
+    trainer = make_trainer(tmp_path / "resumed", [resumed_cb], max_epochs=1)
+    trainer.fit(model, DigitsDataModule(), ckpt_path=tmp_path / "cut" / "interrupted.ckpt")
+    assert (resumed_cb._start_step, resumed_cb._end_step) == (saved["start_step"], saved["end_step"]) == (8, 56)
+    assert resumed_cb.masks.checksum() == cut_cb.masks.checksum()
+
+
+def test_resuming_masks_that_do_not_fit_the_model_fails_and_loads_nothing(tmp_path):
+    _gmp_run(tmp_path / "cut", stop_epoch=0)
+    path = tmp_path / "cut" / "interrupted.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("GradualMagnitudePruning")]
+    masks = checkpoint["callbacks"][key]["masks"]
+    masks["shapes"]["net.3.weight"] = [100, 301]
+    masks["packed"]["net.3.weight"] = torch.zeros((100 * 301 + 7) // 8, dtype=torch.uint8)
+    torch.save(checkpoint, path)
+    callback = GradualMagnitudePruning(sparsity=0.85, start=0.1, end=0.7, frequency=6)
+    trainer = make_trainer(tmp_path, [callback])
+    with pytest.raises(ValueError, match=r"mask for 'net.3.weight' has shape \[100, 301\] but the parameter has shape \[100, 300\]"):
+        trainer.fit(digits_model(optimizer="adam", lr=1e-3), DigitsDataModule(), ckpt_path=path)
+    assert not any(name in callback.masks for name in callback.masks.params)  # nothing half-loaded
+    assert callback._start_step is None
+
+
+def test_sparsity_reaches_wandb_offline_run(tmp_path, digits, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="lightning-sparse-tests", save_dir=str(tmp_path))
+    callback = GradualMagnitudePruning(sparsity=0.9, start=0, end=0.5, frequency=10)
+    make_trainer(tmp_path, [callback], logger=logger, max_epochs=2).fit(digits_model(), digits)
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    rows = [row for row in wandb_history(run_dir) if "sparsity/global" in row]
+    assert [row["trainer/global_step"] for row in rows] == [0, 10, 20]  # end = 50% of 40 steps
+    assert rows[-1]["sparsity/global"] == pytest.approx(callback.masks.sparsity())
+    assert rows[-1]["sparsity/net.1.weight"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_sparse_model_still_classifies_digits(tmp_path, digits):
+    pl.seed_everything(0)
+    model = digits_model("cnn")
+    callback = GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.6, frequency=10)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=12)
+    trainer.fit(model, digits)
+    assert callback.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+    assert trainer.test(model, digits, verbose=False)[0]["test_acc"] > 0.93

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_sparse.core.masks import MaskSet, pack, unpack
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 7), (300, 784)])
+def test_pack_unpack_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    packed = pack(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack(packed, mask.shape), mask)
+
+
+def _layer_masks():
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 10)
+    masks = MaskSet({"weight": layer.weight})
+    mask = torch.rand(10, 20) > 0.75
+    masks.set("weight", mask)
+    return layer, masks, mask
+
+
+def test_set_zeroes_pruned_weights_in_place_and_reports_density():
+    layer, masks, mask = _layer_masks()
+    assert torch.equal(layer.weight != 0, mask)
+    assert masks.density("weight") == pytest.approx(mask.float().mean().item())
+    assert masks.sparsity() == pytest.approx(1 - mask.float().mean().item())
+    assert masks.nonzeros("weight") == int(mask.sum())
+
+
+def test_masks_cost_one_bit_per_weight():
+    _, masks, _ = _layer_masks()
+    assert masks.packed_bytes() == 25  # 200 weights / 8
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+def test_momentum_and_adam_state_never_resurrect_pruned_weights(optimizer_cls):
+    layer, masks, mask = _layer_masks()
+    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01} if optimizer_cls is torch.optim.SGD else {"lr": 0.1}
+    optimizer = optimizer_cls(layer.parameters(), **kwargs)
+    # Build up optimizer state on the dense weights first, then prune: the state is now non-zero where
+    # the mask is False, which is exactly the case that resurrects weights without gradient masking.
+    dense = nn.Linear(20, 10)
+    layer.weight.data.copy_(dense.weight)
+    masks._packed.clear()
+    x = torch.randn(32, 20)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+    masks.set("weight", mask)
+    for _ in range(5):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        masks.mask_grads_()
+        assert torch.all(layer.weight.grad[~mask] == 0)
+        optimizer.step()
+        masks.apply_()
+        assert torch.all(layer.weight[~mask] == 0)
+    assert torch.all(layer.weight[mask] != 0)
+
+
+def test_state_dict_round_trip_restores_masks_and_zeroes():
+    layer, masks, mask = _layer_masks()
+    state = masks.state_dict()
+    fresh = nn.Linear(20, 10)
+    restored = MaskSet({"weight": fresh.weight})
+    restored.load_state_dict(state)
+    assert torch.equal(restored.mask("weight"), mask)
+    assert torch.all(fresh.weight[~mask] == 0)
+
+
+def test_loading_masks_that_do_not_fit_loads_nothing():
+    a, b = nn.Linear(20, 10), nn.Linear(10, 5)
+    masks = MaskSet({"a": a.weight, "b": b.weight})
+    masks.set("a", torch.rand(10, 20) > 0.5)
+    before = masks.state_dict()
+    wrong_shape = {"shapes": {"a": [10, 20], "b": [5, 11]}, "packed": {"a": pack(torch.ones(10, 20, dtype=torch.bool)), "b": pack(torch.ones(5, 11, dtype=torch.bool))}}
+    with pytest.raises(ValueError, match=r"mask for 'b' has shape \[5, 11\] but the parameter has shape \[5, 10\]"):
+        masks.load_state_dict(wrong_shape)
+    unknown = {"shapes": {"c": [3]}, "packed": {"c": pack(torch.ones(3, dtype=torch.bool))}}
+    with pytest.raises(ValueError, match=r"\['c'\] are not sparsified parameters"):
+        masks.load_state_dict(unknown)
+    after = masks.state_dict()
+    assert after["shapes"] == before["shapes"]
+    assert all(torch.equal(after["packed"][n], before["packed"][n]) for n in before["packed"])
+
+
+def test_checksum_distinguishes_masks():
+    _, masks, mask = _layer_masks()
+    first = masks.checksum()
+    flipped = mask.clone()
+    flipped[0, 0] = ~flipped[0, 0]
+    masks.set("weight", flipped & mask) if flipped[0, 0] == 0 else masks.set("weight", flipped)
+    assert masks.checksum() != first

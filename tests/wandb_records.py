@@ -1,0 +1,53 @@
+"""Read the metrics an offline W&B run wrote to its ``run-*.wandb`` file (test helper).
+
+The file is a LevelDB-style log (7-byte ``:W&B`` header, then 32 KiB blocks of records with a 7-byte
+header each: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)) holding protobuf
+``Record`` messages. Recent wandb releases no longer ship a Python reader, so the tests carry this one.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+_BLOCK = 32 * 1024
+_FILE_HEADER = 7
+
+
+def _payloads(data: bytes):
+    pos, pending = _FILE_HEADER, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+
+
+def wandb_history(run_dir: str | Path) -> list[dict]:
+    """All rows passed to ``wandb.log`` in an offline run, with their ``_step``."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    rows = []
+    for payload in _payloads(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
