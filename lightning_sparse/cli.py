@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 from importlib import import_module
 from typing import Any
 
@@ -114,6 +115,8 @@ def report_main(args: list[str]) -> None:
     parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw per-layer sparsity as a bar chart")
     parsed = parser.parse_args(args)
+    if not Path(parsed.checkpoint).is_file():
+        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
     stats = report.checkpoint_stats(parsed.checkpoint)
     report.print_table(report.sparsity_table(stats, title=f"Sparsity per layer: {parsed.checkpoint}"))
     if parsed.plot:

@@ -1,0 +1,67 @@
+"""Run by ``test_ddp.py``: GMP under ``strategy="ddp"`` on 2 CPU processes (gloo).
+
+Every rank writes ``rank<N>.json`` with, after each mask update, a CRC of its packed masks and of the zero
+pattern of its weights, plus a CRC of its final weights.
+"""
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_sparse import GradualMagnitudePruning
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+
+def crc(tensors) -> int:
+    value = 0
+    for tensor in tensors:
+        value = zlib.crc32(tensor.detach().cpu().contiguous().numpy().tobytes(), value)
+    return value
+
+
+class RecordMasks(pl.Callback):
+    def __init__(self, gmp: GradualMagnitudePruning) -> None:
+        self.gmp, self.rows = gmp, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        masks = self.gmp.masks
+        packed = [masks._packed[name] for name in masks if name in masks]
+        row = {
+            "step": trainer.global_step,
+            "masks": crc(packed),
+            "zeros": crc([masks.params[name] == 0 for name in masks]),
+            "sparsity": masks.sparsity(),
+        }
+        if not self.rows or self.rows[-1]["masks"] != row["masks"]:
+            self.rows.append(row)
+
+
+def main(out_dir: Path) -> None:
+    pl.seed_everything(3)
+    gmp = GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.6, frequency=5, distribution="global")
+    recorder = RecordMasks(gmp)
+    model = Classifier(arch="cnn", input_shape=(1, 8, 8), lr=0.05)
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        callbacks=[gmp, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    result = {"world_size": trainer.world_size, "rows": recorder.rows, "weights": crc(model.state_dict().values())}
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]))

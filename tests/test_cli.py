@@ -1,0 +1,83 @@
+"""The ``lightning-sparse`` command, run as a user runs it (a subprocess), on real digits."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("lightning-sparse"))
+DIGITS = [
+    "--model=lightning_sparse.models.Classifier",
+    "--model.arch=lenet300",
+    "--model.input_shape=[1, 8, 8]",
+    "--data=lightning_sparse.data.DigitsDataModule",
+    "--trainer.max_epochs=2",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--seed_everything=0",
+]
+
+
+def run_cli(*args: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the CLI must choose offline itself
+    result = subprocess.run([CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def checkpoint_sparsity(root: Path) -> float:
+    (path,) = root.glob("**/checkpoints/*.ckpt")
+    state = torch.load(path, weights_only=False)["state_dict"]
+    weights = [state[f"net.{i}.weight"] for i in (1, 3, 5)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_fit_with_callback_flags(tmp_path):
+    run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_sparse.GradualMagnitudePruning",
+        "--trainer.callbacks.sparsity=0.8", "--trainer.callbacks.start=0", "--trainer.callbacks.end=0.5",
+        "--trainer.callbacks.frequency=5",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert checkpoint_sparsity(tmp_path) == pytest.approx(0.8, abs=1e-4)
+
+
+def test_fit_with_preset_then_report_and_test(tmp_path):
+    output = run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'gmp.yaml'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "GradualMagnitudePruning: sparsity per layer" in output
+    assert checkpoint_sparsity(tmp_path) == pytest.approx(0.9, abs=1e-4)
+
+    (ckpt,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    plot = tmp_path / "sparsity.png"
+    report = run_cli("report", str(ckpt), "--plot", str(plot), cwd=tmp_path)
+    assert "net.3.weight" in report and "90.00%" in report and "global" in report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    tested = run_cli("test", *DIGITS, f"--ckpt_path={ckpt}", cwd=tmp_path)
+    assert "test_acc" in tested
+
+
+def test_demo_config_compares_with_dense_and_logs_wandb_offline(tmp_path):
+    output = run_cli(
+        "fit", "--config", str(ROOT / "examples" / "digits_gmp.yaml"), "--trainer.max_epochs=4",
+        "--trainer.enable_progress_bar=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert "Test metrics: dense baseline vs compressed" in output
+    assert "saved offline in runs/wandb/offline-run-" in output
+    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert "sparsity" in output.split("dense baseline vs compressed")[1]
+
+
+def test_report_on_a_missing_file_fails_cleanly(tmp_path):
+    result = subprocess.run([CLI, "report", str(tmp_path / "nope.ckpt")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "nope.ckpt" in result.stderr
