@@ -7,16 +7,47 @@ model keeps its dense parameters and ``state_dict`` keys, with pruned entries he
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+_CHUNK_BYTES = 1 << 16  # packed bytes expanded at once: 2 MiB of fp32 scratch, whatever the layer size
 
 
+@functools.lru_cache(maxsize=None)
 def _bits(device: torch.device) -> Tensor:
+    """The 8 bit values on ``device``, made once per device (mask ops run every optimizer step)."""
     return torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Row ``b`` holds the 8 bits of byte ``b`` as 0/1 in ``dtype``: one gather expands a packed mask."""
+    codes = torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(1)
+    return (torch.bitwise_and(codes, _bits(device)) != 0).to(dtype)
+
+
+def multiply_(tensor: Tensor, packed: Tensor) -> None:
+    """``tensor *= mask`` in place, expanding the packed mask 8 entries per byte through a lookup table.
+
+    This runs twice per optimizer step (gradients, then weights); a table gather in the tensor's dtype is
+    several times faster than unpacking to a bool tensor and multiplying.
+    """
+    if not tensor.is_contiguous():
+        tensor.mul_(unpack(packed, tensor.shape))
+        return
+    flat = tensor.view(-1)
+    full, tail = divmod(flat.numel(), 8)
+    table = _byte_table(packed.device, tensor.dtype)
+    rows = flat[: 8 * full].view(full, 8)
+    for begin in range(0, full, _CHUNK_BYTES):  # bounded temporaries: at most 8 * _CHUNK_BYTES values
+        end = min(begin + _CHUNK_BYTES, full)
+        rows[begin:end].mul_(table.index_select(0, packed[begin:end].long()))
+    if tail:
+        flat[8 * full :].mul_(table[packed[full].long()][:tail])
 
 
 def pack(mask: Tensor) -> Tensor:
@@ -81,16 +112,15 @@ class MaskSet:
     def apply_(self) -> None:
         """Zero every pruned weight in place (after an optimizer step may have moved it)."""
         for name, packed in self._packed.items():
-            param = self.params[name]
-            param.mul_(unpack(packed, param.shape))
+            multiply_(self.params[name], packed)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights so momentum and Adam moments never see them."""
         for name, packed in self._packed.items():
-            param = self.params[name]
-            if param.grad is not None:
-                param.grad.mul_(unpack(packed, param.shape))
+            grad = self.params[name].grad
+            if grad is not None:
+                multiply_(grad, packed)
 
     def numel(self, name: str) -> int:
         return self.params[name].numel()
