@@ -104,6 +104,20 @@ def test_no_weight_orig_no_hooks_and_masks_within_memory_budget(tmp_path, digits
     assert callback.masks.packed_bytes() <= 0.05 * param_bytes
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_optimizer_state_of_pruned_weights_is_cleared(tmp_path, digits, optimizer):
+    model = digits_model(optimizer=optimizer)
+    callback = GradualMagnitudePruning(sparsity=0.8, start=0.25, end=0.5, frequency=5)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
+    trainer.fit(model, digits)
+    state = trainer.optimizers[0].state
+    for name, param in model.named_parameters():
+        if name in callback.masks:
+            pruned = ~callback.masks.mask(name)
+            tensors = [v for v in state[param].values() if v.shape == param.shape]
+            assert tensors and all(torch.all(v[pruned] == 0) for v in tensors), name
+
+
 def test_checkpoint_has_dense_keys_and_loads_into_plain_model(tmp_path, digits):
     callback = GradualMagnitudePruning(sparsity=0.75, start=0, end=0.5, frequency=10)
     trainer = make_trainer(tmp_path, [callback], max_epochs=2)

@@ -62,6 +62,31 @@ def test_momentum_and_adam_state_never_resurrect_pruned_weights(optimizer_cls):
     assert torch.all(layer.weight[mask] != 0)
 
 
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_mask_state_zeroes_optimizer_state_at_pruned_positions_only(optimizer_cls):
+    layer, masks, mask = _layer_masks()
+    masks._packed.clear()  # dense while the optimizer builds up state
+    kwargs = {"lr": 0.1, "momentum": 0.9} if optimizer_cls is torch.optim.SGD else {"lr": 0.1}
+    optimizer = optimizer_cls(layer.parameters(), **kwargs)
+    layer(torch.randn(32, 20)).square().mean().backward()
+    optimizer.step()
+    state = optimizer.state[layer.weight]
+    before = {key: value.clone() for key, value in state.items()}
+    bias_before = {key: value.clone() for key, value in optimizer.state[layer.bias].items()}
+    masks.set("weight", mask)
+    masks.mask_state_(optimizer.state)
+    shaped = [key for key, value in state.items() if value.shape == layer.weight.shape]
+    assert shaped  # momentum_buffer, or exp_avg and exp_avg_sq
+    assert all(torch.any(before[key][~mask] != 0) for key in shaped)  # there was stale state to clear
+    for key, value in state.items():
+        if key in shaped:
+            assert torch.all(value[~mask] == 0) and torch.equal(value[mask], before[key][mask])
+        else:
+            assert torch.equal(value, before[key])  # Adam's scalar step is left alone
+    for key, value in optimizer.state[layer.bias].items():  # parameters without a mask are untouched
+        assert torch.equal(value, bias_before[key])
+
+
 def test_state_dict_round_trip_restores_masks_and_zeroes():
     layer, masks, mask = _layer_masks()
     state = masks.state_dict()

@@ -78,6 +78,8 @@ class SparsityCallback(Callback):
             self._decided_step = step
             if self._update_masks(trainer, pl_module, step):
                 self._sync_masks(trainer)
+                for each in trainer.optimizers:  # stale momentum must not push pruned weights
+                    self.masks.mask_state_(each.state)
                 self._log_sparsity(trainer)
         self.masks.mask_grads_()
 
@@ -100,9 +102,14 @@ class SparsityCallback(Callback):
         if trainer.world_size > 1:
             self.masks.load_state_dict(trainer.strategy.broadcast(self.masks.state_dict(), src=0))
 
+    def _update_metrics(self) -> dict[str, float]:
+        """Metrics logged beside ``sparsity/*`` at each mask update (subclasses add their own)."""
+        return {}
+
     def _log_sparsity(self, trainer: pl.Trainer) -> None:
         metrics = {"sparsity/global": self.masks.sparsity()}
         metrics.update({f"sparsity/{name}": self.masks.sparsity(name) for name in self.masks})
+        metrics.update(self._update_metrics())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 

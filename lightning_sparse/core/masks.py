@@ -50,6 +50,22 @@ def multiply_(tensor: Tensor, packed: Tensor) -> None:
         flat[8 * full :].mul_(table[packed[full].long()][:tail])
 
 
+def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> list[Tensor]:
+    """The per-weight tensors of an optimizer's state for ``param``: floating tensors of the same shape."""
+    return [
+        value
+        for value in state.get(param, {}).values()
+        if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point()
+    ]
+
+
+@torch.no_grad()
+def reset_state_(state: Mapping[Tensor, Mapping[str, object]], param: Tensor, where: Tensor) -> None:
+    """Zero ``param``'s per-weight optimizer state (momentum, Adam moments) where ``where`` is True."""
+    for value in param_state(state, param):
+        value.masked_fill_(where, 0)
+
+
 def pack(mask: Tensor) -> Tensor:
     """Pack a boolean tensor into ``ceil(numel / 8)`` bytes (little-endian bit order)."""
     flat = mask.reshape(-1)
@@ -89,6 +105,11 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.params)
 
+    @property
+    def is_empty(self) -> bool:
+        """True while no parameter has a mask yet (the model is dense)."""
+        return not self._packed
+
     def mask(self, name: str) -> Tensor:
         """The boolean mask of ``name`` (all ``True`` while the parameter is dense)."""
         param = self.params[name]
@@ -121,6 +142,18 @@ class MaskSet:
             grad = self.params[name].grad
             if grad is not None:
                 multiply_(grad, packed)
+
+    @torch.no_grad()
+    def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
+        """Zero an optimizer's per-weight state (momentum, Adam moments) at pruned positions.
+
+        ``state`` is ``optimizer.state``. Only tensors shaped like their parameter are touched (Adam's
+        scalar ``step`` is not). Once zero, masked gradients keep that state zero for SGD/Adam-style rules,
+        so a weight that is later regrown starts from fresh state.
+        """
+        for name, packed in self._packed.items():
+            for value in param_state(state, self.params[name]):
+                multiply_(value, packed)
 
     def numel(self, name: str) -> int:
         return self.params[name].numel()
