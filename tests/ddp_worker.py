@@ -1,4 +1,5 @@
-"""Run by ``test_ddp.py``: GMP under ``strategy="ddp"`` on 2 CPU processes (gloo).
+"""Run by ``test_ddp.py``: a sparsity callback (``gmp``, ``rigl`` or ``set``) under ``strategy="ddp"`` on 2 CPU
+processes (gloo).
 
 Every rank writes ``rank<N>.json`` with, after each mask update, a CRC of its packed masks and of the zero
 pattern of its weights, plus a CRC of its final weights.
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lightning_sparse import GradualMagnitudePruning
+from lightning_sparse import SET, GradualMagnitudePruning, RigL
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -24,12 +25,19 @@ def crc(tensors) -> int:
     return value
 
 
+METHODS = {
+    "gmp": lambda: GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.6, frequency=5, distribution="global"),
+    "rigl": lambda: RigL(sparsity=0.9, update_frequency=5, end=0.75),
+    "set": lambda: SET(sparsity=0.9, update_frequency=5, end=0.75, seed=5),
+}
+
+
 class RecordMasks(pl.Callback):
-    def __init__(self, gmp: GradualMagnitudePruning) -> None:
-        self.gmp, self.rows = gmp, []
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback, self.rows = callback, []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        masks = self.gmp.masks
+        masks = self.callback.masks
         packed = [masks._packed[name] for name in masks if name in masks]
         row = {
             "step": trainer.global_step,
@@ -41,17 +49,17 @@ class RecordMasks(pl.Callback):
             self.rows.append(row)
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, method: str) -> None:
     pl.seed_everything(3)
-    gmp = GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.6, frequency=5, distribution="global")
-    recorder = RecordMasks(gmp)
+    callback = METHODS[method]()
+    recorder = RecordMasks(callback)
     model = Classifier(arch="cnn", input_shape=(1, 8, 8), lr=0.05)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=2,
-        callbacks=[gmp, recorder],
+        callbacks=[callback, recorder],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -64,4 +72,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_sparse.core.masks import unpack
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("lightning-sparse"))
 DIGITS = [
@@ -81,3 +83,28 @@ def test_report_on_a_missing_file_fails_cleanly(tmp_path):
     result = subprocess.run([CLI, "report", str(tmp_path / "nope.ckpt")], capture_output=True, text=True)
     assert result.returncode != 0
     assert "nope.ckpt" in result.stderr
+
+
+def test_rigl_by_flags_and_set_by_preset_override(tmp_path):
+    run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path / 'rigl'}",
+        "--trainer.callbacks+=lightning_sparse.RigL", "--trainer.callbacks.sparsity=0.8",
+        "--trainer.callbacks.update_frequency=10", "--trainer.callbacks.distribution=uniform",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert checkpoint_sparsity(tmp_path / "rigl") == pytest.approx(0.8, abs=1e-4)
+
+    output = run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path / 'set'}",
+        f"--trainer.callbacks={ROOT / 'callbacks' / 'rigl.yaml'}", "--trainer.callbacks.grow=random",
+        "--trainer.callbacks.update_frequency=10",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "RigL: sparsity per layer" in output
+    (ckpt,) = (tmp_path / "set").glob("**/checkpoints/*.ckpt")
+    ((key, state),) = [(k, v) for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("RigL")]
+    assert "'grow': 'random'" in key
+    kept = sum(int(unpack(packed, state["masks"]["shapes"][name]).sum()) for name, packed in state["masks"]["packed"].items())
+    assert kept == 5020  # exactly 10% of the 50,200 weights active
+    # randomly grown weights on always-blank pixels get no gradient and stay 0, so zeros >= 90%
+    assert 0.9 <= checkpoint_sparsity(tmp_path / "set") < 0.91

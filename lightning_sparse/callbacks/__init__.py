@@ -2,5 +2,6 @@
 
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
+from lightning_sparse.callbacks.rigl import SET, RigL
 
-__all__ = ["GradualMagnitudePruning", "SparsityCallback"]
+__all__ = ["GradualMagnitudePruning", "RigL", "SET", "SparsityCallback"]

@@ -4,7 +4,8 @@ Nothing in this package imports Lightning, W&B or Ax, so it works from a plain P
 """
 
 from lightning_sparse.core.allocation import DISTRIBUTIONS, erk_sparsities, zero_counts
-from lightning_sparse.core.criteria import magnitude, exact_mask
+from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
+from lightning_sparse.core.dynamic import cosine_fraction, drop_and_grow, is_dynamic_update_step, random_masks
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
@@ -15,13 +16,18 @@ __all__ = [
     "DISTRIBUTIONS",
     "MaskSet",
     "SCHEDULES",
+    "cosine_fraction",
+    "drop_and_grow",
     "erk_sparsities",
     "exact_mask",
+    "is_dynamic_update_step",
     "is_update_step",
     "magnitude",
     "prunable_names",
     "prune_by_magnitude",
+    "random_masks",
     "select_targets",
     "sparsity_at",
+    "top_k_mask",
     "zero_counts",
 ]

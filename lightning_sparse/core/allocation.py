@@ -26,6 +26,8 @@ def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict
     with ``eps`` solved so the total number of non-zeros is ``(1 - sparsity) * N``. Layers whose density
     would exceed 1 are made dense and ``eps`` is solved again over the rest.
     """
+    if sparsity == 0.0:
+        return {name: 0.0 for name in shapes}
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
     total = sum(sizes.values())

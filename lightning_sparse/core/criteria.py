@@ -14,16 +14,6 @@ def magnitude(weight: Tensor, mask: Tensor | None = None) -> Tensor:
     return scores
 
 
-def gradient_magnitude(grad: Tensor) -> Tensor:
-    """``|g|`` of the dense gradient (RigL's growth criterion)."""
-    return grad.detach().abs()
-
-
-def random_scores(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Uniform random scores from ``generator`` (SET's growth criterion); same seed, same scores everywhere."""
-    return torch.rand(like.shape, generator=generator, device=generator.device).to(like.device)
-
-
 def exact_mask(scores: Tensor, n_zeros: int) -> Tensor:
     """Boolean mask pruning exactly ``n_zeros`` lowest-scoring entries.
 
@@ -35,4 +25,15 @@ def exact_mask(scores: Tensor, n_zeros: int) -> Tensor:
     mask = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
     if n_zeros:
         mask[torch.sort(flat, stable=True).indices[:n_zeros]] = False
+    return mask.view(scores.shape)
+
+
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask keeping exactly the ``k`` highest-scoring entries; ties go to the lower flat index."""
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"`k` must be in [0, {scores.numel()}], got {k}")
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    if k:
+        mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
     return mask.view(scores.shape)

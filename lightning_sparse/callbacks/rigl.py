@@ -1,0 +1,227 @@
+"""Dynamic sparse training as Lightning callbacks: RigL (gradient growth) and SET (random growth)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_sparse.callbacks.base import (
+    SparsityCallback,
+    check_choice,
+    check_fraction_or_step,
+    check_sparsity,
+    resolve_step,
+)
+from lightning_sparse.core.allocation import zero_counts
+from lightning_sparse.core.dynamic import (
+    cosine_fraction,
+    drop_and_grow,
+    is_dynamic_update_step,
+    random_masks,
+    random_scores,
+    seeded_generator,
+)
+from lightning_sparse.core.masks import pack, reset_state_, unpack
+from lightning_sparse.core.pruning import prune_by_magnitude
+
+GROWTH = ("gradient", "random")
+DISTRIBUTIONS = ("erk", "uniform")
+#: Optimizers whose whole per-weight state is tensors shaped like the weight, fresh at zero: zeroing them is a reset.
+RESETTABLE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+)
+
+
+class RigL(SparsityCallback):
+    """Train a sparse network at constant sparsity while moving its connections (Evci et al. 2020, Alg. 1).
+
+    From ``start`` the selected weights are sparse: a random mask with each layer's exact number of zeros
+    when ``start`` is 0, the largest magnitudes otherwise. Every ``update_frequency`` optimizer steps until
+    ``end``, each layer drops the ``f(t) · n_active`` smallest-magnitude active weights and grows as many
+    inactive ones with the largest dense-gradient magnitude (``grow="gradient"``) or at random
+    (``grow="random"``, SET), with ``f(t) = alpha/2 · (1 + cos(π t / end))``. The dense gradient is the one
+    Lightning hands to the optimizer: after DDP all-reduce and gradient accumulation, before masking. Grown
+    weights start at exactly 0 with their optimizer state (momentum, Adam moments) reset, and receive their
+    first gradient step at once. Per-layer non-zero counts never change.
+
+    Args:
+        sparsity: fraction of zeros in the selected weights, in [0, 1).
+        distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel) or ``uniform``.
+        update_frequency: optimizer steps between connection updates (ΔT, >= 1).
+        alpha: fraction of active weights moved at the first update, in (0, 1]; decays by a cosine to 0 at ``end``.
+        end: last update before this point (T_end): fraction of the optimizer steps (float) or a step (int).
+        grow: ``gradient`` (RigL) or ``random`` (SET).
+        start: when the network becomes sparse, same convention as ``end`` (default 0: from the first step).
+        include: glob patterns of parameter names to sparsify (default: weights of Linear and Conv layers).
+        exclude: glob patterns of parameter names to leave dense.
+        seed: seed of the random start mask and of random growth (the same on every rank, so masks agree).
+        verbose: print the per-layer table when fitting ends.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        update_frequency: int = 100,
+        alpha: float = 0.3,
+        end: int | float = 0.75,
+        grow: str = "gradient",
+        start: int | float = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        check_sparsity("sparsity", sparsity)
+        check_choice("distribution", distribution, DISTRIBUTIONS)
+        if isinstance(update_frequency, bool) or not isinstance(update_frequency, int) or update_frequency < 1:
+            raise ValueError(f"`update_frequency` must be an int >= 1 (optimizer steps), got {update_frequency!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+            raise ValueError(f"`alpha` must be a number in (0, 1], got {alpha!r}")
+        check_fraction_or_step("end", end)
+        check_fraction_or_step("start", start)
+        check_choice("grow", grow, GROWTH)
+        if isinstance(start, int) and isinstance(end, int):
+            _check_first_update(start, end, update_frequency)
+        self.sparsity = float(sparsity)
+        self.distribution = distribution
+        self.update_frequency = update_frequency
+        self.alpha = float(alpha)
+        self.start, self.end = start, end
+        self.grow = grow
+        self.seed = seed
+        self._start_step: int | None = None
+        self._end_step: int | None = None
+        self._initial: dict[str, torch.Tensor] = {}  # packed masks at the sparse start, for the churn metric
+        self._moved: dict[str, int] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(sparsity=self.sparsity, grow=self.grow, include=self.include, exclude=self.exclude)
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+        self._initial, self._moved = {}, {}
+        counts = zero_counts(self.distribution, self.masks.params, self.sparsity)
+        if not any(counts.values()):
+            raise ValueError(
+                f"`sparsity`={self.sparsity} with distribution {self.distribution!r} leaves every layer dense "
+                f"({list(counts)}): there is nothing for {type(self).__name__} to move; raise `sparsity`"
+            )
+        if self.start == 0:  # sparse from the first forward pass; a checkpoint being resumed replaces these masks
+            random_masks(self.masks, self.sparsity, self.distribution, self.seed)
+            self._record_initial()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start_step is None:  # a resumed run keeps the schedule it started with
+            total = trainer.estimated_stepping_batches
+            self._start_step = resolve_step("start", self.start, total)
+            self._end_step = resolve_step("end", self.end, total)
+            _check_first_update(self._start_step, self._end_step, self.update_frequency)
+        for optimizer in trainer.optimizers:
+            if type(optimizer) not in RESETTABLE_OPTIMIZERS:
+                rank_zero_warn(
+                    f"{type(self).__name__}: cannot reset the state of optimizer {type(optimizer).__name__} for grown "
+                    f"weights: only its tensors shaped like a weight are zeroed at grown positions; any other state "
+                    f"it keeps is not reset. Fully reset: {[cls.__name__ for cls in RESETTABLE_OPTIMIZERS]}"
+                )
+
+    # ----------------------------------------------------------------- what
+    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        if self.masks.is_empty:  # dense until `start`, then keep the largest magnitudes
+            if step < self._start_step:
+                return False
+            prune_by_magnitude(self.masks, self.sparsity, self.distribution)
+            self._record_initial()
+            return True
+        if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):
+            return False
+        fraction = cosine_fraction(step, self._start_step, self._end_step, self.alpha)
+        self._moved = {}
+        for index, name in enumerate(self.masks):
+            param, old = self.masks.params[name], self.masks.mask(name)
+            if self.grow == "gradient":
+                scores = param.grad.abs() if param.grad is not None else torch.zeros_like(param)
+            else:
+                scores = random_scores(param, seeded_generator(self.seed, step, index))
+            new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))
+            grown = new & ~old
+            self.masks.set(name, new)
+            with torch.no_grad():
+                param.masked_fill_(grown, 0)  # already 0 while inactive; stated, not assumed
+            for optimizer in trainer.optimizers:
+                reset_state_(optimizer.state, param, grown)
+            self._moved[name] = int(grown.sum())
+        return True
+
+    def _record_initial(self) -> None:
+        self._initial = {name: pack(self.masks.mask(name)) for name in self.masks}
+
+    def _update_metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        new_total = active_total = 0
+        for name in self.masks:
+            mask = self.masks.mask(name)
+            new = int((mask & ~unpack(self._initial[name], mask.shape)).sum())
+            active = int(mask.sum())
+            metrics[f"rigl/churn/{name}"] = new / active if active else 0.0
+            new_total, active_total = new_total + new, active_total + active
+        metrics["rigl/churn/global"] = new_total / active_total if active_total else 0.0
+        if self._moved:
+            metrics.update({f"rigl/moved/{name}": float(count) for name, count in self._moved.items()})
+            metrics["rigl/moved/global"] = float(sum(self._moved.values()))
+        return metrics
+
+    # ----------------------------------------------------------------- checkpoint state
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "start_step": self._start_step,
+            "end_step": self._end_step,
+            "initial": {name: packed.cpu().clone() for name, packed in self._initial.items()},
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
+        self._initial = {name: packed.to(self.masks.params[name].device) for name, packed in state.get("initial", {}).items()}
+
+
+class SET(RigL):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): :class:`RigL` with random growth."""
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        update_frequency: int = 100,
+        alpha: float = 0.3,
+        end: int | float = 0.75,
+        start: int | float = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(sparsity, distribution, update_frequency, alpha, end, "random", start, include, exclude, seed, verbose)
+
+
+def _check_first_update(start: int, end: int, frequency: int) -> None:
+    first = start + frequency
+    if end <= first:
+        raise ValueError(
+            f"`end` (step {end}) must come after the first connection update at step {first} "
+            f"(`start` {start} + `update_frequency` {frequency}); allowed: end > {first}"
+        )

@@ -1,0 +1,62 @@
+"""Dynamic sparse training (RigL, SET): random sparse starts, the cosine update fraction, drop-and-grow.
+
+RigL (Evci et al. 2020, arXiv 1911.11134, Alg. 1): every ΔT steps until T_end each layer drops the
+``k = f(t) · n_active`` active weights of smallest magnitude and grows the ``k`` inactive weights of largest
+dense-gradient magnitude (SET: random ones), so per-layer non-zero counts never change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.allocation import zero_counts
+from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
+from lightning_sparse.core.masks import MaskSet
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys: same keys, same numbers, on every rank and after a resume."""
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def random_scores(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform scores in [0, 1) shaped like ``like``, drawn on CPU (device-independent) then moved to its device."""
+    return torch.rand(like.shape, generator=generator).to(like.device)
+
+
+def random_masks(masks: MaskSet, sparsity: float, distribution: str, seed: int) -> dict[str, int]:
+    """Random sparse start: each layer gets its exact number of zeros (``distribution``) at random positions."""
+    scores = {name: random_scores(masks.params[name], seeded_generator(seed, i)) for i, name in enumerate(masks)}
+    counts = zero_counts(distribution, scores, sparsity)
+    for name, score in scores.items():
+        masks.set(name, exact_mask(score, counts[name]))
+    return counts
+
+
+def cosine_fraction(step: int, start: int, end: int, alpha: float) -> float:
+    """RigL's update fraction ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))``."""
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * (step - start) / (end - start)))
+
+
+def is_dynamic_update_step(step: int, start: int, end: int, frequency: int) -> bool:
+    """Connections move at ``start + frequency, start + 2·frequency, ...`` strictly before ``end``."""
+    return start < step < end and (step - start) % frequency == 0
+
+
+def drop_and_grow(weight: Tensor, mask: Tensor, grow_scores: Tensor, n_move: int) -> Tensor:
+    """New mask: drop the ``n_move`` smallest active ``|weight|``, grow the ``n_move`` best-scoring others.
+
+    A weight just dropped may be regrown (as in the reference implementation); it then keeps its value.
+    The number of active entries is unchanged. Ties are broken by flat index, so the result is exact.
+    """
+    n_active = int(mask.sum())
+    n_move = min(n_move, n_active, mask.numel() - n_active)
+    kept = top_k_mask(magnitude(weight, mask), n_active - n_move)
+    grow = grow_scores.detach().float().masked_fill(kept, -math.inf)
+    return kept | top_k_mask(grow, n_move)

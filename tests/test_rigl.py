@@ -1,0 +1,204 @@
+"""RigL and SET inside real Trainer.fit runs on sklearn's digits."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from conftest import digits_model, make_trainer
+from lightning_sparse import SET, RigL
+from lightning_sparse.core.allocation import erk_sparsities, round_half_up
+from lightning_sparse.data import DigitsDataModule
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\), got 1.0"),
+        ({"sparsity": -0.2}, r"`sparsity` must be a number in \[0, 1\)"),
+        ({"alpha": 0.0}, r"`alpha` must be a number in \(0, 1\], got 0.0"),
+        ({"alpha": 1.5}, r"`alpha` must be a number in \(0, 1\]"),
+        ({"update_frequency": 0}, r"`update_frequency` must be an int >= 1"),
+        ({"end": 50, "update_frequency": 100}, r"`end` \(step 50\) must come after the first connection update at step 100"),
+        ({"end": 1.2}, r"`end` as a fraction of training must be in \[0, 1\]"),
+        ({"grow": "momentum"}, r"`grow` must be one of \('gradient', 'random'\)"),
+        ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform'\)"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RigL(**kwargs)
+
+
+def test_end_before_first_update_in_fractions_is_caught_at_fit(tmp_path, digits):
+    callback = RigL(end=0.1, update_frequency=10)  # 10% of 80 steps = step 8, first update at step 10
+    with pytest.raises(ValueError, match=r"`end` \(step 8\) must come after the first connection update at step 10"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1e-6])
+def test_erk_that_would_leave_every_layer_dense_is_refused(tmp_path, digits, sparsity):
+    callback = RigL(sparsity=sparsity, update_frequency=10)
+    message = rf"`sparsity`={sparsity} with distribution 'erk' leaves every layer dense \(\['net.1.weight'"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+class UpdateRecorder(pl.Callback):
+    """Listed after RigL: at each step, compares masks, weights, dense gradients and optimizer state around updates."""
+
+    def __init__(self, rigl: RigL) -> None:
+        self.rigl = rigl
+        self.updates: list[dict] = []
+        self.nonzeros: list[dict[str, int]] = []
+        self._before: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        masks = self.rigl.masks
+        self._before = {name: masks.mask(name) for name in masks}
+
+    def on_after_backward(self, trainer, pl_module) -> None:  # dense gradients, before RigL masks them
+        self._grads = {name: masks_param.grad.detach().clone() for name, masks_param in self.rigl.masks.params.items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        masks = self.rigl.masks
+        after = {name: masks.mask(name) for name in masks}
+        self.nonzeros.append({name: int(mask.sum()) for name, mask in after.items()})
+        if all(torch.equal(after[n], self._before[n]) for n in after):
+            return
+        row = {"step": trainer.global_step, "grown": {}, "grad_ok": True, "zero_start": True, "state_reset": True}
+        for name, new in after.items():
+            param, old = masks.params[name], self._before[name]
+            grown, kept_after_drop = new & ~old, old & new
+            candidates_left = ~new
+            row["grown"][name] = int(grown.sum())
+            grad = self._grads[name].abs()
+            if grown.any() and candidates_left.any():
+                row["grad_ok"] &= bool(grad[grown].min() >= grad[candidates_left & ~kept_after_drop].max())
+            row["zero_start"] &= bool(torch.all(param[grown] == 0))
+            for value in optimizer.state.get(param, {}).values():
+                if value.shape == param.shape:
+                    row["state_reset"] &= bool(torch.all(value[grown] == 0))
+        self.updates.append(row)
+
+
+def _rigl_log(log_dir: Path) -> list[dict[str, float]]:
+    with open(log_dir / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f) if row.get("rigl/churn/global")]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_rigl_moves_connections_at_constant_exact_sparsity(tmp_path, digits, optimizer):
+    rigl = RigL(sparsity=0.9, update_frequency=10, alpha=0.3, end=0.75)
+    recorder = UpdateRecorder(rigl)
+    logger = CSVLogger(tmp_path)
+    model = digits_model(optimizer=optimizer)
+    make_trainer(tmp_path, [rigl, recorder], logger=logger).fit(model, digits)
+
+    # exact ERK counts at every step, never changed by an update
+    shapes = {name: tuple(p.shape) for name, p in rigl.masks.params.items()}
+    target = erk_sparsities(shapes, 0.9)
+    expected = {name: p.numel() - round_half_up(target[name] * p.numel()) for name, p in rigl.masks.params.items()}
+    assert len(recorder.nonzeros) == 80 and all(counts == expected for counts in recorder.nonzeros)
+    weights = dict(model.named_parameters())
+    assert {name: int((weights[name] != 0).sum()) for name in expected} == expected
+
+    # updates at steps 10..50 (end = 60), each moving connections grown by dense |gradient|, at zero, with fresh state
+    assert [u["step"] for u in recorder.updates] == [10, 20, 30, 40, 50]
+    assert all(u["grad_ok"] and u["zero_start"] and u["state_reset"] for u in recorder.updates)
+    moved = [sum(u["grown"].values()) for u in recorder.updates]
+    assert moved[0] > moved[-1] > 0  # cosine decay of the update fraction
+
+    rows = _rigl_log(Path(logger.log_dir))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50]
+    for row, update in zip(rows, recorder.updates):
+        assert row["rigl/moved/global"] == sum(update["grown"].values())
+        for name, count in update["grown"].items():
+            assert row[f"rigl/moved/{name}"] == count
+        assert row["sparsity/global"] == pytest.approx(0.9, abs=1e-3)
+    churn = [r["rigl/churn/global"] for r in rows]
+    assert churn[0] == pytest.approx(moved[0] / sum(expected.values()))  # first update: churn = moved / active
+    assert all(0 < c < 1 for c in churn)
+
+
+def test_set_grows_at_random_and_is_reproducible(tmp_path, digits):
+    def run(seed):
+        pl.seed_everything(0)
+        callback = SET(sparsity=0.9, update_frequency=10, seed=seed)
+        recorder = UpdateRecorder(callback)
+        make_trainer(tmp_path, [callback, recorder], max_epochs=2).fit(digits_model(), digits)
+        return callback, recorder
+
+    first, first_rec = run(seed=1)
+    again, _ = run(seed=1)
+    other, _ = run(seed=2)
+    assert first.grow == "random" and first.masks.checksum() == again.masks.checksum() != other.masks.checksum()
+    assert [u["step"] for u in first_rec.updates] == [10, 20]
+    assert not all(u["grad_ok"] for u in first_rec.updates)  # random growth ignores the gradient
+    assert all(u["zero_start"] and u["state_reset"] for u in first_rec.updates)
+
+
+def test_sparse_from_a_later_step_keeps_the_largest_weights_there(tmp_path, digits):
+    rigl = RigL(sparsity=0.8, distribution="uniform", start=20, update_frequency=10, end=0.75)
+    recorder = UpdateRecorder(rigl)
+    make_trainer(tmp_path, [rigl, recorder]).fit(digits_model(), digits)
+    dense_steps = [i for i, counts in enumerate(recorder.nonzeros) if counts == {n: p.numel() for n, p in rigl.masks.params.items()}]
+    assert dense_steps == list(range(20))
+    assert [u["step"] for u in recorder.updates] == [20, 30, 40, 50]  # magnitude start, then moves
+    assert rigl.masks.sparsity() == pytest.approx(0.8, abs=1e-4)
+
+
+def test_unknown_optimizer_state_is_warned_about(tmp_path, digits):
+    class AdagradClassifier(type(digits_model())):
+        def configure_optimizers(self):
+            return torch.optim.Adagrad(self.parameters(), lr=0.05, initial_accumulator_value=0.1)
+
+    model = AdagradClassifier(arch="lenet300", input_shape=(1, 8, 8))
+    with pytest.warns(UserWarning, match=r"RigL: cannot reset the state of optimizer Adagrad"):
+        make_trainer(tmp_path, [RigL(update_frequency=10)], max_epochs=1).fit(model, digits)
+
+
+class _StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def _run(tmp_path: Path, cls, stop_epoch=None, ckpt=None):
+    pl.seed_everything(11)
+    model = digits_model(optimizer="adam", lr=1e-3)
+    callback = cls(sparsity=0.85, update_frequency=6, end=0.8)
+    callbacks = [callback] + ([_StopAfterEpoch(stop_epoch, tmp_path / "cut.ckpt")] if stop_epoch is not None else [])
+    trainer = make_trainer(tmp_path, callbacks)
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
+    return model, callback, trainer
+
+
+@pytest.mark.parametrize("cls", [RigL, SET])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, cls):
+    full_model, full_cb, _ = _run(tmp_path / "full", cls)
+    _, cut_cb, cut_trainer = _run(tmp_path / "cut", cls, stop_epoch=1)
+    assert cut_trainer.global_step == 40  # updates every 6 steps up to step 64
+    resumed_model, resumed_cb, trainer = _run(tmp_path / "resumed", cls, ckpt=tmp_path / "cut" / "cut.ckpt")
+    assert trainer.global_step == 80
+    assert resumed_cb.masks.checksum() == full_cb.masks.checksum() != cut_cb.masks.checksum()
+    for (name, full), (_, resumed) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(full, resumed), name
+    assert resumed_cb._update_metrics()["rigl/churn/global"] == full_cb._update_metrics()["rigl/churn/global"]
+
+
+def test_checkpoint_keys_stay_dense(tmp_path, digits):
+    model = digits_model()
+    keys = list(model.state_dict())
+    trainer = make_trainer(tmp_path, [RigL(update_frequency=10)], max_epochs=1)
+    trainer.fit(model, digits)
+    trainer.save_checkpoint(tmp_path / "rigl.ckpt")
+    assert list(torch.load(tmp_path / "rigl.ckpt", weights_only=False)["state_dict"]) == keys
