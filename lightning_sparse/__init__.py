@@ -1,7 +1,7 @@
 """lightning_sparse: sparsify and compress models inside an ordinary PyTorch Lightning ``Trainer.fit``."""
 
-from lightning_sparse.callbacks import SET, GradualMagnitudePruning, RigL
+from lightning_sparse.callbacks import SET, GradualMagnitudePruning, QuantizationAwareTraining, RigL
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["GradualMagnitudePruning", "RigL", "SET", "__version__"]
+__all__ = ["GradualMagnitudePruning", "QuantizationAwareTraining", "RigL", "SET", "__version__"]

@@ -63,6 +63,23 @@ def sparsity_table(stats: list[LayerSparsity], title: str = "Sparsity per layer"
     return table
 
 
+def quantization_table(
+    bits: Mapping[str, int], params: Mapping[str, Tensor], errors: Mapping[str, float], method: str
+) -> Table:
+    """A rich table of the quantized layers: bits, distinct values in use, sparsity and relative error."""
+    table = Table(title=f"QuantizationAwareTraining ({method}): weights per layer")
+    for column, justify in (("layer", "left"), ("shape", "left"), ("bits", "right"), ("distinct values", "right"),
+                            ("sparsity", "right"), ("rel. error", "right")):  # fmt: skip
+        table.add_column(column, justify=justify)
+    for name, param in params.items():
+        weight = param.detach()
+        table.add_row(
+            name, "×".join(map(str, weight.shape)), str(bits[name]), f"{torch.unique(weight).numel():,}",
+            f"{float((weight == 0).float().mean()):.2%}", f"{errors[name]:.4f}",
+        )  # fmt: skip
+    return table
+
+
 def print_table(table: Table) -> None:
     Console().print(table)
 

@@ -216,3 +216,23 @@ def test_sparse_model_still_classifies_digits(tmp_path, digits):
     trainer.fit(model, digits)
     assert callback.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
     assert trainer.test(model, digits, verbose=False)[0]["test_acc"] > 0.93
+
+
+def test_per_layer_sparsity_mapping(tmp_path, digits):
+    callback = GradualMagnitudePruning(sparsity={"net.1.*": 0.95, "net.3.weight": 0.5}, start=0, end=0.5, frequency=10)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
+    assert list(callback.masks) == ["net.1.weight", "net.3.weight"]  # net.5 matched no glob: left dense
+    assert int((model.net[1].weight == 0).sum()) == round_half_up(0.95 * 300 * 64)
+    assert int((model.net[3].weight == 0).sum()) == round_half_up(0.5 * 100 * 300)
+    assert int((model.net[5].weight == 0).sum()) == 0
+
+
+def test_per_layer_sparsity_mapping_is_validated(tmp_path, digits):
+    with pytest.raises(ValueError, match=r"`sparsity\['net.1.\*'\]` must be a number in \[0, 1\), got 1.2"):
+        GradualMagnitudePruning(sparsity={"net.1.*": 1.2})
+    with pytest.raises(ValueError, match=r"`initial_sparsity` must be in \[0, sparsity=0.3\]"):
+        GradualMagnitudePruning(sparsity={"net.1.*": 0.9, "net.3.*": 0.3}, initial_sparsity=0.5)
+    callback = GradualMagnitudePruning(sparsity={"decoder.*": 0.5})
+    with pytest.raises(ValueError, match=r"`sparsity` pattern 'decoder.\*' matches no selected parameter"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)

@@ -202,3 +202,14 @@ def test_checkpoint_keys_stay_dense(tmp_path, digits):
     trainer.fit(model, digits)
     trainer.save_checkpoint(tmp_path / "rigl.ckpt")
     assert list(torch.load(tmp_path / "rigl.ckpt", weights_only=False)["state_dict"]) == keys
+
+
+def test_per_layer_sparsity_mapping(tmp_path, digits):
+    rigl = RigL(sparsity={"net.1.weight": 0.95, "net.3.weight": 0.8}, update_frequency=10)
+    recorder = UpdateRecorder(rigl)
+    model = digits_model()
+    make_trainer(tmp_path, [rigl, recorder], max_epochs=2).fit(model, digits)
+    expected = {"net.1.weight": 19200 - round_half_up(0.95 * 19200), "net.3.weight": 30000 - round_half_up(0.8 * 30000)}
+    assert all(counts == expected for counts in recorder.nonzeros)
+    assert [u["step"] for u in recorder.updates] == [10, 20]
+    assert int((model.net[5].weight == 0).sum()) == 0  # matched no glob: dense

@@ -3,7 +3,7 @@ optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_sparse import report
 from lightning_sparse.core.masks import MaskSet
-from lightning_sparse.core.targets import select_targets
+from lightning_sparse.core.targets import per_layer, select_targets
 
 
 def check_fraction_or_step(name: str, value: Any) -> None:
@@ -27,8 +27,19 @@ def check_fraction_or_step(name: str, value: Any) -> None:
 
 
 def check_sparsity(name: str, value: Any) -> None:
+    """A sparsity in [0, 1), or for ``sparsity`` a ``{glob: sparsity}`` mapping of them."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"`{name}` as a per-layer mapping must name at least one layer glob")
+        for pattern, each in value.items():
+            check_sparsity(f"{name}[{pattern!r}]", each)
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
+
+
+def as_sparsity(value: float | Mapping[str, float]) -> float | dict[str, float]:
+    return {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else float(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -61,13 +72,14 @@ class SparsityCallback(Callback):
         self.exclude = list(exclude) if exclude else None
         self.verbose = verbose
         self.masks: MaskSet | None = None
+        self.layer_sparsity: dict[str, float] | None = None  # per-layer targets, when `sparsity` is a mapping
         self._decided_step = -1  # last optimizer step whose masks were decided
         self._masked_step = -1  # last optimizer step after which weights were re-masked
 
     # ----------------------------------------------------------------- hooks: when
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.masks = MaskSet(select_targets(pl_module, self.include, self.exclude))
+            self.masks = MaskSet(self._targets(pl_module))
             self._decided_step = self._masked_step = -1
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
@@ -93,6 +105,17 @@ class SparsityCallback(Callback):
             self._print_table()
 
     # ----------------------------------------------------------------- what
+    def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
+        targets = select_targets(pl_module, self.include, self.exclude)
+        sparsity = getattr(self, "sparsity", None)
+        self.layer_sparsity = per_layer("sparsity", sparsity, list(targets)) if isinstance(sparsity, Mapping) else None
+        return {name: targets[name] for name in self.layer_sparsity} if self.layer_sparsity else targets
+
+    def _target(self) -> float | dict[str, float]:
+        """The final sparsity: one number, or ``{parameter name: sparsity}`` from a per-layer mapping."""
+        return self.layer_sparsity if self.layer_sparsity else self.sparsity
+
     def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
         """Change the masks for optimizer ``step`` if it is an update step; return whether they changed."""
         raise NotImplementedError

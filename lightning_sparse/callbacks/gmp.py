@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_sparse.callbacks.base import (
     SparsityCallback,
+    as_sparsity,
     check_choice,
     check_fraction_or_step,
     check_sparsity,
@@ -27,7 +29,8 @@ class GradualMagnitudePruning(SparsityCallback):
     steps from ``start`` and at ``end``. Pruned weights and their gradients stay exactly zero.
 
     Args:
-        sparsity: final fraction of zeros in the selected weights, in [0, 1).
+        sparsity: final fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer
+            (each matched layer pruned to its own target, ``distribution`` unused; unmatched layers stay dense).
         start: when the ramp begins: fraction of the total optimizer steps (float in [0, 1]) or a step (int).
         end: when the final sparsity is reached, same convention; must not come before ``start``.
         frequency: optimizer steps between mask updates (>= 1).
@@ -41,7 +44,7 @@ class GradualMagnitudePruning(SparsityCallback):
 
     def __init__(
         self,
-        sparsity: float = 0.9,
+        sparsity: float | dict[str, float] = 0.9,
         start: int | float = 0.0,
         end: int | float = 0.75,
         frequency: int = 100,
@@ -55,8 +58,9 @@ class GradualMagnitudePruning(SparsityCallback):
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_sparsity("sparsity", sparsity)
         check_sparsity("initial_sparsity", initial_sparsity)
-        if initial_sparsity > sparsity:
-            raise ValueError(f"`initial_sparsity` must be in [0, sparsity={sparsity}], got {initial_sparsity}")
+        lowest = min(sparsity.values()) if isinstance(sparsity, Mapping) else sparsity
+        if initial_sparsity > lowest:
+            raise ValueError(f"`initial_sparsity` must be in [0, sparsity={lowest}], got {initial_sparsity}")
         check_fraction_or_step("start", start)
         check_fraction_or_step("end", end)
         if type(start) is type(end) and end < start:
@@ -65,7 +69,7 @@ class GradualMagnitudePruning(SparsityCallback):
             raise ValueError(f"`frequency` must be an int >= 1 (optimizer steps), got {frequency!r}")
         check_choice("schedule", schedule, tuple(SCHEDULES))
         check_choice("distribution", distribution, DISTRIBUTIONS)
-        self.sparsity = float(sparsity)
+        self.sparsity = as_sparsity(sparsity)
         self.start, self.end = start, end
         self.frequency = frequency
         self.schedule = schedule
@@ -101,9 +105,11 @@ class GradualMagnitudePruning(SparsityCallback):
     def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
         if not is_update_step(step, self._start_step, self._end_step, self.frequency):
             return False
-        target = sparsity_at(
-            step, self._start_step, self._end_step, self.initial_sparsity, self.sparsity, self.schedule
-        )
+        def at(final: float) -> float:
+            return sparsity_at(step, self._start_step, self._end_step, self.initial_sparsity, final, self.schedule)
+
+        final = self._target()
+        target = {name: at(s) for name, s in final.items()} if isinstance(final, dict) else at(final)
         prune_by_magnitude(self.masks, target, self.distribution)
         return True
 

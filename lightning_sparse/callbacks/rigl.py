@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_sparse.callbacks.base import (
     SparsityCallback,
+    as_sparsity,
     check_choice,
     check_fraction_or_step,
     check_sparsity,
@@ -54,7 +55,8 @@ class RigL(SparsityCallback):
     first gradient step at once. Per-layer non-zero counts never change.
 
     Args:
-        sparsity: fraction of zeros in the selected weights, in [0, 1).
+        sparsity: fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer (each
+            matched layer at its own sparsity, ``distribution`` unused; unmatched layers stay dense).
         distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel) or ``uniform``.
         update_frequency: optimizer steps between connection updates (ΔT, >= 1).
         alpha: fraction of active weights moved at the first update, in (0, 1]; decays by a cosine to 0 at ``end``.
@@ -69,7 +71,7 @@ class RigL(SparsityCallback):
 
     def __init__(
         self,
-        sparsity: float = 0.9,
+        sparsity: float | dict[str, float] = 0.9,
         distribution: str = "erk",
         update_frequency: int = 100,
         alpha: float = 0.3,
@@ -93,7 +95,7 @@ class RigL(SparsityCallback):
         check_choice("grow", grow, GROWTH)
         if isinstance(start, int) and isinstance(end, int):
             _check_first_update(start, end, update_frequency)
-        self.sparsity = float(sparsity)
+        self.sparsity = as_sparsity(sparsity)
         self.distribution = distribution
         self.update_frequency = update_frequency
         self.alpha = float(alpha)
@@ -116,14 +118,14 @@ class RigL(SparsityCallback):
             return
         self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
         self._initial, self._moved = {}, {}
-        counts = zero_counts(self.distribution, self.masks.params, self.sparsity)
+        counts = zero_counts(self.distribution, self.masks.params, self._target())
         if not any(counts.values()):
             raise ValueError(
                 f"`sparsity`={self.sparsity} with distribution {self.distribution!r} leaves every layer dense "
                 f"({list(counts)}): there is nothing for {type(self).__name__} to move; raise `sparsity`"
             )
         if self.start == 0:  # sparse from the first forward pass; a checkpoint being resumed replaces these masks
-            random_masks(self.masks, self.sparsity, self.distribution, self.seed)
+            random_masks(self.masks, self._target(), self.distribution, self.seed)
             self._record_initial()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -145,7 +147,7 @@ class RigL(SparsityCallback):
         if self.masks.is_empty:  # dense until `start`, then keep the largest magnitudes
             if step < self._start_step:
                 return False
-            prune_by_magnitude(self.masks, self.sparsity, self.distribution)
+            prune_by_magnitude(self.masks, self._target(), self.distribution)
             self._record_initial()
             return True
         if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):

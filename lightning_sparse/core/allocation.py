@@ -63,8 +63,13 @@ def global_zero_counts(scores: Mapping[str, Tensor], sparsity: float) -> dict[st
     return dict(zip(names, counts))
 
 
-def zero_counts(distribution: str, scores: Mapping[str, Tensor], sparsity: float) -> dict[str, int]:
-    """Number of weights to prune in each layer so that the model is at ``sparsity`` under ``distribution``."""
+def zero_counts(distribution: str, scores: Mapping[str, Tensor], sparsity: float | Mapping[str, float]) -> dict[str, int]:
+    """Number of weights to prune in each layer so that the model is at ``sparsity`` under ``distribution``.
+
+    A mapping ``{name: sparsity}`` sets every layer's own target and ``distribution`` is not used.
+    """
+    if isinstance(sparsity, Mapping):
+        return {name: round_half_up(sparsity[name] * scores[name].numel()) for name in scores}
     if distribution == "global":
         return global_zero_counts(scores, sparsity)
     if distribution == "uniform":

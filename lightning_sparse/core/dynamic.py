@@ -8,6 +8,7 @@ dense-gradient magnitude (SET: random ones), so per-layer non-zero counts never 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ def random_scores(like: Tensor, generator: torch.Generator) -> Tensor:
     return torch.rand(like.shape, generator=generator).to(like.device)
 
 
-def random_masks(masks: MaskSet, sparsity: float, distribution: str, seed: int) -> dict[str, int]:
+def random_masks(masks: MaskSet, sparsity: float | Mapping[str, float], distribution: str, seed: int) -> dict[str, int]:
     """Random sparse start: each layer gets its exact number of zeros (``distribution``) at random positions."""
     scores = {name: random_scores(masks.params[name], seeded_generator(seed, i)) for i, name in enumerate(masks)}
     counts = zero_counts(distribution, scores, sparsity)

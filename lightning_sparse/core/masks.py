@@ -136,6 +136,12 @@ class MaskSet:
             multiply_(self.params[name], packed)
 
     @torch.no_grad()
+    def mask_tensor_(self, name: str, tensor: Tensor) -> None:
+        """Zero the pruned entries of ``tensor`` (shaped like parameter ``name``), e.g. another callback's copy."""
+        if name in self._packed:
+            multiply_(tensor, self._packed[name])
+
+    @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights so momentum and Adam moments never see them."""
         for name, packed in self._packed.items():

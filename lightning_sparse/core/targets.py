@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import TypeVar
 
 from torch import nn
+
+V = TypeVar("V")
 
 #: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not.
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -56,3 +59,21 @@ def select_targets(
             f"(include={list(include or [])}, exclude={list(exclude or [])}). Prunable by default: {default}"
         )
     return {name: params[name] for name in names}
+
+
+def per_layer(argument: str, value: V | Mapping[str, V], names: Sequence[str]) -> dict[str, V]:
+    """Expand a per-layer setting: one value for every name, or ``{glob: value}`` (first matching glob wins).
+
+    Names that no glob matches are left out, so a mapping also selects the layers. A glob that matches
+    none of ``names`` is an error naming ``argument`` and listing the names.
+    """
+    if not isinstance(value, Mapping):
+        return {name: value for name in names}
+    result: dict[str, V] = {}
+    for pattern, setting in value.items():
+        matched = [name for name in names if fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"`{argument}` pattern {pattern!r} matches no selected parameter; selected: {list(names)}")
+        for name in matched:
+            result.setdefault(name, setting)
+    return {name: result[name] for name in names if name in result}

@@ -1,0 +1,204 @@
+"""QuantizationAwareTraining alone and together with GMP / RigL, inside real Trainer.fit runs on digits."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from conftest import digits_model, make_trainer
+from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
+from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+LAYERS = ("net.1.weight", "net.3.weight", "net.5.weight")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 1}, r"`bits` must be an int in 2..8, got 1"),
+        ({"bits": 9}, r"`bits` must be an int in 2..8, got 9"),
+        ({"bits": {"net.1.*": 12}}, r"`bits\['net.1.\*'\]` must be an int in 2..8, got 12"),
+        ({"granularity": "per_row"}, r"`granularity` must be one of \('per_channel', 'per_tensor'\)"),
+        ({"method": "lloyd"}, r"`method` must be one of \('uniform', 'kmeans'\)"),
+        ({"activations": 16}, r"`activations` must be an int in 2..8"),
+        ({"start": 1.5}, r"`start` as a fraction of training must be in \[0, 1\]"),
+        ({"codebook_frequency": 0}, r"`codebook_frequency` must be an int >= 1"),
+        ({"prune": 1.0}, r"`prune` must be a number in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_bits_pattern_matching_nothing_is_refused(tmp_path, digits):
+    callback = QuantizationAwareTraining(bits={"encoder.*": 4})
+    with pytest.raises(ValueError, match=r"`bits` pattern 'encoder.\*' matches no selected parameter; selected: \['net.1"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+# ----------------------------------------------------------------------------- core quantizers
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_uniform_grid_keeps_zeros_and_level_count(symmetric, granularity):
+    weight = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+    weight[weight.abs() < 0.7] = 0
+    q = uniform_quantize(weight, 3, granularity, symmetric)
+    assert torch.all(q[weight == 0] == 0)
+    rows = q if granularity == "per_channel" else q.reshape(1, -1)
+    assert max(torch.unique(row).numel() for row in rows) <= (7 if symmetric else 8)
+    assert torch.equal(uniform_quantize(q, 3, granularity, symmetric), q)  # already on the grid
+
+
+def test_kmeans_finds_the_obvious_clusters():
+    values = torch.tensor([-2.0, -2.2, -1.8, 0.9, 1.0, 1.1, 5.0, 5.2])
+    assert torch.allclose(kmeans_1d(values, 3), torch.tensor([-2.0, 1.0, 5.1]))
+    codebook = fit_codebook(torch.tensor([[0.0, -2.1, 1.2], [0.0, 4.0, -1.9]]), bits=2)
+    assert codebook.numel() == 4 and torch.all(codebook[1:] >= codebook[:-1])
+    assert codebook_quantize(torch.tensor([0.0, 3.9]), codebook).tolist() == [0.0, 4.0]
+
+
+# ----------------------------------------------------------------------------- QAT in Trainer.fit
+def _quant_log(log_dir: Path) -> list[dict[str, float]]:
+    with open(log_dir / "metrics.csv") as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("quant/error/global")]
+
+
+def test_qat_trains_with_quantized_weights_and_saves_them(tmp_path, digits):
+    callback = QuantizationAwareTraining(bits=4)
+    logger = CSVLogger(tmp_path)
+    model = digits_model()
+    keys = list(model.state_dict())
+    trainer = make_trainer(tmp_path, [callback], logger=logger, log_every_n_steps=10)
+    trainer.fit(model, digits)
+    for name in LAYERS:
+        weight = model.get_parameter(name).detach()
+        assert max(torch.unique(row).numel() for row in weight) <= 15  # 4-bit symmetric grid per output channel
+        latent = callback._latent[name]
+        assert not torch.equal(weight, latent)  # the latent weights are full precision...
+        assert torch.equal(weight, callback.quantize_layer(name, latent))  # ...and the model holds q(latent)
+    accuracy = trainer.test(model, digits, verbose=False)[0]["test_acc"]
+    assert accuracy > 0.9
+
+    path = tmp_path / "qat.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert list(state) == keys
+    plain = Classifier(arch="lenet300", input_shape=(1, 8, 8))
+    plain.load_state_dict(state)
+    x = torch.stack([digits.splits["test"][i][0] for i in range(64)])
+    model.eval(), plain.eval()
+    assert torch.equal(plain(x), model(x))  # the checkpoint's weights are the ones the model evaluated with
+
+    rows = _quant_log(Path(logger.log_dir))
+    assert [int(r["step"]) for r in rows][:3] == [9, 19, 29]  # with Lightning's own train metrics (log_every_n_steps=10)
+    assert all(rows[-1][f"quant/bits/{n}"] == 4 for n in LAYERS)
+    assert 0 < rows[-1]["quant/error/global"] < 0.2
+
+
+def test_kmeans_codebook_per_layer(tmp_path, digits):
+    callback = QuantizationAwareTraining(bits=2, method="kmeans", codebook_frequency=10)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
+    for name in LAYERS:
+        weight = model.get_parameter(name).detach()
+        values = torch.unique(weight[weight != 0])
+        assert values.numel() <= 4 and torch.all(torch.isin(values, callback.codebooks[name]))
+
+
+def test_per_layer_bits_and_unmatched_layers_stay_full_precision(tmp_path, digits):
+    callback = QuantizationAwareTraining(bits={"net.1.weight": 2, "net.3.*": 3}, granularity="per_tensor")
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
+    assert callback.layer_bits == {"net.1.weight": 2, "net.3.weight": 3}
+    assert torch.unique(model.net[1].weight).numel() <= 3
+    assert torch.unique(model.net[3].weight).numel() <= 7
+    assert torch.unique(model.net[5].weight).numel() > 100
+
+
+def test_activation_quantization_hooks_live_only_during_the_run(tmp_path, digits):
+    callback = QuantizationAwareTraining(bits=8, activations=4)
+    model = digits_model()
+    seen = []
+    model.net[3].register_forward_hook(lambda m, inputs, out: seen.append(torch.unique(inputs[0]).numel()))  # after pre-hooks
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(model, digits)
+    assert max(seen) <= 16  # the hidden activations entering net.3 were 4-bit
+    assert all(not model.get_submodule(n.rsplit(".", 1)[0])._forward_pre_hooks for n in LAYERS)  # removed at teardown
+
+
+def _joint_run(tmp_path, order, pruner, seed=5, **trainer_kwargs):
+    pl.seed_everything(seed)
+    model = digits_model(optimizer="adam", lr=2e-3)
+    callbacks = {"prune": pruner(), "qat": QuantizationAwareTraining(bits=4, start=0.1)}
+    trainer = make_trainer(tmp_path, [callbacks[k] for k in order], **trainer_kwargs)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    return model, callbacks, trainer
+
+
+PRUNERS = {
+    "gmp": lambda: GradualMagnitudePruning(sparsity=0.8, start=0.2, end=0.6, frequency=5),
+    "rigl": lambda: RigL(sparsity=0.8, update_frequency=8, end=0.75),
+}
+
+
+@pytest.mark.parametrize("pruner", ["gmp", "rigl"])
+def test_pruning_and_qat_in_one_trainer_in_either_order(tmp_path, pruner):
+    first, callbacks, _ = _joint_run(tmp_path / "a", ("prune", "qat"), PRUNERS[pruner])
+    second, _, _ = _joint_run(tmp_path / "b", ("qat", "prune"), PRUNERS[pruner])
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name  # the order of the callbacks does not change the result
+    masks, qat = callbacks["prune"].masks, callbacks["qat"]
+    assert masks.sparsity() == pytest.approx(0.8, abs=1e-3)
+    for name in LAYERS:
+        weight = first.get_parameter(name).detach()
+        assert torch.all(weight[~masks.mask(name)] == 0)  # pruned weights stay exactly zero through quantization
+        assert torch.equal(weight, qat.quantize_layer(name, qat._latent[name]))  # and the rest is on the 4-bit grid
+        assert max(torch.unique(row).numel() for row in weight) <= 15
+
+
+class _StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_qat_with_gmp_resumes_bit_identically(tmp_path, method):
+    def run(root, stop=None, ckpt=None):
+        pl.seed_everything(9)
+        model = digits_model(optimizer="adam", lr=2e-3)
+        callbacks = [GradualMagnitudePruning(sparsity=0.7, start=0.1, end=0.7, frequency=6),
+                     QuantizationAwareTraining(bits=3, method=method, codebook_frequency=7, start=5)]  # fmt: skip
+        if stop is not None:
+            callbacks.append(_StopAfterEpoch(stop, root / "cut.ckpt"))
+        make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
+        return model, callbacks
+
+    full, full_cbs = run(tmp_path / "full")
+    run(tmp_path / "cut", stop=1)
+    resumed, resumed_cbs = run(tmp_path / "resumed", ckpt=tmp_path / "cut" / "cut.ckpt")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    for name in LAYERS:
+        assert torch.equal(full_cbs[1]._latent[name], resumed_cbs[1]._latent[name])
+
+
+def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
+    callback = QuantizationAwareTraining(bits=4, prune={"net.1.weight": 0.9, "net.3.weight": 0.5})
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
+    for name, fraction in (("net.1.weight", 0.9), ("net.3.weight", 0.5), ("net.5.weight", 0.0)):
+        weight, latent = model.get_parameter(name).detach(), callback._latent[name]
+        assert (weight == 0).float().mean().item() >= fraction - 1e-4
+        assert (latent == 0).float().mean().item() < 0.01  # the latent weights keep every connection
+    assert (model.net[1].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
