@@ -124,28 +124,29 @@ def test_checksum_distinguishes_masks():
 
 @pytest.mark.parametrize("shape", [(5,), (8,), (13, 3), (64, 32, 3, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_multiply_matches_bool_mask_including_tails_and_non_contiguous(shape, dtype):
-    from lightning_sparse.core.masks import multiply_
+def test_mask_matches_bool_mask_including_tails_and_non_contiguous(shape, dtype):
+    from lightning_sparse.core.masks import mask_
 
     generator = torch.Generator().manual_seed(1)
     mask = torch.rand(shape, generator=generator) > 0.5
     values = torch.randn(shape, generator=generator).to(dtype)
     expected = values * mask
     contiguous = values.clone()
-    multiply_(contiguous, pack(mask))
+    mask_(contiguous, pack(mask))
     assert torch.equal(contiguous, expected)
+    assert not torch.signbit(contiguous[~mask]).any()  # pruned entries are +0.0, never -0.0
     if len(shape) == 2:
         transposed = values.clone().t().contiguous().t()  # same values, non-contiguous layout
-        multiply_(transposed, pack(mask))
+        mask_(transposed, pack(mask))
         assert torch.equal(transposed, expected)
 
 
-def test_multiply_handles_layers_larger_than_one_chunk(monkeypatch):
+def test_mask_handles_layers_larger_than_one_chunk(monkeypatch):
     from lightning_sparse.core import masks as masks_module
 
     monkeypatch.setattr(masks_module, "_CHUNK_BYTES", 3)
     mask = torch.rand(101, generator=torch.Generator().manual_seed(2)) > 0.5
     values = torch.randn(101)
     expected = values * mask
-    masks_module.multiply_(values, pack(mask))
+    masks_module.mask_(values, pack(mask))
     assert torch.equal(values, expected)

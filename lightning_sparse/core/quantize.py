@@ -20,38 +20,34 @@ def check_bits(name: str, value: object) -> None:
         raise ValueError(f"`{name}` must be an int in 2..8, got {value!r}")
 
 
-def _reduce_dims(weight: Tensor, granularity: str) -> tuple[int, ...]:
-    if granularity == "per_tensor" or weight.dim() < 2:
-        return tuple(range(weight.dim()))
-    return tuple(range(1, weight.dim()))  # one scale per output channel (dim 0)
-
-
-def _amin_amax(weight: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
-    dims = _reduce_dims(weight, granularity)
-    if not dims:  # 0-d tensor
-        return weight, weight
-    return weight.amin(dim=dims, keepdim=True), weight.amax(dim=dims, keepdim=True)
-
-
 def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel", symmetric: bool = True) -> Tensor:
-    """Round ``weight`` onto a uniform grid of ``2**bits`` levels (symmetric: ``2**bits - 1``, centred on 0).
+    """Round ``weight`` onto a uniform grid through PyTorch's fused fake-quantize kernels.
 
-    Symmetric: ``scale = max|w| / (2**(bits-1) - 1)``, ``q = clamp(round(w / scale)) * scale``. Asymmetric: the
-    range ``[min(w, 0), max(w, 0)]`` in ``2**bits - 1`` steps with an integer zero point, so 0 is on the grid.
+    Symmetric: ``2**bits - 1`` levels centred on 0 with ``scale = max|w| / (2**(bits-1) - 1)``. Asymmetric: the
+    range ``[min(w, 0), max(w, 0)]`` in ``2**bits`` levels with an integer zero point, so 0 is on the grid.
+    Per channel means one scale per output channel (dim 0); 0-d and 1-d tensors use one scale.
     """
     w = weight.detach()
-    low, high = _amin_amax(w, granularity)
+    x = w.float()
+    per_channel = granularity == "per_channel" and x.dim() >= 2
+    dims = tuple(range(1, x.dim())) if per_channel else tuple(range(x.dim()))
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = torch.maximum(low.abs(), high.abs()) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
-    levels = 2**bits - 1
-    low, high = torch.clamp(low, max=0), torch.clamp(high, min=0)
-    scale = (high - low) / levels
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        high = x.abs().amax(dim=dims) if dims else x.abs()
+        scale = high / qmax
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        low, high = torch.aminmax(x.reshape(x.shape[0], -1), dim=1) if per_channel else torch.aminmax(x)
+        low, high = low.clamp(max=0), high.clamp(min=0)
+        scale = (high - low) / qmax
+        zero_point = torch.clamp(torch.round(-low / torch.where(scale > 0, scale, 1.0)), qmin, qmax).to(torch.int32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.clamp(torch.round(-low / scale), 0, levels)
-    return (torch.clamp(torch.round(w / scale) + zero_point, 0, levels) - zero_point) * scale
+    if per_channel:
+        q = torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, qmin, qmax)
+    else:
+        q = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+    return q.to(w.dtype)
 
 
 def nearest_codes(values: Tensor, codebook: Tensor) -> Tensor:
