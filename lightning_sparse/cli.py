@@ -16,13 +16,14 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from lightning_sparse import report, wandb_mode
+from lightning_sparse import export, report, wandb_mode
 from lightning_sparse.callbacks.base import SparsityCallback
 from lightning_sparse.core.targets import prunable_names
 
 DESCRIPTION = (
     "Sparsify models inside Trainer.fit. Subcommands: fit, validate, test, predict (LightningCLI) and "
-    "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint)."
+    "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint) and "
+    "`export CKPT OUT` (the checkpoint's weights as one compressed file)."
 )
 
 
@@ -123,12 +124,30 @@ def report_main(args: list[str]) -> None:
         print(f"Plot saved to {report.plot_sparsity(stats, parsed.plot, title=str(parsed.checkpoint))}")
 
 
+def export_main(args: list[str]) -> None:
+    """``lightning-sparse export CKPT OUT``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-sparse export",
+        description="Save a checkpoint's weights as one compressed, bit-exact file "
+        "(read it back with lightning_sparse.export.load_compressed).",
+    )
+    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict)")
+    parser.add_argument("output", help="the compressed file to write")
+    parsed = parser.parse_args(args)
+    if not Path(parsed.checkpoint).is_file():
+        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
+    export.save_compressed(parsed.checkpoint, parsed.output, verbose=True)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-sparse`` command."""
     args = sys.argv[1:] if args is None else list(args)
     wandb_mode.default_to_offline()
     if args and args[0] == "report":
         report_main(args[1:])
+        return
+    if args and args[0] == "export":
+        export_main(args[1:])
         return
     SparseCLI(model_class=None, datamodule_class=None, args=args, save_config_kwargs={"overwrite": True})
 

@@ -1,0 +1,331 @@
+"""Compressed storage of one tensor: :func:`encode` it into named byte streams, :func:`decode` it back bit-exact.
+
+A floating tensor is stored as whichever is smallest, by measurement: its raw bytes, or its sparsity pattern
+plus its non-zero values as codes into a codebook of its distinct values (Deep Compression's prune + share +
+entropy-code, Han et al. 2016, with zlib/LZMA in place of Huffman), or the pattern plus the non-zero values
+themselves (pruned but not quantized). Values are kept as bit patterns, so the round trip is exact by
+construction: NaN payloads and infinities come back bit for bit, and so does the sign of every zero.
+``core.masks`` writes +0.0 for pruned entries, so the ``signs`` stream that records -0.0 is usually absent;
+it exists so that any tensor (one masked by multiplying, say) still round-trips bit for bit.
+
+Encodings and their streams:
+
+- ``raw``: ``data``, the tensor's bytes, uncompressed (also every non-floating, 0-d or empty tensor).
+- ``sparse-codebook``: ``pattern``; ``codebook``, the K distinct non-zero values sorted by bit pattern, in
+  the tensor's dtype; ``codes``, one index per non-zero at ``params.bits`` = ceil(log2 K) bits, packed
+  LSB first (no stream when K <= 1). K <= 2**16.
+- ``sparse``: ``pattern``; ``values``, the non-zero values in the tensor's dtype.
+
+Zeros are +0.0 and -0.0. The ``pattern`` stream marks the ``params.nonzeros`` non-zero entries, as
+``params.pattern``: ``bitmap`` (1 bit per entry, LSB first, as ``core.masks.pack``) or ``positions`` (for
+each marked entry in flat order, index - previous index - 1, previous = -1 at first, as LEB128 varints).
+When some zeros are -0.0, a ``signs`` stream marks those ``params.negative_zeros`` entries among the
+zeros (in flat order), the same way, as ``params.signs``. Stream codecs: ``raw``; ``zlib`` (level 9);
+``lzma``: a raw LZMA2 stream, preset 9 | PRESET_EXTREME, dictionary size = decoded size rounded up to a
+power of two within [4 KiB, 64 MiB]. Bytes are in C order and native byte order.
+
+Pure torch and the standard library: the whole-model file format lives in ``lightning_sparse.export``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import lzma
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.masks import pack, unpack
+
+MAX_DISTINCT = 1 << 16  # codes of at most 16 bits; beyond that a codebook costs more than it saves
+_CHUNK = 1 << 16  # entries bit-packed or varint-coded at once (bounded scratch; a multiple of 8: byte-aligned)
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit patterns by item size
+_LZMA_MAX_DICT = 64 << 20
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One named byte stream of an encoded tensor, as stored with ``codec``."""
+
+    name: str
+    codec: str
+    data: bytes  # as stored
+    size: int  # decoded bytes
+
+
+def _stream(name: str, decoded: bytes, compress: bool = True) -> Stream:
+    """A stream stored with whichever codec makes it smallest (or as it is, without ``compress``)."""
+    codec, data = _smallest_codec(decoded) if compress else ("raw", decoded)
+    return Stream(name, codec, data, len(decoded))
+
+
+@dataclass
+class Encoded:
+    """One tensor as stored: its encoding, params and streams, plus what :func:`encode` measured on the way.
+
+    ``sparsity`` and ``distinct`` (the share of zeros, the number of distinct non-zero values) are None for
+    tensors that are always stored raw (non-floating, 0-d or empty).
+    """
+
+    encoding: str
+    streams: list[Stream]
+    params: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+    sparsity: float | None = None
+    distinct: int | None = None
+
+    @property
+    def payload(self) -> bytes:
+        """The streams' stored bytes, back to back, in order."""
+        return b"".join(s.data for s in self.streams)
+
+    def entry(self) -> dict[str, Any]:
+        """What :func:`decode` needs besides dtype and shape (stream offsets relative to the payload)."""
+        streams, offset = [], 0
+        for s in self.streams:
+            streams.append({"name": s.name, "codec": s.codec, "offset": offset, "length": len(s.data), "size": s.size})
+            offset += len(s.data)
+        return {"encoding": self.encoding, "params": self.params, "streams": streams}
+
+    def cost(self) -> int:
+        """Stored bytes, header entry included, so a tiny tensor is not split into streams for nothing."""
+        return sum(len(s.data) for s in self.streams) + len(json.dumps(self.entry()))
+
+
+# --- encoding -----------------------------------------------------------------------------------------
+
+
+def encode(tensor: Tensor) -> Encoded:
+    """The smallest encoding of ``tensor`` (contiguous, on the CPU), by measured size; ties keep ``raw``."""
+    best = Encoded("raw", [_stream("data", _bytes_of(tensor), compress=False)])
+    if tensor.is_floating_point() and tensor.dim() > 0 and tensor.numel() > 0:
+        bits = tensor.reshape(-1).view(_INT_VIEW[tensor.element_size()])
+        negative_zero = _negative_zero(tensor.dtype)
+        nonzero = bits != 0 if negative_zero is None else (bits != 0) & (bits != negative_zero)
+        values = bits[nonzero]
+        codebook, codes = torch.unique(values, return_inverse=True)  # sorted, so codebook[codes] == values
+        candidates = _sparse_candidates(bits, nonzero, values, codebook, codes, negative_zero)
+        best = min([best, *candidates], key=Encoded.cost)  # ties keep raw
+        best.sparsity, best.distinct = 1.0 - values.numel() / bits.numel(), codebook.numel()
+    return best
+
+
+def _sparse_candidates(
+    bits: Tensor, nonzero: Tensor, values: Tensor, codebook: Tensor, codes: Tensor, negative_zero: int | None
+) -> list[Encoded]:
+    """``sparse-codebook`` (at most MAX_DISTINCT values) and ``sparse`` (some zeros), where they apply."""
+    has_zeros, distinct = values.numel() < bits.numel(), codebook.numel()
+    if not has_zeros and distinct > MAX_DISTINCT:
+        return []
+    pattern, pattern_kind = _smallest_pattern(nonzero)
+    streams, params = [pattern], {"pattern": pattern_kind, "nonzeros": values.numel()}
+    if negative_zero is not None and has_zeros:
+        negative = bits[~nonzero] == negative_zero
+        if negative.any():
+            signs, params["signs"] = _smallest_pattern(negative, "signs")
+            params["negative_zeros"] = int(negative.sum())
+            streams.append(signs)
+    candidates = []
+    if distinct <= MAX_DISTINCT:
+        code_bits = (distinct - 1).bit_length() if distinct > 1 else 0  # ceil(log2 K)
+        coded = [*streams, _stream("codebook", _bytes_of(codebook))]
+        if code_bits:
+            coded.append(_stream("codes", _pack_codes(codes, code_bits)))
+        params_coded = {**params, "distinct": distinct, "bits": code_bits}
+        candidates.append(Encoded("sparse-codebook", coded, params_coded, f"{code_bits}-bit, {pattern_kind}"))
+    if has_zeros:
+        candidates.append(Encoded("sparse", [*streams, _stream("values", _bytes_of(values))], params, pattern_kind))
+    return candidates
+
+
+@functools.lru_cache(maxsize=None)
+def _negative_zero(dtype: torch.dtype) -> int | None:
+    """The bit pattern of -0.0 in ``dtype`` as its same-size integer, or None where it means something else
+    (in the float8 ``fnuz`` formats it is NaN)."""
+    int_dtype = _INT_VIEW[dtype.itemsize]
+    pattern = 0x80 if int_dtype == torch.uint8 else -(1 << (8 * dtype.itemsize - 1))
+    as_float = torch.tensor([pattern], dtype=int_dtype).view(dtype).float().item()
+    return pattern if as_float == 0 else None
+
+
+def _smallest_pattern(marked: Tensor, name: str = "pattern") -> tuple[Stream, str]:
+    """The marked entries of a bool vector as a bitmap or as position gaps, whichever stores smaller."""
+    bitmap = _stream(name, pack(marked).numpy().tobytes())
+    gaps = torch.diff(marked.nonzero().squeeze(1), prepend=torch.tensor([-1])) - 1
+    positions = _stream(name, _varints(gaps))
+    return (positions, "positions") if len(positions.data) < len(bitmap.data) else (bitmap, "bitmap")
+
+
+def _smallest_codec(data: bytes) -> tuple[str, bytes]:
+    best = ("raw", data)
+    if data:
+        for codec, packed in (
+            ("zlib", zlib.compress(data, 9)),
+            ("lzma", lzma.compress(data, lzma.FORMAT_RAW, filters=_lzma_filters(len(data)))),
+        ):
+            if len(packed) < len(best[1]):
+                best = (codec, packed)
+    return best
+
+
+def _lzma_filters(size: int) -> list[dict[str, int]]:
+    """Fixed LZMA2 chain; the dictionary follows the decoded size so small streams decode in small memory."""
+    dict_size = min(max(4096, 1 << (size - 1).bit_length()), _LZMA_MAX_DICT)
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
+
+
+def _bytes_of(tensor: Tensor) -> bytes:
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _pack_codes(codes: Tensor, bits: int) -> bytes:
+    """Each code as ``bits`` bits, LSB first, code after code."""
+    shifts = torch.arange(bits)
+    return b"".join(
+        pack(((chunk.unsqueeze(1) >> shifts) & 1).bool()).numpy().tobytes() for chunk in codes.split(_CHUNK)
+    )
+
+
+def _varints(values: Tensor) -> bytes:
+    """Non-negative int64 values as LEB128 varints (7 bits per byte, high bit = more bytes follow)."""
+    out = []
+    for chunk in values.split(_CHUNK) if values.numel() else ():
+        groups = max(1, (int(chunk.max()).bit_length() + 6) // 7)
+        shifts = 7 * torch.arange(groups)
+        septets = (chunk.unsqueeze(1) >> shifts) & 0x7F
+        used = 1 + ((chunk.unsqueeze(1) >> shifts[1:]) != 0).sum(dim=1, keepdim=True)
+        more = (torch.arange(groups) < used - 1).long() << 7
+        out.append((septets | more)[torch.arange(groups) < used].to(torch.uint8).numpy().tobytes())
+    return b"".join(out)
+
+
+# --- decoding -----------------------------------------------------------------------------------------
+
+
+def decode(
+    data: bytes,
+    dtype: torch.dtype,
+    shape: Sequence[int],
+    encoding: str,
+    params: Mapping[str, Any],
+    streams: Sequence[Mapping[str, Any]],
+) -> Tensor:
+    """Inverse of :func:`encode`: the tensor from its payload ``data`` and the fields of :meth:`Encoded.entry`.
+
+    Raises (mostly ``ValueError``) when the description does not fit the bytes, rather than guessing.
+    """
+    shape = tuple(shape)
+    decoded = {
+        s["name"]: _decompress(s["codec"], data[s["offset"] : s["offset"] + s["length"]], s["size"]) for s in streams
+    }
+    if encoding == "raw":
+        return _tensor_from(decoded["data"], dtype, shape)
+    if encoding not in ("sparse-codebook", "sparse"):
+        raise ValueError(f"unknown encoding {encoding!r}")
+    numel, nonzeros = math.prod(shape), params["nonzeros"]
+    int_dtype = _INT_VIEW[dtype.itemsize]
+    nonzero = _decode_marks(params["pattern"], decoded["pattern"], numel, nonzeros)
+    if encoding == "sparse":
+        values = _tensor_from(decoded["values"], int_dtype, (nonzeros,))
+    else:
+        distinct, bits = params["distinct"], params["bits"]
+        codebook = _tensor_from(decoded["codebook"], int_dtype, (distinct,))
+        codes = _unpack_codes(decoded["codes"], bits, nonzeros) if bits else torch.zeros(nonzeros, dtype=torch.long)
+        if codes.numel() and int(codes.max()) >= distinct:
+            raise ValueError(f"a code is outside the codebook of {distinct} values")
+        values = codebook[codes]
+    flat = torch.zeros(numel, dtype=int_dtype)
+    flat[nonzero] = values
+    if "signs" in params:
+        negative_zero = _negative_zero(dtype)
+        if negative_zero is None:
+            raise ValueError(f"{dtype} has no negative zero")
+        zeros = (~nonzero).nonzero().squeeze(1)
+        negative = _decode_marks(params["signs"], decoded["signs"], zeros.numel(), params["negative_zeros"])
+        flat[zeros[negative]] = negative_zero
+    return flat.view(dtype).reshape(shape)
+
+
+def _decompress(codec: str, data: bytes, size: int) -> bytes:
+    if codec == "raw":
+        out = data
+    elif codec == "zlib":
+        out = zlib.decompressobj().decompress(data, size)
+    elif codec == "lzma":
+        out = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_lzma_filters(size)).decompress(data, max_length=size)
+    else:
+        raise ValueError(f"unknown codec {codec!r}")
+    if len(out) != size:
+        raise ValueError(f"a {codec} stream decodes to {len(out)} bytes, not {size}")
+    return out
+
+
+def _tensor_from(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{len(data)} bytes do not hold a {dtype} tensor of shape {list(shape)}")
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _decode_marks(kind: str, data: bytes, numel: int, count: int) -> Tensor:
+    """Inverse of :func:`_smallest_pattern`: a bool vector of ``numel`` entries, ``count`` of them marked."""
+    if not data and numel == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    if kind == "bitmap":
+        if len(data) != (numel + 7) // 8:
+            raise ValueError(f"a bitmap of {len(data)} bytes does not cover {numel} entries")
+        marked = unpack(torch.frombuffer(bytearray(data), dtype=torch.uint8), (numel,))
+    elif kind == "positions":
+        gaps = _read_varints(data, count)
+        if gaps.numel() and (int(gaps.min()) < 0 or int(gaps.max()) >= numel):
+            raise ValueError("a position gap is out of range")
+        where = torch.cumsum(gaps + 1, dim=0) - 1
+        if where.numel() and int(where[-1]) >= numel:
+            raise ValueError(f"a position is beyond the {numel} entries")
+        marked = torch.zeros(numel, dtype=torch.bool)
+        marked[where] = True
+    else:
+        raise ValueError(f"unknown pattern {kind!r}")
+    if int(marked.sum()) != count:
+        raise ValueError(f"the pattern marks {int(marked.sum())} entries, the header says {count}")
+    return marked
+
+
+def _unpack_codes(data: bytes, bits: int, count: int) -> Tensor:
+    if len(data) != (count * bits + 7) // 8:
+        raise ValueError(f"{len(data)} bytes do not hold {count} codes of {bits} bits")
+    packed = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    shifts = torch.arange(bits)
+    chunk_bytes = _CHUNK * bits // 8
+    codes = []
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        chunk = packed[start * bits // 8 : start * bits // 8 + chunk_bytes]
+        codes.append((unpack(chunk, (n * bits,)).view(n, bits).long() << shifts).sum(dim=1))
+    return torch.cat(codes)
+
+
+def _read_varints(data: bytes, count: int) -> Tensor:
+    """Inverse of :func:`_varints`; exactly ``count`` values must be present."""
+    if not data:
+        if count:
+            raise ValueError(f"no positions for {count} non-zeros")
+        return torch.zeros(0, dtype=torch.long)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    ends = ((raw & 0x80) == 0).nonzero().squeeze(1)
+    if ends.numel() != count or int(ends[-1]) != raw.numel() - 1:
+        raise ValueError(f"the positions hold {ends.numel()} complete varints, not {count}")
+    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if int(lengths.max()) > 9:  # 9 septets = 63 bits, the most an int64 position needs
+        raise ValueError("a position varint is longer than 9 bytes")
+    owner = torch.repeat_interleave(torch.arange(count), lengths)
+    septet = torch.arange(raw.numel()) - starts[owner]
+    return torch.zeros(count, dtype=torch.long).index_add_(0, owner, (raw & 0x7F) << (7 * septet))
