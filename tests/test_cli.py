@@ -108,3 +108,34 @@ def test_rigl_by_flags_and_set_by_preset_override(tmp_path):
     assert kept == 5020  # exactly 10% of the 50,200 weights active
     # randomly grown weights on always-blank pixels get no gradient and stay 0, so zeros >= 90%
     assert 0.9 <= checkpoint_sparsity(tmp_path / "set") < 0.91
+
+
+def test_qat_by_flags_with_per_layer_bits(tmp_path):
+    run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_sparse.QuantizationAwareTraining",
+        '--trainer.callbacks.bits={"net.1.weight": 2, "net.3.*": 4}', "--trainer.callbacks.granularity=per_tensor",
+        cwd=tmp_path,
+    )  # fmt: skip
+    (path,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert torch.unique(state["net.1.weight"]).numel() <= 3 and torch.unique(state["net.3.weight"]).numel() <= 15
+    assert torch.unique(state["net.5.weight"]).numel() > 100  # not named: full precision
+
+
+def test_joint_preset_then_export_round_trip(tmp_path):
+    from lightning_sparse.export import load_compressed
+
+    output = run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'gmp_qat.yaml'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "QuantizationAwareTraining (kmeans): weights per layer" in output
+    (ckpt,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    exported = run_cli("export", str(ckpt), str(tmp_path / "model.lsz"), cwd=tmp_path)
+    assert "whole file" in exported and "smaller than fp32 dense" in exported
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    loaded = load_compressed(tmp_path / "model.lsz")
+    assert list(loaded) == list(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    weight = state["net.1.weight"]
+    assert (weight == 0).float().mean().item() >= 0.9 - 1e-4 and torch.unique(weight[weight != 0]).numel() <= 16

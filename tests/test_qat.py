@@ -174,13 +174,18 @@ class _StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("method", ["uniform", "kmeans"])
-def test_qat_with_gmp_resumes_bit_identically(tmp_path, method):
+RESUMABLE = {
+    "gmp": lambda: GradualMagnitudePruning(sparsity=0.7, start=0.1, end=0.7, frequency=6),
+    "rigl": lambda: RigL(sparsity=0.7, update_frequency=6, end=0.8),
+}
+
+
+@pytest.mark.parametrize(("pruner", "method"), [("gmp", "uniform"), ("gmp", "kmeans"), ("rigl", "uniform")])
+def test_qat_with_pruning_resumes_bit_identically(tmp_path, pruner, method):
     def run(root, stop=None, ckpt=None):
         pl.seed_everything(9)
         model = digits_model(optimizer="adam", lr=2e-3)
-        callbacks = [GradualMagnitudePruning(sparsity=0.7, start=0.1, end=0.7, frequency=6),
-                     QuantizationAwareTraining(bits=3, method=method, codebook_frequency=7, start=5)]  # fmt: skip
+        callbacks = [RESUMABLE[pruner](), QuantizationAwareTraining(bits=3, method=method, codebook_frequency=7, start=5)]
         if stop is not None:
             callbacks.append(_StopAfterEpoch(stop, root / "cut.ckpt"))
         make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
@@ -204,3 +209,19 @@ def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
         assert (weight == 0).float().mean().item() >= fraction - 1e-4
         assert (latent == 0).float().mean().item() < 0.01  # the latent weights keep every connection
     assert (model.net[1].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
+
+
+def test_exported_qat_model_reloads_to_the_weights_it_was_evaluated_with(tmp_path, digits):
+    from lightning_sparse.export import load_compressed, save_compressed
+
+    model, callbacks, trainer = _joint_run(tmp_path, ("prune", "qat"), PRUNERS["gmp"], max_epochs=4)
+    accuracy = trainer.test(model, DigitsDataModule(batch_size=64), verbose=False)[0]["test_acc"]
+    report = save_compressed(model, tmp_path / "model.lsz", verbose=False)
+    state = load_compressed(tmp_path / "model.lsz")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    reloaded = Classifier(arch="lenet300", input_shape=(1, 8, 8))
+    reloaded.load_state_dict(state)
+    assert trainer.test(reloaded, DigitsDataModule(batch_size=64), verbose=False)[0]["test_acc"] == accuracy
+    assert {layer.name: layer.encoding for layer in report.layers}["net.1.weight"].startswith("sparse")
+    assert report.ratio > 10  # 80% zeros and 4-bit values, biases raw
