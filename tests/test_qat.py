@@ -225,3 +225,10 @@ def test_exported_qat_model_reloads_to_the_weights_it_was_evaluated_with(tmp_pat
     assert trainer.test(reloaded, DigitsDataModule(batch_size=64), verbose=False)[0]["test_acc"] == accuracy
     assert {layer.name: layer.encoding for layer in report.layers}["net.1.weight"].startswith("sparse")
     assert report.ratio > 10  # 80% zeros and 4-bit values, biases raw
+
+
+def test_clipq_and_a_pruning_callback_on_the_same_layers_are_refused(tmp_path, digits):
+    callbacks = [GradualMagnitudePruning(sparsity=0.5, exclude=["net.5.*"]), QuantizationAwareTraining(prune=0.5)]
+    message = r"`prune` \(CLIP-Q\) and GradualMagnitudePruning both prune \['net.1.weight', 'net.3.weight'\]"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, callbacks).fit(digits_model(), digits)

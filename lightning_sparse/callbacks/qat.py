@@ -123,7 +123,17 @@ class QuantizationAwareTraining(Callback):
         self._hooks = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._masks = [cb.masks for cb in trainer.callbacks if isinstance(cb, SparsityCallback)]  # set in their setup
+        pruners = [cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback)]
+        self._masks = [cb.masks for cb in pruners]  # set in their setup
+        clipq = {name for name, fraction in self.layer_prune.items() if fraction}
+        for pruner in pruners:
+            both = sorted(clipq & set(pruner.masks or ()))
+            if both:
+                raise ValueError(
+                    f"QuantizationAwareTraining `prune` (CLIP-Q) and {type(pruner).__name__} both prune {both}: "
+                    f"use one of them per layer (limit `prune` with a {{glob: fraction}} mapping, or the pruning "
+                    f"callback with `exclude`)"
+                )
         if self._start_step is None:
             self._start_step = resolve_step("start", self.start, trainer.estimated_stepping_batches)
 
