@@ -22,46 +22,24 @@ from typing import Any
 import pytorch_lightning as pl
 from rich.table import Table
 
-from benchmarks.common import datamodule, emit, quiet, trainer
+from benchmarks.common import datamodule, emit, lenet300_parser, lenet300_test_error, quiet
 from lightning_sparse import GradualMagnitudePruning
-from lightning_sparse.core.targets import prunable_names
-from lightning_sparse.models import Classifier
 
 TARGET_POINTS = 0.3  # the 90% model's test error may exceed dense by at most this many points
 
 
 def run(sparsity: float | None, dm: pl.LightningDataModule, args: argparse.Namespace) -> dict[str, Any]:
     """Train from the same seed (dense when ``sparsity`` is None) and test the final model."""
-    pl.seed_everything(args.seed, verbose=False)
-    model = Classifier(arch="lenet300", input_shape=dm.input_shape, optimizer="sgd", lr=args.lr, momentum=0.9,
-                       lr_schedule="cosine")  # fmt: skip
     callbacks = []
     if sparsity is not None:
         callbacks.append(GradualMagnitudePruning(sparsity=sparsity, start=args.start, end=args.end, frequency=args.frequency,
                                                  distribution=args.distribution, verbose=False))  # fmt: skip
-    fitter = trainer(callbacks, max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
-    started = time.perf_counter()
-    fitter.fit(model, datamodule=dm)
-    accuracy = fitter.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
-    wall = time.perf_counter() - started
-    params = dict(model.named_parameters())
-    weights = [params[name].detach() for name in prunable_names(model)]
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    return {
-        "target_sparsity": sparsity or 0.0,
-        "measured_sparsity": zeros / sum(w.numel() for w in weights),
-        "test_error_pct": 100.0 * (1.0 - accuracy),
-        "wall_s": wall,
-    }
+    return {"target_sparsity": sparsity or 0.0, **lenet300_test_error(callbacks, dm, args.epochs, args.seed, args.lr, args.weight_decay)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = lenet300_parser(__doc__)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.98])
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate at step 0 (cosine to 0)")
-    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--start", type=float, default=0.1, help="GMP start, fraction of training")
     parser.add_argument("--end", type=float, default=0.6, help="GMP end, fraction of training")
     parser.add_argument("--frequency", type=int, default=100, help="GMP mask updates every this many steps")

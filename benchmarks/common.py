@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ import pytorch_lightning as pl
 from rich.console import Console
 from rich.table import Table
 
+from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.data import DigitsDataModule, MNISTDataModule
+from lightning_sparse.models import Classifier
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,6 +50,40 @@ def trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
         callbacks=callbacks,
         **kwargs,
     )
+
+
+def lenet300_parser(doc: str, weight_decay: float = 0.0) -> argparse.ArgumentParser:
+    """The options every LeNet-300-100 benchmark shares: epochs, seed, learning rate, batch size, weight decay."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate at step 0 (cosine to 0)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--weight-decay", type=float, default=weight_decay, help="SGD weight decay, every run")
+    return parser
+
+
+def lenet300_test_error(
+    callbacks: list[pl.Callback], dm: pl.LightningDataModule, epochs: int, seed: int, lr: float, weight_decay: float = 0.0
+) -> dict[str, Any]:
+    """Train LeNet-300-100 from ``seed`` (SGD momentum 0.9, ``lr`` cosine to 0) and test the final model once.
+
+    Returns the test error (%), the measured weight sparsity (exact zeros of the Linear weights) and wall seconds.
+    """
+    pl.seed_everything(seed, verbose=False)
+    model = Classifier(arch="lenet300", input_shape=dm.input_shape, optimizer="sgd", lr=lr, momentum=0.9, lr_schedule="cosine",
+                       weight_decay=weight_decay)  # fmt: skip
+    fitter = trainer(callbacks, max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
+    started = time.perf_counter()
+    fitter.fit(model, datamodule=dm)
+    accuracy = fitter.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
+    params = dict(model.named_parameters())
+    weights = [params[name].detach() for name in prunable_names(model)]
+    return {
+        "measured_sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),
+        "test_error_pct": 100.0 * (1.0 - accuracy),
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def emit(name: str, table: Table, payload: dict[str, Any]) -> Path:
