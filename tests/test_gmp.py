@@ -236,3 +236,30 @@ def test_per_layer_sparsity_mapping_is_validated(tmp_path, digits):
     callback = GradualMagnitudePruning(sparsity={"decoder.*": 0.5})
     with pytest.raises(ValueError, match=r"`sparsity` pattern 'decoder.\*' matches no selected parameter"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+class _PrunedStayZero(pl.Callback):
+    """After every optimizer step, counts pruned weights that are not exactly +0.0."""
+
+    def __init__(self, pruner) -> None:
+        self.pruner, self.violations, self.checked = pruner, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        masks = self.pruner.masks
+        for name in masks:
+            if name in masks:
+                pruned = masks.params[name].detach()[~masks.mask(name)]
+                self.violations += int(((pruned != 0) | torch.signbit(pruned)).sum())
+                self.checked += pruned.numel()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_pruned_weights_stay_positive_zero_through_every_optimizer_step(tmp_path, digits, optimizer):
+    # SGD with momentum and weight decay, Adam, AdamW: the weights are not re-masked after each step for these
+    # optimizers (zero gradient and zero state keep them at 0), so this checks that invariant at every step.
+    pruner = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
+    watcher = _PrunedStayZero(pruner)
+    model = digits_model(optimizer=optimizer, weight_decay=0.01)
+    make_trainer(tmp_path, [pruner, watcher], max_epochs=2).fit(model, digits)
+    assert pruner._reapply is False
+    assert watcher.checked > 0 and watcher.violations == 0

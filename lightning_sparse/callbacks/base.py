@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch.optim import Optimizer
@@ -14,6 +15,19 @@ from torch.optim import Optimizer
 from lightning_sparse import report
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.targets import per_layer, select_targets
+
+
+#: Optimizers whose whole per-weight state is tensors shaped like the weight, fresh at zero: zeroing them is a reset,
+#: and a weight with zero gradient and zero state stays exactly where it is (0 for a pruned weight).
+RESETTABLE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+)
 
 
 def check_fraction_or_step(name: str, value: Any) -> None:
@@ -75,6 +89,7 @@ class SparsityCallback(Callback):
         self.layer_sparsity: dict[str, float] | None = None  # per-layer targets, when `sparsity` is a mapping
         self._decided_step = -1  # last optimizer step whose masks were decided
         self._masked_step = -1  # last optimizer step after which weights were re-masked
+        self._reapply = True  # re-mask weights after each optimizer step (unless the optimizer keeps zeros zero)
 
     # ----------------------------------------------------------------- hooks: when
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -95,8 +110,13 @@ class SparsityCallback(Callback):
                 self._log_sparsity(trainer)
         self.masks.mask_grads_()
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
+        # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
+        self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.masks is not None and trainer.global_step != self._masked_step:
+        if self.masks is not None and self._reapply and trainer.global_step != self._masked_step:
             self._masked_step = trainer.global_step  # an optimizer step ran: it may have moved pruned weights
             self.masks.apply_()
 

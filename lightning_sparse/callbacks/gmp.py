@@ -88,6 +88,7 @@ class GradualMagnitudePruning(SparsityCallback):
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         if self._start_step is None:  # a resumed run keeps the schedule it started with
             total = trainer.estimated_stepping_batches
             self._start_step = resolve_step("start", self.start, total)

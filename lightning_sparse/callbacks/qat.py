@@ -21,8 +21,6 @@ from torch import Tensor, nn
 
 from lightning_sparse import report
 from lightning_sparse.callbacks.base import SparsityCallback, check_choice, check_fraction_or_step, resolve_step
-from lightning_sparse.core.criteria import exact_mask
-from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.quantize import (
     GRANULARITIES,
     METHODS,
@@ -30,6 +28,7 @@ from lightning_sparse.core.quantize import (
     codebook_quantize,
     fit_codebook,
     uniform_quantize,
+    zero_smallest,
 )
 from lightning_sparse.core.targets import per_layer, select_targets
 
@@ -183,11 +182,8 @@ class QuantizationAwareTraining(Callback):
 
     def quantize_layer(self, name: str, latent: Tensor, refit: bool = False) -> Tensor:
         """q(w) of one layer: CLIP-Q pruning (if any), then the uniform grid or the layer's codebook."""
-        weight = latent
         fraction = self.layer_prune.get(name, 0.0)
-        if fraction:
-            keep = exact_mask(latent.abs(), round_half_up(fraction * latent.numel()))
-            weight = latent * keep
+        weight = zero_smallest(latent, fraction) if fraction else latent
         bits = self.layer_bits[name]
         if self.method == "uniform":
             return uniform_quantize(weight, bits, self.granularity, self.symmetric)

@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_sparse.callbacks.base import (
+    RESETTABLE_OPTIMIZERS,
     SparsityCallback,
     as_sparsity,
     check_choice,
@@ -30,17 +31,6 @@ from lightning_sparse.core.pruning import prune_by_magnitude
 
 GROWTH = ("gradient", "random")
 DISTRIBUTIONS = ("erk", "uniform")
-#: Optimizers whose whole per-weight state is tensors shaped like the weight, fresh at zero: zeroing them is a reset.
-RESETTABLE_OPTIMIZERS = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adamax,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.RMSprop,
-)
-
 
 class RigL(SparsityCallback):
     """Train a sparse network at constant sparsity while moving its connections (Evci et al. 2020, Alg. 1).
@@ -129,6 +119,7 @@ class RigL(SparsityCallback):
             self._record_initial()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         if self._start_step is None:  # a resumed run keeps the schedule it started with
             total = trainer.estimated_stepping_batches
             self._start_step = resolve_step("start", self.start, total)

@@ -1,4 +1,4 @@
-"""Pure-torch sparsity engine: target selection, masks, allocation, schedules and scores.
+"""Pure-torch compression engine: target selection, masks, allocation, schedules, scores, quantizers, codec.
 
 Nothing in this package imports Lightning, W&B or Ax, so it works from a plain PyTorch loop.
 """
@@ -8,6 +8,7 @@ from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
 from lightning_sparse.core.dynamic import cosine_fraction, drop_and_grow, is_dynamic_update_step, random_masks
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.pruning import prune_by_magnitude
+from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize, zero_smallest
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
 from lightning_sparse.core.targets import DEFAULT_MODULES, prunable_names, select_targets
 
@@ -16,12 +17,15 @@ __all__ = [
     "DISTRIBUTIONS",
     "MaskSet",
     "SCHEDULES",
+    "codebook_quantize",
     "cosine_fraction",
     "drop_and_grow",
     "erk_sparsities",
     "exact_mask",
+    "fit_codebook",
     "is_dynamic_update_step",
     "is_update_step",
+    "kmeans_1d",
     "magnitude",
     "prunable_names",
     "prune_by_magnitude",
@@ -29,5 +33,7 @@ __all__ = [
     "select_targets",
     "sparsity_at",
     "top_k_mask",
+    "uniform_quantize",
     "zero_counts",
+    "zero_smallest",
 ]

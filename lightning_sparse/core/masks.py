@@ -8,7 +8,7 @@ model keeps its dense parameters and ``state_dict`` keys, with pruned entries he
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -25,30 +25,45 @@ def _bits(device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _pruned_table(device: torch.device) -> Tensor:
-    """Row ``b`` holds, for the 8 bits of byte ``b``, True where the bit is 0 (pruned): one gather expands a mask."""
+    """Row ``b`` holds, for the 8 bits of byte ``b``, True where the bit is 0 (pruned)."""
     codes = torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(1)
     return torch.bitwise_and(codes, _bits(device)) == 0
 
 
-def mask_(tensor: Tensor, packed: Tensor) -> None:
-    """Zero, in place, the entries of ``tensor`` whose mask bit is 0, expanding the packed mask through a table.
+@functools.lru_cache(maxsize=None)
+def _kept_table(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Row ``b`` holds the 8 bits of byte ``b`` as 0/1 in ``dtype``."""
+    return (~_pruned_table(device)).to(dtype)
 
-    This runs twice per optimizer step (gradients, then weights); a table gather of 8 bools per byte with
-    ``masked_fill_`` is several times faster than unpacking, and it writes +0.0 (a product would leave -0.0
-    for negative weights, which costs a sign bit per zero in the compressed export).
-    """
+
+def _by_chunks(tensor: Tensor, packed: Tensor, table: Tensor, apply: Callable[[Tensor, Tensor], object]) -> None:
+    """Run ``apply(rows, table rows)`` over ``tensor`` 8 entries per packed byte, a bounded chunk at a time."""
+    flat = tensor.view(-1)
+    full, tail = divmod(flat.numel(), 8)
+    rows = flat[: 8 * full].view(full, 8)
+    for begin in range(0, full, _CHUNK_BYTES):  # bounded temporaries: at most 8 * _CHUNK_BYTES entries
+        end = min(begin + _CHUNK_BYTES, full)
+        apply(rows[begin:end], table.index_select(0, packed[begin:end].long()))
+    if tail:
+        apply(flat[8 * full :], table[packed[full].long()][:tail])
+
+
+def mask_(tensor: Tensor, packed: Tensor) -> None:
+    """Set the pruned entries of ``tensor`` to +0.0 in place (weights: a product would leave -0.0 behind
+    negative weights, and the compressed export would pay a sign bit per zero)."""
     if not tensor.is_contiguous():
         tensor.masked_fill_(~unpack(packed, tensor.shape), 0)
         return
-    flat = tensor.view(-1)
-    full, tail = divmod(flat.numel(), 8)
-    table = _pruned_table(packed.device)
-    rows = flat[: 8 * full].view(full, 8)
-    for begin in range(0, full, _CHUNK_BYTES):  # bounded temporaries: at most 8 * _CHUNK_BYTES bools
-        end = min(begin + _CHUNK_BYTES, full)
-        rows[begin:end].masked_fill_(table.index_select(0, packed[begin:end].long()), 0)
-    if tail:
-        flat[8 * full :].masked_fill_(table[packed[full].long()][:tail], 0)
+    _by_chunks(tensor, packed, _pruned_table(packed.device), lambda rows, pruned: rows.masked_fill_(pruned, 0))
+
+
+def multiply_(tensor: Tensor, packed: Tensor) -> None:
+    """``tensor *= mask`` in place through a 0/1 table: about twice as fast as :func:`mask_`, for gradients and
+    optimizer state, where the sign of a zero does not matter. Runs every optimizer step."""
+    if not tensor.is_contiguous():
+        tensor.mul_(unpack(packed, tensor.shape))
+        return
+    _by_chunks(tensor, packed, _kept_table(packed.device, tensor.dtype), lambda rows, kept: rows.mul_(kept))
 
 
 def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> list[Tensor]:
@@ -148,7 +163,7 @@ class MaskSet:
         for name, packed in self._packed.items():
             grad = self.params[name].grad
             if grad is not None:
-                mask_(grad, packed)
+                multiply_(grad, packed)
 
     @torch.no_grad()
     def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
@@ -160,7 +175,7 @@ class MaskSet:
         """
         for name, packed in self._packed.items():
             for value in param_state(state, self.params[name]):
-                mask_(value, packed)
+                multiply_(value, packed)
 
     def numel(self, name: str) -> int:
         return self.params[name].numel()

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_sparse.core.allocation import round_half_up
+from lightning_sparse.core.criteria import exact_mask
+
 GRANULARITIES = ("per_channel", "per_tensor")
 METHODS = ("uniform", "kmeans")
 
@@ -48,6 +51,13 @@ def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel"
     else:
         q = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
     return q.to(w.dtype)
+
+
+def zero_smallest(weight: Tensor, fraction: float) -> Tensor:
+    """A copy of ``weight`` with its ``round(fraction · N)`` smallest magnitudes set to +0.0 (CLIP-Q's pruning,
+    applied to the quantized copy only, so the full-precision weights keep every connection)."""
+    keep = exact_mask(weight.detach().abs(), round_half_up(fraction * weight.numel()))
+    return weight.detach().masked_fill(~keep, 0)
 
 
 def nearest_codes(values: Tensor, codebook: Tensor) -> Tensor:
