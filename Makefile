@@ -24,7 +24,7 @@ test: install  ## the whole test suite (what CI runs)
 
 bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.overhead
-	$(BIN)/python -m benchmarks.overhead --configs dense rigl --steps 310 --rounds 4
+	$(BIN)/python -m benchmarks.overhead --configs dense rigl --steps 310 --rounds 8
 	$(BIN)/python -m benchmarks.overhead --configs dense qat gmp+qat --rounds 8
 	$(BIN)/python -m benchmarks.accuracy
 	$(BIN)/python -m benchmarks.sparse_training

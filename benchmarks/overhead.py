@@ -33,7 +33,7 @@ dense parameter bytes, so dense is 1.00.
 Run from the repository root (defaults take about 2.5 minutes on 2 CPU cores)::
 
     .venv/bin/python -m benchmarks.overhead [--rounds 16] [--steps 40] [--warmup 10] [--batch-size 64] [--data mnist]
-    .venv/bin/python -m benchmarks.overhead --configs dense rigl --steps 310 --rounds 4   # RigL, about 2.5 minutes
+    .venv/bin/python -m benchmarks.overhead --configs dense rigl --steps 310 --rounds 8   # RigL, about 5.5 minutes
     .venv/bin/python -m benchmarks.overhead --configs dense qat gmp+qat --rounds 8        # QAT, about 1.5 minutes
 """
 
