@@ -37,3 +37,15 @@ def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
 @pytest.fixture
 def digits() -> DigitsDataModule:
     return DigitsDataModule(batch_size=64)
+
+
+class StopAfterEpoch(pl.Callback):
+    """Interrupt training: save a checkpoint at the end of ``epoch`` and stop (to test exact resume)."""
+
+    def __init__(self, epoch: int, path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True

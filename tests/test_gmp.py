@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from conftest import digits_model, make_trainer
+from conftest import StopAfterEpoch, digits_model, make_trainer
 from wandb_records import wandb_history
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.allocation import round_half_up
@@ -132,23 +132,11 @@ def test_checkpoint_has_dense_keys_and_loads_into_plain_model(tmp_path, digits):
     assert callback.state_key in checkpoint["callbacks"]
 
 
-class _StopAfterEpoch(pl.Callback):
-    """Interrupt training: save a checkpoint at the end of ``epoch`` and stop."""
-
-    def __init__(self, epoch: int, path: Path) -> None:
-        self.epoch, self.path = epoch, path
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
-
-
 def _gmp_run(tmp_path: Path, stop_epoch: int | None = None, ckpt: Path | None = None, **trainer_kwargs):
     pl.seed_everything(7)
     model = digits_model(optimizer="adam", lr=1e-3)
     callback = GradualMagnitudePruning(sparsity=0.85, start=0.1, end=0.7, frequency=6)
-    callbacks = [callback] + ([_StopAfterEpoch(stop_epoch, tmp_path / "interrupted.ckpt")] if stop_epoch is not None else [])
+    callbacks = [callback] + ([StopAfterEpoch(stop_epoch, tmp_path / "interrupted.ckpt")] if stop_epoch is not None else [])
     trainer = make_trainer(tmp_path, callbacks, **trainer_kwargs)
     trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
     return model, callback, trainer

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import digits_model, make_trainer
+from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize
 from lightning_sparse.data import DigitsDataModule
@@ -164,16 +164,6 @@ def test_pruning_and_qat_in_one_trainer_in_either_order(tmp_path, pruner):
         assert max(torch.unique(row).numel() for row in weight) <= 15
 
 
-class _StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int, path: Path) -> None:
-        self.epoch, self.path = epoch, path
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
-
-
 RESUMABLE = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.7, start=0.1, end=0.7, frequency=6),
     "rigl": lambda: RigL(sparsity=0.7, update_frequency=6, end=0.8),
@@ -187,7 +177,7 @@ def test_qat_with_pruning_resumes_bit_identically(tmp_path, pruner, method):
         model = digits_model(optimizer="adam", lr=2e-3)
         callbacks = [RESUMABLE[pruner](), QuantizationAwareTraining(bits=3, method=method, codebook_frequency=7, start=5)]
         if stop is not None:
-            callbacks.append(_StopAfterEpoch(stop, root / "cut.ckpt"))
+            callbacks.append(StopAfterEpoch(stop, root / "cut.ckpt"))
         make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
         return model, callbacks
 

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import digits_model, make_trainer
+from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import SET, RigL
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
 from lightning_sparse.data import DigitsDataModule
@@ -162,21 +162,11 @@ def test_unknown_optimizer_state_is_warned_about(tmp_path, digits):
         make_trainer(tmp_path, [RigL(update_frequency=10)], max_epochs=1).fit(model, digits)
 
 
-class _StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int, path: Path) -> None:
-        self.epoch, self.path = epoch, path
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
-
-
 def _run(tmp_path: Path, cls, stop_epoch=None, ckpt=None):
     pl.seed_everything(11)
     model = digits_model(optimizer="adam", lr=1e-3)
     callback = cls(sparsity=0.85, update_frequency=6, end=0.8)
-    callbacks = [callback] + ([_StopAfterEpoch(stop_epoch, tmp_path / "cut.ckpt")] if stop_epoch is not None else [])
+    callbacks = [callback] + ([StopAfterEpoch(stop_epoch, tmp_path / "cut.ckpt")] if stop_epoch is not None else [])
     trainer = make_trainer(tmp_path, callbacks)
     trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
     return model, callback, trainer

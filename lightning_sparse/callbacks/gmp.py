@@ -14,6 +14,7 @@ from lightning_sparse.callbacks.base import (
     check_choice,
     check_fraction_or_step,
     check_sparsity,
+    check_steps,
     resolve_step,
 )
 from lightning_sparse.core.allocation import DISTRIBUTIONS
@@ -65,8 +66,7 @@ class GradualMagnitudePruning(SparsityCallback):
         check_fraction_or_step("end", end)
         if type(start) is type(end) and end < start:
             raise ValueError(f"`end` must not come before `start`: allowed range is [{start}, ...], got end={end}")
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"`frequency` must be an int >= 1 (optimizer steps), got {frequency!r}")
+        check_steps("frequency", frequency)
         check_choice("schedule", schedule, tuple(SCHEDULES))
         check_choice("distribution", distribution, DISTRIBUTIONS)
         self.sparsity = as_sparsity(sparsity)

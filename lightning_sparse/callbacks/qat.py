@@ -20,7 +20,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_sparse import report
-from lightning_sparse.callbacks.base import SparsityCallback, check_choice, check_fraction_or_step, resolve_step
+from lightning_sparse.callbacks.base import (
+    SparsityCallback,
+    check_choice,
+    check_fraction_or_step,
+    check_steps,
+    resolve_step,
+)
 from lightning_sparse.core.quantize import (
     GRANULARITIES,
     METHODS,
@@ -74,8 +80,7 @@ class QuantizationAwareTraining(Callback):
         check_fraction_or_step("start", start)
         if activations is not None:
             check_bits("activations", activations)
-        if isinstance(codebook_frequency, bool) or not isinstance(codebook_frequency, int) or codebook_frequency < 1:
-            raise ValueError(f"`codebook_frequency` must be an int >= 1 (optimizer steps), got {codebook_frequency!r}")
+        check_steps("codebook_frequency", codebook_frequency)
         for name, value in (prune.items() if isinstance(prune, Mapping) else [("prune", prune)]):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"`{'prune' if name == 'prune' else f'prune[{name!r}]'}` must be a number in [0, 1), got {value!r}")

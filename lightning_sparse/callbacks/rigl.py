@@ -15,6 +15,7 @@ from lightning_sparse.callbacks.base import (
     check_choice,
     check_fraction_or_step,
     check_sparsity,
+    check_steps,
     resolve_step,
 )
 from lightning_sparse.core.allocation import zero_counts
@@ -76,8 +77,7 @@ class RigL(SparsityCallback):
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, DISTRIBUTIONS)
-        if isinstance(update_frequency, bool) or not isinstance(update_frequency, int) or update_frequency < 1:
-            raise ValueError(f"`update_frequency` must be an int >= 1 (optimizer steps), got {update_frequency!r}")
+        check_steps("update_frequency", update_frequency)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in (0, 1], got {alpha!r}")
         check_fraction_or_step("end", end)
