@@ -139,3 +139,13 @@ def test_joint_preset_then_export_round_trip(tmp_path):
     assert list(loaded) == list(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     weight = state["net.1.weight"]
     assert (weight == 0).float().mean().item() >= 0.9 - 1e-4 and torch.unique(weight[weight != 0]).numel() <= 16
+
+
+def test_lc_preset_with_overrides(tmp_path):
+    output = run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'lc.yaml'}",
+        "--trainer.callbacks.lc_steps=4", "--trainer.callbacks.first_l_steps=10", "--trainer.callbacks.sparsity=0.9",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "LearningCompression (prune): per layer" in output
+    assert checkpoint_sparsity(tmp_path) == pytest.approx(0.9, abs=1e-4)

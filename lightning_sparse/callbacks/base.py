@@ -56,10 +56,10 @@ def as_sparsity(value: float | Mapping[str, float]) -> float | dict[str, float]:
     return {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else float(value)
 
 
-def check_steps(name: str, value: Any) -> None:
-    """A number of optimizer steps between updates: an int >= 1."""
+def check_steps(name: str, value: Any, unit: str = "optimizer steps") -> None:
+    """A count such as the optimizer steps between updates: an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1 (optimizer steps), got {value!r}")
+        raise ValueError(f"`{name}` must be an int >= 1 ({unit}), got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

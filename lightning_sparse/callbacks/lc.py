@@ -1,0 +1,259 @@
+"""Learning-Compression as a Lightning callback: L steps are the user's own training plus a penalty gradient,
+C steps run in closed form at step boundaries (Carreira-Perpiñán 2017; Carreira-Perpiñán & Idelbayev 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from lightning_sparse import report
+from lightning_sparse.callbacks.base import (
+    SparsityCallback,
+    as_sparsity,
+    check_choice,
+    check_sparsity,
+    check_steps,
+)
+from lightning_sparse.core import lc
+from lightning_sparse.core.masks import param_state
+from lightning_sparse.core.targets import per_layer, select_targets
+
+
+class LearningCompression(Callback):
+    """Alternate L steps (training + ``μ/2 ||w - Δ(Θ) - λ/μ||²``) and C steps (``Θ = Π(w - λ/μ)``) inside ``fit``.
+
+    Timeline in optimizer steps: ``first_l_steps`` of plain training (the reference model), then C step 0 (direct
+    compression, λ = 0), then every ``steps_per_l`` steps an L step ends and C step k runs, ``lc_steps`` C steps
+    in all; μ_k = ``mu_init`` · ``mu_multiplier``^k (at most ``mu_max``). The penalty reaches the optimizer as the
+    extra gradient ``μ(w - Δ) - λ`` (after DDP all-reduce and accumulation), so the LightningModule is untouched;
+    optimizer momentum is reset after every C step, as the published code does. From the last C step on, the
+    model holds Δ(Θ): exact sparsity and at most K distinct values per layer.
+
+    Args:
+        compression: ``prune`` (top-κ magnitudes), ``quantize`` (a codebook per layer) or ``prune+quantize``.
+        sparsity: fraction of zeros for pruning, in [0, 1), or ``{glob: sparsity}`` per layer.
+        distribution: pruning allocation, ``global`` (one κ over all layers) or ``uniform``.
+        bits: codebook size K = 2**bits for quantization (1..8), or ``{glob: bits}``; ``codebook_size`` overrides.
+        codebook_size: K directly (>= 2), for sizes that are not powers of two.
+        codebook: ``kmeans`` (warm-started from the previous C step), ``binary`` (±a) or ``ternary`` ({-a, 0, a}).
+        mu_init: μ_0 > 0. mu_multiplier: a >= 1. mu_max: the cap on μ.
+        lc_steps: number of C steps (>= 1).
+        steps_per_l: optimizer steps per L step (default: the steps after ``first_l_steps`` shared evenly).
+        first_l_steps: optimizer steps of plain training before C step 0.
+        include / exclude: glob patterns of parameter names (default: weights of Linear and Conv layers).
+        verbose: print the per-layer table when fitting ends.
+    """
+
+    def __init__(
+        self,
+        compression: str = "prune",
+        sparsity: float | dict[str, float] = 0.9,
+        distribution: str = "global",
+        bits: int | dict[str, int] = 2,
+        codebook_size: int | None = None,
+        codebook: str = "kmeans",
+        mu_init: float = 1e-3,
+        mu_multiplier: float = 1.1,
+        mu_max: float = 1e4,
+        lc_steps: int = 20,
+        steps_per_l: int | None = None,
+        first_l_steps: int = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        check_choice("compression", compression, lc.COMPRESSIONS)
+        check_sparsity("sparsity", sparsity)
+        check_choice("distribution", distribution, ("global", "uniform"))
+        check_choice("codebook", codebook, lc.CODEBOOKS)
+        for name, value in (bits.items() if isinstance(bits, Mapping) else [("bits", bits)]):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+                raise ValueError(f"`{'bits' if name == 'bits' else f'bits[{name!r}]'}` must be an int in 1..8, got {value!r}")
+        if codebook_size is not None and (isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2):
+            raise ValueError(f"`codebook_size` must be an int >= 2, got {codebook_size!r}")
+        for name, value, low in (("mu_init", mu_init, 0.0), ("mu_max", mu_max, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
+        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or mu_multiplier < 1:
+            raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}")
+        check_steps("lc_steps", lc_steps, unit="C steps")
+        if steps_per_l is not None:
+            check_steps("steps_per_l", steps_per_l)
+        if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
+            raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
+        self.compression, self.distribution, self.codebook = compression, distribution, codebook
+        self.sparsity = as_sparsity(sparsity)
+        self.bits = dict(bits) if isinstance(bits, Mapping) else bits
+        self.codebook_size = codebook_size
+        self.mu_init, self.mu_multiplier, self.mu_max = float(mu_init), float(mu_multiplier), float(mu_max)
+        self.lc_steps, self.steps_per_l, self.first_l_steps = lc_steps, steps_per_l, first_l_steps
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.verbose = verbose
+        self.params: dict[str, nn.Parameter] = {}
+        self.delta: dict[str, Tensor] = {}  # Δ(Θ) of the last C step
+        self.lam: dict[str, Tensor] = {}  # Lagrange multipliers λ
+        self.codebooks: dict[str, Tensor] = {}
+        self.c_steps_done = 0
+        self._every: int | None = None  # resolved steps_per_l
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(compression=self.compression, include=self.include, exclude=self.exclude)
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        targets = select_targets(pl_module, self.include, self.exclude)
+        names = list(targets)
+        if isinstance(self.sparsity, dict) and "prune" in self.compression:
+            names = list(per_layer("sparsity", self.sparsity, names))
+        if isinstance(self.bits, dict) and "quantize" in self.compression:
+            names = [n for n in per_layer("bits", self.bits, names)]
+        self.params = {name: targets[name] for name in names}
+        self.delta, self.lam, self.codebooks, self.c_steps_done, self._every = {}, {}, {}, 0, None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, SparsityCallback) and callback.masks is not None:
+                both = sorted(set(self.params) & set(callback.masks))
+                if both:
+                    raise ValueError(
+                        f"LearningCompression and {type(callback).__name__} both compress {both}: give them disjoint "
+                        f"layers (`include`/`exclude`), L-C C steps and another callback's masks would fight"
+                    )
+        total = trainer.estimated_stepping_batches
+        if self._every is None:
+            after = total - self.first_l_steps
+            self._every = self.steps_per_l or max(1, int(after // max(self.lc_steps - 1, 1)) if after > 0 else 1)
+        needed = self.first_l_steps + (self.lc_steps - 1) * self._every
+        if needed > total:
+            raise ValueError(
+                f"`steps_per_l`={self._every} with `lc_steps`={self.lc_steps} and `first_l_steps`={self.first_l_steps} "
+                f"needs {needed} optimizer steps, but the run has {int(total)}: lower `steps_per_l` or `lc_steps`"
+            )
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self.delta:
+            return
+        mu = self.mu
+        with torch.no_grad():
+            for name, param in self.params.items():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.add_(lc.penalty_gradient(param, self.delta[name], self.lam[name], mu))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.c_steps_done < self.lc_steps and trainer.global_step == self.first_l_steps + self.c_steps_done * self._every:
+            self._c_step(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.delta:
+            self._hold_compressed()
+            if self.verbose:
+                self._print_table()
+
+    # ----------------------------------------------------------------- what
+    @property
+    def mu(self) -> float:
+        """μ of the current L step: μ_k after C step k."""
+        return lc.mu_at(max(self.c_steps_done - 1, 0), self.mu_init, self.mu_multiplier, self.mu_max)
+
+    @torch.no_grad()
+    def _c_step(self, trainer: pl.Trainer) -> None:
+        first = not self.delta
+        mu = self.mu
+        shifted = {n: p.detach() - (0 if first else self.lam[n] / mu) for n, p in self.params.items()}  # w - λ/μ
+        self.delta = self.project(shifted)
+        if first:
+            self.lam = {name: torch.zeros_like(param) for name, param in self.params.items()}
+        else:
+            for name, param in self.params.items():
+                lc.update_multiplier(self.lam[name], param, self.delta[name], mu)
+        for optimizer in trainer.optimizers:  # momentum reset, as the reference L-C code does after each C step
+            for param in self.params.values():
+                for value in param_state(optimizer.state, param):
+                    value.zero_()
+        self.c_steps_done += 1
+        if self.c_steps_done == self.lc_steps:
+            self._hold_compressed()
+        self._log(trainer, mu)
+
+    def project(self, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Π: the closed-form C step for this callback's compression, applied to ``targets``."""
+        delta = dict(targets)
+        if "prune" in self.compression:
+            sparsity = self.sparsity
+            if isinstance(sparsity, dict):
+                sparsity = per_layer("sparsity", sparsity, list(targets))
+            delta = lc.prune_c_step(delta, sparsity, self.distribution)
+        if "quantize" in self.compression:
+            layer_bits = per_layer("bits", self.bits, list(targets))
+            for name, target in delta.items():
+                if self.codebook == "binary":
+                    delta[name], self.codebooks[name] = lc.binary_c_step(target)
+                elif self.codebook == "ternary":
+                    delta[name], self.codebooks[name] = lc.ternary_c_step(target)
+                else:
+                    k = self.codebook_size or 2 ** layer_bits[name]
+                    delta[name], self.codebooks[name] = lc.kmeans_c_step(
+                        target, k, self.codebooks.get(name), skip_zeros=self.compression == "prune+quantize"
+                    )
+        return {name: t.clone() for name, t in delta.items()}
+
+    @torch.no_grad()
+    def _hold_compressed(self) -> None:
+        for name, param in self.params.items():
+            param.copy_(self.delta[name])
+
+    def distances(self) -> dict[str, float]:
+        """``||w - Δ(Θ)||`` per layer."""
+        return {name: float((param.detach() - self.delta[name]).norm()) for name, param in self.params.items()}
+
+    def _log(self, trainer: pl.Trainer, mu: float) -> None:
+        distances = self.distances()
+        metrics = {"lc/mu": mu, "lc/c_step": float(self.c_steps_done), "lc/distance": sum(d * d for d in distances.values()) ** 0.5}
+        metrics.update({f"lc/distance/{name}": d for name, d in distances.items()})
+        zeros = {name: int((d == 0).sum()) for name, d in self.delta.items()}
+        total = sum(d.numel() for d in self.delta.values())
+        metrics["sparsity/global"] = sum(zeros.values()) / total
+        metrics.update({f"sparsity/{name}": zeros[name] / self.delta[name].numel() for name in zeros})
+        metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in self.delta.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @rank_zero_only
+    def _print_table(self) -> None:
+        stats = report.stats_from_tensors({name: param.detach() for name, param in self.params.items()})
+        report.print_table(report.sparsity_table(stats, title=f"LearningCompression ({self.compression}): per layer"))
+
+    # ----------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "c_steps_done": self.c_steps_done,
+            "every": self._every,
+            "delta": {name: t.cpu().clone() for name, t in self.delta.items()},
+            "lambda": {name: t.cpu().clone() for name, t in self.lam.items()},
+            "codebooks": {name: t.cpu().clone() for name, t in self.codebooks.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("delta", "lambda"):
+            for name, tensor in state_dict.get(key, {}).items():
+                if name not in self.params or tuple(tensor.shape) != tuple(self.params[name].shape):
+                    raise ValueError(
+                        f"Checkpoint L-C state {key!r} for {name!r} has shape {tuple(tensor.shape)}, which does not fit "
+                        f"the model (compressed here: {list(self.params)})"
+                    )
+        device = {name: param.device for name, param in self.params.items()}
+        self.c_steps_done, self._every = state_dict["c_steps_done"], state_dict["every"]
+        self.delta = {n: t.to(device[n]) for n, t in state_dict["delta"].items()}
+        self.lam = {n: t.to(device[n]) for n, t in state_dict["lambda"].items()}
+        self.codebooks = {n: t.to(device[n]) for n, t in state_dict["codebooks"].items()}

@@ -1,0 +1,162 @@
+"""Learning-Compression: closed-form C steps, the penalty gradient, and the callback inside real Trainer.fit runs."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from conftest import StopAfterEpoch, digits_model, make_trainer
+from lightning_sparse import GradualMagnitudePruning, LearningCompression
+from lightning_sparse.core import lc
+from lightning_sparse.core.allocation import round_half_up
+from lightning_sparse.data import DigitsDataModule
+
+LAYERS = ("net.1.weight", "net.3.weight", "net.5.weight")
+
+
+# ----------------------------------------------------------------------------- closed forms
+def test_prune_c_step_keeps_exactly_the_top_kappa():
+    w = {"a": torch.tensor([0.5, -3.0, 0.1, 2.0]), "b": torch.tensor([[-0.2, 4.0], [1.0, 0.05]])}
+    glob = lc.prune_c_step(w, 0.5, "global")  # 8 weights, keep the 4 largest |w|: -3, 2, 4, 1
+    assert glob["a"].tolist() == [0.0, -3.0, 0.0, 2.0] and glob["b"].tolist() == [[0.0, 4.0], [1.0, 0.0]]
+    uniform = lc.prune_c_step(w, 0.75, "uniform")  # one survivor per layer
+    assert uniform["a"].tolist() == [0.0, -3.0, 0.0, 0.0] and uniform["b"].tolist() == [[0.0, 4.0], [0.0, 0.0]]
+
+
+def test_kmeans_c_step_is_optimal_on_a_hand_checkable_case():
+    w = torch.tensor([-1.1, -0.9, -1.0, 2.0, 2.2, 1.8])
+    delta, codebook = lc.kmeans_c_step(w, 2)
+    assert torch.allclose(codebook, torch.tensor([-1.0, 2.0]))
+    assert torch.allclose(delta, torch.tensor([-1.0, -1.0, -1.0, 2.0, 2.0, 2.0]))
+    # no other 2-value assignment has lower squared error: check all 2**6 splits' optimal centroids
+    best = min(
+        sum(((w[[i for i in range(6) if mask >> i & 1 == g]] - w[[i for i in range(6) if mask >> i & 1 == g]].mean()) ** 2).sum()
+            for g in (0, 1) if any(mask >> i & 1 == g for i in range(6)))
+        for mask in range(64)
+    )  # fmt: skip
+    assert float(((w - delta) ** 2).sum()) == pytest.approx(float(best))
+
+
+def test_binary_and_ternary_closed_forms():
+    w = torch.tensor([0.1, -0.2, 3.0, -2.0])
+    delta, codebook = lc.binary_c_step(w)
+    assert torch.allclose(codebook, torch.tensor([-1.325, 1.325])) and torch.allclose(delta, torch.tensor([1.325, -1.325, 1.325, -1.325]))
+    delta, codebook = lc.ternary_c_step(w)  # j = 2 maximises (sum of top-j |w|)^2 / j: 25/2 > 9, 26.6/3
+    assert torch.allclose(delta, torch.tensor([0.0, 0.0, 2.5, -2.5])) and torch.allclose(codebook, torch.tensor([-2.5, 0.0, 2.5]))
+
+
+def test_penalty_gradient_and_multiplier_update():
+    w, delta, lam = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.0]), torch.tensor([0.1, -0.3])
+    assert torch.allclose(lc.penalty_gradient(w, delta, lam, 2.0), torch.tensor([2.0 * 0.5 - 0.1, 2.0 * -2.0 + 0.3]))
+    lc.update_multiplier(lam, w, delta, 2.0)
+    assert torch.allclose(lam, torch.tensor([0.1 - 1.0, -0.3 + 4.0]))
+    assert lc.mu_at(3, 1e-3, 1.1, 1.0) == pytest.approx(1e-3 * 1.1**3) and lc.mu_at(200, 1e-3, 1.1, 1.0) == 1.0
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mu_init": 0.0}, r"`mu_init` must be a number > 0, got 0.0"),
+        ({"mu_multiplier": 0.9}, r"`mu_multiplier` must be a number >= 1, got 0.9"),
+        ({"lc_steps": 0}, r"`lc_steps` must be an int >= 1 \(C steps\), got 0"),
+        ({"steps_per_l": 0}, r"`steps_per_l` must be an int >= 1"),
+        ({"codebook_size": 1}, r"`codebook_size` must be an int >= 2, got 1"),
+        ({"bits": 0}, r"`bits` must be an int in 1..8, got 0"),
+        ({"compression": "distill"}, r"`compression` must be one of \('prune', 'quantize', 'prune\+quantize'\)"),
+        ({"codebook": "quaternary"}, r"`codebook` must be one of \('kmeans', 'binary', 'ternary'\)"),
+        ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\)"),
+        ({"first_l_steps": -1}, r"`first_l_steps` must be an int >= 0"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LearningCompression(**kwargs)
+
+
+def test_steps_per_l_longer_than_the_run_is_refused(tmp_path, digits):
+    callback = LearningCompression(lc_steps=5, steps_per_l=30)  # needs 120 steps, the run has 80
+    with pytest.raises(ValueError, match=r"`steps_per_l`=30 with `lc_steps`=5 and `first_l_steps`=0 needs 120 optimizer steps, but the run has 80"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+def test_another_pruning_callback_on_the_same_layers_is_refused(tmp_path, digits):
+    callbacks = [LearningCompression(exclude=["net.5.*"]), GradualMagnitudePruning(include=["net.3.weight", "net.5.weight"])]
+    with pytest.raises(ValueError, match=r"LearningCompression and GradualMagnitudePruning both compress \['net.3.weight'\]"):
+        make_trainer(tmp_path, callbacks).fit(digits_model(), digits)
+
+
+# ----------------------------------------------------------------------------- inside Trainer.fit
+class PenaltyProbe(pl.Callback):
+    """Listed after L-C: compares the gradient before and after L-C's hook with μ(w - Δ) - λ."""
+
+    def __init__(self, callback: LearningCompression) -> None:
+        self.callback, self.raw, self.checked = callback, {}, 0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.raw = {n: p.grad.detach().clone() for n, p in self.callback.params.items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        cb = self.callback
+        if cb.delta:
+            for name, param in cb.params.items():
+                expected = self.raw[name] + cb.mu * (param.detach() - cb.delta[name]) - cb.lam[name]
+                assert torch.allclose(param.grad, expected, atol=1e-7, rtol=1e-5), name
+            self.checked += 1
+
+
+def _lc_log(log_dir: Path) -> list[dict[str, float]]:
+    with open(log_dir / "metrics.csv") as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("lc/mu")]
+
+
+def test_lc_pruning_ends_feasible_with_the_penalty_applied_every_l_step(tmp_path, digits):
+    callback = LearningCompression(sparsity=0.9, lc_steps=6, steps_per_l=12, first_l_steps=10, mu_init=5e-2, mu_multiplier=2.0)
+    probe = PenaltyProbe(callback)
+    logger = CSVLogger(tmp_path)
+    model = digits_model()
+    make_trainer(tmp_path, [callback, probe], logger=logger).fit(model, digits)
+    assert probe.checked == 80 - 10  # every optimizer step after C step 0
+    total = sum(model.get_parameter(n).numel() for n in LAYERS)
+    assert sum(int((model.get_parameter(n) == 0).sum()) for n in LAYERS) == round_half_up(0.9 * total)  # feasible
+    rows = _lc_log(Path(logger.log_dir))
+    assert [int(r["lc/c_step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lc/mu"] for r in rows] == pytest.approx([5e-2 * 2.0**k for k in (0, 0, 1, 2, 3, 4)])
+    assert rows[-1]["lc/distance"] < rows[1]["lc/distance"]  # the L steps pull w towards Δ(Θ) as μ grows
+    accuracy = make_trainer(tmp_path, []).test(model, digits, verbose=False)[0]["test_acc"]
+    assert accuracy > 0.6  # a sanity bound: 4 short epochs on 8x8 digits (chance is 0.1)
+
+
+@pytest.mark.parametrize(("compression", "codebook", "distinct"), [("quantize", "kmeans", 2), ("quantize", "ternary", 3), ("prune+quantize", "kmeans", 5)])
+def test_lc_quantization_ends_with_k_values_per_layer(tmp_path, digits, compression, codebook, distinct):
+    callback = LearningCompression(compression=compression, bits=1 if distinct == 2 else 2, codebook=codebook, sparsity=0.8,
+                                   lc_steps=5, first_l_steps=20, mu_init=1e-2, mu_multiplier=1.5)  # fmt: skip
+    model = digits_model()
+    make_trainer(tmp_path, [callback]).fit(model, digits)
+    for name in LAYERS:
+        values = torch.unique(model.get_parameter(name).detach())
+        assert values.numel() <= distinct, name  # K codes (+ the zero of pruning)
+        if compression == "prune+quantize":
+            assert (model.get_parameter(name) == 0).float().mean().item() >= 0.8 - 1e-3 or name != "net.3.weight"
+
+
+def test_lc_resumes_bit_identically(tmp_path):
+    def run(root, stop=None, ckpt=None):
+        pl.seed_everything(4)
+        model = digits_model(optimizer="adam", lr=2e-3)
+        callback = LearningCompression(compression="prune+quantize", sparsity=0.8, bits=2, lc_steps=6, steps_per_l=11,
+                                       first_l_steps=8, mu_init=1e-2)  # fmt: skip
+        callbacks = [callback] + ([StopAfterEpoch(stop, root / "cut.ckpt")] if stop is not None else [])
+        make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
+        return model, callback
+
+    full, full_cb = run(tmp_path / "full")
+    _, cut_cb = run(tmp_path / "cut", stop=1)
+    assert 0 < cut_cb.c_steps_done < 6
+    resumed, resumed_cb = run(tmp_path / "resumed", ckpt=tmp_path / "cut" / "cut.ckpt")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(full_cb.lam[n], resumed_cb.lam[n]) for n in LAYERS)
