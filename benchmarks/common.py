@@ -17,6 +17,7 @@ from rich.table import Table
 
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.data import DigitsDataModule, MNISTDataModule
+from lightning_sparse.export import save_compressed
 from lightning_sparse.models import Classifier
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,9 +65,17 @@ def lenet300_parser(doc: str, weight_decay: float = 0.0) -> argparse.ArgumentPar
 
 
 def lenet300_test_error(
-    callbacks: list[pl.Callback], dm: pl.LightningDataModule, epochs: int, seed: int, lr: float, weight_decay: float = 0.0
+    callbacks: list[pl.Callback],
+    dm: pl.LightningDataModule,
+    epochs: int,
+    seed: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    export: Path | None = None,
 ) -> dict[str, Any]:
     """Train LeNet-300-100 from ``seed`` (SGD momentum 0.9, ``lr`` cosine to 0) and test the final model once.
+
+    With ``export``, the model is also written there with ``save_compressed`` and its size ratio is returned.
 
     Returns the test error (%), the measured weight sparsity (exact zeros of the Linear weights) and wall seconds.
     """
@@ -79,11 +88,14 @@ def lenet300_test_error(
     accuracy = fitter.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
     params = dict(model.named_parameters())
     weights = [params[name].detach() for name in prunable_names(model)]
-    return {
+    result = {
         "measured_sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),
         "test_error_pct": 100.0 * (1.0 - accuracy),
         "wall_s": time.perf_counter() - started,
     }
+    if export is not None:
+        result["export_ratio"] = save_compressed(model, export, verbose=False).ratio
+    return result
 
 
 def emit(name: str, table: Table, payload: dict[str, Any]) -> Path:
