@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_sparse import export, report, wandb_mode
-from lightning_sparse.callbacks.base import SparsityCallback
+from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
 from lightning_sparse.core.targets import prunable_names
 
 DESCRIPTION = (
@@ -25,6 +25,10 @@ DESCRIPTION = (
     "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint) and "
     "`export CKPT OUT` (the checkpoint's weights as one compressed file)."
 )
+
+
+#: Callbacks that compress the model: the dense baseline of ``--compare_dense`` runs without them.
+COMPRESSION_CALLBACKS = (SparsityCallback, QuantizationAwareTraining, LearningCompression)
 
 
 def _class_of(callback_config: Any) -> type | None:
@@ -38,7 +42,7 @@ def _class_of(callback_config: Any) -> type | None:
 def _is_dropped_for_baseline(callback_config: Any) -> bool:
     """Compression callbacks and checkpointing are left out of the dense baseline run."""
     cls = _class_of(callback_config)
-    return isinstance(cls, type) and issubclass(cls, (SparsityCallback, ModelCheckpoint))
+    return isinstance(cls, type) and issubclass(cls, (*COMPRESSION_CALLBACKS, ModelCheckpoint))
 
 
 class SparseCLI(LightningCLI):
@@ -90,7 +94,13 @@ class SparseCLI(LightningCLI):
         _print_comparison(dense, sparse)
 
     def _sparsified_names(self) -> list[str]:
-        return [n for cb in self.trainer.callbacks if isinstance(cb, SparsityCallback) and cb.masks for n in cb.masks]
+        names: list[str] = []
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SparsityCallback) and callback.masks:
+                names += [n for n in callback.masks if n not in names]
+            elif isinstance(callback, LearningCompression):
+                names += [n for n in callback.params if n not in names]
+        return names
 
 
 def _global_sparsity(model: Any, names: list[str] | None = None) -> float:

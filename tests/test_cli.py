@@ -149,3 +149,18 @@ def test_lc_preset_with_overrides(tmp_path):
     )  # fmt: skip
     assert "LearningCompression (prune): per layer" in output
     assert checkpoint_sparsity(tmp_path) == pytest.approx(0.9, abs=1e-4)
+
+
+def test_dense_baseline_drops_every_compression_callback(tmp_path):
+    output = run_cli(
+        "fit", *DIGITS, "--compare_dense=true", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_sparse.LearningCompression", "--trainer.callbacks.lc_steps=3",
+        "--trainer.callbacks.first_l_steps=10", "--trainer.callbacks.sparsity=0.8",
+        "--trainer.callbacks.exclude=[net.5.weight]",
+        "--trainer.callbacks+=lightning_sparse.QuantizationAwareTraining", "--trainer.callbacks.bits=4",
+        "--trainer.callbacks.include=[net.5.weight]",
+        cwd=tmp_path,
+    )  # fmt: skip
+    table = output.split("dense baseline vs compressed")[1]
+    sparsity_row = next(line for line in table.splitlines() if "sparsity" in line)
+    assert "0.0000" in sparsity_row and "0.8000" in sparsity_row  # dense trained without L-C (and without QAT)
