@@ -29,6 +29,7 @@ bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.accuracy
 	$(BIN)/python -m benchmarks.sparse_training
 	$(BIN)/python -m benchmarks.compression
+	$(BIN)/python -m benchmarks.lc
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache
