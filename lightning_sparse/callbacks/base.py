@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_sparse import report
 from lightning_sparse.core.masks import MaskSet
-from lightning_sparse.core.targets import per_layer, select_targets
+from lightning_sparse.core.targets import each_setting, per_layer, select_targets
 
 
 #: Optimizers whose whole per-weight state is tensors shaped like the weight, fresh at zero: zeroing them is a reset,
@@ -45,8 +45,8 @@ def check_sparsity(name: str, value: Any) -> None:
     if isinstance(value, Mapping):
         if not value:
             raise ValueError(f"`{name}` as a per-layer mapping must name at least one layer glob")
-        for pattern, each in value.items():
-            check_sparsity(f"{name}[{pattern!r}]", each)
+        for label, each in each_setting(name, value):
+            check_sparsity(label, each)
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")

@@ -22,7 +22,8 @@ from lightning_sparse.callbacks.base import (
 )
 from lightning_sparse.core import lc
 from lightning_sparse.core.masks import param_state
-from lightning_sparse.core.targets import per_layer, select_targets
+from lightning_sparse.core.quantize import check_bits
+from lightning_sparse.core.targets import each_setting, per_layer, select_targets
 
 
 class LearningCompression(Callback):
@@ -72,9 +73,8 @@ class LearningCompression(Callback):
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, ("global", "uniform"))
         check_choice("codebook", codebook, lc.CODEBOOKS)
-        for name, value in (bits.items() if isinstance(bits, Mapping) else [("bits", bits)]):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-                raise ValueError(f"`{'bits' if name == 'bits' else f'bits[{name!r}]'}` must be an int in 1..8, got {value!r}")
+        for label, value in each_setting("bits", bits):
+            check_bits(label, value, low=1)
         if codebook_size is not None and (isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2):
             raise ValueError(f"`codebook_size` must be an int >= 2, got {codebook_size!r}")
         for name, value, low in (("mu_init", mu_init, 0.0), ("mu_max", mu_max, 0.0)):
@@ -102,6 +102,8 @@ class LearningCompression(Callback):
         self.codebooks: dict[str, Tensor] = {}
         self.c_steps_done = 0
         self._every: int | None = None  # resolved steps_per_l
+        self._layer_sparsity: float | dict[str, float] = self.sparsity  # resolved per parameter in setup
+        self._layer_k: dict[str, int] = {}  # codebook size per parameter
 
     @property
     def state_key(self) -> str:
@@ -118,6 +120,10 @@ class LearningCompression(Callback):
         if isinstance(self.bits, dict) and "quantize" in self.compression:
             names = [n for n in per_layer("bits", self.bits, names)]
         self.params = {name: targets[name] for name in names}
+        self._layer_sparsity = per_layer("sparsity", self.sparsity, names) if isinstance(self.sparsity, dict) else self.sparsity
+        if "quantize" in self.compression:
+            layer_bits = per_layer("bits", self.bits, names)
+            self._layer_k = {name: self.codebook_size or 2**bits for name, bits in layer_bits.items()}
         self.delta, self.lam, self.codebooks, self.c_steps_done, self._every = {}, {}, {}, 0, None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -188,25 +194,8 @@ class LearningCompression(Callback):
 
     def project(self, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Π: the closed-form C step for this callback's compression, applied to ``targets``."""
-        delta = dict(targets)
-        if "prune" in self.compression:
-            sparsity = self.sparsity
-            if isinstance(sparsity, dict):
-                sparsity = per_layer("sparsity", sparsity, list(targets))
-            delta = lc.prune_c_step(delta, sparsity, self.distribution)
-        if "quantize" in self.compression:
-            layer_bits = per_layer("bits", self.bits, list(targets))
-            for name, target in delta.items():
-                if self.codebook == "binary":
-                    delta[name], self.codebooks[name] = lc.binary_c_step(target)
-                elif self.codebook == "ternary":
-                    delta[name], self.codebooks[name] = lc.ternary_c_step(target)
-                else:
-                    k = self.codebook_size or 2 ** layer_bits[name]
-                    delta[name], self.codebooks[name] = lc.kmeans_c_step(
-                        target, k, self.codebooks.get(name), skip_zeros=self.compression == "prune+quantize"
-                    )
-        return {name: t.clone() for name, t in delta.items()}
+        return lc.project(targets, self.compression, self._layer_sparsity, self.distribution, self._layer_k,
+                          self.codebook, self.codebooks)  # fmt: skip
 
     @torch.no_grad()
     def _hold_compressed(self) -> None:

@@ -24,6 +24,7 @@ from lightning_sparse.callbacks.base import (
     SparsityCallback,
     check_choice,
     check_fraction_or_step,
+    check_sparsity,
     check_steps,
     resolve_step,
 )
@@ -36,7 +37,7 @@ from lightning_sparse.core.quantize import (
     uniform_quantize,
     zero_smallest,
 )
-from lightning_sparse.core.targets import per_layer, select_targets
+from lightning_sparse.core.targets import each_setting, per_layer, select_targets
 
 
 class QuantizationAwareTraining(Callback):
@@ -73,17 +74,16 @@ class QuantizationAwareTraining(Callback):
         prune: float | dict[str, float] = 0.0,
         verbose: bool = True,
     ) -> None:
-        for name, value in (bits.items() if isinstance(bits, Mapping) else [("bits", bits)]):
-            check_bits("bits" if name == "bits" else f"bits[{name!r}]", value)
+        for label, value in each_setting("bits", bits):
+            check_bits(label, value)
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("method", method, METHODS)
         check_fraction_or_step("start", start)
         if activations is not None:
             check_bits("activations", activations)
         check_steps("codebook_frequency", codebook_frequency)
-        for name, value in (prune.items() if isinstance(prune, Mapping) else [("prune", prune)]):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`{'prune' if name == 'prune' else f'prune[{name!r}]'}` must be a number in [0, 1), got {value!r}")
+        for label, value in each_setting("prune", prune):
+            check_sparsity(label, value)
         self.bits = dict(bits) if isinstance(bits, Mapping) else bits
         self.granularity, self.symmetric, self.method = granularity, symmetric, method
         self.start, self.activations = start, activations

@@ -19,15 +19,8 @@ from lightning_sparse.callbacks.base import (
     resolve_step,
 )
 from lightning_sparse.core.allocation import zero_counts
-from lightning_sparse.core.dynamic import (
-    cosine_fraction,
-    drop_and_grow,
-    is_dynamic_update_step,
-    random_masks,
-    random_scores,
-    seeded_generator,
-)
-from lightning_sparse.core.masks import pack, reset_state_, unpack
+from lightning_sparse.core.dynamic import cosine_fraction, is_dynamic_update_step, move_connections, random_masks
+from lightning_sparse.core.masks import pack, unpack
 from lightning_sparse.core.pruning import prune_by_magnitude
 
 GROWTH = ("gradient", "random")
@@ -144,21 +137,8 @@ class RigL(SparsityCallback):
         if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):
             return False
         fraction = cosine_fraction(step, self._start_step, self._end_step, self.alpha)
-        self._moved = {}
-        for index, name in enumerate(self.masks):
-            param, old = self.masks.params[name], self.masks.mask(name)
-            if self.grow == "gradient":
-                scores = param.grad.abs() if param.grad is not None else torch.zeros_like(param)
-            else:
-                scores = random_scores(param, seeded_generator(self.seed, step, index))
-            new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))
-            grown = new & ~old
-            self.masks.set(name, new)
-            with torch.no_grad():
-                param.masked_fill_(grown, 0)  # already 0 while inactive; stated, not assumed
-            for optimizer in trainer.optimizers:
-                reset_state_(optimizer.state, param, grown)
-            self._moved[name] = int(grown.sum())
+        states = [optimizer.state for optimizer in trainer.optimizers]
+        self._moved = move_connections(self.masks, fraction, self.grow, states, self.seed, step)
         return True
 
     def _record_initial(self) -> None:

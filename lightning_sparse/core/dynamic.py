@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
-from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.masks import MaskSet, reset_state_
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -61,3 +61,35 @@ def drop_and_grow(weight: Tensor, mask: Tensor, grow_scores: Tensor, n_move: int
     kept = top_k_mask(magnitude(weight, mask), n_active - n_move)
     grow = grow_scores.detach().float().masked_fill(kept, -math.inf)
     return kept | top_k_mask(grow, n_move)
+
+
+@torch.no_grad()
+def move_connections(
+    masks: MaskSet,
+    fraction: float,
+    grow: str,
+    states: list[Mapping[Tensor, Mapping[str, object]]],
+    seed: int = 0,
+    step: int = 0,
+) -> dict[str, int]:
+    """One RigL/SET update of every layer: move ``fraction`` of its active weights; returns the count grown.
+
+    ``grow="gradient"`` ranks inactive weights by the dense ``|grad|`` held in ``.grad``; ``"random"`` by
+    scores seeded from ``(seed, step, layer)``. Grown weights are set to +0.0 and their per-weight state in each
+    of ``states`` (``optimizer.state``) is zeroed.
+    """
+    moved = {}
+    for index, name in enumerate(masks):
+        param, old = masks.params[name], masks.mask(name)
+        if grow == "gradient":
+            scores = param.grad.abs() if param.grad is not None else torch.zeros_like(param)
+        else:
+            scores = random_scores(param, seeded_generator(seed, step, index))
+        new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))
+        grown = new & ~old
+        masks.set(name, new)
+        param.masked_fill_(grown, 0)  # already 0 while inactive; stated, not assumed
+        for state in states:
+            reset_state_(state, param, grown)
+        moved[name] = int(grown.sum())
+    return moved

@@ -67,6 +67,34 @@ def kmeans_c_step(target: Tensor, k: int, init: Tensor | None = None, skip_zeros
     return delta, codebook
 
 
+def project(
+    targets: Mapping[str, Tensor],
+    compression: str,
+    sparsity: float | Mapping[str, float] = 0.0,
+    distribution: str = "global",
+    codebook_sizes: Mapping[str, int] | None = None,
+    codebook: str = "kmeans",
+    codebooks: dict[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Π, the closed-form C step: prune (top-κ), quantize (``codebook`` per layer), or prune then quantize the kept
+    weights. ``codebooks`` warm-starts k-means and receives every layer's new codebook."""
+    codebooks = {} if codebooks is None else codebooks
+    delta = dict(targets)
+    if "prune" in compression:
+        delta = prune_c_step(delta, sparsity, distribution)
+    if "quantize" in compression:
+        for name, target in delta.items():
+            if codebook == "binary":
+                delta[name], codebooks[name] = binary_c_step(target)
+            elif codebook == "ternary":
+                delta[name], codebooks[name] = ternary_c_step(target)
+            else:
+                delta[name], codebooks[name] = kmeans_c_step(
+                    target, codebook_sizes[name], codebooks.get(name), skip_zeros=compression == "prune+quantize"
+                )
+    return {name: t.clone() for name, t in delta.items()}
+
+
 def penalty_gradient(weight: Tensor, delta: Tensor, lam: Tensor, mu: float) -> Tensor:
     """Gradient of ``μ/2 ||w - Δ - λ/μ||²`` with respect to w: ``μ(w - Δ) - λ``."""
     return mu * (weight.detach() - delta) - lam

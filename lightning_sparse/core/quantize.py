@@ -17,10 +17,10 @@ GRANULARITIES = ("per_channel", "per_tensor")
 METHODS = ("uniform", "kmeans")
 
 
-def check_bits(name: str, value: object) -> None:
-    """``bits`` style arguments: an int in 2..8."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        raise ValueError(f"`{name}` must be an int in 2..8, got {value!r}")
+def check_bits(name: str, value: object, low: int = 2) -> None:
+    """``bits`` style arguments: an int in ``low``..8."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 8:
+        raise ValueError(f"`{name}` must be an int in {low}..8, got {value!r}")
 
 
 def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel", symmetric: bool = True) -> Tensor:

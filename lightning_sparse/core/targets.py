@@ -77,3 +77,11 @@ def per_layer(argument: str, value: V | Mapping[str, V], names: Sequence[str]) -
         for name in matched:
             result.setdefault(name, setting)
     return {name: result[name] for name in names if name in result}
+
+
+def each_setting(argument: str, value: V | Mapping[str, V]) -> list[tuple[str, V]]:
+    """``(label, value)`` pairs to validate a per-layer setting: ``argument`` itself, or ``argument['glob']`` for
+    each entry of a mapping, so an error names exactly the entry at fault."""
+    if isinstance(value, Mapping):
+        return [(f"{argument}[{pattern!r}]", each) for pattern, each in value.items()]
+    return [(argument, value)]
