@@ -12,6 +12,7 @@ from typing import Any
 from pytorch_lightning import seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -19,11 +20,13 @@ from rich.table import Table
 from lightning_sparse import export, report, wandb_mode
 from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
 from lightning_sparse.core.targets import prunable_names
+from lightning_sparse.sweep.overrides import set_value, split_arguments
 
 DESCRIPTION = (
     "Sparsify models inside Trainer.fit. Subcommands: fit, validate, test, predict (LightningCLI) and "
     "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint) and "
-    "`export CKPT OUT` (the checkpoint's weights as one compressed file)."
+    "`export CKPT OUT` (the checkpoint's weights as one compressed file) and "
+    "`sweep --config SWEEP.yaml` (Ax search for the most compressed model that meets an accuracy constraint)."
 )
 
 
@@ -39,7 +42,7 @@ def _class_of(callback_config: Any) -> type | None:
     return getattr(import_module(module), name, None)
 
 
-def _is_dropped_for_baseline(callback_config: Any) -> bool:
+def dropped_for_dense_baseline(callback_config: Any) -> bool:
     """Compression callbacks and checkpointing are left out of the dense baseline run."""
     cls = _class_of(callback_config)
     return isinstance(cls, type) and issubclass(cls, (*COMPRESSION_CALLBACKS, ModelCheckpoint))
@@ -62,6 +65,31 @@ class SparseCLI(LightningCLI):
             "(compression callbacks removed) and print both (fit only).",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Also accept ``--trainer.callbacks.0.init_args.sparsity=0.9`` and ``--KEY[glob]=value`` (sweep keys, which
+        jsonargparse cannot parse itself): the rest is parsed first, then these are written in and re-validated."""
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        plain, overrides = split_arguments(sys.argv[1:] if args is None else list(args))
+        if not overrides:
+            self.config = parser.parse_args(plain)
+            return
+        print_config = [arg for arg in plain if arg.startswith("--print_config")]
+        self.config = parser.parse_args([arg for arg in plain if arg not in print_config])
+        subcommand = self.config["subcommand"]
+        values = self.config[subcommand].as_dict()
+        for key, value in overrides:
+            try:
+                set_value(values, key, value)
+            except KeyError as error:
+                parser.error(str(error.args[0]))
+        values.pop("config", None)
+        self.config[subcommand] = self._parser(subcommand).parse_object(values)
+        if print_config:
+            print(self._parser(subcommand).dump(self.config[subcommand], skip_none=False), end="")
+            sys.exit(0)
+
     def after_fit(self) -> None:
         wandb_mode.announce_runs(self.trainer.loggers)
         checkpoint = self.trainer.checkpoint_callback
@@ -74,7 +102,7 @@ class SparseCLI(LightningCLI):
         sparse = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)[0]
         config = copy.deepcopy(self.config)
         trainer_config = config[self.subcommand]["trainer"]
-        trainer_config["callbacks"] = [c for c in trainer_config.get("callbacks") or [] if not _is_dropped_for_baseline(c)]
+        trainer_config["callbacks"] = [c for c in trainer_config.get("callbacks") or [] if not dropped_for_dense_baseline(c)]
         trainer_config["logger"] = False
         trainer_config["enable_checkpointing"] = False
         trainer_config["enable_model_summary"] = False
@@ -149,9 +177,48 @@ def export_main(args: list[str]) -> None:
     export.save_compressed(parsed.checkpoint, parsed.output, verbose=True)
 
 
+def sweep_main(args: list[str]) -> None:
+    """``lightning-sparse sweep --config SWEEP.yaml [--max-trials N] [--parallel N] [--output DIR] [--resume]``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-sparse sweep",
+        description="Search compression settings with Ax (Sobol, then BoTorch): every trial is a `lightning-sparse fit` "
+        "run; finds the best objective (default: smallest compressed export) that meets the constraints "
+        "(default: val_acc >= baseline - 0.005, the baseline from a dense run).",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="the sweep file (see examples/sweep_digits.yaml)")
+    parser.add_argument("--max-trials", type=int, metavar="N", help="trials in all, resumed ones included (default: the file's, else 10)")
+    parser.add_argument("--parallel", type=int, metavar="N", help="trials at once (default: the file's, else 1)")
+    parser.add_argument("--output", metavar="DIR", help="results folder (default: sweeps/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep saved in the output folder")
+    parser.add_argument("--launcher", choices=("local", "ray"), default="local", help="where trials run (default: local)")
+    parser.add_argument("--export-wandb", metavar="FILE", help="only write a W&B sweep config for agents, run nothing")
+    parsed = parser.parse_args(args)
+    for name in ("max_trials", "parallel"):
+        if getattr(parsed, name) is not None and getattr(parsed, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(parsed, name)}")
+    from lightning_sparse.sweep.config import load_sweep
+
+    try:
+        sweep = load_sweep(parsed.config)
+        if parsed.export_wandb:
+            from lightning_sparse.sweep.wandb_sweep import export_wandb_sweep
+
+            print(f"W&B sweep config written to {export_wandb_sweep(sweep, parsed.export_wandb)}")
+            return
+        from lightning_sparse.sweep.runner import run_sweep
+
+        result = run_sweep(sweep, max_trials=parsed.max_trials, parallel=parsed.parallel, output=parsed.output,
+                           resume=parsed.resume, launcher=parsed.launcher)  # fmt: skip
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        parser.exit(2, f"lightning-sparse sweep: error: {error}\n")
+    if result.best is None:
+        sys.exit(1)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-sparse`` command."""
-    args = sys.argv[1:] if args is None else list(args)
+    command_line = args is None
+    args = sys.argv[1:] if command_line else list(args)
     wandb_mode.default_to_offline()
     if args and args[0] == "report":
         report_main(args[1:])
@@ -159,7 +226,11 @@ def main(args: list[str] | None = None) -> None:
     if args and args[0] == "export":
         export_main(args[1:])
         return
-    SparseCLI(model_class=None, datamodule_class=None, args=args, save_config_kwargs={"overwrite": True})
+    if args and args[0] == "sweep":
+        sweep_main(args[1:])
+        return
+    cli_args = None if command_line else args  # LightningCLI warns when given both sys.argv and args
+    SparseCLI(model_class=None, datamodule_class=None, args=cli_args, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

@@ -51,3 +51,16 @@ def wandb_history(run_dir: str | Path) -> list[dict]:
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+def wandb_run(run_dir: str | Path) -> dict:
+    """The run record of an offline run: its name, group, job type and config."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    for payload in _payloads(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            config = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in run.config.update}
+            return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type, "config": config}
+    raise ValueError(f"no run record in {path}")

@@ -1,0 +1,284 @@
+"""The sweep file: a base ``fit`` config, a search space over its compression settings, an objective and
+outcome constraints. Everything is checked here, before any trial starts."""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+from collections.abc import Mapping
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_sparse.sweep.overrides import Key, get_value, set_value
+
+STRATEGIES = ("bayesian", "random")
+DEFAULT_OBJECTIVE = "-compressed_bytes"
+DEFAULT_CONSTRAINTS = ("val_acc >= baseline - 0.005",)
+_CONSTRAINT = re.compile(r"^\s*(?P<metric>[\w/.\-]+)\s*(?P<op>>=|<=)\s*(?P<bound>.+?)\s*$")
+_BOUND = re.compile(r"^(?:baseline|[0-9.eE+\-*/() ]|\s)+$")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One Ax parameter: its ``name`` (tables, Ax, trials.csv) and the config ``key`` its value is written to."""
+
+    name: str
+    key: str
+    bounds: tuple[float, float] | None = None
+    values: tuple[Any, ...] | None = None
+    kind: str = "float"  # float | int, for ranges
+    log_scale: bool = False
+
+    def bound_values(self) -> tuple[Any, ...]:
+        """The extreme values a trial can get: both bounds of a range, every choice."""
+        return tuple(self.bounds) if self.bounds is not None else tuple(self.values or ())
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric >= bound`` or ``metric <= bound``; ``bound`` may use ``baseline`` (the dense run's value)."""
+
+    metric: str
+    op: str
+    bound: str
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        match = _CONSTRAINT.match(text)
+        if not match or not _BOUND.match(match["bound"]):
+            raise ValueError(
+                f"constraint {text!r} is not `METRIC >= BOUND` or `METRIC <= BOUND`, where BOUND is a number or an "
+                f"expression of `baseline` such as `baseline - 0.005`"
+            )
+        return cls(match["metric"], match["op"], match["bound"])
+
+    @property
+    def uses_baseline(self) -> bool:
+        return "baseline" in self.bound
+
+    def threshold(self, baseline: float | None) -> float:
+        if self.uses_baseline and baseline is None:
+            raise ValueError(f"constraint `{self}` needs the baseline value")
+        return float(eval(self.bound, {"__builtins__": {}}, {"baseline": baseline}))  # checked by _BOUND: arithmetic only
+
+    def holds(self, value: float, baseline: float | None) -> bool:
+        limit = self.threshold(baseline)
+        return value >= limit if self.op == ">=" else value <= limit
+
+    def for_ax(self, baseline: float | None) -> str:
+        return f"{self.metric} {self.op} {self.threshold(baseline):.10g}"
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound}"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective metric and its direction (``-name`` in the sweep file minimises)."""
+
+    metric: str
+    minimize: bool
+
+    @classmethod
+    def parse_all(cls, text: str) -> tuple[Objective, ...]:
+        names = [part.strip() for part in str(text).split(",") if part.strip()]
+        if not names:
+            raise ValueError("`objective` is empty: name a metric, e.g. `-compressed_bytes` (minimise) or `sparsity`")
+        return tuple(cls(name.lstrip("-").strip(), name.startswith("-")) for name in names)
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.minimize else a > b
+
+    def __str__(self) -> str:
+        return ("-" if self.minimize else "") + self.metric
+
+
+@dataclass
+class SweepConfig:
+    """What ``lightning-sparse sweep --config FILE`` reads; see ``examples/sweep_digits.yaml``."""
+
+    name: str
+    fit_config: Path
+    parameters: list[Parameter]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    objective: tuple[Objective, ...] = field(default_factory=lambda: Objective.parse_all(DEFAULT_OBJECTIVE))
+    constraints: tuple[Constraint, ...] = field(default_factory=lambda: tuple(map(Constraint.parse, DEFAULT_CONSTRAINTS)))
+    baseline: float | None = None
+    max_trials: int = 10
+    parallel: int = 1
+    trial_timeout: float = 3600.0
+    initial_trials: int | None = None
+    strategy: str = "bayesian"
+    seed: int = 0
+    project: str = "lightning-sparse"
+
+    @property
+    def metrics(self) -> list[str]:
+        """Every metric Ax sees: objectives first, then constraint metrics."""
+        names = [o.metric for o in self.objective]
+        return names + [c.metric for c in self.constraints if c.metric not in names]
+
+    @property
+    def baseline_metric(self) -> str | None:
+        """The metric a dense run measures for ``baseline`` (the first constraint that uses it)."""
+        return next((c.metric for c in self.constraints if c.uses_baseline), None)
+
+    def base(self) -> dict[str, Any]:
+        """The ``fit`` config with this sweep's fixed ``overrides`` applied (a fresh copy)."""
+        config = yaml.safe_load(self.fit_config.read_text()) or {}
+        for key, value in self.overrides.items():
+            set_value(config, key, copy.deepcopy(value))
+        return config
+
+
+def _number(name: str, value: Any, low: float, integer: bool = False) -> Any:
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and value >= low
+    if not ok:
+        raise ValueError(f"`{name}` must be {'an int' if integer else 'a number'} >= {low}, got {value!r}")
+    return value
+
+
+def _parameters(spec: Any) -> list[Parameter]:
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(
+            "the search space has no parameters: give `parameters:` a mapping such as "
+            "`sparsity: {key: trainer.callbacks.0.init_args.sparsity, bounds: [0.5, 0.995]}`"
+        )
+    parameters = []
+    for name, entry in spec.items():
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"parameter {name!r} must be a mapping with `bounds` or `values` (and `key`), got {entry!r}")
+        unknown = set(entry) - {"key", "bounds", "values", "type", "log_scale"}
+        if unknown:
+            raise ValueError(f"parameter {name!r}: unknown fields {sorted(unknown)} (allowed: key, bounds, values, type, log_scale)")
+        key = str(entry.get("key", name))
+        Key.parse(key)
+        if ("bounds" in entry) == ("values" in entry):
+            raise ValueError(f"parameter {name!r} needs exactly one of `bounds: [low, high]` or `values: [...]`")
+        if "values" in entry:
+            values = entry["values"]
+            if not isinstance(values, list) or len(values) < 2:
+                raise ValueError(f"parameter {name!r}: `values` must be a list of at least 2 choices, got {values!r}")
+            parameters.append(Parameter(str(name), key, values=tuple(values)))
+            continue
+        bounds = entry["bounds"]
+        per_layer = bounds.items() if isinstance(bounds, Mapping) else [(None, bounds)]
+        for glob, pair in per_layer:
+            label = f"{name}[{glob}]" if glob else str(name)
+            parameters.append(_range(label, f"{key}[{glob}]" if glob else key, pair, entry.get("type"), entry.get("log_scale", False)))
+    return parameters
+
+
+def _range(name: str, key: str, pair: Any, kind: Any, log_scale: Any) -> Parameter:
+    numeric = isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+    if not numeric:
+        raise ValueError(f"parameter {name!r}: `bounds` must be [low, high] (numbers) or {{glob: [low, high]}}, got {pair!r}")
+    low, high = pair
+    if not low < high:
+        raise ValueError(f"parameter {name!r}: bounds [{low}, {high}] are reversed or empty; the low bound must come first")
+    kind = kind or ("int" if all(isinstance(v, int) for v in pair) else "float")
+    if kind not in ("float", "int"):
+        raise ValueError(f"parameter {name!r}: `type` must be 'float' or 'int', got {kind!r}")
+    if log_scale and low <= 0:
+        raise ValueError(f"parameter {name!r}: `log_scale` needs bounds > 0, got [{low}, {high}]")
+    return Parameter(name, key, bounds=(low, high), kind=kind, log_scale=bool(log_scale))
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and check a sweep file; ``fit_config`` is resolved relative to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"sweep file {path} must hold a mapping, got {type(spec).__name__}")
+    allowed = {"name", "fit_config", "parameters", "overrides", "objective", "constraints", "baseline", "max_trials",
+               "parallel", "trial_timeout", "initial_trials", "strategy", "seed", "project"}  # fmt: skip
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"sweep file {path}: unknown fields {sorted(unknown)} (allowed: {sorted(allowed)})")
+    if "fit_config" not in spec:
+        raise ValueError(f"sweep file {path}: `fit_config` (the base `lightning-sparse fit` config) is required")
+    fit_config = (path.parent / spec["fit_config"]).resolve()
+    if not fit_config.is_file():
+        raise FileNotFoundError(f"sweep file {path}: `fit_config` {fit_config} does not exist")
+    constraints = spec.get("constraints", list(DEFAULT_CONSTRAINTS))
+    if not isinstance(constraints, list):
+        raise ValueError(f"`constraints` must be a list of strings such as 'val_acc >= baseline - 0.005', got {constraints!r}")
+    strategy = spec.get("strategy", "bayesian")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+    overrides = spec.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"`overrides` must map config keys to values, e.g. {{trainer.max_epochs: 5}}, got {overrides!r}")
+    baseline = spec.get("baseline")
+    sweep = SweepConfig(
+        name=str(spec.get("name") or path.stem),
+        fit_config=fit_config,
+        parameters=_parameters(spec.get("parameters")),
+        overrides=dict(overrides),
+        objective=Objective.parse_all(spec.get("objective", DEFAULT_OBJECTIVE)),
+        constraints=tuple(Constraint.parse(str(c)) for c in constraints),
+        baseline=None if baseline is None else float(_number("baseline", baseline, float("-inf"))),
+        max_trials=_number("max_trials", spec.get("max_trials", 10), 1, integer=True),
+        parallel=_number("parallel", spec.get("parallel", 1), 1, integer=True),
+        trial_timeout=float(_number("trial_timeout", spec.get("trial_timeout", 3600.0), 1)),
+        initial_trials=None if spec.get("initial_trials") is None else _number("initial_trials", spec["initial_trials"], 1, integer=True),
+        strategy=strategy,
+        seed=_number("seed", spec.get("seed", 0), 0, integer=True),
+        project=str(spec.get("project", "lightning-sparse")),
+    )
+    check_space(sweep)
+    return sweep
+
+
+def check_space(sweep: SweepConfig) -> None:
+    """Every key exists in the base config and every bound is a value the target class accepts."""
+    names = [p.name for p in sweep.parameters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"parameter names must be unique, got {names}")
+    base = sweep.base()
+    for parameter in sweep.parameters:
+        for value in parameter.bound_values():
+            config = copy.deepcopy(base)
+            try:
+                set_value(config, parameter.key, value)
+            except KeyError as error:
+                raise ValueError(f"parameter {parameter.name!r}: {error.args[0]} (in {sweep.fit_config})") from None
+            _check_owner(parameter, config, value)
+
+
+def _check_owner(parameter: Parameter, config: dict[str, Any], value: Any) -> None:
+    """Build the callback that ``parameter`` configures with ``value``: its own argument checks decide the range."""
+    path = Key.parse(parameter.key).path
+    if len(path) < 3 or path[:2] != ("trainer", "callbacks"):
+        return
+    owner = get_value(config, ".".join(path[:3]))
+    class_path = owner.get("class_path") if isinstance(owner, Mapping) else None
+    if not class_path:
+        return
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(import_module(module), name)
+    try:
+        cls(**(owner.get("init_args") or {}))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"parameter {parameter.name!r}: the value {value!r} is outside what {name} accepts: {error}") from None
+
+
+def check_fit_config(path: Path) -> None:
+    """Parse a ``fit`` config the way ``lightning-sparse fit`` does (in this process, nothing trained)."""
+    from lightning_sparse.cli import SparseCLI
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            SparseCLI(model_class=None, datamodule_class=None, args=["--config", str(path), "--print_config"], run=False)
+    except SystemExit as exit_:
+        if exit_.code:
+            raise ValueError(f"the base fit config fails validation ({path}):\n{err.getvalue().strip()}") from None

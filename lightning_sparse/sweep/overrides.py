@@ -1,0 +1,107 @@
+"""Keys that address one value in a ``fit`` config: ``trainer.callbacks.0.init_args.sparsity[fc1.*]``.
+
+A key is a dotted path through the config; a number picks an item of a list (the callbacks, by position);
+``init_args`` may be left out; an optional ``[glob]`` suffix sets one entry of a per-layer ``{glob: value}``
+setting. The sweeper writes trial configs with these keys and ``lightning-sparse fit`` accepts them as
+``--key=value`` arguments, which is what a W&B sweep agent passes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+_KEY = re.compile(r"^(?P<path>[A-Za-z_][\w]*(?:\.\w+)*)(?:\[(?P<glob>[^\[\]]+)\])?$")
+
+
+@dataclass(frozen=True)
+class Key:
+    """A parsed key: ``path`` through the config and the per-layer ``glob`` (or None)."""
+
+    path: tuple[str, ...]
+    glob: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Key:
+        match = _KEY.match(text)
+        if not match:
+            raise ValueError(
+                f"{text!r} is not a config key: use a dotted path such as `trainer.callbacks.0.init_args.sparsity` "
+                f"or `model.init_args.lr`, optionally with a per-layer `[glob]` suffix"
+            )
+        return cls(tuple(match["path"].split(".")), match["glob"])
+
+    def __str__(self) -> str:
+        return ".".join(self.path) + (f"[{self.glob}]" if self.glob else "")
+
+    @property
+    def needs_help(self) -> bool:
+        """True where jsonargparse cannot parse ``--key=value`` by itself (list positions, per-layer globs)."""
+        return self.glob is not None or any(part.isdigit() for part in self.path)
+
+
+def _step(node: Any, part: str, key: Key, create: bool) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise KeyError(f"key `{key}`: `{part}` is not a position in a list of {len(node)}")
+        return node[int(part)]
+    if not isinstance(node, MutableMapping):
+        raise KeyError(f"key `{key}`: cannot go into `{part}` of a {type(node).__name__}")
+    if part not in node and isinstance(node.get("init_args"), MutableMapping):
+        node = node["init_args"]  # `trainer.callbacks.0.sparsity` means `...0.init_args.sparsity`
+    if part not in node:
+        if not create:
+            raise KeyError(f"key `{key}`: `{part}` is not in the config (it has {sorted(node)})")
+        node[part] = {}
+    return node[part]
+
+
+def get_value(config: Any, key: Key | str) -> Any:
+    """The value at ``key`` (the whole per-layer setting for a glob key)."""
+    key = Key.parse(key) if isinstance(key, str) else key
+    node = config
+    for part in key.path:
+        node = _step(node, part, key, create=False)
+    if key.glob is not None and isinstance(node, MutableMapping):
+        return node.get(key.glob)
+    return node
+
+
+def set_value(config: MutableMapping[str, Any], key: Key | str, value: Any) -> None:
+    """Write ``value`` at ``key`` in a ``fit`` config (a nested dict), creating missing mapping entries."""
+    key = Key.parse(key) if isinstance(key, str) else key
+    *parents, last = key.path
+    node: Any = config
+    for part in parents:
+        node = _step(node, part, key, create=True)
+    if isinstance(node, list):
+        raise KeyError(f"key `{key}`: a value replaces a whole list item; address one of its arguments")
+    if last not in node and isinstance(node.get("init_args"), MutableMapping):
+        node = node["init_args"]
+    if key.glob is None:
+        node[last] = value
+        return
+    setting = node.get(last)
+    node[last] = {**setting, key.glob: value} if isinstance(setting, MutableMapping) else {key.glob: value}
+
+
+def split_arguments(args: list[str]) -> tuple[list[str], list[tuple[Key, Any]]]:
+    """Separate ``--key=value`` arguments that need :func:`set_value` from those jsonargparse parses itself."""
+    plain: list[str] = []
+    overrides: list[tuple[Key, Any]] = []
+    for arg in args:
+        name, equals, text = arg.partition("=")
+        if arg.startswith("--") and equals:
+            try:
+                key = Key.parse(name[2:])
+            except ValueError:
+                key = None
+            if key is not None and key.needs_help:
+                overrides.append((key, yaml.safe_load(text)))
+                continue
+        plain.append(arg)
+    return plain, overrides
