@@ -56,7 +56,7 @@ def write_sweep(tmp_path: Path, fit: dict | None = None, **spec) -> Path:
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit or FIT))
     spec = {"name": "test-sweep", "fit_config": "fit.yaml", "parameters": SPARSITY, "max_trials": 3, "seed": 0, **spec}
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -197,8 +197,23 @@ def test_failed_and_hanging_trials_mark_only_themselves(tmp_path):
     assert result.best is None or result.best.index == 2
 
 
+def test_per_layer_bounds_and_values_become_one_parameter_per_glob(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, parameters={
+        "sparsity": {"key": "trainer.callbacks.0.init_args.sparsity", "bounds": {"net.1.*": [0.5, 0.9], "net.3.*": [0.6, 0.95]}},
+        "distribution": {"key": "trainer.callbacks.0.init_args.distribution", "values": ["uniform", "global"]},
+    }))  # fmt: skip
+    assert [(p.name, p.key, p.bounds or p.values) for p in sweep.parameters] == [
+        ("sparsity[net.1.*]", "trainer.callbacks.0.init_args.sparsity[net.1.*]", (0.5, 0.9)),
+        ("sparsity[net.3.*]", "trainer.callbacks.0.init_args.sparsity[net.3.*]", (0.6, 0.95)),
+        ("distribution", "trainer.callbacks.0.init_args.distribution", ("uniform", "global")),
+    ]
+    with pytest.raises(ValueError, match="'uniformish'"):
+        load_sweep(write_sweep(tmp_path, parameters={"d": {"key": "trainer.callbacks.0.init_args.distribution", "values": ["uniformish", "global"]}}))
+
+
 def test_a_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
-    sweep = write_sweep(tmp_path, baseline=0.95, max_trials=3)
+    # two objectives: the result also reports the Pareto front
+    sweep = write_sweep(tmp_path, baseline=0.95, max_trials=3, objective="val_acc, -compressed_bytes")
     folder = tmp_path / "out"
     command = [sys.executable, "-m", "lightning_sparse.cli", "sweep", "--config", str(sweep), "--output", str(folder)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,8 +236,12 @@ def test_a_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
         if record.index in before:  # kept as it was: same metrics, log untouched (not run again)
             assert record.metrics == before[record.index]["metrics"]
             assert (folder / record.log).stat().st_mtime_ns == logs[record.index]
-    trials = Client.load_from_json_file(str(folder / "ax_state.json"))._experiment.trials
+    client = Client.load_from_json_file(str(folder / "ax_state.json"))
+    trials = client._experiment.trials
     assert len(trials) == 3 and all(t.status.name == "COMPLETED" for t in trials.values())
+    points = {r.index: (r.metrics["val_acc"], -r.metrics["compressed_bytes"]) for r in result.records}
+    front = [i for i, p in points.items() if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())]
+    assert front and sorted(r.index for r in result.pareto) == front
     with pytest.raises(FileExistsError, match="pass `--resume`"):
         run_sweep(sweep, output=folder)
 

@@ -162,10 +162,12 @@ def _parameters(spec: Any) -> list[Parameter]:
         if ("bounds" in entry) == ("values" in entry):
             raise ValueError(f"parameter {name!r} needs exactly one of `bounds: [low, high]` or `values: [...]`")
         if "values" in entry:
-            values = entry["values"]
-            if not isinstance(values, list) or len(values) < 2:
-                raise ValueError(f"parameter {name!r}: `values` must be a list of at least 2 choices, got {values!r}")
-            parameters.append(Parameter(str(name), key, values=tuple(values)))
+            per_layer = entry["values"].items() if isinstance(entry["values"], Mapping) else [(None, entry["values"])]
+            for glob, values in per_layer:
+                label = f"{name}[{glob}]" if glob else str(name)
+                if not isinstance(values, list) or len(values) < 2:
+                    raise ValueError(f"parameter {label!r}: `values` must be a list of at least 2 choices, got {values!r}")
+                parameters.append(Parameter(label, f"{key}[{glob}]" if glob else key, values=tuple(values)))
             continue
         bounds = entry["bounds"]
         per_layer = bounds.items() if isinstance(bounds, Mapping) else [(None, bounds)]

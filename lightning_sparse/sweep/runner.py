@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
@@ -201,7 +202,7 @@ def run_sweep(
     """
     sweep = config if isinstance(config, SweepConfig) else load_sweep(config)
     sweep = replace(sweep, max_trials=max_trials or sweep.max_trials, parallel=parallel or sweep.parallel)
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)  # no squeezed table in a log file
     folder = Path(output) if output is not None else Path("sweeps") / sweep.name
     state = _Sweep(sweep, folder, console)
     resuming = resume and (folder / AX_STATE).is_file()
@@ -209,8 +210,8 @@ def run_sweep(
         raise FileExistsError(f"{folder} already holds a sweep: pass `--resume` to continue it, or another `--output`")
     folder.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        middle = {p.name: p.bound_values()[0] for p in sweep.parameters}
-        check = write_yaml(folder / "check.yaml", trial_config(sweep, middle, "check", folder))
+        lowest = {p.name: p.bound_values()[0] for p in sweep.parameters}
+        check = write_yaml(folder / "check.yaml", trial_config(sweep, lowest, "check", folder))
         check_fit_config(check)
         check.unlink()
     runner = make_launcher(launcher, sweep.parallel) if isinstance(launcher, str) else launcher
@@ -277,8 +278,10 @@ def _report(state: _Sweep) -> SweepResult:
         state.console.print(f"Pareto front (feasible): trials {[r.index for r in pareto]}")
     from lightning_sparse.sweep.wandb_sweep import log_summary
 
-    run_dir = log_summary(sweep, folder, records, state.baseline, plot)
-    state.console.print(f"W&B summary run: {run_dir}")
+    try:  # everything above is already on disk: a W&B problem must not lose the sweep
+        state.console.print(f"W&B summary run: {log_summary(sweep, folder, records, state.baseline, plot)}")
+    except Exception as error:  # noqa: BLE001
+        state.console.print(f"[yellow]W&B summary run not written: {error!r}[/yellow]")
     return SweepResult(folder, sorted(records, key=lambda r: r.index), state.baseline, best, pareto, best_path, plot)
 
 
