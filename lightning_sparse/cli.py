@@ -1,4 +1,5 @@
-"""``lightning-sparse``: LightningCLI (fit/validate/test/predict with any module and datamodule) plus ``report``."""
+"""``lightning-sparse``: LightningCLI (fit/validate/test/predict with any module and datamodule) plus ``report``,
+``export`` and ``deploy``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from lightning_sparse.core.targets import prunable_names
 DESCRIPTION = (
     "Sparsify models inside Trainer.fit. Subcommands: fit, validate, test, predict (LightningCLI) and "
     "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint) and "
-    "`export CKPT OUT` (the checkpoint's weights as one compressed file)."
+    "`export CKPT OUT` (the checkpoint's weights as one compressed file) and "
+    "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster)."
 )
 
 
@@ -158,6 +160,11 @@ def main(args: list[str] | None = None) -> None:
         return
     if args and args[0] == "export":
         export_main(args[1:])
+        return
+    if args and args[0] == "deploy":
+        from lightning_sparse.deploy_cli import deploy_main
+
+        deploy_main(args[1:])
         return
     SparseCLI(model_class=None, datamodule_class=None, args=args, save_config_kwargs={"overwrite": True})
 
