@@ -1,5 +1,6 @@
 """``lightning_sparse.deploy`` on models pruned by GradualMagnitudePruning on sklearn's real digits."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -93,8 +94,8 @@ def test_unstructured_sparse_kernels_give_the_dense_outputs_on_the_test_set(unst
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = deploy_model(model, _test_images(data)[:64], kernel="sparse", **FAST)
     for name in ("net.1", "net.3", "net.5"):
-        assert isinstance(result.model.get_submodule(name), SparseLinear), name
-        assert result.report.layer(name).deployed_as == "csr"
+        assert isinstance(result.model.get_submodule(name.replace(".", "_")), SparseLinear), name
+        assert result.report.layer(name).deployed_as in ("csr", "bsr4", "bsr8", "bsr16", "bsr32")
     assert_same_outputs(result.model, model, _test_images(data))  # all 360 test digits, not only the example batch
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
 
@@ -105,8 +106,8 @@ def test_auto_choice_is_timed_per_layer_and_explained(unstructured, data):
     for name in ("net.1", "net.3", "net.5"):
         row = report.layer(name)
         assert row.dense_ms > 0 and row.sparse_ms > 0
-        assert f"csr {row.sparse_ms:.4f} ms vs dense {row.dense_ms:.4f} ms" in row.reason
-        assert (row.deployed_as == "csr") == (row.sparse_ms < 0.95 * row.dense_ms)
+        assert re.search(rf"(csr|bsr\d+) {row.sparse_ms:.4f} ms vs dense {row.dense_ms:.4f} ms", row.reason), row.reason
+        assert (row.deployed_as not in ("dense", "thinned")) == (row.sparse_ms < 0.95 * row.dense_ms)
     assert report.forward_ms is not None and report.param_bytes[0] > 0 and report.peak_forward_bytes[0] > 0
 
 
@@ -115,19 +116,19 @@ def test_channel_pruning_is_thinned_with_the_right_inputs_and_equal_outputs(chan
     net, thin = channel.net, result.model
     kept = {i: ~(net[i].weight.reshape(net[i].weight.shape[0], -1) == 0).all(1) for i in (0, 3, 7)}
     assert [int(k.sum()) for k in kept.values()] == [4, 8, 16]
-    assert thin.get_submodule("net.0").weight.shape == (4, 1, 3, 3)
-    assert thin.get_submodule("net.1").num_features == 4
-    torch.testing.assert_close(thin.get_submodule("net.1").running_mean, net[1].running_mean[kept[0]])
+    assert thin.get_submodule("net_0").weight.shape == (4, 1, 3, 3)
+    assert thin.get_submodule("net_1").num_features == 4
+    torch.testing.assert_close(thin.get_submodule("net_1").running_mean, net[1].running_mean[kept[0]])
     # conv → BN → ReLU → zero-padded conv: the kept inputs are exactly the producer's kept channels, and the
     # removed (constant) channels come back through the border-aware FoldedConv
-    folded = thin.get_submodule("net.3")
+    folded = thin.get_submodule("net_3")
     assert isinstance(folded, FoldedConv)
     torch.testing.assert_close(folded.conv.weight, net[3].weight[kept[3]][:, kept[0]])
     # conv → ReLU → pool → flatten → linear: each kept channel's 4×4 block of inputs stays, in order
     columns = kept[3].repeat_interleave(16)
-    torch.testing.assert_close(thin.get_submodule("net.7").weight, net[7].weight[kept[7]][:, columns])
+    torch.testing.assert_close(thin.get_submodule("net_7").weight, net[7].weight[kept[7]][:, columns])
     # linear → ReLU → linear
-    torch.testing.assert_close(thin.get_submodule("net.9").weight, net[9].weight[:, kept[7]])
+    torch.testing.assert_close(thin.get_submodule("net_9").weight, net[9].weight[:, kept[7]])
     assert_same_outputs(thin, channel, _test_images(data))
     report = result.report
     assert report.param_bytes[1] < report.param_bytes[0] and report.peak_forward_bytes[1] < report.peak_forward_bytes[0]
@@ -169,7 +170,7 @@ def test_deployed_model_loads_in_a_process_without_the_training_code(unstructure
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning_sparse.deployment.modules" in result.stdout
-    assert isinstance(load_deployed(paths[0]).get_submodule("net.1"), SparseLinear)
+    assert isinstance(load_deployed(paths[0]).get_submodule("net_1"), SparseLinear)
 
 
 def test_model_without_sparsity_is_returned_unchanged_and_says_so(data, capsys):
@@ -210,7 +211,7 @@ def test_patterns_thinning_does_not_understand_stay_dense_and_are_named(data, tm
     result = deploy_model(model, _test_images(data)[:64], kernel="dense", **FAST)
     assert "zero channels kept: its channels meet another tensor at add" in result.report.layer("net.fc1").reason
     assert "zero channels kept: its channels reach the model's output" in result.report.layer("net.fc2").reason
-    assert result.model.get_submodule("net.fc1").weight.shape == (64, 64)
+    assert result.model.get_submodule("net_fc1").weight.shape == (64, 64)
     assert_same_outputs(result.model, model, _test_images(data))
 
 

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_sparse.deployment import kernels, memory, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
-from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear
+from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
 
 LAYERS = (nn.Linear, *thinning.CONVS)
@@ -102,6 +102,8 @@ def deploy_model(
     if kernel != "dense":
         _choose_kernels(work, inputs, kernel, repeats, report)
     _describe_unchanged(work, report)
+    if traced:
+        work = flat_graph_module(work)  # layers as direct attributes: no per-call lookups through the hierarchy
 
     if not _same(_run(work, inputs), reference) or (probe is not None and not _same(_run(work, probe), probe_reference)):
         report.notes.append("the deployed model's outputs differed from the original: the original is returned")

@@ -6,12 +6,14 @@ with ``torch.load`` wherever ``torch`` and ``lightning_sparse`` are installed, w
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -138,3 +140,40 @@ def semi_structured_supported(device: torch.device) -> tuple[bool, str]:
     if capability < (8, 0):
         return False, f"semi-structured kernels need compute capability >= 8.0; {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
     return True, f"CUDA compute capability {capability[0]}.{capability[1]}"
+
+
+class DeployedGraphModule(fx.GraphModule):
+    """The deployed model: a ``torch.fx`` GraphModule whose layers are direct attributes (``net.1`` → ``net_1``)
+    and whose calls skip fx's error-reporting wrapper, so the graph adds no Python overhead over the original
+    model (it matters at batch 1). It stays a GraphModule: ``torch.save`` / ``torch.load`` work as for any."""
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        if "__call__" in vars(type(self)):  # fx installs a per-instance-class wrapper; nn.Module.__call__ suffices
+            delattr(type(self), "__call__")
+        return code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, args = super().__reduce__()
+        return _rebuild_deployed, (rebuild, args)
+
+
+def _rebuild_deployed(rebuild: Any, args: tuple[Any, ...]) -> DeployedGraphModule:
+    """Unpickle: fx rebuilds a plain GraphModule from the saved code; take over its graph and modules."""
+    plain = rebuild(*args)
+    return DeployedGraphModule(plain, plain.graph, class_name=type(plain).__name__)
+
+
+def flat_graph_module(gm: fx.GraphModule) -> DeployedGraphModule:
+    """``gm`` with every called module and fetched attribute at the top level, named with ``_`` for ``.``."""
+    root: dict[str, Any] = {}
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            value = functools.reduce(getattr, node.target.split("."), gm)
+            flat = node.target.replace(".", "_")
+            while flat in root and root[flat] is not value:
+                flat += "_"
+            root[flat] = value
+            node.target = flat
+    return DeployedGraphModule(root, graph, class_name=type(gm).__name__)
