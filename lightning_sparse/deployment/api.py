@@ -114,6 +114,11 @@ def deploy_model(
     with torch.inference_mode():
         times = kernels.median_ms({"before": lambda: original(*inputs), "after": lambda: work(*inputs)}, repeats, device)
     report.forward_ms = (times["before"], times["after"])
+    if times["after"] >= times["before"]:
+        report.notes.append(
+            f"the deployed model is not faster on this example input (batch {inputs[0].shape[0]}): "
+            f"{times['before']:.4f} ms → {times['after']:.4f} ms; what it saves here is memory"
+        )
     return Deployment(work, report)
 
 
