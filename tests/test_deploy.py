@@ -31,7 +31,7 @@ def _test_images(data: DigitsDataModule) -> torch.Tensor:
     return data.splits["test"].tensors[0]
 
 
-def _train(model: pl.LightningModule, callback: GradualMagnitudePruning, data, tmp_path, epochs: int = 2) -> pl.Trainer:
+def _train(model: pl.LightningModule, callback: GradualMagnitudePruning, data, tmp_path, epochs: int = 1) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
     trainer = make_trainer(tmp_path, [callback], max_epochs=epochs)
     trainer.fit(model, data)
@@ -205,7 +205,7 @@ def test_patterns_thinning_does_not_understand_stay_dense_and_are_named(data, tm
     model = digits_model()
     model.net = Residual()
     callback = GradualMagnitudePruning(sparsity=0.3, granularity="channel", start=0, end=0.5, frequency=5, verbose=False)
-    _train(model.train(), callback, data, tmp_path, epochs=1)
+    _train(model.train(), callback, data, tmp_path)
     model.eval()
     assert int((model.net.fc1.weight == 0).all(1).sum()) == 19 and int((model.net.fc2.weight == 0).all(1).sum()) == 3
     result = deploy_model(model, _test_images(data)[:64], kernel="dense", **FAST)

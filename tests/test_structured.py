@@ -97,7 +97,7 @@ def test_gmp_channel_granularity_prunes_whole_output_channels(tmp_path, digits):
     model = digits_model()
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", exclude=["net.5.weight"], start=0, end=0.5,
                                        frequency=5, verbose=False)  # fmt: skip
-    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
     for layer, out in ((model.net[1], 300), (model.net[3], 100)):
         zero_rows = (layer.weight == 0).all(1)
         assert int(zero_rows.sum()) == out // 2
@@ -109,7 +109,7 @@ def test_gmp_nm_granularity_every_group_exact_and_per_layer(tmp_path, digits):
     model = digits_model()
     callback = GradualMagnitudePruning(sparsity=0.9, granularity={"net.1.*": "2:4", "net.3.*": "1:4"}, start=0, end=0.5,
                                        frequency=5, verbose=False)  # fmt: skip
-    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
     assert torch.equal(nm_counts(model.net[1].weight, 4), torch.full((300, 16), 2))
     assert torch.equal(nm_counts(model.net[3].weight, 4), torch.full((100, 75), 1))
     assert int((model.net[5].weight == 0).sum()) == 900  # unmatched: unstructured at `sparsity`
