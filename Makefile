@@ -31,6 +31,7 @@ bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.compression
 	$(BIN)/python -m benchmarks.lc
 	$(BIN)/python -m benchmarks.sweep
+	$(BIN)/python -m benchmarks.deploy
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

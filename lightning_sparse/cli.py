@@ -1,4 +1,5 @@
-"""``lightning-sparse``: LightningCLI (fit/validate/test/predict with any module and datamodule) plus ``report``."""
+"""``lightning-sparse``: LightningCLI (fit/validate/test/predict with any module and datamodule) plus ``report``,
+``export``, ``sweep`` and ``deploy``."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ DESCRIPTION = (
     "Sparsify models inside Trainer.fit. Subcommands: fit, validate, test, predict (LightningCLI) and "
     "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint) and "
     "`export CKPT OUT` (the checkpoint's weights as one compressed file) and "
-    "`sweep --config SWEEP.yaml` (Ax search for the most compressed model that meets an accuracy constraint)."
+    "`sweep --config SWEEP.yaml` (Ax search for the most compressed model that meets an accuracy constraint) and "
+    "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster)."
 )
 
 
@@ -228,6 +230,11 @@ def main(args: list[str] | None = None) -> None:
         return
     if args and args[0] == "sweep":
         sweep_main(args[1:])
+        return
+    if args and args[0] == "deploy":
+        from lightning_sparse.deploy_cli import deploy_main
+
+        deploy_main(args[1:])
         return
     cli_args = None if command_line else args  # LightningCLI warns when given both sys.argv and args
     SparseCLI(model_class=None, datamodule_class=None, args=cli_args, save_config_kwargs={"overwrite": True})

@@ -20,6 +20,8 @@ from lightning_sparse.callbacks.base import (
 from lightning_sparse.core.allocation import DISTRIBUTIONS
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
+from lightning_sparse.core.structured import NORMS, Granularity, channels_to_prune, check_shape, expand_granularity, parse_granularity
+from lightning_sparse.core.targets import each_setting
 
 
 class GradualMagnitudePruning(SparsityCallback):
@@ -36,7 +38,12 @@ class GradualMagnitudePruning(SparsityCallback):
         end: when the final sparsity is reached, same convention; must not come before ``start``.
         frequency: optimizer steps between mask updates (>= 1).
         schedule: ``cubic`` (Zhu & Gupta), ``linear`` or ``constant`` (one-shot at ``start``).
-        distribution: ``uniform`` (same sparsity per layer), ``global`` (one threshold) or ``erk``.
+        distribution: ``uniform`` (same sparsity per layer), ``global`` (one threshold) or ``erk``; structured
+            granularities need ``uniform`` or a per-layer ``sparsity`` mapping.
+        granularity: ``unstructured`` (default), ``channel`` or an ``"N:M"`` string such as ``"2:4"`` (1 <= N < M, M
+            dividing the layer's input dimension); or ``{glob: granularity}`` per layer (unmatched layers:
+            ``unstructured``), so a sweep can set it layer by layer.
+        channel_norm: ``l1`` or ``l2``: the norm that ranks output channels for ``channel`` granularity.
         include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
         exclude: glob patterns of parameter names to leave dense.
         initial_sparsity: sparsity at ``start``, in [0, ``sparsity``].
@@ -55,6 +62,8 @@ class GradualMagnitudePruning(SparsityCallback):
         exclude: list[str] | None = None,
         initial_sparsity: float = 0.0,
         verbose: bool = True,
+        granularity: str | dict[str, str] = "unstructured",
+        channel_norm: str = "l1",
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_sparsity("sparsity", sparsity)
@@ -69,23 +78,54 @@ class GradualMagnitudePruning(SparsityCallback):
         check_steps("frequency", frequency)
         check_choice("schedule", schedule, tuple(SCHEDULES))
         check_choice("distribution", distribution, DISTRIBUTIONS)
+        _check_granularity(granularity, distribution, sparsity)
+        check_choice("channel_norm", channel_norm, NORMS)
         self.sparsity = as_sparsity(sparsity)
         self.start, self.end = start, end
         self.frequency = frequency
         self.schedule = schedule
         self.distribution = distribution
         self.initial_sparsity = float(initial_sparsity)
+        self.granularity = dict(granularity) if isinstance(granularity, Mapping) else granularity
+        self.channel_norm = channel_norm
+        self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
         self._start_step: int | None = None
         self._end_step: int | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sparsity=self.sparsity, include=self.include, exclude=self.exclude)
+        extra = {} if self.granularity == "unstructured" else {"granularity": self.granularity}  # old keys unchanged
+        return self._generate_state_key(sparsity=self.sparsity, include=self.include, exclude=self.exclude, **extra)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+            self._granularity = expand_granularity(self.granularity, list(self.masks))
+            self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Refuse, before training, a granularity a layer's shape cannot hold or a channel target removing every channel."""
+        final = self._final_sparsity()
+        for name, granularity in self._granularity.items():
+            shape = self.masks.params[name].shape
+            check_shape(name, shape, granularity)
+            layer_final = final[name] if isinstance(final, dict) else final
+            if granularity.kind == "channel":
+                channels_to_prune(name, layer_final, shape[0])
+            if self.initial_sparsity > layer_final:
+                raise ValueError(
+                    f"`initial_sparsity`={self.initial_sparsity} is above the final sparsity {layer_final:.4g} of {name!r} "
+                    f"({granularity})"
+                )
+
+    def _final_sparsity(self) -> float | dict[str, float]:
+        """The target of every layer: :meth:`_target`, with N:M layers at 1 - N/M."""
+        final = self._target()
+        fixed = {name: g.final_sparsity for name, g in self._granularity.items() if g.kind == "nm"}
+        if not fixed:
+            return final
+        return {name: fixed.get(name, final[name] if isinstance(final, dict) else final) for name in self.masks}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -109,9 +149,9 @@ class GradualMagnitudePruning(SparsityCallback):
         def at(final: float) -> float:
             return sparsity_at(step, self._start_step, self._end_step, self.initial_sparsity, final, self.schedule)
 
-        final = self._target()
+        final = self._final_sparsity()
         target = {name: at(s) for name, s in final.items()} if isinstance(final, dict) else at(final)
-        prune_by_magnitude(self.masks, target, self.distribution)
+        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm)
         return True
 
     def _extra_state(self) -> dict[str, Any]:
@@ -119,3 +159,16 @@ class GradualMagnitudePruning(SparsityCallback):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
+
+
+def _check_granularity(granularity: Any, distribution: str, sparsity: Any) -> None:
+    """Validate ``granularity`` (one value or ``{glob: value}``); structured layers need a per-layer allocation."""
+    if isinstance(granularity, Mapping) and not granularity:
+        raise ValueError("`granularity` as a per-layer mapping must name at least one layer glob")
+    parsed = [parse_granularity(label, value) for label, value in each_setting("granularity", granularity)]
+    structured = [str(g) for g in parsed if g.kind != "unstructured"]
+    if structured and distribution != "uniform" and not isinstance(sparsity, Mapping):
+        raise ValueError(
+            f"`distribution`={distribution!r} ranks single weights across layers, which `granularity`={structured[0]!r} "
+            f"does not prune; use distribution='uniform' or a per-layer `sparsity` mapping"
+        )

@@ -10,14 +10,18 @@ from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize, zero_smallest
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
+from lightning_sparse.core.structured import GRANULARITIES, Granularity, channel_mask, nm_mask, parse_granularity
 from lightning_sparse.core.targets import DEFAULT_MODULES, prunable_names, select_targets
 
 __all__ = [
     "DEFAULT_MODULES",
     "DISTRIBUTIONS",
+    "GRANULARITIES",
+    "Granularity",
     "MaskSet",
     "SCHEDULES",
     "codebook_quantize",
+    "channel_mask",
     "cosine_fraction",
     "drop_and_grow",
     "erk_sparsities",
@@ -27,6 +31,8 @@ __all__ = [
     "is_update_step",
     "kmeans_1d",
     "magnitude",
+    "nm_mask",
+    "parse_granularity",
     "prunable_names",
     "prune_by_magnitude",
     "random_masks",

@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from lightning_sparse import wandb_mode
 from lightning_sparse.sweep.config import Parameter, SweepConfig, check_fit_config, load_sweep
 from lightning_sparse.sweep.launchers import LOG_FILE, Launcher, TrialJob, TrialOutcome, kill_stale, make_launcher, read_metrics
 from lightning_sparse.sweep.metrics import write_json
@@ -200,6 +201,7 @@ def run_sweep(
     arguments override its ``max_trials`` and ``parallel``. Results go to ``output`` (default
     ``sweeps/<name>``); with ``resume`` a killed sweep continues there, keeping every completed trial.
     """
+    wandb_mode.default_to_offline()  # trials and the summary log to W&B: no account needed
     sweep = config if isinstance(config, SweepConfig) else load_sweep(config)
     sweep = replace(sweep, max_trials=max_trials or sweep.max_trials, parallel=parallel or sweep.parallel)
     console = console or Console(width=None if sys.stdout.isatty() else 160)  # no squeezed table in a log file

@@ -1,0 +1,147 @@
+"""Structured pruning granularities: whole output channels (filters / neurons) and N:M groups.
+
+``channel``: a layer's output channels (rows of a Linear weight, filters of a Conv weight) ranked by the L1 or L2
+norm of their weights and pruned whole (Condensa's FilterPrune / NeuronPrune; Li et al. 2017, arXiv 1608.08710).
+``N:M``: every group of M consecutive weights along the input dimension (the weight viewed as
+``(out_channels, -1)``) keeps at most N, the largest magnitudes (Mishra et al. 2021, arXiv 2104.08378), the
+pattern NVIDIA's sparse tensor cores run as 2:4.
+
+Masks are plain boolean tensors shaped like the weight, so they live in :class:`~lightning_sparse.core.masks.MaskSet`
+like any other mask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.targets import per_layer
+
+GRANULARITIES = ("unstructured", "channel", "N:M")
+NORMS = ("l1", "l2")
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """What one mask entry decides: a weight (``unstructured``), a whole output ``channel``, or a place in an N:M group."""
+
+    kind: str  # "unstructured", "channel" or "nm"
+    n: int = 0
+    m: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+    @property
+    def final_sparsity(self) -> float | None:
+        """The sparsity an N:M pattern fixes (1 - N/M); ``None`` where the pattern leaves it free."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+
+UNSTRUCTURED = Granularity("unstructured")
+
+
+def parse_granularity(argument: str, value: object) -> Granularity:
+    """``"unstructured"``, ``"channel"`` or an ``"N:M"`` string with 1 <= N < M; errors name ``argument``."""
+    if value in ("unstructured", "channel"):
+        return Granularity(str(value))
+    match = _NM.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(
+            f"`{argument}` must be 'unstructured', 'channel' or an 'N:M' string such as '2:4', got {value!r}"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ValueError(f"`{argument}`={value!r}: N:M needs 1 <= N < M (N kept out of every M weights), got N={n}, M={m}")
+    return Granularity("nm", n, m)
+
+
+def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> None:
+    """Refuse a granularity the parameter's shape cannot hold: channels and N:M need a weight of >= 2 dims,
+    and M must divide the input dimension (the product of all dims after the first)."""
+    if granularity.kind == "unstructured":
+        return
+    if len(shape) < 2:
+        raise ValueError(
+            f"`granularity`={str(granularity)!r} needs a weight with output and input dimensions, but {name!r} has "
+            f"shape {list(shape)}; prune it 'unstructured' or leave it out"
+        )
+    fan_in = 1
+    for size in shape[1:]:
+        fan_in *= size
+    if granularity.kind == "nm" and fan_in % granularity.m:
+        raise ValueError(
+            f"`granularity`={str(granularity)!r}: M={granularity.m} does not divide the input dimension {fan_in} of "
+            f"{name!r} (shape {list(shape)}); choose an M that divides {fan_in} or leave the layer out"
+        )
+
+
+def channels_to_prune(name: str, sparsity: float, out_channels: int) -> int:
+    """``round(sparsity × out_channels)`` whole channels; an error naming the layer if that is all of them."""
+    count = int(sparsity * out_channels + 0.5 + 1e-9)  # halves up, as allocation.round_half_up
+    if count >= out_channels:
+        raise ValueError(
+            f"channel pruning at sparsity {sparsity:.4g} would remove every one of the {out_channels} output channels "
+            f"of {name!r}; lower its `sparsity` (below {(out_channels - 0.5) / out_channels:.4g}) or leave it out "
+            f"(`exclude`, or a per-layer `sparsity` mapping)"
+        )
+    return count
+
+
+def channel_scores(weight: Tensor, norm: str = "l1", mask: Tensor | None = None) -> Tensor:
+    """L1 or L2 norm of each output channel's weights; channels already fully pruned by ``mask`` score -1."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if norm == "l1":
+        scores = rows.abs().sum(1)
+    elif norm == "l2":
+        scores = rows.pow(2).sum(1).sqrt()
+    else:
+        raise ValueError(f"`channel_norm` must be one of {NORMS}, got {norm!r}")
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.shape[0], -1).any(1), -1.0)
+    return scores
+
+
+def channel_mask(weight: Tensor, n_channels: int, norm: str = "l1", mask: Tensor | None = None) -> Tensor:
+    """Mask pruning the ``n_channels`` output channels of lowest norm (ties: lower index first), whole."""
+    keep = exact_mask(channel_scores(weight, norm, mask), n_channels)
+    return keep.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+
+
+def nm_mask(weight: Tensor, n: int, m: int, n_zeros: int, mask: Tensor | None = None) -> Tensor:
+    """Mask pruning ``n_zeros`` weights, only ever among the ``M - N`` smallest of each group of M.
+
+    Groups are M consecutive weights of a row of ``weight.reshape(out, -1)``. With ``n_zeros`` at its maximum,
+    ``numel × (M - N) / M``, every group keeps exactly N; below it (a schedule still ramping) the smallest
+    candidates across the layer go first. Already-pruned weights rank lowest, so they stay pruned.
+    """
+    limit = weight.numel() // m * (m - n)
+    if not 0 <= n_zeros <= limit:
+        raise ValueError(f"`n_zeros` for {n}:{m} must be in [0, {limit}], got {n_zeros}")
+    scores = weight.detach().abs().reshape(-1, m)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(-1, m), -1.0)
+    # The M - N smallest of each group are the only candidates; the rest score +inf so they are never pruned.
+    order = torch.sort(scores, dim=1, stable=True).indices
+    candidate = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, : m - n], True)
+    ranked = scores.masked_fill(~candidate, float("inf"))
+    return exact_mask(ranked, n_zeros).view(weight.shape)
+
+
+def nm_counts(weight: Tensor, m: int) -> Tensor:
+    """Non-zeros in each group of M consecutive weights of ``weight.reshape(out, -1)`` (M must divide it)."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    return (rows != 0).reshape(rows.shape[0], -1, m).sum(-1)
+
+
+def expand_granularity(value: str | Mapping[str, str], names: Sequence[str]) -> dict[str, Granularity]:
+    """``{name: Granularity}`` for every name: one value for all, or ``{glob: value}`` (first match wins) with the
+    names no glob matches pruned ``unstructured``. A glob matching no name is an error."""
+    chosen = per_layer("granularity", value, list(names))
+    return {name: parse_granularity("granularity", chosen[name]) if name in chosen else UNSTRUCTURED for name in names}

@@ -1,0 +1,29 @@
+"""Deploy sparse models for real speed: remove pruned channels, run sparse Linear layers on PyTorch's sparse
+kernels where they are measured faster, and report time and memory before and after.
+
+Pure torch (no Lightning import). ``lightning_sparse.deploy`` is :func:`deploy`.
+"""
+
+from lightning_sparse.deployment.api import Deployment, check_input, deploy, deploy_model, load_deployed, save_deployed
+from lightning_sparse.deployment.kernels import KERNELS, nm_pattern
+from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, semi_structured_supported
+from lightning_sparse.deployment.report import DeployReport, LayerReport, deploy_table, print_deploy_report
+
+__all__ = [
+    "KERNELS",
+    "DeployReport",
+    "Deployment",
+    "FoldedConv",
+    "LayerReport",
+    "SemiStructuredLinear",
+    "SparseLinear",
+    "check_input",
+    "deploy",
+    "deploy_model",
+    "deploy_table",
+    "load_deployed",
+    "nm_pattern",
+    "print_deploy_report",
+    "save_deployed",
+    "semi_structured_supported",
+]

@@ -1,0 +1,392 @@
+"""``deploy``: turn a sparse model into one that runs faster (or smaller) on the target device, and say how.
+
+Steps: check the example input (naming the first layer that rejects it), trace the model with ``torch.fx``, remove
+zero output channels and the inputs that read them (:mod:`.thinning`), give each Linear layer with zeros the
+fastest of its dense and sparse forms as timed on its real input (:mod:`.kernels`), check the outputs against the
+original model, and measure parameter bytes, peak forward memory and forward time before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from lightning_sparse.deployment import kernels, memory, thinning
+from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
+from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
+from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
+
+LAYERS = (nn.Linear, *thinning.CONVS)
+ExampleInput = Tensor | Sequence[Tensor]
+
+
+@dataclass
+class Deployment:
+    """The deployed model and the report of what was done."""
+
+    model: nn.Module
+    report: DeployReport
+
+
+def deploy(model: nn.Module, example_input: ExampleInput, device: str | torch.device | None = None, **options: Any) -> nn.Module:
+    """Return ``model`` rebuilt to run faster on ``device`` (default: the example input's), printing what was done.
+
+    Pruned output channels are removed (with the matching inputs of the layers that read them), Linear layers whose
+    sparse form (PyTorch CSR/BSR, 2:4 semi-structured on a capable GPU) is faster on ``example_input`` become
+    sparse, outputs are checked against the original, and parameter bytes, peak forward memory and forward time
+    are reported before and after. A model without zeros in its Linear/Conv weights is returned unchanged.
+    ``options`` go to :func:`deploy_model` (``kernel``, ``repeats``, ``verbose``).
+    """
+    verbose = options.pop("verbose", True)
+    result = deploy_model(model, example_input, device, **options)
+    if verbose:
+        print_deploy_report(result.report)
+    return result.model
+
+
+def deploy_model(
+    model: nn.Module,
+    example_input: ExampleInput,
+    device: str | torch.device | None = None,
+    *,
+    kernel: str = "auto",
+    repeats: int = 30,
+) -> Deployment:
+    """:func:`deploy`, returning the model and its :class:`DeployReport` instead of printing.
+
+    Args:
+        model: the trained (sparse) model; it is not modified (a model without sparsity is returned as it is).
+        example_input: a tensor, or a sequence of tensors for a multi-input forward, shaped like real inputs
+            (its batch size is the one the kernels are timed at).
+        device: where the deployed model runs; default the device of ``example_input``.
+        kernel: ``auto`` (per layer, the form measured fastest), ``sparse`` (every Linear with zeros in its
+            fastest sparse form, for memory) or ``dense`` (only remove channels).
+        repeats: interleaved timing runs per layer and for the whole model.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be an int >= 1, got {repeats!r}")
+    inputs = _as_inputs(example_input)
+    requested = device
+    device = torch.device(device) if device is not None else inputs[0].device
+    inputs = tuple(x.to(device).clone() for x in inputs)  # own storage: a batch sliced from a data set is not the data set
+    report = DeployReport(device=str(device))
+    sparse_layers = [name for name, m in model.named_modules() if isinstance(m, LAYERS) and bool((m.weight == 0).any())]
+    if not sparse_layers:
+        check_input(copy.deepcopy(model).to(device).eval(), inputs)  # a copy: training-mode BN would update statistics
+        report.notes.append("no Linear/Conv weight has a zero: there is nothing to deploy, the model is returned unchanged")
+        return Deployment(model.to(requested) if requested is not None else model, report)
+
+    original = copy.deepcopy(model).to(device).eval()
+    reference = check_input(original, inputs)
+    probe = _probe_inputs(inputs)
+    probe_reference = _run(original, probe) if probe is not None else None
+    report.layers = _layer_rows(original)
+
+    work, traced = _trace(original, inputs, report)
+    report.traced = traced
+    if traced:
+        _thin_all(work, inputs, reference, probe, probe_reference, report)
+    else:
+        report.notes.append("channels were not removed (that needs the traced graph)")
+    if kernel != "dense":
+        _choose_kernels(work, inputs, kernel, repeats, report)
+    _describe_unchanged(work, report)
+    if traced:
+        work = flat_graph_module(work)  # layers as direct attributes: no per-call lookups through the hierarchy
+
+    if not _same(_run(work, inputs), reference) or (probe is not None and not _same(_run(work, probe), probe_reference)):
+        report.notes.append("the deployed model's outputs differed from the original: the original is returned")
+        return Deployment(original, report)
+    report.changed = True
+    report.param_bytes = (memory.parameter_bytes(original), memory.parameter_bytes(work))
+    report.peak_forward_bytes = (memory.peak_forward_bytes(original, inputs), memory.peak_forward_bytes(work, inputs))
+    with torch.inference_mode():
+        times = kernels.median_ms({"before": lambda: original(*inputs), "after": lambda: work(*inputs)}, repeats, device)
+    report.forward_ms = (times["before"], times["after"])
+    if times["after"] >= times["before"]:
+        report.notes.append(
+            f"the deployed model is not faster on this example input (batch {inputs[0].shape[0]}): "
+            f"{times['before']:.4f} ms → {times['after']:.4f} ms; what it saves here is memory"
+        )
+    return Deployment(work, report)
+
+
+def save_deployed(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a deployed model with ``torch.save`` (the whole module: graph, torch and lightning_sparse modules)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model, tmp)
+    os.replace(tmp, path)  # a failed save leaves any earlier file in place
+    return path
+
+
+def load_deployed(path: str | os.PathLike, map_location: str | torch.device | None = None) -> nn.Module:
+    """Load a model written by :func:`save_deployed`; needs ``torch`` and ``lightning_sparse``, not the training code.
+
+    Equivalent to ``torch.load(path, weights_only=False)``: only load files you trust (pickle runs code).
+    """
+    model = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{path} holds a {type(model).__name__}, not a deployed nn.Module")
+    return model.eval()
+
+
+# --- input checks ---------------------------------------------------------------------------------------------
+
+
+def _as_inputs(example_input: ExampleInput) -> tuple[Tensor, ...]:
+    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
+        raise TypeError(f"`example_input` must be a tensor or a sequence of tensors, got {type(example_input).__name__}")
+    return inputs
+
+
+def check_input(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
+    """The model's outputs on ``inputs``, or a ValueError naming the first layer that rejects them."""
+    entered: list[tuple[str, nn.Module]] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def pre_hook(module: nn.Module, args: Any) -> None:
+        entered.append((names.get(module, type(module).__name__), module))
+
+    def post_hook(module: nn.Module, args: Any, out: Any) -> None:
+        if entered and entered[-1][1] is module:
+            entered.pop()
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules() if not list(m.children())]
+    handles += [m.register_forward_hook(post_hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            return model(*inputs)
+    except Exception as error:
+        shapes = ", ".join(str(list(x.shape)) for x in inputs)
+        if entered:
+            name, module = entered[-1]
+            raise ValueError(
+                f"`example_input` of shape {shapes} is rejected by layer {name!r} ({module}): {str(error).splitlines()[0]}"
+            ) from error
+        raise ValueError(f"`example_input` of shape {shapes} is rejected by the model: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _probe_inputs(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+    """A second, different input of the same shape (floating inputs only), so a check cannot pass by coincidence."""
+    if not all(x.is_floating_point() for x in inputs):
+        return None
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return tuple(
+        x + (x.float().std() if x.numel() > 1 else 1.0) * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        for x in inputs
+    )
+
+
+def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
+    with torch.inference_mode():
+        return model(*inputs)
+
+
+def _same(got: Any, want: Any) -> bool:
+    got_leaves, want_leaves = tree_flatten(got)[0], tree_flatten(want)[0]
+    if len(got_leaves) != len(want_leaves):
+        return False
+    for a, b in zip(got_leaves, want_leaves):
+        if isinstance(b, Tensor):
+            if not isinstance(a, Tensor) or not outputs_match(a, b):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+# --- steps ----------------------------------------------------------------------------------------------------
+
+
+def _layer_rows(model: nn.Module) -> list[LayerReport]:
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, LAYERS):
+            weight = module.weight.detach()
+            sparsity = float((weight == 0).float().mean())
+            rows.append(LayerReport(name, type(module).__name__, tuple(weight.shape), sparsity, _pattern(weight)))
+    return rows
+
+
+def _pattern(weight: Tensor) -> str:
+    if not bool((weight == 0).any()):
+        return "dense"
+    zero = thinning.zero_channels(weight)
+    nonzero_rows = weight.reshape(weight.shape[0], -1)[~zero]
+    if zero.any() and bool((nonzero_rows != 0).all()):
+        return f"channel ({int(zero.sum())}/{zero.numel()} zero)"
+    pattern = nm_pattern(weight)
+    if pattern is not None:
+        return f"{pattern[0]}:{pattern[1]}"
+    return "unstructured" if not zero.any() else f"unstructured + {int(zero.sum())} zero channels"
+
+
+def _trace(model: nn.Module, inputs: tuple[Tensor, ...], report: DeployReport) -> tuple[nn.Module, bool]:
+    """A ``torch.fx`` GraphModule of ``model`` with shapes recorded, or a copy of the model where tracing fails."""
+    try:
+        gm = fx.symbolic_trace(model)
+        for node in gm.graph.nodes:
+            node.type = None  # string annotations ("Tensor") would make the module unpicklable
+        gm.recompile()
+        ShapeProp(gm).propagate(*inputs)
+        return gm.eval(), True
+    except Exception as error:  # fx cannot trace data-dependent control flow and more; deploy still swaps kernels
+        report.notes.append(
+            f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            "the deployed model keeps its class, so loading it needs that class's code"
+        )
+        return copy.deepcopy(model), False
+
+
+def _thin_all(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, probe: Any, probe_reference: Any,
+              report: DeployReport) -> None:  # fmt: skip
+    """Thin every producer with zero channels, last first, each checked against the original outputs."""
+    producers = [
+        node for node in gm.graph.nodes
+        if node.op == "call_module" and thinning.is_producer(gm.get_submodule(node.target))
+        and bool(thinning.zero_channels(gm.get_submodule(node.target).weight).any())
+    ]  # fmt: skip
+    for node in reversed(producers):  # consumers are then still plain layers when their producer is thinned
+        row = _row(report, str(node.target))
+        flow = thinning.follow(gm, node)
+        if isinstance(flow, str):
+            _explain(row, f"zero channels kept: {flow}")
+            continue
+        values = _record(gm, inputs, [c.source for c in flow.consumers])
+        result = thinning.thin(gm, flow, values)
+        if isinstance(result, str):
+            _explain(row, f"zero channels kept: {result}")
+            continue
+        new, detail = result
+        old = {target: gm.get_submodule(target) for target in new}
+        for target, module in new.items():
+            thinning.set_module(gm, target, module)
+        if not _same(_run(gm, inputs), reference) or (probe is not None and not _same(_run(gm, probe), probe_reference)):
+            for target, module in old.items():
+                thinning.set_module(gm, target, module)
+            _explain(row, "zero channels kept: the thinned model's outputs differed from the original (undone)")
+            continue
+        _explain(row, detail)
+        row.deployed_as = "thinned"
+        for target, module in new.items():
+            consumer = _row_or_none(report, target)
+            if consumer is not None and consumer is not row:
+                _explain(consumer, f"input channels of {node.target} removed")
+                if consumer.deployed_as == "dense":
+                    consumer.deployed_as = "thinned"
+
+
+def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], nodes: list[fx.Node]) -> dict[fx.Node, Tensor]:
+    """The values of ``nodes`` when ``gm`` runs on ``inputs``."""
+    wanted = set(nodes)
+    values: dict[fx.Node, Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out
+            return out
+
+    with torch.inference_mode():
+        Recorder(gm).run(*inputs)
+    return values
+
+
+def _choose_kernels(model: nn.Module, inputs: tuple[Tensor, ...], kernel: str, repeats: int, report: DeployReport) -> None:
+    """For each Linear with zeros, in execution order: time dense vs sparse on its real input, keep the faster."""
+    for name in _execution_order(model, inputs):
+        layer = model.get_submodule(name)
+        if type(layer) is not nn.Linear or not bool((layer.weight == 0).any()):
+            continue
+        x = _input_of(model, layer, inputs)
+        choice = kernels.choose(layer, x, kernel, repeats)
+        row = _row(report, name)
+        row.dense_ms, row.sparse_ms = choice.dense_ms, choice.sparse_ms
+        _explain(row, choice.reason)
+        if choice.form != "dense":
+            thinning.set_module(model, name, choice.module)
+            row.deployed_as = choice.form
+
+
+def _execution_order(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[str]:
+    """Names of the Linear modules in the order the forward first calls them."""
+    order: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+    handles = [
+        m.register_forward_pre_hook(lambda module, args: order.append(names[module]) if names[module] not in order else None)
+        for m in model.modules() if type(m) is nn.Linear
+    ]  # fmt: skip
+    try:
+        _run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _input_of(model: nn.Module, layer: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The tensor ``layer`` receives (first call) when the current model runs on ``inputs``."""
+    seen: list[Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]) if not seen else None)
+    try:
+        _run(model, inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _describe_unchanged(model: nn.Module, report: DeployReport) -> None:
+    """Fill in each layer's deployed shape, and say why sparse layers that were neither thinned nor swapped stay dense."""
+    for row in report.layers:
+        try:
+            module = model.get_submodule(row.name)
+        except AttributeError:  # a traced graph drops modules the forward never calls
+            _explain(row, "not called by forward: dropped from the deployed model")
+            row.deployed_as = "unused"
+            continue
+        row.deployed_shape = _deployed_shape(module)
+        if row.deployed_as == "dense" and row.pattern != "dense":
+            if row.kind.startswith("Conv"):
+                _explain(row, "PyTorch has no sparse convolution kernel: kept dense")
+            elif not row.reason:
+                _explain(row, "kept dense")
+
+
+def _deployed_shape(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module, (SparseLinear, SemiStructuredLinear)):
+        return (module.out_features, module.in_features)
+    if isinstance(module, FoldedConv):
+        return tuple(module.conv.weight.shape)
+    return tuple(module.weight.shape)
+
+
+def _row(report: DeployReport, name: str) -> LayerReport:
+    return report.layer(name)
+
+
+def _row_or_none(report: DeployReport, name: str) -> LayerReport | None:
+    try:
+        return report.layer(name)
+    except KeyError:
+        return None
+
+
+def _explain(row: LayerReport, text: str) -> None:
+    row.reason = f"{row.reason}; {text}" if row.reason else text

@@ -1,0 +1,179 @@
+"""Inference-only modules a deployed model is built from (besides ``torch.nn``'s own).
+
+They hold plain tensors (sparse CSR/BSR ones included), so a deployed model pickles with ``torch.save`` and loads
+with ``torch.load`` wherever ``torch`` and ``lightning_sparse`` are installed, without the code that trained it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` held as a sparse CSR or BSR tensor (PyTorch's own sparse kernels).
+
+    Computed as ``(W @ xᵀ)ᵀ``: the sparse matrix on the left is the form PyTorch's CPU (MKL) and CUDA (cuSPARSE)
+    kernels run fast. The result is returned as a transposed view of a contiguous ``(out, batch)`` tensor, so a
+    following ``SparseLinear`` (elementwise activations keep the layout) gets a contiguous ``xᵀ`` without a copy.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, layout: str = "csr", blocksize: int | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.layout = layout
+        dense = weight.detach()
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": said once per layer otherwise
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            sparse = dense.to_sparse_csr() if layout == "csr" else dense.to_sparse_bsr((blocksize, blocksize))
+        self.register_buffer("weight", sparse)
+        self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1, 1).clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: str = "csr", blocksize: int | None = None) -> SparseLinear:
+        return cls(linear.weight, linear.bias, layout, blocksize)
+
+    def forward(self, x: Tensor) -> Tensor:
+        leading = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t()
+        if not xt.is_contiguous():
+            xt = xt.contiguous()
+        out = torch.addmm(self.bias, self.weight, xt) if self.bias is not None else torch.mm(self.weight, xt)
+        return out.t().reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().count_nonzero().item()
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, nnz={nnz}"
+
+
+class SemiStructuredLinear(nn.Module):
+    """A Linear layer whose 2:4-sparse weight runs on NVIDIA's sparse tensor cores (``to_sparse_semi_structured``).
+
+    The compressed weight cannot be pickled, so the dense (2:4-patterned) weight is what is saved; it is
+    compressed again when the module is loaded on a capable GPU, and used dense (same outputs) anywhere else.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.compressed = False
+        self.compress()
+
+    def compress(self) -> None:
+        """Swap the weight for its semi-structured form where the device supports it; keep it dense elsewhere."""
+        if self.compressed or not semi_structured_supported(self.weight.device)[0]:
+            return
+        from torch.sparse import to_sparse_semi_structured
+
+        self.weight = nn.Parameter(to_sparse_semi_structured(self.weight.detach()), requires_grad=False)
+        self.compressed = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.compressed:  # pickle the dense weight: the semi-structured subclass does not serialise
+            params = dict(state["_parameters"])
+            params["weight"] = nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+            state["_parameters"], state["compressed"] = params, False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        try:
+            self.compress()
+        except (RuntimeError, NotImplementedError):  # this GPU/dtype has no kernel for it: the dense weight is exact
+            self.compressed = False
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compressed={self.compressed}"
+
+
+class FoldedConv(nn.Module):
+    """A convolution whose removed input channels were constant: adds their exact contribution back.
+
+    A pruned producer channel carries a constant (its bias, through BN and activations). With zero padding the
+    contribution of a constant channel is not uniform: border outputs see fewer kernel taps. It equals
+    ``conv(ones, K)`` with ``K = Σ_c v_c · W[:, c]``, computed once per input size and cached.
+    """
+
+    def __init__(self, conv: nn.Module, folded: Tensor) -> None:
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("folded", folded.detach().clone())  # (out_channels, 1, *kernel_size)
+        self._cache: dict[tuple[Any, ...], Tensor] = {}
+
+    def constant(self, x: Tensor) -> Tensor:
+        """The removed channels' contribution for inputs of ``x``'s spatial size, device and dtype."""
+        key = (tuple(x.shape[2:]), x.device, x.dtype)
+        if key not in self._cache:
+            ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
+            conv = self.conv
+            self._cache[key] = _CONV[ones.dim() - 2](ones, self.folded.to(x.dtype), None, conv.stride, conv.padding, conv.dilation)
+        return self._cache[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + self.constant(x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+
+def semi_structured_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether ``torch.sparse.to_sparse_semi_structured`` kernels can run on ``device``, and why not."""
+    if device.type != "cuda":
+        return False, f"semi-structured (N:M) kernels need a CUDA GPU; the device is {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return False, f"semi-structured kernels need compute capability >= 8.0; {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+    return True, f"CUDA compute capability {capability[0]}.{capability[1]}"
+
+
+class DeployedGraphModule(fx.GraphModule):
+    """The deployed model: a ``torch.fx`` GraphModule whose layers are direct attributes (``net.1`` → ``net_1``)
+    and whose calls skip fx's error-reporting wrapper, so the graph adds no Python overhead over the original
+    model (it matters at batch 1). It stays a GraphModule: ``torch.save`` / ``torch.load`` work as for any."""
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        if "__call__" in vars(type(self)):  # fx installs a per-instance-class wrapper; nn.Module.__call__ suffices
+            delattr(type(self), "__call__")
+        return code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, args = super().__reduce__()
+        return _rebuild_deployed, (rebuild, args)
+
+
+def _rebuild_deployed(rebuild: Any, args: tuple[Any, ...]) -> DeployedGraphModule:
+    """Unpickle: fx rebuilds a plain GraphModule from the saved code; take over its graph and modules."""
+    plain = rebuild(*args)
+    return DeployedGraphModule(plain, plain.graph, class_name=type(plain).__name__)
+
+
+def flat_graph_module(gm: fx.GraphModule) -> DeployedGraphModule:
+    """``gm`` with every called module and fetched attribute at the top level, named with ``_`` for ``.``."""
+    root: dict[str, Any] = {}
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            value = functools.reduce(getattr, node.target.split("."), gm)
+            flat = node.target.replace(".", "_")
+            while flat in root and root[flat] is not value:
+                flat += "_"
+            root[flat] = value
+            node.target = flat
+    return DeployedGraphModule(root, graph, class_name=type(gm).__name__)
