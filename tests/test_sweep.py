@@ -21,7 +21,7 @@ from lightning_sparse.sweep.config import Constraint, Objective
 from lightning_sparse.sweep.overrides import Key, get_value, set_value, split_arguments
 from lightning_sparse.sweep.results import TrialRecord, best_trial, pareto_front
 from lightning_sparse.sweep.wandb_sweep import export_wandb_sweep
-from tests.wandb_records import wandb_history, wandb_run
+from wandb_records import wandb_history, wandb_run
 
 TESTS = Path(__file__).parent
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -41,26 +42,36 @@ def _payloads(data: bytes):
             pending = b""
 
 
+def _records(run_dir: str | Path, timeout: float = 60.0) -> list:
+    """Every record of a finished offline run. W&B's service writes the file after ``finish()`` returns, so wait
+    (up to ``timeout`` seconds) for the run's closing ``exit`` record before reading."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for payload in _payloads(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def wandb_history(run_dir: str | Path) -> list[dict]:
     """All rows passed to ``wandb.log`` in an offline run, with their ``_step``."""
-    (path,) = Path(run_dir).glob("run-*.wandb")
-    rows = []
-    for payload in _payloads(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in _records(run_dir)
+        if record.WhichOneof("record_type") == "history"
+    ]
 
 
 def wandb_run(run_dir: str | Path) -> dict:
     """The run record of an offline run: its name, group, job type and config."""
-    (path,) = Path(run_dir).glob("run-*.wandb")
-    for payload in _payloads(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in _records(run_dir):
         if record.WhichOneof("record_type") == "run":
             run = record.run
             config = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in run.config.update}
             return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type, "config": config}
-    raise ValueError(f"no run record in {path}")
+    raise ValueError(f"no run record in {run_dir}")
