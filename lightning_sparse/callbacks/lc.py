@@ -73,6 +73,8 @@ class LearningCompression(Callback):
             candidates.
         keep_best_mode: ``max`` or ``min`` for ``keep_best``; default ``min`` for names containing ``loss`` or
             ``err``, else ``max``.
+        reset_momentum: zero the optimizer state (momentum, Adam moments) of the compressed parameters after every
+            C step, as the published code does by starting each L step with a new optimizer.
         include / exclude: glob patterns of parameter names (default: weights of Linear and Conv layers).
         verbose: print the per-layer table when fitting ends.
     """
@@ -94,6 +96,7 @@ class LearningCompression(Callback):
         epochs_per_l: int | None = None,
         keep_best: str | None = None,
         keep_best_mode: str | None = None,
+        reset_momentum: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
@@ -131,6 +134,7 @@ class LearningCompression(Callback):
         self.mu_init, self.mu_multiplier, self.mu_max = float(mu_init), float(mu_multiplier), float(mu_max)
         self.lc_steps, self.steps_per_l, self.first_l_steps = lc_steps, steps_per_l, first_l_steps
         self.epochs_per_l = epochs_per_l
+        self.reset_momentum = bool(reset_momentum)
         self.keep_best = keep_best
         if keep_best_mode is None and keep_best is not None:
             keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
@@ -270,10 +274,11 @@ class LearningCompression(Callback):
         else:
             for name, param in self.params.items():
                 lc.update_multiplier(self.lam[name], param, self.delta[name], mu)
-        for optimizer in trainer.optimizers:  # momentum reset, as the reference L-C code does after each C step
-            for param in self.params.values():
-                for value in param_state(optimizer.state, param):
-                    value.zero_()
+        if self.reset_momentum:  # as the reference L-C code does after each C step (a new optimizer per L step)
+            for optimizer in trainer.optimizers:
+                for param in self.params.values():
+                    for value in param_state(optimizer.state, param):
+                        value.zero_()
         self.c_steps_done += 1
         if self.c_steps_done == self.lc_steps:
             self._hold_compressed()
