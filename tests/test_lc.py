@@ -266,3 +266,18 @@ def test_keep_best_with_an_unknown_metric_is_an_error(tmp_path, digits):
     callback = LearningCompression(lc_steps=2, epochs_per_l=1, keep_best="val_f1")
     with pytest.raises(ValueError, match=r"`keep_best`='val_f1' is not among the logged metrics"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_momentum_is_reset_after_each_c_step_unless_told_not_to(tmp_path, digits, reset):
+    callback = LearningCompression(lc_steps=3, steps_per_l=10, first_l_steps=10, reset_momentum=reset, verbose=False)
+    checked = []
+
+    class MomentumProbe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if callback.c_steps_done > len(checked):
+                state = trainer.optimizers[0].state
+                checked.append(all(bool(state[p]["momentum_buffer"].eq(0).all()) for p in callback.params.values()))
+
+    make_trainer(tmp_path, [callback, MomentumProbe()], max_epochs=2).fit(digits_model(momentum=0.9), digits)
+    assert checked == [reset] * 3

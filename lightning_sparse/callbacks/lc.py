@@ -229,6 +229,8 @@ class LearningCompression(Callback):
         self._maybe_c_step(trainer)  # C step 0 before any optimizer step when `first_l_steps` is 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.c_steps_done == self.lc_steps:  # after the last C step the model stays at Δ(Θ) (and so do checkpoints)
+            self._hold_compressed()
         self._maybe_c_step(trainer)  # at the end of the batch, so that a validation run right after sees it
 
     def _maybe_c_step(self, trainer: pl.Trainer) -> None:
