@@ -144,7 +144,8 @@ def test_joint_preset_then_export_round_trip(tmp_path):
 def test_lc_preset_with_overrides(tmp_path):
     output = run_cli(
         "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'lc.yaml'}",
-        "--trainer.callbacks.lc_steps=4", "--trainer.callbacks.first_l_steps=10", "--trainer.callbacks.sparsity=0.9",
+        "--trainer.callbacks.lc_steps=4", "--trainer.callbacks.steps_per_l=8", "--trainer.callbacks.first_l_steps=10",
+        "--trainer.callbacks.sparsity=0.9",
         cwd=tmp_path,
     )  # fmt: skip
     assert "LearningCompression (prune): per layer" in output

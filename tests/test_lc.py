@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from conftest import StopAfterEpoch, digits_model, make_trainer
-from lightning_sparse import GradualMagnitudePruning, LearningCompression
+from lightning_sparse import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining
 from lightning_sparse.core import lc
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.data import DigitsDataModule
@@ -70,6 +70,10 @@ def test_penalty_gradient_and_multiplier_update():
         ({"codebook": "quaternary"}, r"`codebook` must be one of \('kmeans', 'binary', 'ternary'\)"),
         ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\)"),
         ({"first_l_steps": -1}, r"`first_l_steps` must be an int >= 0"),
+        ({"epochs_per_l": 0}, r"`epochs_per_l` must be an int >= 1 \(epochs\), got 0"),
+        ({"steps_per_l": 10, "epochs_per_l": 1}, r"Give `steps_per_l` or `epochs_per_l`, not both \(got 10 and 1\)"),
+        ({"keep_best": ""}, r"`keep_best` must be a metric name such as 'val_acc', or None, got ''"),
+        ({"keep_best": "val_acc", "keep_best_mode": "best"}, r"`keep_best_mode` must be one of \('max', 'min'\), got 'best'"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
@@ -87,6 +91,34 @@ def test_another_pruning_callback_on_the_same_layers_is_refused(tmp_path, digits
     callbacks = [LearningCompression(exclude=["net.5.*"]), GradualMagnitudePruning(include=["net.3.weight", "net.5.weight"])]
     with pytest.raises(ValueError, match=r"LearningCompression and GradualMagnitudePruning both compress \['net.3.weight'\]"):
         make_trainer(tmp_path, callbacks).fit(digits_model(), digits)
+
+
+def test_epochs_per_l_longer_than_the_run_is_refused(tmp_path, digits):
+    callback = LearningCompression(lc_steps=5, epochs_per_l=2)  # 4 L steps of 2 epochs of 20 steps: 160 > 80
+    with pytest.raises(ValueError, match=r"`epochs_per_l`=2 \(40 steps\) with `lc_steps`=5 .* needs 160 optimizer steps, but the run has 80"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (QuantizationAwareTraining(bits=4, include=["net.3.weight"]), r"LearningCompression and QuantizationAwareTraining both compress \['net.3.weight'\]"),
+        (LearningCompression(compression="quantize", include=["net.1.weight"]), r"LearningCompression and LearningCompression both compress \['net.1.weight'\]"),
+    ],
+)
+def test_qat_or_a_second_lc_on_the_same_layers_is_refused(tmp_path, digits, other, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, [LearningCompression(exclude=["net.5.*"]), other]).fit(digits_model(), digits)
+
+
+def test_lc_composes_with_gmp_and_qat_on_disjoint_layers(tmp_path, digits):
+    lc_cb = LearningCompression(sparsity=0.8, include=["net.1.weight"], lc_steps=3, first_l_steps=10, verbose=False)
+    gmp = GradualMagnitudePruning(0.5, include=["net.3.weight"], start=0, end=0.5, frequency=10, verbose=False)
+    qat = QuantizationAwareTraining(bits=4, include=["net.5.weight"], verbose=False)
+    model = digits_model()
+    make_trainer(tmp_path, [lc_cb, gmp, qat]).fit(model, digits)
+    assert (model.get_parameter("net.1.weight") == 0).float().mean().item() == pytest.approx(0.8, abs=1e-3)
+    assert (model.get_parameter("net.3.weight") == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------- inside Trainer.fit
@@ -143,12 +175,13 @@ def test_lc_quantization_ends_with_k_values_per_layer(tmp_path, digits, compress
             assert (model.get_parameter(name) == 0).float().mean().item() >= 0.8 - 1e-3 or name != "net.3.weight"
 
 
-def test_lc_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("keep_best", [None, "val_loss"])
+def test_lc_resumes_bit_identically(tmp_path, keep_best):
     def run(root, stop=None, ckpt=None):
         pl.seed_everything(4)
         model = digits_model(optimizer="adam", lr=2e-3)
         callback = LearningCompression(compression="prune+quantize", sparsity=0.8, bits=2, lc_steps=6, steps_per_l=11,
-                                       first_l_steps=8, mu_init=1e-2)  # fmt: skip
+                                       first_l_steps=8, mu_init=1e-2, keep_best=keep_best)  # fmt: skip
         callbacks = [callback] + ([StopAfterEpoch(stop, root / "cut.ckpt")] if stop is not None else [])
         make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
         return model, callback
@@ -160,3 +193,91 @@ def test_lc_resumes_bit_identically(tmp_path):
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     assert all(torch.equal(full_cb.lam[n], resumed_cb.lam[n]) for n in LAYERS)
+    if keep_best:
+        assert cut_cb.best is not None and full_cb.best["c_step"] == resumed_cb.best["c_step"]
+        assert full_cb.best["score"] == resumed_cb.best["score"]
+
+
+def test_epochs_per_l_runs_each_c_step_at_an_epoch_end(tmp_path, digits):
+    seen = []
+
+    class CStepSteps(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if callback.c_steps_done > len(seen):
+                seen.append(trainer.global_step)
+
+    callback = LearningCompression(lc_steps=3, epochs_per_l=1, first_l_steps=20, verbose=False)  # 20 steps an epoch
+    make_trainer(tmp_path, [callback, CStepSteps()]).fit(digits_model(), digits)
+    assert seen == [20, 40, 60]
+
+
+class ValidationProbe(pl.Callback):
+    """Listed after L-C: records what the model holds while validation runs and the validation accuracy."""
+
+    def __init__(self, callback: LearningCompression) -> None:
+        self.callback, self.runs = callback, []
+
+    def on_validation_batch_start(self, trainer, pl_module, *args) -> None:
+        if self.callback.delta and not trainer.sanity_checking:
+            assert all(torch.equal(p, self.callback.delta[n]) for n, p in self.callback.params.items())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.callback.delta and not trainer.sanity_checking:
+            delta = {n: t.clone() for n, t in self.callback.delta.items()}
+            self.runs.append((float(trainer.callback_metrics["val_acc"]), self.callback.c_steps_done, delta))
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if self.callback.delta:  # training goes on with w, not Δ(Θ)
+            assert not all(torch.equal(p, self.callback.delta[n]) for n, p in self.callback.params.items())
+
+
+def test_validation_measures_the_compressed_model_and_logs_it_per_c_step(tmp_path, digits):
+    callback = LearningCompression(sparsity=0.9, lc_steps=4, epochs_per_l=1, first_l_steps=20, mu_init=1e-2, verbose=False)
+    probe, logger = ValidationProbe(callback), CSVLogger(tmp_path)
+    make_trainer(tmp_path, [callback, probe], logger=logger).fit(digits_model(), digits)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("lc/val_acc")]
+    assert [int(r["lc/c_step"]) for r in rows] == [1, 2, 3, 4] == [c for _, c, _ in probe.runs]  # one per C step
+    assert [r["lc/val_acc"] for r in rows] == pytest.approx([acc for acc, _, _ in probe.runs])
+
+
+@pytest.mark.parametrize(("metric", "pick"), [("val_acc", max), ("val_loss", min)])
+def test_keep_best_ends_with_the_best_evaluated_c_step_iterate(tmp_path, digits, metric, pick):
+    callback = LearningCompression(compression="quantize", bits=1, lc_steps=4, epochs_per_l=1, first_l_steps=0,
+                                   mu_init=1e-3, mu_multiplier=3.0, keep_best=metric, verbose=False)  # fmt: skip
+    scores = []
+
+    class Scores(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            if callback.delta and not trainer.sanity_checking:
+                scores.append((float(trainer.callback_metrics[metric]), {n: t.clone() for n, t in callback.delta.items()}))
+
+    model = digits_model()
+    make_trainer(tmp_path, [callback, Scores()]).fit(model, digits)
+    assert callback.keep_best_mode == ("max" if pick is max else "min") and len(scores) == 4
+    best_score, best_delta = pick(scores, key=lambda s: s[0])
+    assert callback.best["score"] == best_score
+    for name in LAYERS:
+        assert torch.equal(model.get_parameter(name).detach(), best_delta[name]), name
+        assert torch.unique(model.get_parameter(name).detach()).numel() <= 2  # still feasible
+
+
+def test_keep_best_with_an_unknown_metric_is_an_error(tmp_path, digits):
+    callback = LearningCompression(lc_steps=2, epochs_per_l=1, keep_best="val_f1")
+    with pytest.raises(ValueError, match=r"`keep_best`='val_f1' is not among the logged metrics"):
+        make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_momentum_is_reset_after_each_c_step_unless_told_not_to(tmp_path, digits, reset):
+    callback = LearningCompression(lc_steps=3, steps_per_l=10, first_l_steps=10, reset_momentum=reset, verbose=False)
+    checked = []
+
+    class MomentumProbe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if callback.c_steps_done > len(checked):
+                state = trainer.optimizers[0].state
+                checked.append(all(bool(state[p]["momentum_buffer"].eq(0).all()) for p in callback.params.values()))
+
+    make_trainer(tmp_path, [callback, MomentumProbe()], max_epochs=2).fit(digits_model(momentum=0.9), digits)
+    assert checked == [reset] * 3

@@ -3,13 +3,15 @@ C steps run in closed form at step boundaries (Carreira-Perpiñán 2017; Carreir
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sparse import report
@@ -20,6 +22,7 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
 )
+from lightning_sparse.callbacks.qat import QuantizationAwareTraining
 from lightning_sparse.core import lc
 from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import check_bits
@@ -34,7 +37,24 @@ class LearningCompression(Callback):
     in all; μ_k = ``mu_init`` · ``mu_multiplier``^k (at most ``mu_max``). The penalty reaches the optimizer as the
     extra gradient ``μ(w - Δ) - λ`` (after DDP all-reduce and accumulation), so the LightningModule is untouched;
     optimizer momentum is reset after every C step, as the published code does. From the last C step on, the
-    model holds Δ(Θ): exact sparsity and at most K distinct values per layer.
+    model holds Δ(Θ): exact sparsity and at most K distinct values per layer. The user's optimizer and learning-rate
+    schedule are used as they are: the L steps must still be able to move w when μ is large, so end the μ schedule
+    where the learning rate ends (many short L steps across the run work better than a few long ones).
+
+    Validation during L-C measures the compressed model: from C step 0 on, every validation run swaps Δ(Θ) of the
+    latest C step into the model and restores w afterwards, so ``val_*`` metrics (and anything monitoring them) are
+    those of the model you would get by stopping there; they are also logged as ``lc/val_*``. Validation runs at the
+    Trainer's own cadence (``val_check_interval``, ``check_val_every_n_epoch``); with ``epochs_per_l`` and the
+    default once-per-epoch validation, every C-step iterate is evaluated exactly once.
+
+    Refused combinations (``ValueError`` at ``fit`` start, naming both callbacks and the layers): another pruning
+    callback (GMP, RigL, SET) on the same parameters, since its masks and L-C's C steps would each overwrite the
+    other's zeros (prune some layers with each through ``include``/``exclude``, or prune and quantize with
+    ``compression="prune+quantize"``); ``QuantizationAwareTraining`` on the same parameters, since the forward pass
+    would see QAT's q(w) while L-C pulls the latent w towards its own codebook and both rewrite the weights at the
+    end (use ``compression="quantize"`` or ``"prune+quantize"``); a second ``LearningCompression`` on the same
+    parameters. Disjoint layers compose freely, and the compressed export writes L-C's quantized layers as a
+    codebook and codes.
 
     Args:
         compression: ``prune`` (top-κ magnitudes), ``quantize`` (a codebook per layer) or ``prune+quantize``.
@@ -46,7 +66,15 @@ class LearningCompression(Callback):
         mu_init: μ_0 > 0. mu_multiplier: a >= 1. mu_max: the cap on μ.
         lc_steps: number of C steps (>= 1).
         steps_per_l: optimizer steps per L step (default: the steps after ``first_l_steps`` shared evenly).
+        epochs_per_l: training epochs per L step, instead of ``steps_per_l`` (not both).
         first_l_steps: optimizer steps of plain training before C step 0.
+        keep_best: a validation metric name (e.g. ``val_acc``): end with the evaluated C-step iterate Δ(Θ) whose
+            metric was best (Condensa's choice) instead of the last one. Iterates no validation run saw are not
+            candidates.
+        keep_best_mode: ``max`` or ``min`` for ``keep_best``; default ``min`` for names containing ``loss`` or
+            ``err``, else ``max``.
+        reset_momentum: zero the optimizer state (momentum, Adam moments) of the compressed parameters after every
+            C step, as the published code does by starting each L step with a new optimizer.
         include / exclude: glob patterns of parameter names (default: weights of Linear and Conv layers).
         verbose: print the per-layer table when fitting ends.
     """
@@ -65,6 +93,10 @@ class LearningCompression(Callback):
         lc_steps: int = 20,
         steps_per_l: int | None = None,
         first_l_steps: int = 0,
+        epochs_per_l: int | None = None,
+        keep_best: str | None = None,
+        keep_best_mode: str | None = None,
+        reset_momentum: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
@@ -85,6 +117,14 @@ class LearningCompression(Callback):
         check_steps("lc_steps", lc_steps, unit="C steps")
         if steps_per_l is not None:
             check_steps("steps_per_l", steps_per_l)
+        if epochs_per_l is not None:
+            check_steps("epochs_per_l", epochs_per_l, unit="epochs")
+            if steps_per_l is not None:
+                raise ValueError(f"Give `steps_per_l` or `epochs_per_l`, not both (got {steps_per_l} and {epochs_per_l})")
+        if keep_best is not None and (not isinstance(keep_best, str) or not keep_best):
+            raise ValueError(f"`keep_best` must be a metric name such as 'val_acc', or None, got {keep_best!r}")
+        if keep_best_mode is not None:
+            check_choice("keep_best_mode", keep_best_mode, ("max", "min"))
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
             raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
         self.compression, self.distribution, self.codebook = compression, distribution, codebook
@@ -93,6 +133,12 @@ class LearningCompression(Callback):
         self.codebook_size = codebook_size
         self.mu_init, self.mu_multiplier, self.mu_max = float(mu_init), float(mu_multiplier), float(mu_max)
         self.lc_steps, self.steps_per_l, self.first_l_steps = lc_steps, steps_per_l, first_l_steps
+        self.epochs_per_l = epochs_per_l
+        self.reset_momentum = bool(reset_momentum)
+        self.keep_best = keep_best
+        if keep_best_mode is None and keep_best is not None:
+            keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
+        self.keep_best_mode = keep_best_mode
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
         self.verbose = verbose
@@ -104,6 +150,8 @@ class LearningCompression(Callback):
         self._every: int | None = None  # resolved steps_per_l
         self._layer_sparsity: float | dict[str, float] = self.sparsity  # resolved per parameter in setup
         self._layer_k: dict[str, int] = {}  # codebook size per parameter
+        self.best: dict[str, Any] | None = None  # keep_best: {"score", "c_step", "delta"} of the best evaluated iterate
+        self._held: dict[str, Tensor] | None = None  # w while validation runs on Δ(Θ)
 
     @property
     def state_key(self) -> str:
@@ -125,26 +173,47 @@ class LearningCompression(Callback):
             layer_bits = per_layer("bits", self.bits, names)
             self._layer_k = {name: self.codebook_size or 2**bits for name, bits in layer_bits.items()}
         self.delta, self.lam, self.codebooks, self.c_steps_done, self._every = {}, {}, {}, 0, None
+        self.best, self._held = None, None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for callback in trainer.callbacks:
-            if isinstance(callback, SparsityCallback) and callback.masks is not None:
-                both = sorted(set(self.params) & set(callback.masks))
-                if both:
-                    raise ValueError(
-                        f"LearningCompression and {type(callback).__name__} both compress {both}: give them disjoint "
-                        f"layers (`include`/`exclude`), L-C C steps and another callback's masks would fight"
-                    )
-        total = trainer.estimated_stepping_batches
+        self._refuse_overlaps(trainer)
+        total = trainer.estimated_stepping_batches  # also sets up the train dataloader (num_training_batches)
         if self._every is None:
             after = total - self.first_l_steps
-            self._every = self.steps_per_l or max(1, int(after // max(self.lc_steps - 1, 1)) if after > 0 else 1)
+            if self.epochs_per_l is not None:
+                if math.isinf(trainer.num_training_batches):
+                    raise ValueError("`epochs_per_l` needs a train dataloader with a length: give `steps_per_l` instead")
+                self._every = self.epochs_per_l * math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+            else:
+                self._every = self.steps_per_l or max(1, int(after // max(self.lc_steps - 1, 1)) if after > 0 else 1)
         needed = self.first_l_steps + (self.lc_steps - 1) * self._every
         if needed > total:
+            given = f"`epochs_per_l`={self.epochs_per_l} ({self._every} steps)" if self.epochs_per_l else f"`steps_per_l`={self._every}"
             raise ValueError(
-                f"`steps_per_l`={self._every} with `lc_steps`={self.lc_steps} and `first_l_steps`={self.first_l_steps} "
+                f"{given} with `lc_steps`={self.lc_steps} and `first_l_steps`={self.first_l_steps} "
                 f"needs {needed} optimizer steps, but the run has {int(total)}: lower `steps_per_l` or `lc_steps`"
             )
+
+    def _refuse_overlaps(self, trainer: pl.Trainer) -> None:
+        """Refuse callbacks that also rewrite these parameters (see the class docstring for why)."""
+        for callback in trainer.callbacks:
+            if callback is self:
+                continue
+            if isinstance(callback, SparsityCallback):
+                theirs, why = set(callback.masks or ()), "L-C C steps and another callback's masks would fight"
+            elif isinstance(callback, QuantizationAwareTraining):
+                theirs = set(callback.params)
+                why = "QAT's fake-quantized forward and L-C's codebook would fight; use compression='quantize' or 'prune+quantize'"
+            elif isinstance(callback, LearningCompression):
+                theirs, why = set(callback.params), "two C steps cannot both own a weight"
+            else:
+                continue
+            both = sorted(set(self.params) & theirs)
+            if both:
+                raise ValueError(
+                    f"LearningCompression and {type(callback).__name__} both compress {both}: give them disjoint "
+                    f"layers (`include`/`exclude`), {why}"
+                )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.delta:
@@ -156,12 +225,36 @@ class LearningCompression(Callback):
                     param.grad = torch.zeros_like(param)
                 param.grad.add_(lc.penalty_gradient(param, self.delta[name], self.lam[name], mu))
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._maybe_c_step(trainer)  # C step 0 before any optimizer step when `first_l_steps` is 0
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.c_steps_done == self.lc_steps:  # after the last C step the model stays at Δ(Θ) (and so do checkpoints)
+            self._hold_compressed()
+        self._maybe_c_step(trainer)  # at the end of the batch, so that a validation run right after sees it
+
+    def _maybe_c_step(self, trainer: pl.Trainer) -> None:
         if self.c_steps_done < self.lc_steps and trainer.global_step == self.first_l_steps + self.c_steps_done * self._every:
             self._c_step(trainer)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.delta and trainer.state.fn == TrainerFn.FITTING:
+            self._swap_in_compressed()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._held is None:
+            return
+        self._restore_weights()
+        if not trainer.sanity_checking:
+            self._record_validation(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.delta:
+            if self.best is not None:
+                self.delta = {name: t.clone() for name, t in self.best["delta"].items()}
+            elif self.keep_best is not None:
+                rank_zero_warn(f"LearningCompression: no validation run saw a C-step iterate, so `keep_best` had no "
+                               f"candidates; the model ends with the last one")  # fmt: skip
             self._hold_compressed()
             if self.verbose:
                 self._print_table()
@@ -183,10 +276,11 @@ class LearningCompression(Callback):
         else:
             for name, param in self.params.items():
                 lc.update_multiplier(self.lam[name], param, self.delta[name], mu)
-        for optimizer in trainer.optimizers:  # momentum reset, as the reference L-C code does after each C step
-            for param in self.params.values():
-                for value in param_state(optimizer.state, param):
-                    value.zero_()
+        if self.reset_momentum:  # as the reference L-C code does after each C step (a new optimizer per L step)
+            for optimizer in trainer.optimizers:
+                for param in self.params.values():
+                    for value in param_state(optimizer.state, param):
+                        value.zero_()
         self.c_steps_done += 1
         if self.c_steps_done == self.lc_steps:
             self._hold_compressed()
@@ -205,6 +299,36 @@ class LearningCompression(Callback):
     def distances(self) -> dict[str, float]:
         """``||w - Δ(Θ)||`` per layer."""
         return {name: float((param.detach() - self.delta[name]).norm()) for name, param in self.params.items()}
+
+    @torch.no_grad()
+    def _swap_in_compressed(self) -> None:
+        self._held = {name: param.detach().clone() for name, param in self.params.items()}
+        self._hold_compressed()
+
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        for name, param in self.params.items():
+            param.copy_(self._held[name])
+        self._held = None
+
+    def _record_validation(self, trainer: pl.Trainer) -> None:
+        """Log the compressed model's validation metrics as ``lc/val_*`` and track the best iterate for ``keep_best``."""
+        found = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val")}
+        metrics = {f"lc/{name}": value for name, value in found.items()}
+        if self.keep_best is not None:
+            if self.keep_best not in trainer.callback_metrics:
+                raise ValueError(
+                    f"`keep_best`={self.keep_best!r} is not among the logged metrics {sorted(trainer.callback_metrics)}: "
+                    f"log it in `validation_step` or name another"
+                )
+            score = float(trainer.callback_metrics[self.keep_best])
+            better = self.best is None or (score > self.best["score"] if self.keep_best_mode == "max" else score < self.best["score"])
+            if better:
+                self.best = {"score": score, "c_step": self.c_steps_done, "delta": {n: t.clone() for n, t in self.delta.items()}}
+            metrics["lc/best_c_step"] = float(self.best["c_step"])
+        metrics["lc/c_step"] = float(self.c_steps_done)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def _log(self, trainer: pl.Trainer, mu: float) -> None:
         distances = self.distances()
@@ -231,7 +355,11 @@ class LearningCompression(Callback):
             "delta": {name: t.cpu().clone() for name, t in self.delta.items()},
             "lambda": {name: t.cpu().clone() for name, t in self.lam.items()},
             "codebooks": {name: t.cpu().clone() for name, t in self.codebooks.items()},
-        }
+            "best": None if self.best is None else {
+                "score": self.best["score"], "c_step": self.best["c_step"],
+                "delta": {name: t.cpu().clone() for name, t in self.best["delta"].items()},
+            },
+        }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("delta", "lambda"):
@@ -246,3 +374,5 @@ class LearningCompression(Callback):
         self.delta = {n: t.to(device[n]) for n, t in state_dict["delta"].items()}
         self.lam = {n: t.to(device[n]) for n, t in state_dict["lambda"].items()}
         self.codebooks = {n: t.to(device[n]) for n, t in state_dict["codebooks"].items()}
+        best = state_dict.get("best")
+        self.best = None if best is None else {**best, "delta": {n: t.to(device[n]) for n, t in best["delta"].items()}}
