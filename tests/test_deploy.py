@@ -273,7 +273,8 @@ def test_chain_finder_takes_linear_elementwise_linear_and_stops_at_other_modules
     want = _outputs(net, x)
     result = chains.build(gm, paths[0], x, "auto", repeats=3)
     assert isinstance(result.module, TransposedChain) and result.module.start_dim == 1 and result.names == ["1", "4"]
-    assert result.module.keep is None or result.module.keep.tolist() == list(range(5, 64))
+    read = (net[1].weight != 0).any(0).nonzero().flatten().tolist()  # the 5 pixels above and any column zero by chance
+    assert read[0] >= 5 and (result.module.keep is None or result.module.keep.tolist() == read)
     chains.replace(gm, paths[0], result.module)
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "output"]
     assert_same_outputs(gm, net, x)
