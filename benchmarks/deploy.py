@@ -85,15 +85,20 @@ def interleaved(dense: nn.Module, deployed: nn.Module, x: torch.Tensor, rounds: 
 
 
 def layers_text(report: Any) -> str:
-    """What each layer became: output channels before→after where thinned, and the kernel where not dense."""
-    parts = []
+    """What each layer became: output channels before→after where thinned, the kernel where not dense (or where it
+    runs in a transposed chain), and the chain."""
+    parts, chained = [], []
     for row in report.layers:
         shape = row.deployed_shape or row.shape
+        in_chain = "run on transposed activations" in row.reason
         how = [f"{row.shape[0]}→{shape[0]}"] if shape[0] != row.shape[0] else []
-        how += [row.deployed_as] if row.deployed_as not in ("dense", "thinned") else []
+        how += [row.deployed_as] if row.deployed_as not in ("dense", "thinned") else ["dense"] if in_chain else []
         if how:
             parts.append(f"{row.name} {' '.join(how)}")
-    return ", ".join(parts) or "all dense"
+        if in_chain:
+            chained.append(row.name)
+    text = ", ".join(parts) or "all dense"
+    return text + (f"; {' → '.join(chained)} one transposed chain" if chained else "")
 
 
 def main() -> None:

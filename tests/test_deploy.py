@@ -15,7 +15,7 @@ from lightning_sparse import GradualMagnitudePruning, deploy
 from lightning_sparse.cli import main as cli_main
 from lightning_sparse.core.structured import nm_counts
 from lightning_sparse.data import DigitsDataModule
-from lightning_sparse.deployment import FoldedConv, SparseLinear, deploy_model, load_deployed, save_deployed
+from lightning_sparse.deployment import FoldedConv, SparseLinear, TransposedChain, chains, deploy_model, load_deployed, save_deployed
 
 FAST = {"repeats": 3}  # timing runs per layer: enough to exercise the choice, not to decide it well
 
@@ -256,3 +256,48 @@ def test_cli_deploy_refusals_name_the_option(unstructured, tmp_path, capsys, arg
     with pytest.raises(SystemExit):
         cli_main(["deploy", *args])
     assert message in capsys.readouterr().err
+
+
+def test_chain_finder_takes_linear_elementwise_linear_and_stops_at_other_modules(data):
+    """Flatten → Linear → ReLU → Dropout → Linear is one chain (the flatten included); PReLU (a weight per channel)
+    is not elementwise, so the last Linear stays out; the chain's outputs equal the layers' on real digits."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16), nn.PReLU(), nn.Linear(16, 10))
+    with torch.no_grad():
+        net[1].weight[torch.rand(32, 64) < 0.9] = 0
+        net[1].weight[:, :5] = 0  # five input pixels no weight reads
+    gm = torch.fx.symbolic_trace(net.eval())
+    paths = chains.find_chains(gm)
+    assert [[str(n.target) for n in path] for path in paths] == [["0", "1", "2", "3", "4"]]
+    x = _test_images(data)
+    want = _outputs(net, x)
+    result = chains.build(gm, paths[0], x, "auto", repeats=3)
+    assert isinstance(result.module, TransposedChain) and result.module.start_dim == 1 and result.names == ["1", "4"]
+    read = (net[1].weight != 0).any(0).nonzero().flatten().tolist()  # the 5 pixels above and any column zero by chance
+    assert read[0] >= 5 and (result.module.keep is None or result.module.keep.tolist() == read)
+    chains.replace(gm, paths[0], result.module)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "output"]
+    assert_same_outputs(gm, net, x)
+    torch.testing.assert_close(_outputs(gm, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_transposed_chain_is_used_reported_and_exact_on_the_test_set(unstructured, data, tmp_path, monkeypatch):
+    """Whether the chain is used is decided by timing; a margin that accepts any time makes it deterministic here."""
+    monkeypatch.setattr(chains, "MARGIN", float("inf"))
+    model, _ = unstructured
+    result = deploy_model(model, _test_images(data)[:64], **FAST)
+    chain = result.model.get_submodule("chain_net_1_net_3_net_5")
+    assert isinstance(chain, TransposedChain) and chain.names == ["net.1", "net.3", "net.5"]
+    assert [n.op for n in result.model.graph.nodes] == ["placeholder", "call_module", "output"]  # the flatten inside too
+    assert len(result.report.chains) == 1 and result.report.chains[0].startswith("transposed chain net.1 → net.3 → net.5: ")
+    assert ", used; input: " in result.report.chains[0]
+    for name, form in zip(chain.names, chain.forms):
+        row = result.report.layer(name)
+        assert "in net.1 → net.3 → net.5, run on transposed activations" in row.reason, row.reason
+        assert form in ("dense", "csr", "bsr4", "bsr8", "bsr16", "bsr32")
+        assert row.deployed_as == form if form != "dense" else row.deployed_as in ("dense", "thinned")
+    assert_same_outputs(result.model, model, _test_images(data))  # all 360 test digits
+    save_deployed(result.model, tmp_path / "chain.pt")
+    assert_same_outputs(load_deployed(tmp_path / "chain.pt"), model, _test_images(data))
+    with torch.no_grad():  # plain tensors: the deployed chain also runs outside inference mode
+        torch.testing.assert_close(result.model(_test_images(data)), _outputs(model, _test_images(data)), rtol=1e-4, atol=1e-4)

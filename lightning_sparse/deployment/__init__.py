@@ -6,7 +6,13 @@ Pure torch (no Lightning import). ``lightning_sparse.deploy`` is :func:`deploy`.
 
 from lightning_sparse.deployment.api import Deployment, check_input, deploy, deploy_model, load_deployed, save_deployed
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern
-from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, semi_structured_supported
+from lightning_sparse.deployment.modules import (
+    FoldedConv,
+    SemiStructuredLinear,
+    SparseLinear,
+    TransposedChain,
+    semi_structured_supported,
+)
 from lightning_sparse.deployment.report import DeployReport, LayerReport, deploy_table, print_deploy_report
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "LayerReport",
     "SemiStructuredLinear",
     "SparseLinear",
+    "TransposedChain",
     "check_input",
     "deploy",
     "deploy_model",

@@ -2,7 +2,8 @@
 
 Steps: check the example input (naming the first layer that rejects it), trace the model with ``torch.fx``, remove
 zero output channels and the inputs that read them (:mod:`.thinning`), give each Linear layer with zeros the
-fastest of its dense and sparse forms as timed on its real input (:mod:`.kernels`), check the outputs against the
+fastest of its dense and sparse forms as timed on its real input (:mod:`.kernels`), run chains of Linear layers
+(elementwise modules between them) on transposed activations where that is faster (:mod:`.chains`), check the outputs against the
 original model, and measure parameter bytes, peak forward memory and forward time before and after.
 """
 
@@ -20,7 +21,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from lightning_sparse.deployment import kernels, memory, thinning
+from lightning_sparse.deployment import chains, kernels, memory, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
@@ -101,6 +102,8 @@ def deploy_model(
         report.notes.append("channels were not removed (that needs the traced graph)")
     if kernel != "dense":
         _choose_kernels(work, inputs, kernel, repeats, report)
+        if traced and kernel == "auto":
+            _transpose_chains(work, inputs, kernel, repeats, report)
     _describe_unchanged(work, report)
     if traced:
         work = flat_graph_module(work)  # layers as direct attributes: no per-call lookups through the hierarchy
@@ -325,6 +328,28 @@ def _choose_kernels(model: nn.Module, inputs: tuple[Tensor, ...], kernel: str, r
             row.deployed_as = choice.form
 
 
+def _transpose_chains(gm: fx.GraphModule, inputs: tuple[Tensor, ...], kernel: str, repeats: int, report: DeployReport) -> None:
+    """Run each chain Linear → elementwise* → Linear … on transposed activations where that is measured faster."""
+    for path in chains.find_chains(gm):
+        x = _record(gm, inputs, [path[0].args[0]])[path[0].args[0]]
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            continue
+        result = chains.build(gm, path, x, kernel, repeats)
+        report.chains.append(result.describe())
+        if not result.used:
+            continue
+        for choice in result.layers:
+            row = _row_or_none(report, choice.name)
+            if row is None:
+                continue
+            thinned = row.deployed_as == "thinned" or _deployed_shape(gm.get_submodule(choice.name)) != row.shape
+            row.deployed_as = choice.form if choice.form != "dense" else ("thinned" if thinned else "dense")
+            row.dense_ms, row.sparse_ms = choice.dense_ms, choice.sparse_ms
+            row.deployed_shape = tuple(getattr(result.module, f"weight{result.layers.index(choice)}").shape)
+            _explain(row, f"in {' → '.join(result.names)}, run on transposed activations: {choice.reason}")
+        chains.replace(gm, path, result.module)
+
+
 def _execution_order(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[str]:
     """Names of the Linear modules in the order the forward first calls them."""
     order: list[str] = []
@@ -361,7 +386,7 @@ def _describe_unchanged(model: nn.Module, report: DeployReport) -> None:
             _explain(row, "not called by forward: dropped from the deployed model")
             row.deployed_as = "unused"
             continue
-        row.deployed_shape = _deployed_shape(module)
+        row.deployed_shape = row.deployed_shape or _deployed_shape(module)
         if row.deployed_as == "dense" and row.pattern != "dense":
             if row.kind.startswith("Conv"):
                 _explain(row, "PyTorch has no sparse convolution kernel: kept dense")
