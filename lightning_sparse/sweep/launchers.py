@@ -6,6 +6,7 @@ runs subprocesses on this machine, :class:`RayLauncher` runs each one as a Ray t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -59,8 +60,6 @@ class Launcher(Protocol):
 
 def read_metrics(folder: Path) -> dict[str, float] | None:
     """The metrics a finished trial wrote, or None."""
-    import json
-
     path = folder / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
