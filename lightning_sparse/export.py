@@ -117,7 +117,7 @@ def save_compressed(source: Source, path: str | os.PathLike, *, verbose: bool = 
         raise ValueError("`source` holds no tensors to export")
     path = Path(path)
     rows: list[LayerExport] = []
-    with _atomic_writer(path) as f:
+    with atomic_writer(path) as f:
         layers, payloads, offset = [], [], 0
         for name, value in state.items():
             tensor = _checked_tensor(name, value)
@@ -252,7 +252,7 @@ def _encode(name: str, tensor: Tensor) -> tuple[Encoded, LayerExport]:
 
 
 @contextlib.contextmanager
-def _atomic_writer(path: Path) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
     """A file beside ``path`` that replaces it only once fully written and fsynced, and is removed on error."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
@@ -334,3 +334,12 @@ def _decode(layer: dict[str, Any], data: bytes) -> Tensor:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {layer['dtype']!r}")
     return decode(data, dtype, layer["shape"], layer["encoding"], layer["params"], layer["streams"])
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_writer`: a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path) as f:
+        f.write(text.encode())
+    return path

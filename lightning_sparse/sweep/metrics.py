@@ -46,11 +46,7 @@ def logged_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
+    export.write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 class SweepMetrics(Callback):

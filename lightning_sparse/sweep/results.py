@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from lightning_sparse.export import write_text_atomic
 from lightning_sparse.sweep.config import Objective, SweepConfig
 
 
@@ -67,17 +69,16 @@ def write_csv(path: Path, records: Sequence[TrialRecord], sweep: SweepConfig, ba
     metric_names = sorted({name for r in records for name in r.metrics})
     columns = ["index", "status", "feasible", *[f"param/{p.name}" for p in sweep.parameters], *metric_names, "seconds",
                "error", "log"]  # fmt: skip
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in sorted(records, key=lambda r: r.index):
-            writer.writerow({
-                "index": r.index, "status": r.status, "feasible": is_feasible(r, sweep, baseline),
-                **{f"param/{name}": value for name, value in r.parameters.items()}, **r.metrics, "seconds": "" if r.seconds is None else f"{r.seconds:.1f}",
-                "error": r.error or "", "log": r.log,
-            })  # fmt: skip
-    partial.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for r in sorted(records, key=lambda r: r.index):
+        writer.writerow({
+            "index": r.index, "status": r.status, "feasible": is_feasible(r, sweep, baseline),
+            **{f"param/{name}": value for name, value in r.parameters.items()}, **r.metrics,
+            "seconds": "" if r.seconds is None else f"{r.seconds:.1f}", "error": r.error or "", "log": r.log,
+        })  # fmt: skip
+    write_text_atomic(path, text.getvalue())
 
 
 def _fmt(value: Any) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from lightning_sparse.cli import dropped_for_dense_baseline
+from lightning_sparse.export import write_text_atomic
 from lightning_sparse.sweep.config import SweepConfig
 from lightning_sparse.sweep.overrides import set_value
 
@@ -85,9 +86,4 @@ def best_config(sweep: SweepConfig, parameters: Mapping[str, Any]) -> dict[str, 
 
 
 def write_yaml(path: Path, config: dict[str, Any], header: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(header + text)
-    partial.replace(path)
-    return path
+    return write_text_atomic(path, header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
