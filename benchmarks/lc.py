@@ -1,80 +1,116 @@
 """Learning-Compression against gradual magnitude pruning: LeNet-300-100 on real MNIST, equal optimizer steps.
 
-Every run uses the same seed, data order, epochs and optimizer (SGD, momentum 0.9, weight decay 5e-4, lr 0.1
-annealed to 0 by a cosine schedule, batch 128):
+Every run uses the same data order, epochs (so the same optimizer steps), batch 128 and SGD with momentum 0.9;
+dense, GMP and the short-L-step runs use weight decay 5e-4 (``--weight-decay``) and lr 0.1 annealed to 0 by one cosine schedule:
 
 * ``GMP 95%``: ``GradualMagnitudePruning(0.95, start=0.1, end=0.6, frequency=100, distribution="global")``;
-* ``L-C prune 95%``: ``LearningCompression("prune", sparsity=0.95, distribution="global")``: the first
-  ``--first`` of training is the reference model, then a C step every ``--steps-per-l`` optimizer steps to the end
-  of the run, with μ growing geometrically from ``--mu`` to ``--mu-final`` at the last C step (so the penalty
-  has pulled w onto Δ(Θ) just as the cosine learning rate reaches 0);
-* ``L-C 1-bit``: ``LearningCompression("quantize", bits=1)`` (a k-means codebook of K = 2 values per layer),
-  same schedule;
-* ``L-C prune+quantize``: 95% pruning and a 2-bit codebook on the kept weights, exported with
+* L-C rows train the reference model for the first 20% of the run (cosine from lr 0.1), then alternate L and C
+  steps under one of two schedules:
+
+  - ``short L steps``: a C step every 43 optimizer steps to the end of the run, μ from 0.01 to 1.5, the user's
+    cosine learning rate throughout (many short L steps, so that the L steps still move w when μ is large);
+  - ``fresh L steps``: the published code's recipe. One-epoch L steps, each started like a fresh optimizer with
+    ``l_step_lr=0.09`` · 0.95^k and annealed to 0 within the step, μ from 1e-3 to 0.3, the last C step three
+    epochs before the end (those steps train only the biases), and no weight decay: with K values per layer
+    ``||Δ(Θ)||²`` is N·c² per codebook entry, so decay shrinks the codebook of every layer at once.
+
+* ``L-C prune 95%``: ``LearningCompression("prune", sparsity=0.95, distribution="global")``, short L steps;
+* ``L-C 1-bit``: ``LearningCompression("quantize", bits=1)``, a k-means codebook of K = 2 values per layer;
+* ``L-C prune 95% + 2-bit``: 95% pruning and a 2-bit codebook on the kept weights, exported with
   ``save_compressed`` for its size ratio to fp32 dense.
 
-Targets (issue 5): L-C pruning error ≤ dense + 0.2 points and not worse than GMP; L-C 1-bit ≤ dense + 0.5.
+Targets (issue 5): L-C pruning error ≤ dense + 0.2 points and not worse than GMP; L-C 1-bit ≤ dense + 0.5, both
+on the mean over the seeds. Runs go ``--jobs`` at a time in worker processes of one torch thread each.
 
-Why many short L steps: under one learning-rate schedule for the whole run, an L step only moves w if the
-learning rate is still large enough when μ is; long L steps with μ growing to its end spend the last ones at a
-learning rate near 0, where w cannot reach Δ(Θ) (the first version, 20 C steps of 362 steps with μ 0.01·1.3^k,
-ended 1-bit at 12.0% error for that reason). With the C step every 43 steps, the same μ range gives 1-bit 3.5%
-and pruning 1.6% at 20 epochs.
+Run from the repository root (defaults: 14 runs of 40 epochs, about 12 minutes on 2 quiet CPU cores)::
 
-Run from the repository root (defaults take about 15 minutes on 2 shared CPU cores)::
-
-    .venv/bin/python -m benchmarks.lc [--epochs 20] [--first 0.2] [--steps-per-l 43] [--mu 0.01] [--mu-final 1.5]
+    .venv/bin/python -m benchmarks.lc [--epochs 40] [--seeds 0 1] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
+import torch
 from rich.table import Table
 
 from benchmarks.common import datamodule, emit, lenet300_parser, lenet300_test_error, quiet
 from lightning_sparse import GradualMagnitudePruning, LearningCompression
 
 STEPS_PER_EPOCH = 430  # 55,000 training images in batches of 128
-TARGETS = {"L-C prune 95%": ("GMP 95%", 0.2), "L-C 1-bit": (None, 0.5)}  # (not worse than, points over dense)
+ROWS = {  # name: (compression settings, L-C schedule or None)
+    "dense": ({}, None),
+    "GMP 95%": ({}, None),
+    "L-C prune 95%": ({"compression": "prune", "sparsity": 0.95, "distribution": "global"}, "short"),
+    "L-C 1-bit, short L steps": ({"compression": "quantize", "bits": 1}, "short"),
+    "L-C 1-bit, fresh L steps": ({"compression": "quantize", "bits": 1}, "fresh"),
+    "L-C prune 95% + 2-bit, short L steps": ({"compression": "prune+quantize", "sparsity": 0.95, "bits": 2}, "short"),
+    "L-C prune 95% + 2-bit, fresh L steps": ({"compression": "prune+quantize", "sparsity": 0.95, "bits": 2}, "fresh"),
+}
+TARGETS = {"L-C prune 95%": ("GMP 95%", 0.2), "L-C 1-bit, fresh L steps": (None, 0.5)}  # (not worse than, points)
+
+
+def schedule(kind: str, epochs: int) -> dict[str, Any]:
+    """``LearningCompression`` timing arguments for a run of ``epochs``: ``short`` or ``fresh`` L steps."""
+    total = epochs * STEPS_PER_EPOCH
+    first = total // 5
+    if kind == "short":
+        every, tail, mu, mu_final, extra = 43, 0, 1e-2, 1.5, {}
+    else:
+        every, tail, mu, mu_final = STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH, 1e-3, 0.3
+        extra = {"l_step_lr": 0.09, "l_step_lr_decay": 0.95}
+    lc_steps = (total - first - tail) // every + 1
+    multiplier = (mu_final / mu) ** (1 / max(lc_steps - 1, 1))
+    return {"mu_init": mu, "mu_multiplier": multiplier, "lc_steps": lc_steps, "steps_per_l": every,
+            "first_l_steps": first, **extra}  # fmt: skip
+
+
+def run(name: str, seed: int, epochs: int, lr: float, batch_size: int, weight_decay: float) -> dict[str, Any]:
+    """Train and test one row for one seed (in a worker process, one torch thread)."""
+    torch.set_num_threads(1)
+    quiet()
+    settings, kind = ROWS[name]
+    callbacks: list[Any] = []
+    if name.startswith("GMP"):
+        callbacks = [GradualMagnitudePruning(0.95, start=0.1, end=0.6, frequency=100, distribution="global", verbose=False)]
+    elif kind is not None:
+        callbacks = [LearningCompression(**settings, **schedule(kind, epochs), verbose=False)]
+    weight_decay = 0.0 if kind == "fresh" else weight_decay
+    dm = datamodule("mnist", batch_size, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        export = Path(tmp) / "model.lsz" if "2-bit" in name else None
+        return lenet300_test_error(callbacks, dm, epochs, seed, lr, weight_decay, export)
 
 
 def main() -> None:
     parser = lenet300_parser(__doc__, weight_decay=5e-4)
-    parser.add_argument("--mu", type=float, default=1e-2, help="mu_init")
-    parser.add_argument("--mu-final", type=float, default=1.5, help="mu at the last C step (sets mu_multiplier)")
-    parser.add_argument("--steps-per-l", type=int, default=43, help="optimizer steps per L step")
-    parser.add_argument("--first", type=float, default=0.2, help="fraction of training before C step 0")
-    parser.add_argument("--reset-momentum", type=int, default=1, help="zero momentum after each C step (1) or not (0)")
+    parser.set_defaults(epochs=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per row and seed")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (worker processes, one thread each)")
     args = parser.parse_args()
-    quiet()
     started = time.perf_counter()
-    dm = datamodule("mnist", args.batch_size, args.seed)
-    first = int(args.first * args.epochs * STEPS_PER_EPOCH)
-    lc_steps = (args.epochs * STEPS_PER_EPOCH - first) // args.steps_per_l + 1  # the last C step at the end of the run
-    a = (args.mu_final / args.mu) ** (1 / max(lc_steps - 1, 1))
-    schedule = {"mu_init": args.mu, "mu_multiplier": a, "lc_steps": lc_steps, "steps_per_l": args.steps_per_l,
-                "first_l_steps": first, "reset_momentum": bool(args.reset_momentum), "verbose": False}  # fmt: skip
-    configs: dict[str, list[Any]] = {
-        "dense": [],
-        "GMP 95%": [GradualMagnitudePruning(0.95, start=0.1, end=0.6, frequency=100, distribution="global", verbose=False)],
-        "L-C prune 95%": [LearningCompression("prune", sparsity=0.95, distribution="global", **schedule)],
-        "L-C 1-bit": [LearningCompression("quantize", bits=1, **schedule)],
-        "L-C prune+quantize": [LearningCompression("prune+quantize", sparsity=0.95, bits=2, **schedule)],
-    }
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, callbacks in configs.items():
-            export = Path(tmp) / "model.lsz" if name == "L-C prune+quantize" else None
-            results[name] = lenet300_test_error(callbacks, dm, args.epochs, args.seed, args.lr, args.weight_decay, export)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {(name, seed): pool.submit(run, name, seed, args.epochs, args.lr, args.batch_size, args.weight_decay)
+                   for seed in args.seeds for name in ROWS}  # fmt: skip
+        runs = {key: future.result() for key, future in futures.items()}
     wall = time.perf_counter() - started
 
+    results: dict[str, dict[str, Any]] = {}
+    for name in ROWS:
+        per_seed = [runs[name, seed] for seed in args.seeds]
+        results[name] = {"test_error_pct": mean(r["test_error_pct"] for r in per_seed), "runs": per_seed,
+                         "measured_sparsity": per_seed[0]["measured_sparsity"]}  # fmt: skip
+        if "export_ratio" in per_seed[0]:
+            results[name]["export_ratio"] = mean(r["export_ratio"] for r in per_seed)
     dense = results["dense"]["test_error_pct"]
-    table = Table(title=f"LeNet-300-100 on MNIST: Learning-Compression vs GMP, {args.epochs} epochs, seed {args.seed}")
-    for column in ("config", "weight zeros", "test error %", "Δ vs dense", "export ×", "target", "met"):
+    seeds = " / ".join(map(str, args.seeds))
+    table = Table(title=f"LeNet-300-100 on MNIST: Learning-Compression vs GMP, {args.epochs} epochs, seeds {seeds}")
+    for column in ("config", "weight zeros", f"test error % (seeds {seeds})", "mean", "Δ vs dense", "export ×", "target", "met"):
         table.add_column(column, justify="left" if column in ("config", "target") else "right")
     for name, r in results.items():
         r["delta_points"] = r["test_error_pct"] - dense
@@ -85,12 +121,16 @@ def main() -> None:
             target = f"≤ +{points}" + (f", ≤ {rival}" if rival else "")
             met = "[green]yes" if ok else "[red]no"
         ratio = f"{r['export_ratio']:.1f}" if "export_ratio" in r else ""
-        table.add_row(name, f"{r['measured_sparsity']:.2%}", f"{r['test_error_pct']:.2f}", f"{r['delta_points']:+.2f}",
+        errors = " / ".join(f"{run['test_error_pct']:.2f}" for run in r["runs"])
+        table.add_row(name, f"{r['measured_sparsity']:.2%}", errors, f"{r['test_error_pct']:.2f}", f"{r['delta_points']:+.2f}",
                       ratio, target, met)  # fmt: skip
+    short, fresh = schedule("short", args.epochs), schedule("fresh", args.epochs)
     table.caption = (
-        f"L-C: first {first} steps plain, then {lc_steps} C steps every {args.steps_per_l} steps, mu {args.mu} × "
-        f"{a:.4f}^k (to {args.mu_final}), momentum reset {bool(args.reset_momentum)}; GMP cubic 0.1..0.6, global. "
-        f"Wall time {wall:.0f} s."
+        f"{args.epochs * STEPS_PER_EPOCH} optimizer steps per run. Short L steps: {short['lc_steps']} C steps every 43 "
+        f"steps from step {short['first_l_steps']}, μ 0.01 × {short['mu_multiplier']:.4f}^k, cosine lr, weight decay "
+        f"{args.weight_decay}. Fresh L steps: {fresh['lc_steps']} C steps every {STEPS_PER_EPOCH} steps, μ 0.001 × "
+        f"{fresh['mu_multiplier']:.4f}^k, l_step_lr 0.09 × 0.95^k, no weight decay. GMP cubic 0.1..0.6, global. "
+        f"Wall time {wall:.0f} s with {args.jobs} jobs."
     )
     emit("lc", table, {"args": vars(args), "wall_s": wall, "results": results})
 

@@ -56,6 +56,18 @@ def test_penalty_gradient_and_multiplier_update():
     assert lc.mu_at(3, 1e-3, 1.1, 1.0) == pytest.approx(1e-3 * 1.1**3) and lc.mu_at(200, 1e-3, 1.1, 1.0) == 1.0
 
 
+def test_l_step_lr_restarts_at_every_c_step_and_anneals_to_zero():
+    # C steps at 10, 30, 50 (first 10, every 20, 3 of them); the run has 70 steps, so the last stretch is 50..69.
+    lr = [lc.l_step_lr(step, 10, 20, 3, 70, 0.1, 0.5) for step in range(70)]
+    assert lr[:10] == [None] * 10  # the user's schedule before C step 0
+    assert (lr[10], lr[30], lr[50]) == pytest.approx((0.1, 0.05, 0.025))  # base · decay^k at each restart
+    assert (lr[20], lr[40], lr[60]) == pytest.approx((0.05, 0.025, 0.0125))  # halfway through: half of it
+    for start in (10, 30, 50):
+        stretch = lr[start : start + 20]
+        assert all(a > b for a, b in zip(stretch, stretch[1:])) and 0 < stretch[-1] < 0.01 * stretch[0]
+    assert lc.l_step_lr(500, 10, 20, 3, 70, 0.1, 0.5) == 0.0  # past the end it stays annealed
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -73,6 +85,8 @@ def test_penalty_gradient_and_multiplier_update():
         ({"epochs_per_l": 0}, r"`epochs_per_l` must be an int >= 1 \(epochs\), got 0"),
         ({"steps_per_l": 10, "epochs_per_l": 1}, r"Give `steps_per_l` or `epochs_per_l`, not both \(got 10 and 1\)"),
         ({"keep_best": ""}, r"`keep_best` must be a metric name such as 'val_acc', or None, got ''"),
+        ({"l_step_lr": 0.0}, r"`l_step_lr` must be a number > 0 or None, got 0.0"),
+        ({"l_step_lr_decay": 1.5}, r"`l_step_lr_decay` must be a number in \(0, 1\], got 1.5"),
         ({"keep_best": "val_acc", "keep_best_mode": "best"}, r"`keep_best_mode` must be one of \('max', 'min'\), got 'best'"),
     ],
 )
@@ -181,7 +195,7 @@ def test_lc_resumes_bit_identically(tmp_path, keep_best):
         pl.seed_everything(4)
         model = digits_model(optimizer="adam", lr=2e-3)
         callback = LearningCompression(compression="prune+quantize", sparsity=0.8, bits=2, lc_steps=6, steps_per_l=11,
-                                       first_l_steps=8, mu_init=1e-2, keep_best=keep_best)  # fmt: skip
+                                       first_l_steps=8, mu_init=1e-2, keep_best=keep_best, l_step_lr=3e-3)  # fmt: skip
         callbacks = [callback] + ([StopAfterEpoch(stop, root / "cut.ckpt")] if stop is not None else [])
         make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
         return model, callback
@@ -281,3 +295,22 @@ def test_momentum_is_reset_after_each_c_step_unless_told_not_to(tmp_path, digits
 
     make_trainer(tmp_path, [callback, MomentumProbe()], max_epochs=2).fit(digits_model(momentum=0.9), digits)
     assert checked == [reset] * 3
+
+
+def test_l_step_lr_sets_the_learning_rate_of_every_l_step(tmp_path, digits):
+    callback = LearningCompression(lc_steps=3, steps_per_l=20, first_l_steps=20, l_step_lr=0.2, l_step_lr_decay=0.5,
+                                   verbose=False)  # fmt: skip
+    used = {}
+
+    class LearningRateProbe(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            used[trainer.global_step] = {group["lr"] for group in optimizer.param_groups}
+
+    model = digits_model(lr=0.05, lr_schedule="cosine")  # 4 epochs of 20 steps: C steps at 20, 40, 60
+    make_trainer(tmp_path, [callback, LearningRateProbe()]).fit(model, digits)
+    assert len(used) == 80 and all(len(rates) == 1 for rates in used.values())
+    rate = {step: rates.pop() for step, rates in used.items()}
+    assert rate[0] == pytest.approx(0.05) and rate[19] < 0.05  # the model's own cosine schedule until C step 0
+    assert (rate[20], rate[40], rate[60]) == pytest.approx((0.2, 0.1, 0.05))  # a fresh start per L step
+    assert (rate[30], rate[50], rate[70]) == pytest.approx((0.1, 0.05, 0.025))
+    assert rate[59] < rate[60] and rate[79] < 0.01 * rate[60]

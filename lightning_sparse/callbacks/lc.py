@@ -37,9 +37,17 @@ class LearningCompression(Callback):
     in all; μ_k = ``mu_init`` · ``mu_multiplier``^k (at most ``mu_max``). The penalty reaches the optimizer as the
     extra gradient ``μ(w - Δ) - λ`` (after DDP all-reduce and accumulation), so the LightningModule is untouched;
     optimizer momentum is reset after every C step, as the published code does. From the last C step on, the
-    model holds Δ(Θ): exact sparsity and at most K distinct values per layer. The user's optimizer and learning-rate
-    schedule are used as they are: the L steps must still be able to move w when μ is large, so end the μ schedule
-    where the learning rate ends (many short L steps across the run work better than a few long ones).
+    model holds Δ(Θ): exact sparsity and at most K distinct values per layer; steps left after it still train what
+    L-C does not compress (biases, normalisation), which costs nothing in feasibility.
+
+    Learning rate: by default the user's optimizer and schedule are used as they are, so the L steps must still be
+    able to move w when μ is large: end the μ schedule where the learning rate ends (many short L steps across one
+    cosine schedule). With ``l_step_lr``, every L step runs like a fresh optimizer instead, as in the published
+    code: from C step 0 on, L-C sets the learning rate of every parameter group to ``l_step_lr · l_step_lr_decay^k``
+    at the start of L step k, annealed to 0 by a half cosine at its end (overriding any scheduler of the user's
+    from then on). That suits few long L steps with a slowly growing μ, and quantization to 1 or 2 bits in
+    particular. Weight decay fights quantization: with K values per layer, ``||Δ(Θ)||²`` is a sum of N·c² over
+    the codebook, so decay shrinks the whole codebook at once; give the compressed layers no decay there.
 
     Validation during L-C measures the compressed model: from C step 0 on, every validation run swaps Δ(Θ) of the
     latest C step into the model and restores w afterwards, so ``val_*`` metrics (and anything monitoring them) are
@@ -75,6 +83,8 @@ class LearningCompression(Callback):
             ``err``, else ``max``.
         reset_momentum: zero the optimizer state (momentum, Adam moments) of the compressed parameters after every
             C step, as the published code does by starting each L step with a new optimizer.
+        l_step_lr: learning rate at the start of every L step (see above), or None to keep the user's schedule.
+        l_step_lr_decay: factor in (0, 1] applied to ``l_step_lr`` per L step (the published code uses 0.98).
         include / exclude: glob patterns of parameter names (default: weights of Linear and Conv layers).
         verbose: print the per-layer table when fitting ends.
     """
@@ -97,6 +107,8 @@ class LearningCompression(Callback):
         keep_best: str | None = None,
         keep_best_mode: str | None = None,
         reset_momentum: bool = True,
+        l_step_lr: float | None = None,
+        l_step_lr_decay: float = 0.98,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
@@ -125,6 +137,10 @@ class LearningCompression(Callback):
             raise ValueError(f"`keep_best` must be a metric name such as 'val_acc', or None, got {keep_best!r}")
         if keep_best_mode is not None:
             check_choice("keep_best_mode", keep_best_mode, ("max", "min"))
+        if l_step_lr is not None and (isinstance(l_step_lr, bool) or not isinstance(l_step_lr, (int, float)) or not l_step_lr > 0):
+            raise ValueError(f"`l_step_lr` must be a number > 0 or None, got {l_step_lr!r}")
+        if isinstance(l_step_lr_decay, bool) or not isinstance(l_step_lr_decay, (int, float)) or not 0 < l_step_lr_decay <= 1:
+            raise ValueError(f"`l_step_lr_decay` must be a number in (0, 1], got {l_step_lr_decay!r}")
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
             raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
         self.compression, self.distribution, self.codebook = compression, distribution, codebook
@@ -135,6 +151,8 @@ class LearningCompression(Callback):
         self.lc_steps, self.steps_per_l, self.first_l_steps = lc_steps, steps_per_l, first_l_steps
         self.epochs_per_l = epochs_per_l
         self.reset_momentum = bool(reset_momentum)
+        self.l_step_lr = None if l_step_lr is None else float(l_step_lr)
+        self.l_step_lr_decay = float(l_step_lr_decay)
         self.keep_best = keep_best
         if keep_best_mode is None and keep_best is not None:
             keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
@@ -148,6 +166,7 @@ class LearningCompression(Callback):
         self.codebooks: dict[str, Tensor] = {}
         self.c_steps_done = 0
         self._every: int | None = None  # resolved steps_per_l
+        self._total = 0  # optimizer steps in the run
         self._layer_sparsity: float | dict[str, float] = self.sparsity  # resolved per parameter in setup
         self._layer_k: dict[str, int] = {}  # codebook size per parameter
         self.best: dict[str, Any] | None = None  # keep_best: {"score", "c_step", "delta"} of the best evaluated iterate
@@ -178,6 +197,7 @@ class LearningCompression(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._refuse_overlaps(trainer)
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader (num_training_batches)
+        self._total = int(total) if math.isfinite(total) else 0
         if self._every is None:
             after = total - self.first_l_steps
             if self.epochs_per_l is not None:
@@ -227,6 +247,8 @@ class LearningCompression(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._maybe_c_step(trainer)  # C step 0 before any optimizer step when `first_l_steps` is 0
+        if self.l_step_lr is not None:
+            self._set_learning_rate(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.c_steps_done == self.lc_steps:  # after the last C step the model stays at Δ(Θ) (and so do checkpoints)
@@ -264,6 +286,16 @@ class LearningCompression(Callback):
     def mu(self) -> float:
         """μ of the current L step: μ_k after C step k."""
         return lc.mu_at(max(self.c_steps_done - 1, 0), self.mu_init, self.mu_multiplier, self.mu_max)
+
+    def _set_learning_rate(self, trainer: pl.Trainer) -> None:
+        """``l_step_lr``: the learning rate of this optimizer step in the fresh-optimizer-per-L-step schedule."""
+        total = self._total or self.first_l_steps + self.lc_steps * self._every  # unknown length: one more L step
+        lr = lc.l_step_lr(trainer.global_step, self.first_l_steps, self._every, self.lc_steps, total,
+                          self.l_step_lr, self.l_step_lr_decay)  # fmt: skip
+        if lr is not None:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
     @torch.no_grad()
     def _c_step(self, trainer: pl.Trainer) -> None:

@@ -7,6 +7,7 @@ current ones, in closed form here. Then ``λ ← λ - μ(w - Δ(Θ))`` and μ gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +24,22 @@ CODEBOOKS = ("kmeans", "binary", "ternary")
 def mu_at(k: int, mu_init: float, multiplier: float, mu_max: float) -> float:
     """μ_k = μ_0 · a^k, capped at ``mu_max``."""
     return min(mu_init * multiplier**k, mu_max)
+
+
+def l_step_lr(step: int, first: int, every: int, lc_steps: int, total: int, base: float, decay: float) -> float | None:
+    """Learning rate at optimizer ``step`` when every L step runs like a fresh optimizer, as in the reference code.
+
+    L step k (after C step k at ``first + k·every``) starts at ``base · decay^k`` and anneals to 0 by a half cosine
+    over its ``every`` steps; the steps after the last C step (where only parameters L-C does not compress still
+    move) form one more such stretch up to ``total``. ``None`` before C step 0: the user's own schedule applies.
+    """
+    if step < first:
+        return None
+    k = min((step - first) // every, lc_steps - 1)
+    start = first + k * every
+    length = every if k < lc_steps - 1 else max(total - start, 1)
+    progress = min((step - start) / length, 1.0)
+    return base * decay**k * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def prune_c_step(targets: Mapping[str, Tensor], sparsity: float | Mapping[str, float], distribution: str) -> dict[str, Tensor]:
