@@ -72,16 +72,17 @@ def lenet300_test_error(
     lr: float,
     weight_decay: float = 0.0,
     export: Path | None = None,
+    lr_schedule_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train LeNet-300-100 from ``seed`` (SGD momentum 0.9, ``lr`` cosine to 0) and test the final model once.
 
-    With ``export``, the model is also written there with ``save_compressed`` and its size ratio is returned.
+    ``lr_schedule_steps`` ends the cosine earlier (see ``Classifier``). With ``export``, the model is also written there with ``save_compressed`` and its size ratio is returned.
 
     Returns the test error (%), the measured weight sparsity (exact zeros of the Linear weights) and wall seconds.
     """
     pl.seed_everything(seed, verbose=False)
     model = Classifier(arch="lenet300", input_shape=dm.input_shape, optimizer="sgd", lr=lr, momentum=0.9, lr_schedule="cosine",
-                       weight_decay=weight_decay)  # fmt: skip
+                       lr_schedule_steps=lr_schedule_steps, weight_decay=weight_decay)  # fmt: skip
     fitter = trainer(callbacks, max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
     started = time.perf_counter()
     fitter.fit(model, datamodule=dm)

@@ -74,6 +74,8 @@ class Classifier(pl.LightningModule):
         momentum: SGD momentum.
         weight_decay: L2 penalty.
         lr_schedule: ``constant`` or ``cosine`` (annealed to 0 over all optimizer steps).
+        lr_schedule_steps: with ``cosine``, anneal to 0 over this many optimizer steps instead and stay there, e.g.
+            a reference phase that ends where ``LearningCompression(l_step_lr=...)`` takes over the learning rate.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Classifier(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
+        lr_schedule_steps: int | None = None,
     ) -> None:
         super().__init__()
         for name, value, choices in (
@@ -95,6 +98,8 @@ class Classifier(pl.LightningModule):
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+        if lr_schedule_steps is not None and (isinstance(lr_schedule_steps, bool) or not isinstance(lr_schedule_steps, int) or lr_schedule_steps < 1):
+            raise ValueError(f"`lr_schedule_steps` must be an int >= 1 (optimizer steps) or None, got {lr_schedule_steps!r}")
         self.save_hyperparameters()
         self.net = ARCHITECTURES[arch](tuple(input_shape), num_classes)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -131,6 +136,9 @@ class Classifier(pl.LightningModule):
             optimizer = cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.lr_schedule == "constant":
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        steps = hp.get("lr_schedule_steps")
+        if steps is None:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(self.trainer.estimated_stepping_batches), 1))
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / steps, 1.0))))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from conftest import digits_model, make_trainer
@@ -40,6 +41,21 @@ def test_bad_model_arguments_name_the_choices():
         Classifier(arch="resnet")
     with pytest.raises(ValueError, match=r"`optimizer` must be one of"):
         Classifier(optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"`lr_schedule_steps` must be an int >= 1 \(optimizer steps\) or None, got 0"):
+        Classifier(lr_schedule="cosine", lr_schedule_steps=0)
+
+
+def test_cosine_schedule_can_end_early_and_stay_at_zero(tmp_path, digits):
+    rates = []
+
+    class Rates(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    model = digits_model(lr=0.08, lr_schedule="cosine", lr_schedule_steps=30)  # the run has 40 steps
+    make_trainer(tmp_path, [Rates()], max_epochs=2).fit(model, digits)
+    assert len(rates) == 40 and rates[0] == pytest.approx(0.08) and rates[15] == pytest.approx(0.04)
+    assert all(a > b for a, b in zip(rates[:30], rates[1:30])) and rates[30:] == [0.0] * 10
 
 
 def test_dense_lenet_learns_digits(tmp_path, digits):
