@@ -53,11 +53,13 @@ def trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
     )
 
 
-def lenet300_parser(doc: str, weight_decay: float = 0.0) -> argparse.ArgumentParser:
-    """The options every LeNet-300-100 benchmark shares: epochs, seed, learning rate, batch size, weight decay."""
+def lenet300_parser(doc: str, weight_decay: float = 0.0, seed: bool = True) -> argparse.ArgumentParser:
+    """The options every LeNet-300-100 benchmark shares: epochs, seed (unless ``seed=False``: the script takes
+    several), learning rate, batch size, weight decay."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate at step 0 (cosine to 0)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weight-decay", type=float, default=weight_decay, help="SGD weight decay, every run")

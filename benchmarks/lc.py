@@ -90,7 +90,7 @@ def run(name: str, seed: int, epochs: int, lr: float, batch_size: int, weight_de
 
 
 def main() -> None:
-    parser = lenet300_parser(__doc__, weight_decay=5e-4)
+    parser = lenet300_parser(__doc__, weight_decay=5e-4, seed=False)
     parser.set_defaults(epochs=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per row and seed")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (worker processes, one thread each)")

@@ -152,6 +152,19 @@ def test_lc_preset_with_overrides(tmp_path):
     assert checkpoint_sparsity(tmp_path) == pytest.approx(0.9, abs=1e-4)
 
 
+def test_lc_1bit_preset_with_fresh_l_steps(tmp_path):
+    output = run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'lc_1bit.yaml'}",
+        "--trainer.callbacks.lc_steps=3", "--trainer.callbacks.steps_per_l=8", "--trainer.callbacks.first_l_steps=10",
+        "--model.lr_schedule=cosine", "--model.lr_schedule_steps=10", "--model.weight_decay=0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "LearningCompression (quantize): per layer" in output
+    (ckpt,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert [torch.unique(state[f"net.{i}.weight"]).numel() for i in (1, 3, 5)] == [2, 2, 2]
+
+
 def test_dense_baseline_drops_every_compression_callback(tmp_path):
     output = run_cli(
         "fit", *DIGITS, "--compare_dense=true", f"--trainer.default_root_dir={tmp_path}",
