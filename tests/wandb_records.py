@@ -3,6 +3,8 @@
 The file is a LevelDB-style log (7-byte ``:W&B`` header, then 32 KiB blocks of records with a 7-byte
 header each: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)) holding protobuf
 ``Record`` messages. Recent wandb releases no longer ship a Python reader, so the tests carry this one.
+W&B's service may still be writing the file while a test reads it, so reading stops at the first chunk that is
+cut short or fails its checksum (zlib crc32 of the type byte, then the data).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+import zlib
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -25,11 +28,13 @@ def _payloads(data: bytes):
         if left < 7:  # block trailer padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
         chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+            return  # the writer has not finished this chunk yet
         pos += 7 + length
         if kind == 1:
             yield chunk
@@ -43,8 +48,8 @@ def _payloads(data: bytes):
 
 
 def _records(run_dir: str | Path, timeout: float = 60.0) -> list:
-    """Every record of a finished offline run. W&B's service writes the file after ``finish()`` returns, so wait
-    (up to ``timeout`` seconds) for the run's closing ``exit`` record before reading."""
+    """Every record of a finished offline run. W&B's service writes the file after ``finish()`` returns, so read
+    it again (for up to ``timeout`` seconds) until the run's closing ``exit`` record is there."""
     (path,) = Path(run_dir).glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
