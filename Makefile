@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install -c constraints.txt
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test docs bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: install  ## train on digits with GMP to 90%, W&B offline, compare with a d
 test: install  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
+docs: install  ## build the documentation site into site/ (warnings are errors)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.overhead --configs dense rigl --steps 310 --rounds 8
@@ -34,4 +37,4 @@ bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.deploy
 
 clean:
-	rm -rf runs wandb lightning_logs .pytest_cache
+	rm -rf runs wandb lightning_logs .pytest_cache site

@@ -85,7 +85,8 @@ class LearningCompression(Callback):
             C step, as the published code does by starting each L step with a new optimizer.
         l_step_lr: learning rate at the start of every L step (see above), or None to keep the user's schedule.
         l_step_lr_decay: factor in (0, 1] applied to ``l_step_lr`` per L step (the published code uses 0.98).
-        include / exclude: glob patterns of parameter names (default: weights of Linear and Conv layers).
+        include: glob patterns of parameter names to compress (default: weights of Linear and Conv layers).
+        exclude: glob patterns of parameter names to leave uncompressed.
         verbose: print the per-layer table when fitting ends.
     """
 
