@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_sparse.core.structured import nm_counts
 from lightning_sparse.deployment.modules import SemiStructuredLinear, SparseLinear, semi_structured_supported
 
 KERNELS = ("auto", "sparse", "dense")
@@ -64,11 +65,11 @@ def median_ms(functions: dict[str, Callable[[], object]], repeats: int, device: 
 def nm_pattern(weight: Tensor, ms: Sequence[int] = (4, 8)) -> tuple[int, int] | None:
     """``(N, M)`` when every group of M consecutive weights (rows of ``weight.reshape(out, -1)``) holds exactly N
     non-zeros, N < M; the smallest such M; ``None`` otherwise."""
-    rows = weight.detach().reshape(weight.shape[0], -1)
+    fan_in = weight[0].numel() if weight.dim() else 0
     for m in ms:
-        if rows.shape[1] % m:
+        if not fan_in or fan_in % m:
             continue
-        counts = (rows != 0).reshape(rows.shape[0], -1, m).sum(-1)
+        counts = nm_counts(weight, m)
         n = int(counts.max())
         if n < m and bool((counts == n).all()):
             return n, m
