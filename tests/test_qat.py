@@ -23,17 +23,27 @@ LAYERS = ("net.1.weight", "net.3.weight", "net.5.weight")
         ({"bits": 1}, r"`bits` must be an int in 2..8, got 1"),
         ({"bits": 9}, r"`bits` must be an int in 2..8, got 9"),
         ({"bits": {"net.1.*": 12}}, r"`bits\['net.1.\*'\]` must be an int in 2..8, got 12"),
-        ({"granularity": "per_row"}, r"`granularity` must be one of \('per_channel', 'per_tensor'\)"),
+        ({"scale": "per_row"}, r"`scale` must be one of \('per_channel', 'per_tensor'\)"),
         ({"method": "lloyd"}, r"`method` must be one of \('uniform', 'kmeans'\)"),
         ({"activations": 16}, r"`activations` must be an int in 2..8"),
         ({"start": 1.5}, r"`start` as a fraction of training must be in \[0, 1\]"),
-        ({"codebook_frequency": 0}, r"`codebook_frequency` must be an int >= 1"),
-        ({"prune": 1.0}, r"`prune` must be a number in \[0, 1\)"),
+        ({"frequency": 0}, r"`frequency` must be an int >= 1"),
+        ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizationAwareTraining(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [({"granularity": "per_tensor"}, {"scale": "per_tensor"}), ({"codebook_frequency": 7}, {"frequency": 7}), ({"prune": 0.3}, {"sparsity": 0.3})],
+)
+def test_old_argument_names_still_work_with_a_deprecation_warning(old, new):
+    with pytest.warns(DeprecationWarning, match=f"`{next(iter(old))}`\\) is renamed `{next(iter(new))}`"):
+        callback = QuantizationAwareTraining(**old)
+    assert getattr(callback, next(iter(new))) == next(iter(new.values()))
 
 
 def test_bits_pattern_matching_nothing_is_refused(tmp_path, digits):
@@ -68,7 +78,7 @@ def test_kmeans_finds_the_obvious_clusters():
 # ----------------------------------------------------------------------------- QAT in Trainer.fit
 def _quant_log(log_dir: Path) -> list[dict[str, float]]:
     with open(log_dir / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("quant/error/global")]
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("qat/error/global")]
 
 
 def test_qat_trains_with_quantized_weights_and_saves_them(tmp_path, digits):
@@ -81,7 +91,7 @@ def test_qat_trains_with_quantized_weights_and_saves_them(tmp_path, digits):
     for name in LAYERS:
         weight = model.get_parameter(name).detach()
         assert max(torch.unique(row).numel() for row in weight) <= 15  # 4-bit symmetric grid per output channel
-        latent = callback._latent[name]
+        latent = callback.quantizer.latent[name]
         assert not torch.equal(weight, latent)  # the latent weights are full precision...
         assert torch.equal(weight, callback.quantize_layer(name, latent))  # ...and the model holds q(latent)
     accuracy = trainer.test(model, digits, verbose=False)[0]["test_acc"]
@@ -99,12 +109,12 @@ def test_qat_trains_with_quantized_weights_and_saves_them(tmp_path, digits):
 
     rows = _quant_log(Path(logger.log_dir))
     assert [int(r["step"]) for r in rows][:3] == [9, 19, 29]  # with Lightning's own train metrics (log_every_n_steps=10)
-    assert all(rows[-1][f"quant/bits/{n}"] == 4 for n in LAYERS)
-    assert 0 < rows[-1]["quant/error/global"] < 0.2
+    assert all(rows[-1][f"qat/bits/{n}"] == 4 for n in LAYERS)
+    assert 0 < rows[-1]["qat/error/global"] < 0.2
 
 
 def test_kmeans_codebook_per_layer(tmp_path, digits):
-    callback = QuantizationAwareTraining(bits=2, method="kmeans", codebook_frequency=10)
+    callback = QuantizationAwareTraining(bits=2, method="kmeans", frequency=10)
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
     for name in LAYERS:
@@ -114,10 +124,10 @@ def test_kmeans_codebook_per_layer(tmp_path, digits):
 
 
 def test_per_layer_bits_and_unmatched_layers_stay_full_precision(tmp_path, digits):
-    callback = QuantizationAwareTraining(bits={"net.1.weight": 2, "net.3.*": 3}, granularity="per_tensor")
+    callback = QuantizationAwareTraining(bits={"net.1.weight": 2, "net.3.*": 3}, scale="per_tensor")
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
-    assert callback.layer_bits == {"net.1.weight": 2, "net.3.weight": 3}
+    assert callback.quantizer.bits == {"net.1.weight": 2, "net.3.weight": 3}
     assert torch.unique(model.net[1].weight).numel() <= 3
     assert torch.unique(model.net[3].weight).numel() <= 7
     assert torch.unique(model.net[5].weight).numel() > 100
@@ -160,7 +170,7 @@ def test_pruning_and_qat_in_one_trainer_in_either_order(tmp_path, pruner):
     for name in LAYERS:
         weight = first.get_parameter(name).detach()
         assert torch.all(weight[~masks.mask(name)] == 0)  # pruned weights stay exactly zero through quantization
-        assert torch.equal(weight, qat.quantize_layer(name, qat._latent[name]))  # and the rest is on the 4-bit grid
+        assert torch.equal(weight, qat.quantize_layer(name, qat.quantizer.latent[name]))  # and the rest is on the 4-bit grid
         assert max(torch.unique(row).numel() for row in weight) <= 15
 
 
@@ -175,7 +185,7 @@ def test_qat_with_pruning_resumes_bit_identically(tmp_path, pruner, method):
     def run(root, stop=None, ckpt=None):
         pl.seed_everything(9)
         model = digits_model(optimizer="adam", lr=2e-3)
-        callbacks = [RESUMABLE[pruner](), QuantizationAwareTraining(bits=3, method=method, codebook_frequency=7, start=5)]
+        callbacks = [RESUMABLE[pruner](), QuantizationAwareTraining(bits=3, method=method, frequency=7, start=5)]
         if stop is not None:
             callbacks.append(StopAfterEpoch(stop, root / "cut.ckpt"))
         make_trainer(root, callbacks).fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
@@ -187,15 +197,15 @@ def test_qat_with_pruning_resumes_bit_identically(tmp_path, pruner, method):
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     for name in LAYERS:
-        assert torch.equal(full_cbs[1]._latent[name], resumed_cbs[1]._latent[name])
+        assert torch.equal(full_cbs[1].quantizer.latent[name], resumed_cbs[1].quantizer.latent[name])
 
 
 def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
-    callback = QuantizationAwareTraining(bits=4, prune={"net.1.weight": 0.9, "net.3.weight": 0.5})
+    callback = QuantizationAwareTraining(bits=4, sparsity={"net.1.weight": 0.9, "net.3.weight": 0.5})
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
     for name, fraction in (("net.1.weight", 0.9), ("net.3.weight", 0.5), ("net.5.weight", 0.0)):
-        weight, latent = model.get_parameter(name).detach(), callback._latent[name]
+        weight, latent = model.get_parameter(name).detach(), callback.quantizer.latent[name]
         assert (weight == 0).float().mean().item() >= fraction - 1e-4
         assert (latent == 0).float().mean().item() < 0.01  # the latent weights keep every connection
     assert (model.net[1].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
@@ -218,7 +228,7 @@ def test_exported_qat_model_reloads_to_the_weights_it_was_evaluated_with(tmp_pat
 
 
 def test_clipq_and_a_pruning_callback_on_the_same_layers_are_refused(tmp_path, digits):
-    callbacks = [GradualMagnitudePruning(sparsity=0.5, exclude=["net.5.*"]), QuantizationAwareTraining(prune=0.5)]
-    message = r"`prune` \(CLIP-Q\) and GradualMagnitudePruning both prune \['net.1.weight', 'net.3.weight'\]"
+    callbacks = [GradualMagnitudePruning(sparsity=0.5, exclude=["net.5.*"]), QuantizationAwareTraining(sparsity=0.5)]
+    message = r"GradualMagnitudePruning and QuantizationAwareTraining both compress \['net.1.weight', 'net.3.weight'\]"
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, callbacks).fit(digits_model(), digits)

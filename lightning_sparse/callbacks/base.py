@@ -3,6 +3,7 @@ optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and lo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,19 +80,78 @@ def resolve_step(name: str, value: int | float, total_steps: float) -> int:
     return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
 
 
-class SparsityCallback(Callback):
-    """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
+def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
+    """The value of argument ``new``, also accepted under its old name ``old`` for one release (with a warning)."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{owner}(`{old}`) is renamed `{new}`; `{old}` will be removed in the next release", DeprecationWarning, stacklevel=3)
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"{owner}: give `{new}` or its old name `{old}`, not both (got {new_value!r} and {old_value!r})")
+    return old_value
 
-    Subclasses implement :meth:`_update_masks` (what happens at an optimizer step) and may extend
-    :meth:`_extra_state` / :meth:`_load_extra_state`. The base keeps pruned weights and their gradients at
-    exactly zero, makes every rank hold rank 0's masks, and logs ``sparsity/global`` and ``sparsity/<name>``.
+
+class CompressionCallback(Callback):
+    """One base for every callback that compresses parameters: which ones (``include``/``exclude``), the refusal of
+    another callback that would fight over them, one logging helper and the setup summary.
+
+    A subclass says what it compresses by filling :attr:`compressed` in ``setup``: ``{parameter name: what it
+    writes}``, where ``"zeros"`` means it decides which weights are zero (masks) and ``"values"`` that it rewrites
+    the weights' values (quantization, a projection). Two callbacks that write the same thing into one parameter
+    would overwrite each other's work, so the later one refuses the pair at ``setup``, before any training.
     """
+
+    #: prefix of the metrics this callback logs beside ``sparsity/*`` (``gmp``, ``rigl``, ``set``, ``qat``, ``lc``)
+    metric_prefix = ""
 
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
         self.verbose = verbose
+        self.compressed: dict[str, frozenset[str]] = {}
+
+    def _select(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The parameters ``include``/``exclude`` select (default: weights of Linear and Conv layers)."""
+        return select_targets(pl_module, self.include, self.exclude)
+
+    def _refuse_overlaps(self, trainer: pl.Trainer) -> None:
+        """Refuse an earlier callback of this Trainer that writes the same thing into one of this one's parameters."""
+        for other in trainer.callbacks:
+            if other is self:
+                return
+            if not isinstance(other, CompressionCallback):
+                continue
+            clash = {name: what & other.compressed[name] for name, what in self.compressed.items() if name in other.compressed}
+            both = sorted(name for name, what in clash.items() if what)
+            if both:
+                written = sorted(set().union(*(clash[name] for name in both)))
+                raise ValueError(
+                    f"{type(other).__name__} and {type(self).__name__} both compress {both}: both write their "
+                    f"{' and '.join(written)}, so each would overwrite the other's. Give them disjoint layers "
+                    f"(`include`/`exclude`, or a per-layer {{glob: value}} mapping){self._overlap_hint}"
+                )
+
+    #: appended to the overlap refusal: how to get what the user wanted with one callback
+    _overlap_hint = ""
+
+    def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+        """Send ``metrics`` to every logger of the Trainer, at the step of the last optimizer step."""
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+class SparsityCallback(CompressionCallback):
+    """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
+
+    Subclasses set :attr:`sparsity` (the target: a number or ``{glob: sparsity}``), implement :meth:`_update_masks`
+    (what happens at an optimizer step) and may extend
+    :meth:`_extra_state` / :meth:`_load_extra_state`. The base keeps pruned weights and their gradients at
+    exactly zero, makes every rank hold rank 0's masks, and logs ``sparsity/global`` and ``sparsity/<name>``.
+    """
+
+    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
+        super().__init__(include=include, exclude=exclude, verbose=verbose)
         self.masks: MaskSet | None = None
+        self.sparsity: float | dict[str, float] = 0.0  # set by the subclass
         self.layer_sparsity: dict[str, float] | None = None  # per-layer targets, when `sparsity` is a mapping
         self._decided_step = -1  # last optimizer step whose masks were decided
         self._masked_step = -1  # last optimizer step after which weights were re-masked
@@ -101,6 +161,8 @@ class SparsityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.masks = MaskSet(self._targets(pl_module))
+            self.compressed = {name: frozenset({"zeros"}) for name in self.masks}
+            self._refuse_overlaps(trainer)
             self._decided_step = self._masked_step = -1
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
@@ -133,9 +195,8 @@ class SparsityCallback(Callback):
     # ----------------------------------------------------------------- what
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
-        targets = select_targets(pl_module, self.include, self.exclude)
-        sparsity = getattr(self, "sparsity", None)
-        self.layer_sparsity = per_layer("sparsity", sparsity, list(targets)) if isinstance(sparsity, Mapping) else None
+        targets = self._select(pl_module)
+        self.layer_sparsity = per_layer("sparsity", self.sparsity, list(targets)) if isinstance(self.sparsity, Mapping) else None
         return {name: targets[name] for name in self.layer_sparsity} if self.layer_sparsity else targets
 
     def _target(self) -> float | dict[str, float]:
@@ -159,8 +220,7 @@ class SparsityCallback(Callback):
         metrics = {"sparsity/global": self.masks.sparsity()}
         metrics.update({f"sparsity/{name}": self.masks.sparsity(name) for name in self.masks})
         metrics.update(self._update_metrics())
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        self._log(trainer, metrics)
 
     @rank_zero_only
     def _print_table(self) -> None:

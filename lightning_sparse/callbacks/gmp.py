@@ -92,6 +92,8 @@ class GradualMagnitudePruning(SparsityCallback):
         self._start_step: int | None = None
         self._end_step: int | None = None
 
+    metric_prefix = "gmp"
+
     @property
     def state_key(self) -> str:
         extra = {} if self.granularity == "unstructured" else {"granularity": self.granularity}  # old keys unchanged

@@ -8,28 +8,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sparse import report
 from lightning_sparse.callbacks.base import (
-    SparsityCallback,
+    CompressionCallback,
     as_sparsity,
     check_choice,
     check_sparsity,
     check_steps,
 )
-from lightning_sparse.callbacks.qat import QuantizationAwareTraining
 from lightning_sparse.core import lc
-from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import check_bits
-from lightning_sparse.core.targets import each_setting, per_layer, select_targets
+from lightning_sparse.core.targets import each_setting, per_layer
 
 
-class LearningCompression(Callback):
+class LearningCompression(CompressionCallback):
     """Alternate L steps (training + ``μ/2 ||w - Δ(Θ) - λ/μ||²``) and C steps (``Θ = Π(w - λ/μ)``) inside ``fit``.
 
     Timeline in optimizer steps: ``first_l_steps`` of plain training (the reference model), then C step 0 (direct
@@ -90,6 +86,12 @@ class LearningCompression(Callback):
         verbose: print the per-layer table when fitting ends.
     """
 
+    metric_prefix = "lc"
+    _overlap_hint = (
+        "; L-C's C steps own the values and the zeros of its layers: to prune and quantize them use "
+        "compression='prune+quantize'"
+    )
+
     def __init__(
         self,
         compression: str = "prune",
@@ -114,6 +116,7 @@ class LearningCompression(Callback):
         exclude: list[str] | None = None,
         verbose: bool = True,
     ) -> None:
+        super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_choice("compression", compression, lc.COMPRESSIONS)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, ("global", "uniform"))
@@ -158,45 +161,70 @@ class LearningCompression(Callback):
         if keep_best_mode is None and keep_best is not None:
             keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
         self.keep_best_mode = keep_best_mode
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
-        self.verbose = verbose
-        self.params: dict[str, nn.Parameter] = {}
-        self.delta: dict[str, Tensor] = {}  # Δ(Θ) of the last C step
-        self.lam: dict[str, Tensor] = {}  # Lagrange multipliers λ
-        self.codebooks: dict[str, Tensor] = {}
-        self.c_steps_done = 0
+        self.compressor: lc.LearningCompressor | None = None
         self._every: int | None = None  # resolved steps_per_l
         self._total = 0  # optimizer steps in the run
-        self._layer_sparsity: float | dict[str, float] = self.sparsity  # resolved per parameter in setup
-        self._layer_k: dict[str, int] = {}  # codebook size per parameter
-        self.best: dict[str, Any] | None = None  # keep_best: {"score", "c_step", "delta"} of the best evaluated iterate
-        self._held: dict[str, Tensor] | None = None  # w while validation runs on Δ(Θ)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(compression=self.compression, include=self.include, exclude=self.exclude)
 
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The compressed parameters, by name (empty before ``setup``)."""
+        return self.compressor.params if self.compressor is not None else {}
+
+    @property
+    def c_steps_done(self) -> int:
+        return self.compressor.c_steps_done if self.compressor is not None else 0
+
+    @property
+    def delta(self) -> dict[str, Tensor]:
+        """Δ(Θ) of the last C step."""
+        return self.compressor.delta if self.compressor is not None else {}
+
+    @property
+    def lam(self) -> dict[str, Tensor]:
+        """The Lagrange multipliers λ."""
+        return self.compressor.lam if self.compressor is not None else {}
+
+    @property
+    def codebooks(self) -> dict[str, Tensor]:
+        return self.compressor.codebooks if self.compressor is not None else {}
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """``keep_best``: ``{"score", "c_step", "delta"}`` of the best evaluated iterate."""
+        return self.compressor.best if self.compressor is not None else None
+
+    @property
+    def mu(self) -> float:
+        """μ of the current L step: μ_k after C step k."""
+        return self.compressor.mu
+
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        targets = select_targets(pl_module, self.include, self.exclude)
+        targets = self._select(pl_module)
         names = list(targets)
         if isinstance(self.sparsity, dict) and "prune" in self.compression:
             names = list(per_layer("sparsity", self.sparsity, names))
         if isinstance(self.bits, dict) and "quantize" in self.compression:
             names = [n for n in per_layer("bits", self.bits, names)]
-        self.params = {name: targets[name] for name in names}
-        self._layer_sparsity = per_layer("sparsity", self.sparsity, names) if isinstance(self.sparsity, dict) else self.sparsity
+        layer_sparsity = per_layer("sparsity", self.sparsity, names) if isinstance(self.sparsity, dict) else self.sparsity
+        sizes = {}
         if "quantize" in self.compression:
-            layer_bits = per_layer("bits", self.bits, names)
-            self._layer_k = {name: self.codebook_size or 2**bits for name, bits in layer_bits.items()}
-        self.delta, self.lam, self.codebooks, self.c_steps_done, self._every = {}, {}, {}, 0, None
-        self.best, self._held = None, None
+            sizes = {name: self.codebook_size or 2**bits for name, bits in per_layer("bits", self.bits, names).items()}
+        self.compressor = lc.LearningCompressor(
+            {name: targets[name] for name in names}, self.compression, layer_sparsity, self.distribution, sizes,
+            self.codebook, self.mu_init, self.mu_multiplier, self.mu_max, self.reset_momentum,
+        )  # fmt: skip
+        self._every = None
+        self.compressed = {name: frozenset({"zeros", "values"}) for name in names}
+        self._refuse_overlaps(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._refuse_overlaps(trainer)
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader (num_training_batches)
         self._total = int(total) if math.isfinite(total) else 0
         if self._every is None:
@@ -215,36 +243,8 @@ class LearningCompression(Callback):
                 f"needs {needed} optimizer steps, but the run has {int(total)}: lower `steps_per_l` or `lc_steps`"
             )
 
-    def _refuse_overlaps(self, trainer: pl.Trainer) -> None:
-        """Refuse callbacks that also rewrite these parameters (see the class docstring for why)."""
-        for callback in trainer.callbacks:
-            if callback is self:
-                continue
-            if isinstance(callback, SparsityCallback):
-                theirs, why = set(callback.masks or ()), "L-C C steps and another callback's masks would fight"
-            elif isinstance(callback, QuantizationAwareTraining):
-                theirs = set(callback.params)
-                why = "QAT's fake-quantized forward and L-C's codebook would fight; use compression='quantize' or 'prune+quantize'"
-            elif isinstance(callback, LearningCompression):
-                theirs, why = set(callback.params), "two C steps cannot both own a weight"
-            else:
-                continue
-            both = sorted(set(self.params) & theirs)
-            if both:
-                raise ValueError(
-                    f"LearningCompression and {type(callback).__name__} both compress {both}: give them disjoint "
-                    f"layers (`include`/`exclude`), {why}"
-                )
-
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not self.delta:
-            return
-        mu = self.mu
-        with torch.no_grad():
-            for name, param in self.params.items():
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                param.grad.add_(lc.penalty_gradient(param, self.delta[name], self.lam[name], mu))
+        self.compressor.add_penalty_gradients()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._maybe_c_step(trainer)  # C step 0 before any optimizer step when `first_l_steps` is 0
@@ -253,7 +253,7 @@ class LearningCompression(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.c_steps_done == self.lc_steps:  # after the last C step the model stays at Δ(Θ) (and so do checkpoints)
-            self._hold_compressed()
+            self.compressor.hold_compressed()
         self._maybe_c_step(trainer)  # at the end of the batch, so that a validation run right after sees it
 
     def _maybe_c_step(self, trainer: pl.Trainer) -> None:
@@ -261,33 +261,26 @@ class LearningCompression(Callback):
             self._c_step(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.delta and trainer.state.fn == TrainerFn.FITTING:
-            self._swap_in_compressed()
+        if self.compressor is not None and self.compressor.started and trainer.state.fn == TrainerFn.FITTING:
+            self.compressor.swap_in()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._held is None:
+        if self.compressor is None or not self.compressor.swapped_in:
             return
-        self._restore_weights()
+        self.compressor.restore()
         if not trainer.sanity_checking:
             self._record_validation(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.delta:
-            if self.best is not None:
-                self.delta = {name: t.clone() for name, t in self.best["delta"].items()}
-            elif self.keep_best is not None:
+        if self.compressor is not None and self.compressor.started:
+            if self.best is None and self.keep_best is not None:
                 rank_zero_warn(f"LearningCompression: no validation run saw a C-step iterate, so `keep_best` had no "
                                f"candidates; the model ends with the last one")  # fmt: skip
-            self._hold_compressed()
+            self.compressor.finish()
             if self.verbose:
                 self._print_table()
 
     # ----------------------------------------------------------------- what
-    @property
-    def mu(self) -> float:
-        """μ of the current L step: μ_k after C step k."""
-        return lc.mu_at(max(self.c_steps_done - 1, 0), self.mu_init, self.mu_multiplier, self.mu_max)
-
     def _set_learning_rate(self, trainer: pl.Trainer) -> None:
         """``l_step_lr``: the learning rate of this optimizer step in the fresh-optimizer-per-L-step schedule."""
         total = self._total or self.first_l_steps + self.lc_steps * self._every  # unknown length: one more L step
@@ -298,51 +291,19 @@ class LearningCompression(Callback):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-    @torch.no_grad()
     def _c_step(self, trainer: pl.Trainer) -> None:
-        first = not self.delta
-        mu = self.mu
-        shifted = {n: p.detach() - (0 if first else self.lam[n] / mu) for n, p in self.params.items()}  # w - λ/μ
-        self.delta = self.project(shifted)
-        if first:
-            self.lam = {name: torch.zeros_like(param) for name, param in self.params.items()}
-        else:
-            for name, param in self.params.items():
-                lc.update_multiplier(self.lam[name], param, self.delta[name], mu)
-        if self.reset_momentum:  # as the reference L-C code does after each C step (a new optimizer per L step)
-            for optimizer in trainer.optimizers:
-                for param in self.params.values():
-                    for value in param_state(optimizer.state, param):
-                        value.zero_()
-        self.c_steps_done += 1
+        mu = self.compressor.c_step([optimizer.state for optimizer in trainer.optimizers])
         if self.c_steps_done == self.lc_steps:
-            self._hold_compressed()
-        self._log(trainer, mu)
+            self.compressor.hold_compressed()
+        self._log(trainer, self.compressor.metrics(mu))
 
     def project(self, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Π: the closed-form C step for this callback's compression, applied to ``targets``."""
-        return lc.project(targets, self.compression, self._layer_sparsity, self.distribution, self._layer_k,
-                          self.codebook, self.codebooks)  # fmt: skip
-
-    @torch.no_grad()
-    def _hold_compressed(self) -> None:
-        for name, param in self.params.items():
-            param.copy_(self.delta[name])
+        return self.compressor.project(targets)
 
     def distances(self) -> dict[str, float]:
         """``||w - Δ(Θ)||`` per layer."""
-        return {name: float((param.detach() - self.delta[name]).norm()) for name, param in self.params.items()}
-
-    @torch.no_grad()
-    def _swap_in_compressed(self) -> None:
-        self._held = {name: param.detach().clone() for name, param in self.params.items()}
-        self._hold_compressed()
-
-    @torch.no_grad()
-    def _restore_weights(self) -> None:
-        for name, param in self.params.items():
-            param.copy_(self._held[name])
-        self._held = None
+        return self.compressor.distances()
 
     def _record_validation(self, trainer: pl.Trainer) -> None:
         """Log the compressed model's validation metrics as ``lc/val_*`` and track the best iterate for ``keep_best``."""
@@ -354,26 +315,10 @@ class LearningCompression(Callback):
                     f"`keep_best`={self.keep_best!r} is not among the logged metrics {sorted(trainer.callback_metrics)}: "
                     f"log it in `validation_step` or name another"
                 )
-            score = float(trainer.callback_metrics[self.keep_best])
-            better = self.best is None or (score > self.best["score"] if self.keep_best_mode == "max" else score < self.best["score"])
-            if better:
-                self.best = {"score": score, "c_step": self.c_steps_done, "delta": {n: t.clone() for n, t in self.delta.items()}}
+            self.compressor.record(float(trainer.callback_metrics[self.keep_best]), self.keep_best_mode)
             metrics["lc/best_c_step"] = float(self.best["c_step"])
         metrics["lc/c_step"] = float(self.c_steps_done)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-    def _log(self, trainer: pl.Trainer, mu: float) -> None:
-        distances = self.distances()
-        metrics = {"lc/mu": mu, "lc/c_step": float(self.c_steps_done), "lc/distance": sum(d * d for d in distances.values()) ** 0.5}
-        metrics.update({f"lc/distance/{name}": d for name, d in distances.items()})
-        zeros = {name: int((d == 0).sum()) for name, d in self.delta.items()}
-        total = sum(d.numel() for d in self.delta.values())
-        metrics["sparsity/global"] = sum(zeros.values()) / total
-        metrics.update({f"sparsity/{name}": zeros[name] / self.delta[name].numel() for name in zeros})
-        metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in self.delta.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        self._log(trainer, metrics)
 
     @rank_zero_only
     def _print_table(self) -> None:
@@ -382,30 +327,12 @@ class LearningCompression(Callback):
 
     # ----------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "c_steps_done": self.c_steps_done,
-            "every": self._every,
-            "delta": {name: t.cpu().clone() for name, t in self.delta.items()},
-            "lambda": {name: t.cpu().clone() for name, t in self.lam.items()},
-            "codebooks": {name: t.cpu().clone() for name, t in self.codebooks.items()},
-            "best": None if self.best is None else {
-                "score": self.best["score"], "c_step": self.best["c_step"],
-                "delta": {name: t.cpu().clone() for name, t in self.best["delta"].items()},
-            },
-        }  # fmt: skip
+        if self.compressor is None:
+            return {}
+        return {"every": self._every, **self.compressor.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("delta", "lambda"):
-            for name, tensor in state_dict.get(key, {}).items():
-                if name not in self.params or tuple(tensor.shape) != tuple(self.params[name].shape):
-                    raise ValueError(
-                        f"Checkpoint L-C state {key!r} for {name!r} has shape {tuple(tensor.shape)}, which does not fit "
-                        f"the model (compressed here: {list(self.params)})"
-                    )
-        device = {name: param.device for name, param in self.params.items()}
-        self.c_steps_done, self._every = state_dict["c_steps_done"], state_dict["every"]
-        self.delta = {n: t.to(device[n]) for n, t in state_dict["delta"].items()}
-        self.lam = {n: t.to(device[n]) for n, t in state_dict["lambda"].items()}
-        self.codebooks = {n: t.to(device[n]) for n, t in state_dict["codebooks"].items()}
-        best = state_dict.get("best")
-        self.best = None if best is None else {**best, "delta": {n: t.to(device[n]) for n, t in best["delta"].items()}}
+        if "c_steps_done" not in state_dict:
+            return
+        self.compressor.load_state_dict(state_dict)
+        self._every = state_dict["every"]

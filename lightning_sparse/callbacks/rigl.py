@@ -91,6 +91,11 @@ class RigL(SparsityCallback):
         self._moved: dict[str, int] = {}
 
     @property
+    def metric_prefix(self) -> str:  # type: ignore[override]
+        """``rigl`` for gradient growth, ``set`` for random growth (SET)."""
+        return "rigl" if self.grow == "gradient" else "set"
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(sparsity=self.sparsity, grow=self.grow, include=self.include, exclude=self.exclude)
 
@@ -151,12 +156,12 @@ class RigL(SparsityCallback):
             mask = self.masks.mask(name)
             new = int((mask & ~unpack(self._initial[name], mask.shape)).sum())
             active = int(mask.sum())
-            metrics[f"rigl/churn/{name}"] = new / active if active else 0.0
+            metrics[f"{self.metric_prefix}/churn/{name}"] = new / active if active else 0.0
             new_total, active_total = new_total + new, active_total + active
-        metrics["rigl/churn/global"] = new_total / active_total if active_total else 0.0
+        metrics[f"{self.metric_prefix}/churn/global"] = new_total / active_total if active_total else 0.0
         if self._moved:
-            metrics.update({f"rigl/moved/{name}": float(count) for name, count in self._moved.items()})
-            metrics["rigl/moved/global"] = float(sum(self._moved.values()))
+            metrics.update({f"{self.metric_prefix}/moved/{name}": float(count) for name, count in self._moved.items()})
+            metrics[f"{self.metric_prefix}/moved/global"] = float(sum(self._moved.values()))
         return metrics
 
     # ----------------------------------------------------------------- checkpoint state
@@ -173,7 +178,7 @@ class RigL(SparsityCallback):
 
 
 class SET(RigL):
-    """Sparse Evolutionary Training (Mocanu et al. 2018): :class:`RigL` with random growth."""
+    """Sparse Evolutionary Training (Mocanu et al. 2018): :class:`RigL` with random growth; logs under ``set/``."""
 
     def __init__(
         self,

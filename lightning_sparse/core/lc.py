@@ -8,13 +8,15 @@ current ones, in closed form here. Then ``λ ← λ - μ(w - Δ(Θ))`` and μ gr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import kmeans_1d, nearest_codes
 
 COMPRESSIONS = ("prune", "quantize", "prune+quantize")
@@ -120,3 +122,183 @@ def penalty_gradient(weight: Tensor, delta: Tensor, lam: Tensor, mu: float) -> T
 def update_multiplier(lam: Tensor, weight: Tensor, delta: Tensor, mu: float) -> None:
     """λ ← λ - μ(w - Δ(Θ)), in place."""
     lam.sub_(mu * (weight.detach() - delta))
+
+
+class LearningCompressor:
+    """The state of one Learning-Compression run over a set of parameters: Δ(Θ), λ, the codebooks, μ_k, keep-best.
+
+    Verbs, as a training loop calls them (the Lightning callback calls the same ones from its hooks):
+
+    - :meth:`c_step` at each C step: ``Θ = Π(w - λ/μ)`` (λ = 0 at C step 0, direct compression), then
+      ``λ ← λ - μ(w - Δ(Θ))``, and optionally the optimizer state of the compressed parameters reset.
+    - :meth:`add_penalty_gradients` before every optimizer step of an L step: ``grad += μ(w - Δ) - λ``.
+    - :meth:`hold_compressed` to put Δ(Θ) into the parameters (after the last C step the model stays there);
+      :meth:`swap_in` / :meth:`restore` around an evaluation of the compressed model; :meth:`record` a metric
+      of that evaluation for ``keep_best``; :meth:`finish` ends on the best (or the last) iterate.
+
+    Args:
+        params: ``{name: parameter}`` to compress.
+        compression: ``prune``, ``quantize`` or ``prune+quantize``.
+        sparsity: fraction of zeros (pruning), one for all or ``{name: sparsity}``.
+        distribution: ``global`` (one κ over all layers) or ``uniform``.
+        codebook_sizes: K per parameter (quantization).
+        codebook: ``kmeans``, ``binary`` or ``ternary``.
+        mu_init: μ_0. mu_multiplier: a. mu_max: the cap on μ_k = μ_0 a^k.
+        reset_momentum: zero the optimizer state of the compressed parameters after every C step.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        compression: str = "prune",
+        sparsity: float | Mapping[str, float] = 0.9,
+        distribution: str = "global",
+        codebook_sizes: Mapping[str, int] | None = None,
+        codebook: str = "kmeans",
+        mu_init: float = 1e-3,
+        mu_multiplier: float = 1.1,
+        mu_max: float = 1e4,
+        reset_momentum: bool = True,
+    ) -> None:
+        self.params = dict(params)
+        self.compression, self.sparsity, self.distribution = compression, sparsity, distribution
+        self.codebook_sizes = dict(codebook_sizes or {})
+        self.codebook = codebook
+        self.mu_init, self.mu_multiplier, self.mu_max = mu_init, mu_multiplier, mu_max
+        self.reset_momentum = reset_momentum
+        self.delta: dict[str, Tensor] = {}  # Δ(Θ) of the last C step
+        self.lam: dict[str, Tensor] = {}  # Lagrange multipliers λ
+        self.codebooks: dict[str, Tensor] = {}
+        self.c_steps_done = 0
+        self.best: dict[str, Any] | None = None  # {"score", "c_step", "delta"} of the best evaluated iterate
+        self._held: dict[str, Tensor] | None = None  # w while an evaluation runs on Δ(Θ)
+
+    @property
+    def mu(self) -> float:
+        """μ of the current L step: μ_k after C step k."""
+        return mu_at(max(self.c_steps_done - 1, 0), self.mu_init, self.mu_multiplier, self.mu_max)
+
+    @property
+    def started(self) -> bool:
+        """True once C step 0 has run."""
+        return bool(self.delta)
+
+    def project(self, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Π: the closed-form C step for this compression, applied to ``targets``."""
+        return project(targets, self.compression, self.sparsity, self.distribution, self.codebook_sizes,
+                       self.codebook, self.codebooks)  # fmt: skip
+
+    @torch.no_grad()
+    def c_step(self, optimizer_states: Sequence[Mapping[Tensor, Mapping[str, Any]]] = ()) -> float:
+        """One C step and the multiplier update; returns the μ it used. ``optimizer_states`` (``optimizer.state``)
+        have the compressed parameters' per-weight state zeroed when ``reset_momentum``."""
+        first = not self.delta
+        mu = self.mu
+        shifted = {n: p.detach() - (0 if first else self.lam[n] / mu) for n, p in self.params.items()}  # w - λ/μ
+        self.delta = self.project(shifted)
+        if first:
+            self.lam = {name: torch.zeros_like(param) for name, param in self.params.items()}
+        else:
+            for name, param in self.params.items():
+                update_multiplier(self.lam[name], param, self.delta[name], mu)
+        if self.reset_momentum:  # as the reference L-C code does after each C step (a new optimizer per L step)
+            for state in optimizer_states:
+                for param in self.params.values():
+                    for value in param_state(state, param):
+                        value.zero_()
+        self.c_steps_done += 1
+        return mu
+
+    @torch.no_grad()
+    def add_penalty_gradients(self) -> None:
+        """``grad += μ(w - Δ(Θ)) - λ`` for every compressed parameter (a no-op before C step 0)."""
+        if not self.delta:
+            return
+        mu = self.mu
+        for name, param in self.params.items():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.add_(penalty_gradient(param, self.delta[name], self.lam[name], mu))
+
+    @torch.no_grad()
+    def hold_compressed(self) -> None:
+        """Write Δ(Θ) into the parameters."""
+        for name, param in self.params.items():
+            param.copy_(self.delta[name])
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Keep w aside and put Δ(Θ) into the parameters (to evaluate the compressed model)."""
+        self._held = {name: param.detach().clone() for name, param in self.params.items()}
+        self.hold_compressed()
+
+    @property
+    def swapped_in(self) -> bool:
+        return self._held is not None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put w back after :meth:`swap_in`."""
+        for name, param in self.params.items():
+            param.copy_(self._held[name])
+        self._held = None
+
+    def record(self, score: float, mode: str = "max") -> bool:
+        """Note an evaluation of the latest Δ(Θ); keep it if ``score`` is the best so far (``max``/``min``)."""
+        better = self.best is None or (score > self.best["score"] if mode == "max" else score < self.best["score"])
+        if better:
+            self.best = {"score": score, "c_step": self.c_steps_done, "delta": {n: t.clone() for n, t in self.delta.items()}}
+        return better
+
+    def finish(self) -> None:
+        """End on the best recorded iterate (if any), else the last one, held in the parameters."""
+        if self.best is not None:
+            self.delta = {name: t.clone() for name, t in self.best["delta"].items()}
+        self.hold_compressed()
+
+    def distances(self) -> dict[str, float]:
+        """``||w - Δ(Θ)||`` per layer."""
+        return {name: float((param.detach() - self.delta[name]).norm()) for name, param in self.params.items()}
+
+    def metrics(self, mu: float) -> dict[str, float]:
+        """What a C step logs: ``lc/mu``, ``lc/c_step``, ``lc/distance`` (and per layer), ``sparsity/*`` of Δ(Θ) and
+        ``lc/distinct/<name>`` (codebook values in use)."""
+        distances = self.distances()
+        metrics = {"lc/mu": mu, "lc/c_step": float(self.c_steps_done), "lc/distance": sum(d * d for d in distances.values()) ** 0.5}
+        metrics.update({f"lc/distance/{name}": d for name, d in distances.items()})
+        zeros = {name: int((d == 0).sum()) for name, d in self.delta.items()}
+        total = sum(d.numel() for d in self.delta.values())
+        metrics["sparsity/global"] = sum(zeros.values()) / total
+        metrics.update({f"sparsity/{name}": zeros[name] / self.delta[name].numel() for name in zeros})
+        metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in self.delta.items()})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """C steps done, Δ, λ, codebooks and the best iterate, on CPU."""
+        return {
+            "c_steps_done": self.c_steps_done,
+            "delta": {name: t.cpu().clone() for name, t in self.delta.items()},
+            "lambda": {name: t.cpu().clone() for name, t in self.lam.items()},
+            "codebooks": {name: t.cpu().clone() for name, t in self.codebooks.items()},
+            "best": None if self.best is None else {
+                "score": self.best["score"], "c_step": self.best["c_step"],
+                "delta": {name: t.cpu().clone() for name, t in self.best["delta"].items()},
+            },
+        }  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; every tensor is checked against its parameter before any is loaded."""
+        for key in ("delta", "lambda"):
+            for name, tensor in state.get(key, {}).items():
+                if name not in self.params or tuple(tensor.shape) != tuple(self.params[name].shape):
+                    raise ValueError(
+                        f"Checkpoint L-C state {key!r} for {name!r} has shape {tuple(tensor.shape)}, which does not fit "
+                        f"the model (compressed here: {list(self.params)})"
+                    )
+        device = {name: param.device for name, param in self.params.items()}
+        self.c_steps_done = state["c_steps_done"]
+        self.delta = {n: t.to(device[n]) for n, t in state["delta"].items()}
+        self.lam = {n: t.to(device[n]) for n, t in state["lambda"].items()}
+        self.codebooks = {n: t.to(device[n]) for n, t in state["codebooks"].items()}
+        best = state.get("best")
+        self.best = None if best is None else {**best, "delta": {n: t.to(device[n]) for n, t in best["delta"].items()}}

@@ -7,13 +7,17 @@ The same function gives the same bits on every call, which is what makes export 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
 
-GRANULARITIES = ("per_channel", "per_tensor")
+SCALES = ("per_channel", "per_tensor")
+GRANULARITIES = SCALES  # the old name of SCALES
 METHODS = ("uniform", "kmeans")
 
 
@@ -23,7 +27,7 @@ def check_bits(name: str, value: object, low: int = 2) -> None:
         raise ValueError(f"`{name}` must be an int in {low}..8, got {value!r}")
 
 
-def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel", symmetric: bool = True) -> Tensor:
+def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symmetric: bool = True) -> Tensor:
     """Round ``weight`` onto a uniform grid through PyTorch's fused fake-quantize kernels.
 
     Symmetric: ``2**bits - 1`` levels centred on 0 with ``scale = max|w| / (2**(bits-1) - 1)``. Asymmetric: the
@@ -32,7 +36,7 @@ def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel"
     """
     w = weight.detach()
     x = w.float()
-    per_channel = granularity == "per_channel" and x.dim() >= 2
+    per_channel = scale == "per_channel" and x.dim() >= 2
     dims = tuple(range(1, x.dim())) if per_channel else tuple(range(x.dim()))
     if symmetric:
         qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
@@ -103,3 +107,126 @@ def fit_codebook(weight: Tensor, bits: int, init: Tensor | None = None, iteratio
     """k-means codebook of ``2**bits`` values for the non-zero weights of one layer."""
     w = weight.detach().reshape(-1)
     return kmeans_1d(w[w != 0], 2**bits, init, iterations)
+
+
+class FakeQuantizer:
+    """Quantization-aware training's state for a set of parameters: the latent weights, codebooks and timing.
+
+    The straight-through estimator without hooks or parametrizations: while :attr:`quantized`, the parameters hold
+    q(w) and the full-precision latent weights w live here, so forward, backward, validation and checkpoints all
+    see what will be deployed. Verbs, in the order a training step calls them:
+
+    - :meth:`quantize` (before forward, and again after the optimizer step): keep w (with the pruning ``masks``
+      applied to it, so q(0) = 0 keeps pruned weights pruned) and write q(w) into the parameters; k-means
+      codebooks are re-fitted when ``frequency`` steps have passed since the last fit.
+    - :meth:`restore` (after backward, before the optimizer step): write w back, so the gradient taken at q(w)
+      updates w (the STE, Bengio et al. 2013).
+
+    q(w) of one layer is CLIP-Q's pruning of its ``sparsity[name]`` smallest latent weights (Tung & Mori 2018;
+    in q(w) only, so they can come back), then the uniform grid or the layer's codebook.
+
+    Args:
+        params: ``{name: parameter}`` to quantize.
+        bits: bits per parameter (2..8).
+        method: ``uniform`` or ``kmeans``.
+        scale: ``per_channel`` or ``per_tensor`` (uniform only).
+        symmetric: symmetric grid centred on 0, or asymmetric with a zero point.
+        sparsity: CLIP-Q's fraction of zeros per parameter (missing names: none).
+        frequency: optimizer steps between k-means re-fits.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        bits: Mapping[str, int],
+        method: str = "uniform",
+        scale: str = "per_channel",
+        symmetric: bool = True,
+        sparsity: Mapping[str, float] | None = None,
+        frequency: int = 100,
+    ) -> None:
+        self.params = dict(params)
+        self.bits = {name: bits[name] for name in self.params}
+        self.method, self.scale, self.symmetric = method, scale, symmetric
+        self.sparsity = dict(sparsity or {})
+        self.frequency = frequency
+        self.codebooks: dict[str, Tensor] = {}
+        self.latent: dict[str, Tensor] = {}
+        self.quantized = False
+        self.codebook_step = -1
+
+    @torch.no_grad()
+    def quantize(self, step: int, masks: Sequence[Any] = ()) -> None:
+        """Keep the latent weights (zeroed where any of ``masks`` prunes them) and put q(w) in the parameters."""
+        refit = self.method == "kmeans" and (not self.codebooks or step - self.codebook_step >= self.frequency)
+        for name, param in self.params.items():
+            latent = self.latent.get(name)
+            if latent is None:
+                latent = self.latent[name] = torch.empty_like(param)
+            latent.copy_(param)
+            for mask_set in masks:
+                mask_set.mask_tensor_(name, latent)
+            param.copy_(self.quantize_layer(name, latent, refit))
+        if refit:
+            self.codebook_step = step
+        self.quantized = True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the latent weights back into the parameters (the optimizer then steps w, not q(w))."""
+        if self.quantized:
+            for name, param in self.params.items():
+                param.copy_(self.latent[name])
+            self.quantized = False
+
+    def quantize_layer(self, name: str, latent: Tensor, refit: bool = False) -> Tensor:
+        """q(w) of one layer: CLIP-Q pruning (if any), then the uniform grid or the layer's codebook."""
+        fraction = self.sparsity.get(name, 0.0)
+        weight = zero_smallest(latent, fraction) if fraction else latent
+        bits = self.bits[name]
+        if self.method == "uniform":
+            return uniform_quantize(weight, bits, self.scale, self.symmetric)
+        if refit or name not in self.codebooks:
+            self.codebooks[name] = fit_codebook(weight, bits, self.codebooks.get(name))
+        return codebook_quantize(weight, self.codebooks[name])
+
+    def errors(self) -> dict[str, float]:
+        """Relative quantization error ``||q(w) - w|| / ||w||`` per layer (while the parameters hold q(w))."""
+        result = {}
+        for name, param in self.params.items():
+            latent = self.latent[name]
+            norm = float(latent.norm())
+            result[name] = float((param.detach() - latent).norm()) / norm if norm else 0.0
+        return result
+
+    def metrics(self, prefix: str = "qat") -> dict[str, float]:
+        """``{prefix}/bits/<name>``, ``{prefix}/error/<name>`` and the size-weighted ``{prefix}/error/global``."""
+        errors = self.errors()
+        metrics = {f"{prefix}/bits/{name}": float(bits) for name, bits in self.bits.items()}
+        metrics.update({f"{prefix}/error/{name}": error for name, error in errors.items()})
+        sizes = {name: self.params[name].numel() for name in errors}
+        metrics[f"{prefix}/error/global"] = sum(errors[n] * sizes[n] for n in errors) / max(sum(sizes.values()), 1)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Codebooks, the last re-fit step and, while the parameters hold q(w), the latent weights (on CPU)."""
+        state: dict[str, Any] = {"codebook_step": self.codebook_step}
+        state["codebooks"] = {name: codebook.cpu().clone() for name, codebook in self.codebooks.items()}
+        if self.quantized:  # the parameters (and so a checkpoint's state dict) hold q(w); resuming needs w
+            state["latent"] = {name: latent.cpu().clone() for name, latent in self.latent.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; every latent tensor is checked against its parameter before any is loaded."""
+        latent = state.get("latent", {})
+        for name, tensor in latent.items():
+            if name not in self.params or tuple(tensor.shape) != tuple(self.params[name].shape):
+                expected = tuple(self.params[name].shape) if name in self.params else "not quantized here"
+                raise ValueError(
+                    f"Checkpoint latent weights for {name!r} have shape {tuple(tensor.shape)} but the model's "
+                    f"parameter is {expected} (quantized here: {list(self.params)})"
+                )
+        self.codebook_step = state.get("codebook_step", -1)
+        self.codebooks = {n: c.to(self.params[n].device) for n, c in state.get("codebooks", {}).items()}
+        self.latent = {n: t.to(device=self.params[n].device, dtype=self.params[n].dtype) for n, t in latent.items()}
+        self.quantized = bool(latent)
