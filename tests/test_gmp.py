@@ -235,7 +235,7 @@ class _PrunedStayZero(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         masks = self.pruner.masks
         for name in masks:
-            if name in masks:
+            if masks.is_masked(name):
                 pruned = masks.params[name].detach()[~masks.mask(name)]
                 self.violations += int(((pruned != 0) | torch.signbit(pruned)).sum())
                 self.checked += pruned.numel()

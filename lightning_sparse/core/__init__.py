@@ -5,10 +5,11 @@ Nothing in this package imports Lightning, W&B or Ax, so it works from a plain P
 
 from lightning_sparse.core.allocation import DISTRIBUTIONS, erk_sparsities, zero_counts
 from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
-from lightning_sparse.core.dynamic import cosine_fraction, drop_and_grow, is_dynamic_update_step, random_masks
+from lightning_sparse.core.dynamic import cosine_fraction, drop_and_grow, is_dynamic_update_step, move_connections, random_masks
+from lightning_sparse.core.lc import LearningCompressor
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.pruning import prune_by_magnitude
-from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize, zero_smallest
+from lightning_sparse.core.quantize import FakeQuantizer, codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize, zero_smallest
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
 from lightning_sparse.core.structured import GRANULARITIES, Granularity, channel_mask, nm_mask, parse_granularity
 from lightning_sparse.core.targets import DEFAULT_MODULES, prunable_names, select_targets
@@ -16,8 +17,10 @@ from lightning_sparse.core.targets import DEFAULT_MODULES, prunable_names, selec
 __all__ = [
     "DEFAULT_MODULES",
     "DISTRIBUTIONS",
+    "FakeQuantizer",
     "GRANULARITIES",
     "Granularity",
+    "LearningCompressor",
     "MaskSet",
     "SCHEDULES",
     "codebook_quantize",
@@ -31,6 +34,7 @@ __all__ = [
     "is_update_step",
     "kmeans_1d",
     "magnitude",
+    "move_connections",
     "nm_mask",
     "parse_granularity",
     "prunable_names",

@@ -113,6 +113,11 @@ class MaskSet:
         self._packed: dict[str, Tensor] = {}
 
     def __contains__(self, name: str) -> bool:
+        """True for every parameter of the set (as :meth:`__iter__` yields them), masked yet or not."""
+        return name in self.params
+
+    def is_masked(self, name: str) -> bool:
+        """True once ``name`` has a mask (before that it is dense)."""
         return name in self._packed
 
     def __iter__(self) -> Iterator[str]:
