@@ -38,7 +38,7 @@ class RecordMasks(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         masks = self.callback.masks
-        packed = [masks._packed[name] for name in masks if name in masks]
+        packed = [masks._packed[name] for name in masks if masks.is_masked(name)]
         row = {
             "step": trainer.global_step,
             "masks": crc(packed),

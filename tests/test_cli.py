@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def run_cli(*args: str, cwd: Path) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
+
+
+def _wait_for_files(folder: Path, pattern: str, seconds: float = 60.0) -> list[Path]:
+    """The files matching ``pattern``, waiting for W&B's service, which writes the run file after the CLI exits."""
+    deadline = time.monotonic() + seconds
+    while not (found := list(folder.glob(pattern))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
 
 
 def checkpoint_sparsity(root: Path) -> float:
@@ -75,7 +84,7 @@ def test_demo_config_compares_with_dense_and_logs_wandb_offline(tmp_path):
     )  # fmt: skip
     assert "Test metrics: dense baseline vs compressed" in output
     assert "saved offline in runs/wandb/offline-run-" in output
-    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert len(_wait_for_files(tmp_path / "runs" / "wandb", "offline-run-*/run-*.wandb")) == 1
     assert "sparsity" in output.split("dense baseline vs compressed")[1]
 
 
