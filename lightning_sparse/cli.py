@@ -154,13 +154,13 @@ def _print_comparison(dense: dict[str, float], sparse: dict[str, float]) -> None
 _INPUT_ERRORS = (ValueError, TypeError, OSError)
 
 
-def _fail(parser: argparse.ArgumentParser, error: BaseException, path: str | None = None) -> None:
+def _fail(parser: argparse.ArgumentParser, error: BaseException, *paths: str) -> None:
     """Exit with code 2 and one line naming the file and what is wrong with it (no traceback)."""
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.filename}: {error.strerror}"
-    if path is not None and str(path) not in text:
-        text = f"{path}: {text}"
+    if paths and not any(str(path) in text for path in paths):
+        text = f"{paths[0]}: {text}"
     parser.exit(2, f"{parser.prog}: error: {text}\n")
 
 
@@ -209,7 +209,7 @@ def export_main(args: list[str]) -> None:
     try:
         export.save_compressed(parsed.checkpoint, parsed.output, verbose=True, trusted=parsed.trust)
     except _INPUT_ERRORS as error:
-        _fail(parser, error, parsed.checkpoint)
+        _fail(parser, error, parsed.checkpoint, parsed.output)
 
 
 def sweep_main(args: list[str]) -> None:

@@ -109,7 +109,7 @@ def deploy_main(args: list[str]) -> None:
     try:
         result = deploy_model(model, x, parsed.device, kernel=parsed.kernel)
     except ValueError as error:  # the example input does not fit the model: the message names the layer
-        parser.exit(2, f"lightning-sparse deploy: error: {error}\n")
+        parser.exit(2, f"lightning-sparse deploy: error: {parsed.checkpoint}: {' '.join(str(error).split())}\n")
     print_deploy_report(result.report)
     save_deployed(result.model, parsed.output)
     needs = "torch and lightning_sparse" if result.report.traced or not result.report.changed else f"torch, lightning_sparse and {parsed.model}"

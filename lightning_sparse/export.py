@@ -308,13 +308,16 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        text = str(error)
-        if "Unsupported global" in text or "not an allowed global" in text or "Unsupported operand" in text:
+        reason = _unpickler_reason(str(error))
+        if "global" in reason:
             raise ValueError(
-                f"{path} needs more than tensors and plain data to load ({_unpickler_reason(text)}); a pickle can run "
-                f"code, so it is refused: pass `--trust` (`trusted=True`) only if you trust where the file came from"
+                f"{path} needs more than tensors and plain data to load ({reason}); a pickle can run code, so it is "
+                f"refused: pass `--trust` (`trusted=True`) only if you trust where the file came from"
             ) from None
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {_unpickler_reason(text)}") from None
+        raise ValueError(
+            f"{path} is not a checkpoint a weights-only load can read ({reason}); if it is a checkpoint you trust, "
+            f"pass `--trust` (`trusted=True`)"
+        ) from None
     except Exception as error:  # not a zip, truncated, not a pickle at all
         raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from None
 
@@ -334,11 +337,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _unpickler_reason(text: str) -> str:
-    """The line of torch's weights-only error that says what was refused."""
-    for line in text.splitlines():
-        if "Unsupported" in line or "WeightsUnpickler error" in line:
-            return line.split("WeightsUnpickler error:")[-1].strip()
-    return _first_line(Exception(text))
+    """What torch's weights-only unpickler refused: the first line after ``WeightsUnpickler error:``."""
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
+    reason = lines[0] if lines else "refused by the weights-only unpickler"
+    return reason.replace("Unsupported operand", "unsupported pickle opcode")
 
 
 def _checked_tensor(name: Any, value: Any) -> Tensor:

@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-_KEY = re.compile(r"^(?P<path>[A-Za-z_][\w]*(?:\.\w+)*)(?:\[(?P<glob>[^\[\]]+)\])?$")
+_GLOB = r"(?:[^\[\]]|\[[^\[\]]*\])+"  # any text, with fnmatch character classes such as [!=] inside
+_KEY = re.compile(rf"^(?P<path>[A-Za-z_][\w]*(?:\.\w+)*)(?:\[(?P<glob>{_GLOB})\])?$")
 # ``--KEY=value``: the key ends at its glob's closing bracket, so a glob may itself contain ``=``
-_ARGUMENT = re.compile(r"^--(?P<key>[A-Za-z_]\w*(?:\.\w+)*(?:\[[^\[\]]+\])?)=(?P<value>.*)$", re.DOTALL)
+_ARGUMENT = re.compile(rf"^--(?P<key>[A-Za-z_]\w*(?:\.\w+)*(?:\[{_GLOB}\])?)=(?P<value>.*)$", re.DOTALL)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
