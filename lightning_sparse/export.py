@@ -519,6 +519,8 @@ def _iter_layers(
     last = max((i for i, lay in enumerate(header.layers) if "alias" not in lay), default=-1)
     tied = {lay["alias"] for lay in header.layers if "alias" in lay}
     loaded: dict[str, Tensor] = {}  # the tensors aliases point at
+    if digest is not None and last < 0 and digest.digest() != header.digest:  # no layer bytes: check it now
+        raise ValueError(f"{path}: the file is corrupt (SHA-256 mismatch): the header was edited")
     with open(path, "rb") as f:
         for index, layer in enumerate(header.layers):
             name = layer["name"]
