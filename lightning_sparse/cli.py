@@ -150,22 +150,51 @@ def _print_comparison(dense: dict[str, float], sparse: dict[str, float]) -> None
     Console().print(table)
 
 
+#: What a bad file or argument raises in the library: the subcommands print it as one line and exit with 2.
+_INPUT_ERRORS = (ValueError, TypeError, OSError)
+
+
+def _fail(parser: argparse.ArgumentParser, error: BaseException, *paths: str) -> None:
+    """Exit with code 2 and one line naming the file and what is wrong with it (no traceback)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    if paths and not any(str(path) in text for path in paths):
+        text = f"{paths[0]}: {text}"
+    parser.exit(2, f"{parser.prog}: error: {text}\n")
+
+
+def _trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust", action="store_true",
+        help="unpickle the checkpoint in full, which runs any code it holds: only for files you made or trust "
+        "(default: weights only, which is all a Lightning checkpoint needs)",
+    )  # fmt: skip
+
+
 def report_main(args: list[str]) -> None:
-    """``lightning-sparse report CKPT [--plot FILE.png]``."""
+    """``lightning-sparse report CKPT [--plot FILE.png] [--trust]``."""
     parser = argparse.ArgumentParser(prog="lightning-sparse report", description="Per-layer sparsity of a checkpoint.")
-    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict)")
+    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict, or a compressed export)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw per-layer sparsity as a bar chart")
+    _trust_argument(parser)
     parsed = parser.parse_args(args)
     if not Path(parsed.checkpoint).is_file():
         parser.error(f"checkpoint {parsed.checkpoint} does not exist")
-    stats = report.checkpoint_stats(parsed.checkpoint)
+    try:
+        stats = report.checkpoint_stats(parsed.checkpoint, trusted=parsed.trust)
+    except _INPUT_ERRORS as error:
+        _fail(parser, error, parsed.checkpoint)
     report.print_table(report.sparsity_table(stats, title=f"Sparsity per layer: {parsed.checkpoint}"))
     if parsed.plot:
-        print(f"Plot saved to {report.plot_sparsity(stats, parsed.plot, title=str(parsed.checkpoint))}")
+        try:
+            print(f"Plot saved to {report.plot_sparsity(stats, parsed.plot, title=str(parsed.checkpoint))}")
+        except _INPUT_ERRORS as error:
+            _fail(parser, error, parsed.plot)
 
 
 def export_main(args: list[str]) -> None:
-    """``lightning-sparse export CKPT OUT``."""
+    """``lightning-sparse export CKPT OUT [--trust]``."""
     parser = argparse.ArgumentParser(
         prog="lightning-sparse export",
         description="Save a checkpoint's weights as one compressed, bit-exact file "
@@ -173,10 +202,14 @@ def export_main(args: list[str]) -> None:
     )
     parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict)")
     parser.add_argument("output", help="the compressed file to write")
+    _trust_argument(parser)
     parsed = parser.parse_args(args)
     if not Path(parsed.checkpoint).is_file():
         parser.error(f"checkpoint {parsed.checkpoint} does not exist")
-    export.save_compressed(parsed.checkpoint, parsed.output, verbose=True)
+    try:
+        export.save_compressed(parsed.checkpoint, parsed.output, verbose=True, trusted=parsed.trust)
+    except _INPUT_ERRORS as error:
+        _fail(parser, error, parsed.checkpoint, parsed.output)
 
 
 def sweep_main(args: list[str]) -> None:
@@ -198,10 +231,12 @@ def sweep_main(args: list[str]) -> None:
     for name in ("max_trials", "parallel"):
         if getattr(parsed, name) is not None and getattr(parsed, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(parsed, name)}")
+    import yaml
+
     from lightning_sparse.sweep.config import load_sweep
 
     try:
-        sweep = load_sweep(parsed.config)
+        sweep = load_sweep(parsed.config, instantiate=not parsed.export_wandb)  # the export builds nothing
         if parsed.export_wandb:
             from lightning_sparse.sweep.wandb_sweep import export_wandb_sweep
 
@@ -211,8 +246,8 @@ def sweep_main(args: list[str]) -> None:
 
         result = run_sweep(sweep, max_trials=parsed.max_trials, parallel=parsed.parallel, output=parsed.output,
                            resume=parsed.resume, launcher=parsed.launcher)  # fmt: skip
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.exit(2, f"lightning-sparse sweep: error: {error}\n")
+    except (ValueError, OSError, yaml.YAMLError) as error:
+        _fail(parser, error, parsed.config)
     if result.best is None:
         sys.exit(1)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
+import warnings
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,8 @@ def deploy_main(args: list[str]) -> None:
         prog="lightning-sparse deploy",
         description="Rebuild a model from a checkpoint, remove its pruned channels, run its sparse Linear layers on "
         "PyTorch's sparse kernels where they are measured faster, print what was done and save the deployed model "
-        "(load it with torch.load(OUT, weights_only=False) or lightning_sparse.deployment.load_deployed).",
+        "(load it with lightning_sparse.deployment.load_deployed(OUT, trusted=True): it is a pickled module, so only "
+        "load files you trust). The checkpoint is read weights-only unless --trust.",
     )
     parser.add_argument("checkpoint", help="a Lightning .ckpt holding hyper_parameters")
     parser.add_argument("output", help="where to save the deployed model")
@@ -75,22 +78,40 @@ def deploy_main(args: list[str]) -> None:
     parser.add_argument("--device", default="cpu", help="device the deployed model runs on (default cpu)")
     parser.add_argument("--kernel", choices=KERNELS, default="auto",
                         help="auto: per layer the form measured fastest; sparse: sparse wherever possible; dense: only remove channels")  # fmt: skip
+    parser.add_argument("--trust", action="store_true",
+                        help="unpickle the checkpoint in full (runs any code it holds): only for files you trust")  # fmt: skip
     parsed = parser.parse_args(args)
     if not Path(parsed.checkpoint).is_file():
         parser.error(f"checkpoint {parsed.checkpoint} does not exist")
+    output = Path(parsed.output)
+    if output.is_dir():
+        parser.error(f"output {output} is a directory: give the file to write")
+    if not output.parent.is_dir():
+        parser.error(f"cannot write {output}: the folder {output.parent} does not exist")
     if parsed.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {parsed.batch_size}")
     cls = _import(parsed.model, "--model", parser)
     if not hasattr(cls, "load_from_checkpoint"):
         parser.error(f"--model {parsed.model!r} is not a LightningModule (it has no load_from_checkpoint)")
+    if parsed.trust:
+        warnings.warn(f"unpickling {parsed.checkpoint} in full (--trust): this runs any code the file holds", stacklevel=1)
     try:
-        model = cls.load_from_checkpoint(parsed.checkpoint, map_location=parsed.device)
-    except Exception as error:  # wrong class for this checkpoint, missing hyper_parameters...
-        parser.error(f"cannot rebuild --model {parsed.model} from {parsed.checkpoint}: {str(error).splitlines()[0]}")
+        model = cls.load_from_checkpoint(parsed.checkpoint, map_location=parsed.device, weights_only=not parsed.trust)
+    except pickle.UnpicklingError as error:  # a global that a weights-only load refuses
+        reason = next((line.split("error:")[-1].strip() for line in str(error).splitlines() if "Unsupported" in line),
+                      str(error).splitlines()[0] if str(error) else "not a checkpoint")  # fmt: skip
+        parser.exit(2, f"lightning-sparse deploy: error: {parsed.checkpoint} cannot be read weights-only ({reason}); a "
+                       f"pickle can run code, so pass --trust only if you trust where it came from\n")  # fmt: skip
+    except Exception as error:  # wrong class for this checkpoint, missing hyper_parameters, not a checkpoint...
+        first = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.error(f"cannot rebuild --model {parsed.model} from {parsed.checkpoint}: {first}")
     x = example_input(parsed, model, parser)
-    result = deploy_model(model, x, parsed.device, kernel=parsed.kernel)
+    try:
+        result = deploy_model(model, x, parsed.device, kernel=parsed.kernel)
+    except ValueError as error:  # the example input does not fit the model: the message names the layer
+        parser.exit(2, f"lightning-sparse deploy: error: {parsed.checkpoint}: {' '.join(str(error).split())}\n")
     print_deploy_report(result.report)
     save_deployed(result.model, parsed.output)
     needs = "torch and lightning_sparse" if result.report.traced or not result.report.changed else f"torch, lightning_sparse and {parsed.model}"
     print(f"Saved {parsed.output} (example input {list(x.shape)}, {math.prod(x.shape[1:])} values per sample); "
-          f"load it with torch.load(path, weights_only=False): it needs {needs}.")  # fmt: skip
+          f"load it with lightning_sparse.deployment.load_deployed(path, trusted=True): it needs {needs}.")  # fmt: skip

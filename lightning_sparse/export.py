@@ -5,7 +5,7 @@ Each state-dict entry is stored by :mod:`lightning_sparse.core.codec` in whichev
 Reading seeks to one layer's bytes at a time (Smart-DNN+'s partial decompression, Wu et al. 2023), so
 :func:`iter_compressed` keeps peak memory near one layer.
 
-File format, version 1 (integers little-endian, tensor bytes in C order and native byte order)::
+File format, version 2 (integers little-endian, tensor bytes in C order and native byte order)::
 
     magic       8 bytes  b"LSPARSE\\0"
     version     uint16   FORMAT_VERSION
@@ -13,23 +13,38 @@ File format, version 1 (integers little-endian, tensor bytes in C order and nati
     header_crc  uint32   zlib.crc32 of the header as stored
     header      zlib-compressed UTF-8 JSON {"layers": [layer, ...]}, in state-dict order (compressed because
                 on a small, heavily pruned model the JSON would otherwise be a fifth of the file)
-    payloads    the layers' bytes, back to back, in header order
+    sha256      32 bytes SHA-256 of the header as stored followed by every payload byte (version 2 only)
+    payloads    the layers' bytes, back to back, in header order, up to the end of the file
 
     layer  = {"name", "dtype" (e.g. "float32"), "shape", "encoding", "params", "offset" (from the first
               payload byte), "length", "crc32" (of the layer's bytes), "streams": [stream, ...]}
+           | {"name", "alias"} (version 2): the same tensor as the earlier layer named ``alias`` (tied weights:
+              one tensor reached by two state-dict keys is stored once)
     stream = {"name", "codec", "offset" (from the layer's first byte), "length" (stored), "size" (decoded)}
+
+Version 1 is the same without ``sha256`` and aliases; it is still read.
 
 The encodings, their ``params`` and streams, and the stream codecs are described in
 :mod:`lightning_sparse.core.codec`.
+
+Reading treats the file as untrusted: the header is decompressed to at most :data:`MAX_HEADER_BYTES`, checked
+against one schema (the type and range of every field, unique names, streams that fill their layer, layers that
+fill the file) before anything is allocated, and the tensors it claims may decode to at most ``max_bytes`` in all
+(default: the larger of :data:`MIN_BUDGET_BYTES` and :data:`MAX_EXPANSION` × the file size), so a small crafted
+file cannot make the reader allocate gigabytes. Every refusal is a ``ValueError`` naming the file and the layer
+and field. Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): a pickle in
+them cannot run code unless ``trusted=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import math
 import os
-import secrets
+import pickle
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -41,26 +56,44 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, decode, encode
+from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, check_entry, decode, decoded_bytes, encode
+from lightning_sparse.files import atomic_writer, write_text_atomic
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_DISTINCT",
+    "MAX_EXPANSION",
+    "MAX_HEADER_BYTES",
+    "MIN_BUDGET_BYTES",
     "ExportReport",
     "LayerExport",
     "Source",
+    "atomic_writer",
     "export_table",
     "iter_compressed",
+    "load_checkpoint",
     "load_compressed",
     "print_report",
     "save_compressed",
+    "write_text_atomic",
 ]
 
 MAGIC = b"LSPARSE\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREAMBLE = struct.Struct("<8sHQI")  # magic, version, header length, header CRC32
+_DIGEST_SIZE = 32  # SHA-256, after the header (version 2)
 _LAYER_KEYS = frozenset(("name", "dtype", "shape", "encoding", "params", "offset", "length", "crc32", "streams"))
+_ALIAS_KEYS = frozenset(("name", "alias"))
+_MAX_DIMS = 64
+#: Largest decompressed header read (about 50,000 layers); a header claiming more is refused.
+MAX_HEADER_BYTES = 16 << 20
+#: Default bound on the decoded bytes a file may claim, as a multiple of its size (a 99.9%-sparse 4-bit model
+#: decodes to about 2,000× its file) ...
+MAX_EXPANSION = 4096
+#: ... and at least this much, whatever the file's size (small files of all-zero layers).
+MIN_BUDGET_BYTES = 256 << 20
+_DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 
 Source = nn.Module | Mapping[str, Tensor] | str | os.PathLike
 
@@ -90,7 +123,8 @@ class ExportReport:
 
     @property
     def fp32_bytes(self) -> int:
-        """Size of every floating tensor as dense fp32."""
+        """Size of every floating tensor as dense fp32 (a tensor reached by two names, such as tied weights,
+        counted once: it is stored once)."""
         return sum(layer.fp32_bytes for layer in self.layers)
 
     @property
@@ -100,27 +134,41 @@ class ExportReport:
 
     @property
     def compressed_layers(self) -> list[LayerExport]:
-        return [layer for layer in self.layers if layer.encoding != "raw"]
+        return [layer for layer in self.layers if layer.encoding not in ("raw", "alias")]
 
 
 # --- public API ---------------------------------------------------------------------------------------
 
 
-def save_compressed(source: Source, path: str | os.PathLike, *, verbose: bool = True) -> ExportReport:
+def save_compressed(
+    source: Source, path: str | os.PathLike, *, verbose: bool = True, trusted: bool = False
+) -> ExportReport:
     """Write ``source`` (a module, a state dict, or a Lightning checkpoint path) to ``path`` compressed.
 
     The file is written to a temporary file beside ``path`` and moved over it only once complete, so a
     failed save leaves any previous file untouched. With ``verbose``, prints the per-layer size table.
+    A checkpoint path is read by :func:`load_checkpoint` (weights only, unless ``trusted``). State-dict
+    entries that are the same tensor (tied weights: same storage, offset, shape and strides) are stored once;
+    the later names are aliases of the first.
     """
-    state = _state_dict_of(source)
+    state = _state_dict_of(source, trusted)
     if not state:
         raise ValueError("`source` holds no tensors to export")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
     rows: list[LayerExport] = []
     with atomic_writer(path) as f:
-        layers, payloads, offset = [], [], 0
+        layers, payloads, offset, first_name = [], [], 0, {}
         for name, value in state.items():
             tensor = _checked_tensor(name, value)
+            same = first_name.setdefault(_identity(value), name)
+            if same != name:  # tied: the same tensor under a second name
+                layers.append({"name": name, "alias": same})
+                rows.append(_alias_row(name, same, tensor))
+                continue
             encoded, row = _encode(name, tensor)
             payload = encoded.payload
             layers.append({
@@ -131,8 +179,12 @@ def save_compressed(source: Source, path: str | os.PathLike, *, verbose: bool = 
             rows.append(row)
             offset += len(payload)
         header = zlib.compress(json.dumps({"layers": layers}, separators=(",", ":")).encode(), 9)
+        digest = hashlib.sha256(header)
+        for payload in payloads:
+            digest.update(payload)
         f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header)))
         f.write(header)
+        f.write(digest.digest())
         for payload in payloads:
             f.write(payload)
         file_bytes = f.tell()
@@ -142,23 +194,43 @@ def save_compressed(source: Source, path: str | os.PathLike, *, verbose: bool = 
     return report
 
 
-def load_compressed(path: str | os.PathLike, map_location: str | torch.device | None = None) -> dict[str, Tensor]:
-    """The whole state dict saved by :func:`save_compressed`, in the order it was saved."""
-    return dict(iter_compressed(path, map_location))
+def load_compressed(
+    path: str | os.PathLike, map_location: str | torch.device | None = None, *, max_bytes: int | None = None
+) -> dict[str, Tensor]:
+    """The whole state dict saved by :func:`save_compressed`, in the order it was saved.
+
+    Tied entries (aliases) come back as the same tensor object under each name. ``max_bytes`` bounds what the
+    file may decode to (see :func:`iter_compressed`). Nothing is returned unless every layer's CRC32 and the
+    file's SHA-256 match.
+    """
+    return dict(iter_compressed(path, map_location, max_bytes=max_bytes))
 
 
 def iter_compressed(
-    path: str | os.PathLike, map_location: str | torch.device | None = None
+    path: str | os.PathLike, map_location: str | torch.device | None = None, *, max_bytes: int | None = None
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, tensor)`` one layer at a time, reading only that layer's bytes from the file.
 
-    The header is read and checked now; each layer's length and CRC32 are checked as it is reached, and a
-    missing or corrupt layer raises ``ValueError`` naming it instead of yielding wrong weights.
+    The header is read and checked now, against one schema, and the tensors it claims must decode to at most
+    ``max_bytes`` in all (default: the larger of ``MIN_BUDGET_BYTES`` and ``MAX_EXPANSION`` × the file size;
+    pass a larger value for a file you trust that holds large all-zero tensors). Each layer's length and
+    CRC32 are checked as it is reached, and the file's SHA-256 (version 2) before the last layer is yielded;
+    a missing or corrupt layer raises ``ValueError`` naming it instead of yielding wrong weights.
     """
     path = Path(path)
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
+        raise ValueError(f"`max_bytes` must be an int >= 0, got {max_bytes!r}")
     with open(path, "rb") as f:
-        layers, payload_start = _read_header(f, path)
-    return _iter_layers(path, layers, payload_start, map_location)
+        size = os.fstat(f.fileno()).st_size
+        header = _read_header(f, path, size)
+    budget = max(MIN_BUDGET_BYTES, MAX_EXPANSION * size) if max_bytes is None else max_bytes
+    claimed = sum(decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"]) for lay in header.layers if "alias" not in lay)
+    if claimed > budget:
+        raise ValueError(
+            f"{path}: the layers claim {claimed:,} decoded bytes, more than the {budget:,} allowed for a file of "
+            f"{size:,} bytes; if you trust this file, pass `max_bytes` (at least {claimed})"
+        )
+    return _iter_layers(path, header, map_location)
 
 
 def print_report(report: ExportReport) -> None:
@@ -202,21 +274,74 @@ def export_table(report: ExportReport) -> Table:
 # --- saving -------------------------------------------------------------------------------------------
 
 
-def _state_dict_of(source: Source) -> Mapping[str, Any]:
+def _state_dict_of(source: Source, trusted: bool = False) -> Mapping[str, Any]:
     if isinstance(source, nn.Module):
         return source.state_dict()
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-        if not isinstance(state, Mapping):
-            raise TypeError(f"{path} holds neither a Lightning checkpoint nor a state dict")
-        return state
+        return checkpoint_state_dict(load_checkpoint(source, trusted=trusted), source)
     if isinstance(source, Mapping):
         return source
     raise TypeError(f"`source` must be an nn.Module, a state dict or a checkpoint path, got {type(source).__name__}")
+
+
+def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+    """What a Lightning checkpoint (or a ``torch.save``'d state dict) at ``path`` holds, without running its code.
+
+    Read with ``torch.load(weights_only=True)``: tensors, plain containers and numbers, and any global added with
+    ``torch.serialization.add_safe_globals``, which is all a Lightning checkpoint of this library needs. A file that
+    needs anything else is refused with a ``ValueError`` naming the global. ``trusted=True`` unpickles it in full,
+    with a warning: a pickle can run any code, so only for files you made or trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        start = f.read(len(MAGIC))
+    if start == MAGIC:
+        raise ValueError(f"{path} is a lightning_sparse compressed file, not a checkpoint: read it with load_compressed")
+    if trusted:
+        warnings.warn(f"unpickling {path} in full (trusted=True): this runs any code the file holds", stacklevel=2)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as error:
+            raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from error
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _unpickler_reason(str(error))
+        if "global" in reason:
+            raise ValueError(
+                f"{path} needs more than tensors and plain data to load ({reason}); a pickle can run code, so it is "
+                f"refused: pass `--trust` (`trusted=True`) only if you trust where the file came from"
+            ) from None
+        raise ValueError(
+            f"{path} is not a checkpoint a weights-only load can read ({reason}); if it is a checkpoint you trust, "
+            f"pass `--trust` (`trusted=True`)"
+        ) from None
+    except Exception as error:  # not a zip, truncated, not a pickle at all
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from None
+
+
+def checkpoint_state_dict(checkpoint: Any, path: str | os.PathLike) -> Mapping[str, Any]:
+    """The ``state_dict`` of a loaded Lightning checkpoint, or the checkpoint itself when it is a state dict."""
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        held = type(checkpoint if state is None else state).__name__
+        raise ValueError(f"{path} holds neither a Lightning checkpoint nor a state dict (it holds a {held})")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights-only unpickler refused: the first line after ``WeightsUnpickler error:``."""
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
+    reason = lines[0] if lines else "refused by the weights-only unpickler"
+    return reason.replace("Unsupported operand", "unsupported pickle opcode")
 
 
 def _checked_tensor(name: Any, value: Any) -> Tensor:
@@ -251,34 +376,34 @@ def _encode(name: str, tensor: Tensor) -> tuple[Encoded, LayerExport]:
     return encoded, row
 
 
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A file beside ``path`` that replaces it only once fully written and fsynced, and is removed on error."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+def _identity(value: Tensor) -> tuple[Any, ...]:
+    """What makes two state-dict entries one tensor: same storage, offset, shape, strides and dtype."""
+    if value.numel() == 0 or value.device.type == "meta":
+        return (id(value),)  # nothing to share
+    storage = value.untyped_storage()
+    return (value.device, storage.data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+
+
+def _alias_row(name: str, target: str, tensor: Tensor) -> LayerExport:
+    return LayerExport(name=name, shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
+                       encoding="alias", detail=f"= {target}", sparsity=None, distinct=None, stored_bytes=0,
+                       fp32_bytes=0)  # fmt: skip
 
 
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def _read_header(f: BinaryIO, path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The header's layer list and the file offset of the first payload byte, after checking both."""
+@dataclass(frozen=True)
+class _Header:
+    version: int
+    layers: list[dict[str, Any]]
+    raw: bytes  # as stored: the start of what the SHA-256 covers
+    digest: bytes | None
+    payload_start: int
+
+
+def _read_header(f: BinaryIO, path: Path, size: int) -> _Header:
+    """The checked header: every size it claims bounded by the file's ``size`` and every field by the schema."""
     preamble = f.read(_PREAMBLE.size)
     if preamble[: len(MAGIC)] != MAGIC:
         raise ValueError(f"{path} is not a lightning_sparse compressed file (wrong magic bytes)")
@@ -292,27 +417,117 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[list[dict[str, Any]], int]:
         )
     if version < 1:
         raise ValueError(f"{path}: invalid format version {version}")
+    digest_size = _DIGEST_SIZE if version >= 2 else 0
+    if header_len > size - _PREAMBLE.size - digest_size:
+        raise ValueError(f"{path}: the file is truncated inside its header (`header_len` {header_len:,} is more than "
+                         f"the {size:,}-byte file holds)")  # fmt: skip
     header = f.read(header_len)
-    if len(header) < header_len:
+    digest = f.read(digest_size) if digest_size else None
+    if len(header) < header_len or (digest is not None and len(digest) < digest_size):
         raise ValueError(f"{path}: the file is truncated inside its header")
     if zlib.crc32(header) != header_crc:
         raise ValueError(f"{path}: the header is corrupt (CRC32 mismatch)")
+    layers = _check_header(_parse_header(header, path), path, version)
+    payload_start = _PREAMBLE.size + header_len + digest_size
+    stored = sum(lay["length"] for lay in layers if "alias" not in lay)
+    if size > payload_start + stored:
+        raise ValueError(f"{path}: {size - payload_start - stored:,} bytes of trailing data after the last layer")
+    return _Header(version, layers, header, digest, payload_start)
+
+
+def _parse_header(header: bytes, path: Path) -> Any:
+    """The header's JSON, decompressed to at most MAX_HEADER_BYTES; duplicate keys and NaN/Infinity refused."""
+    inflater = zlib.decompressobj()
     try:
-        layers = json.loads(zlib.decompress(header))["layers"]
-    except (ValueError, KeyError, TypeError, zlib.error) as error:
-        raise ValueError(f"{path}: the header is malformed ({error!r})") from error
-    if not isinstance(layers, list) or not all(isinstance(lay, dict) and _LAYER_KEYS <= lay.keys() for lay in layers):
-        raise ValueError(f"{path}: the header is malformed (a layer lacks one of {sorted(_LAYER_KEYS)})")
-    return layers, _PREAMBLE.size + header_len
+        text = inflater.decompress(header, MAX_HEADER_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"it decompresses to more than {MAX_HEADER_BYTES:,} bytes")
+        if not inflater.eof:
+            raise ValueError("the compressed stream is incomplete")
+        if inflater.unused_data:
+            raise ValueError(f"{len(inflater.unused_data)} bytes of trailing data after the compressed stream")
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, zlib.error, RecursionError) as error:
+        raise ValueError(f"{path}: the header is malformed ({error})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a key appears twice in one object: {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid value")
+
+
+def _check_header(header: Any, path: Path, version: int) -> list[dict[str, Any]]:
+    """The layer list after checking every field of every layer (types, ranges, names, offsets, streams)."""
+    if not isinstance(header, dict) or header.keys() != {"layers"} or not isinstance(header["layers"], list):
+        raise ValueError(f'{path}: the header is malformed (it must be {{"layers": [layer, ...]}})')
+    layers: list[dict[str, Any]] = header["layers"]
+    seen: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise ValueError(f"{path}: the header is malformed (layer {index} is a {type(layer).__name__}, not a mapping)")
+        name = layer.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: layer {index}: `name` must be a string, got {name!r:.80}")
+        label = f"{path}: layer {name!r}"
+        if name in seen:
+            raise ValueError(f"{label}: the name appears twice in the header")
+        seen[name] = layer
+        if version >= 2 and "alias" in layer:
+            if layer.keys() != _ALIAS_KEYS:
+                raise ValueError(f"{label}: an alias has exactly the fields {sorted(_ALIAS_KEYS)}, got {sorted(layer)}")
+            target = seen.get(layer["alias"]) if isinstance(layer["alias"], str) else None
+            if target is None or "alias" in target or target is layer:
+                raise ValueError(f"{label}: `alias` must name an earlier stored layer, got {layer['alias']!r:.80}")
+            continue
+        if layer.keys() != _LAYER_KEYS:
+            missing, unknown = sorted(_LAYER_KEYS - layer.keys()), sorted(layer.keys() - _LAYER_KEYS)
+            raise ValueError(f"{label}: the header is malformed (missing fields {missing}, unknown fields {unknown})")
+        dtype = _DTYPES.get(layer["dtype"]) if isinstance(layer["dtype"], str) else None
+        if dtype is None:
+            raise ValueError(f"{label}: `dtype` must be a torch dtype name such as 'float32', got {layer['dtype']!r:.80}")
+        shape = layer["shape"]
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{label}: `shape` must be a list of at most {_MAX_DIMS} ints >= 0, got {shape!r:.80}")
+        if math.prod(shape) > 1 << 48:
+            raise ValueError(f"{label}: `shape` {shape} has more elements than any tensor can")
+        for key in ("offset", "length", "crc32"):
+            if type(layer[key]) is not int or layer[key] < 0:
+                raise ValueError(f"{label}: `{key}` must be an int >= 0, got {layer[key]!r:.80}")
+        if layer["crc32"] > 0xFFFFFFFF:
+            raise ValueError(f"{label}: `crc32` must be a 32-bit value, got {layer['crc32']}")
+        if layer["offset"] != offset:
+            raise ValueError(f"{label}: `offset` must be {offset} (layers are stored back to back), got {layer['offset']}")
+        offset += layer["length"]
+        try:
+            check_entry(dtype, shape, layer["encoding"], layer["params"], layer["streams"], layer["length"])
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
+    return layers
 
 
 def _iter_layers(
-    path: Path, layers: list[dict[str, Any]], payload_start: int, map_location: str | torch.device | None
+    path: Path, header: _Header, map_location: str | torch.device | None
 ) -> Iterator[tuple[str, Tensor]]:
+    digest = hashlib.sha256(header.raw) if header.digest is not None else None
+    last = max((i for i, lay in enumerate(header.layers) if "alias" not in lay), default=-1)
+    tied = {lay["alias"] for lay in header.layers if "alias" in lay}
+    loaded: dict[str, Tensor] = {}  # the tensors aliases point at
+    if digest is not None and last < 0 and digest.digest() != header.digest:  # no layer bytes: check it now
+        raise ValueError(f"{path}: the file is corrupt (SHA-256 mismatch): the header was edited")
     with open(path, "rb") as f:
-        for layer in layers:
+        for index, layer in enumerate(header.layers):
             name = layer["name"]
-            f.seek(payload_start + layer["offset"])
+            if "alias" in layer:
+                yield name, loaded[layer["alias"]]
+                continue
+            f.seek(header.payload_start + layer["offset"])
             data = f.read(layer["length"])
             if len(data) < layer["length"]:
                 raise ValueError(
@@ -321,25 +536,21 @@ def _iter_layers(
                 )
             if zlib.crc32(data) != layer["crc32"]:
                 raise ValueError(f"{path}: layer {name!r} is corrupt (CRC32 mismatch)")
+            if digest is not None:
+                digest.update(data)
+                if index == last and digest.digest() != header.digest:
+                    raise ValueError(f"{path}: the file is corrupt (SHA-256 mismatch): a layer or the header was edited")
             try:
                 tensor = _decode(layer, data)
-            except Exception as error:  # a header that passed its CRC but does not describe its layer
+            except Exception as error:  # a header that passed its checks but does not describe its layer
                 raise ValueError(f"{path}: layer {name!r} cannot be decoded: {error}") from error
-            yield name, tensor if map_location is None else tensor.to(map_location)
+            tensor = tensor if map_location is None else tensor.to(map_location)
+            if name in tied:
+                loaded[name] = tensor
+            yield name, tensor
 
 
 def _decode(layer: dict[str, Any], data: bytes) -> Tensor:
-    """One layer's tensor from its header entry and its bytes."""
-    dtype = getattr(torch, layer["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {layer['dtype']!r}")
+    """One layer's tensor from its (checked) header entry and its bytes."""
+    dtype = _DTYPES[layer["dtype"]]
     return decode(data, dtype, layer["shape"], layer["encoding"], layer["params"], layer["streams"])
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through :func:`atomic_writer`: a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path) as f:
-        f.write(text.encode())
-    return path

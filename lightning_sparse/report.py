@@ -84,25 +84,37 @@ def print_table(table: Table) -> None:
     Console().print(table)
 
 
-def checkpoint_stats(path: str | Path) -> list[LayerSparsity]:
-    """Per-layer zeros of a Lightning checkpoint (or a plain state dict file).
+def checkpoint_stats(path: str | Path, *, trusted: bool = False) -> list[LayerSparsity]:
+    """Per-layer zeros of a Lightning checkpoint, a plain state dict file or a compressed export (``.lsz``).
 
     The layers are those a sparsity callback masked, when its state is in the checkpoint; otherwise every
-    floating-point tensor named ``*weight`` with at least two dimensions (Linear/Conv weights).
+    floating-point tensor named ``*weight`` with at least two dimensions (Linear/Conv weights). A checkpoint is
+    read with ``weights_only=True`` (:func:`lightning_sparse.export.load_checkpoint`): a pickle in it cannot run
+    code unless ``trusted``. Anything that is not such a file is refused with a ``ValueError`` naming it.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state_dict = checkpoint.get("state_dict", checkpoint)
+    from lightning_sparse import export
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        compressed = f.read(len(export.MAGIC)) == export.MAGIC
+    checkpoint = export.load_compressed(path) if compressed else export.load_checkpoint(path, trusted=trusted)
+    state_dict = export.checkpoint_state_dict(checkpoint, path)
     names: list[str] = []
-    for state in checkpoint.get("callbacks", {}).values():
-        if isinstance(state, dict) and "masks" in state:
-            names += [n for n in state["masks"]["shapes"] if n not in names]
+    callbacks = checkpoint.get("callbacks", {}) if isinstance(checkpoint, Mapping) and not compressed else {}
+    for state in callbacks.values() if isinstance(callbacks, Mapping) else ():
+        shapes = state.get("masks", {}).get("shapes") if isinstance(state, dict) and isinstance(state.get("masks"), dict) else None
+        if isinstance(shapes, Mapping):
+            names += [n for n in shapes if n not in names]
     if not names:
         names = [
             n for n, t in state_dict.items()
-            if isinstance(t, Tensor) and t.is_floating_point() and t.ndim >= 2 and n.endswith("weight")
+            if isinstance(t, Tensor) and t.is_floating_point() and t.ndim >= 2 and str(n).endswith("weight")
         ]
     if not names:
         raise ValueError(f"{path} holds no Linear/Conv weights to report on")
+    missing = [n for n in names if not isinstance(state_dict.get(n), Tensor)]
+    if missing:
+        raise ValueError(f"{path}: the masked layers {missing} have no tensor in its state_dict")
     return stats_from_tensors({name: state_dict[name] for name in names})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shlex
 from pathlib import Path
 
 from pytorch_lightning.loggers import WandbLogger
@@ -27,12 +28,17 @@ def default_to_offline() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
+def sync_command(run_dir: str | os.PathLike) -> str:
+    """The shell command that uploads an offline run, its folder quoted (a folder name may hold spaces or ``;``)."""
+    return f"wandb sync {shlex.quote(str(run_dir))}"
+
+
 def announce_runs(loggers: list) -> None:
     """Print the local folder of every W&B run and how to upload an offline one."""
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             run_dir = Path(logger.experiment.dir).parent
             if os.environ.get("WANDB_MODE") == "offline":
-                rank_zero_info(f"W&B run saved offline in {run_dir} (upload later with `wandb sync {run_dir}`)")
+                rank_zero_info(f"W&B run saved offline in {run_dir} (upload later with `{sync_command(run_dir)}`)")
             else:
                 rank_zero_info(f"W&B run: {logger.experiment.url} (local files in {run_dir})")

@@ -170,7 +170,10 @@ def test_deployed_model_loads_in_a_process_without_the_training_code(unstructure
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning_sparse.deployment.modules" in result.stdout
-    assert isinstance(load_deployed(paths[0]).get_submodule("net_1"), SparseLinear)
+    with pytest.warns(UserWarning, match="runs any code"):  # a pickled module: trusted, as this test wrote it
+        assert isinstance(load_deployed(paths[0], trusted=True).get_submodule("net_1"), SparseLinear)
+    with pytest.raises(ValueError, match="unpickling it can run any code"):
+        load_deployed(paths[0])
 
 
 def test_model_without_sparsity_is_returned_unchanged_and_says_so(data, capsys):
@@ -240,7 +243,7 @@ def test_cli_deploy_rebuilds_the_checkpoint_and_saves_a_loadable_model(unstructu
     cli_main(["deploy", str(checkpoint), str(out), "--data", "lightning_sparse.data.DigitsDataModule", "--batch-size", "32"])
     printed = capsys.readouterr().out
     assert "Deploy on cpu: per layer" in printed and "parameter bytes:" in printed and f"Saved {out}" in printed
-    assert_same_outputs(load_deployed(out), model, _test_images(data))
+    assert_same_outputs(load_deployed(out, trusted=True), model, _test_images(data))
 
 
 @pytest.mark.parametrize(
@@ -298,6 +301,6 @@ def test_transposed_chain_is_used_reported_and_exact_on_the_test_set(unstructure
         assert row.deployed_as == form if form != "dense" else row.deployed_as in ("dense", "thinned")
     assert_same_outputs(result.model, model, _test_images(data))  # all 360 test digits
     save_deployed(result.model, tmp_path / "chain.pt")
-    assert_same_outputs(load_deployed(tmp_path / "chain.pt"), model, _test_images(data))
+    assert_same_outputs(load_deployed(tmp_path / "chain.pt", trusted=True), model, _test_images(data))
     with torch.no_grad():  # plain tensors: the deployed chain also runs outside inference mode
         torch.testing.assert_close(result.model(_test_images(data)), _outputs(model, _test_images(data)), rtol=1e-4, atol=1e-4)

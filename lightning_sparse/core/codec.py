@@ -205,6 +205,126 @@ def _varints(values: Tensor) -> bytes:
     return b"".join(out)
 
 
+# --- checking a description -----------------------------------------------------------------------------
+
+ENCODINGS = ("raw", "sparse-codebook", "sparse")
+CODECS = ("raw", "zlib", "lzma")
+PATTERNS = ("bitmap", "positions")
+_STREAM_KEYS = frozenset(("name", "codec", "offset", "length", "size"))
+_PARAM_KEYS = {
+    "raw": (frozenset(), frozenset()),
+    "sparse": (frozenset(("pattern", "nonzeros")), frozenset(("signs", "negative_zeros"))),
+    "sparse-codebook": (frozenset(("pattern", "nonzeros", "distinct", "bits")), frozenset(("signs", "negative_zeros"))),
+}
+_MAX_VARINT = 9  # bytes of one LEB128 position (63 bits)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float
+
+
+def _count(params: Mapping[str, Any], key: str, high: int) -> int:
+    value = params[key]
+    if not _is_int(value) or not 0 <= value <= high:
+        raise ValueError(f"`params.{key}` must be an int in [0, {high}], got {value!r}")
+    return value
+
+
+def _marks_size(kind: str, numel: int, count: int, field_name: str) -> tuple[int, int]:
+    """The decoded size range of a pattern stream (bitmap: exact; positions: 1 to 9 bytes per mark)."""
+    if kind not in PATTERNS:
+        raise ValueError(f"`params.{field_name}` must be one of {PATTERNS}, got {kind!r}")
+    if kind == "bitmap":
+        return (numel + 7) // 8, (numel + 7) // 8
+    return count, _MAX_VARINT * count
+
+
+def check_entry(
+    dtype: torch.dtype,
+    shape: Sequence[int],
+    encoding: Any,
+    params: Any,
+    streams: Any,
+    length: int,
+) -> None:
+    """Check that ``encoding``, ``params`` and ``streams`` (as :meth:`Encoded.entry` writes them) describe a tensor
+    of ``dtype`` and ``shape`` stored in ``length`` bytes, before anything is decoded or allocated.
+
+    Every field must have its type and lie in its range; the streams must be exactly those the encoding needs,
+    back to back, filling ``length``; every decoded size must be the one the shape and params imply (raw streams:
+    their stored length). Raises ``ValueError`` naming the field.
+    """
+    numel = math.prod(shape)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"`encoding` must be one of {ENCODINGS}, got {encoding!r}")
+    if not isinstance(params, dict):
+        raise ValueError(f"`params` must be a mapping, got {type(params).__name__}")
+    required, optional = _PARAM_KEYS[encoding]
+    missing, unknown = required - params.keys(), params.keys() - required - optional
+    if missing or unknown:
+        raise ValueError(f"`params` of a {encoding} layer must have {sorted(required)} (and optionally "
+                         f"{sorted(optional)}), got {sorted(map(str, params))}")  # fmt: skip
+    expected: dict[str, tuple[int, int]] = {}  # stream name -> decoded size range, in stream order
+    if encoding == "raw":
+        expected["data"] = (numel * dtype.itemsize,) * 2
+    else:
+        if not dtype.is_floating_point or dtype.itemsize not in _INT_VIEW or numel == 0 or len(shape) == 0:
+            raise ValueError(f"`encoding` {encoding} is for non-empty floating tensors, not {dtype} of shape {list(shape)}")
+        nonzeros = _count(params, "nonzeros", numel)
+        expected["pattern"] = _marks_size(params["pattern"], numel, nonzeros, "pattern")
+        if ("signs" in params) != ("negative_zeros" in params):
+            raise ValueError("`params.signs` and `params.negative_zeros` come together")
+        if "signs" in params:
+            if _negative_zero(dtype) is None:
+                raise ValueError(f"`params.signs`: {dtype} has no negative zero")
+            negative = _count(params, "negative_zeros", numel - nonzeros)
+            expected["signs"] = _marks_size(params["signs"], numel - nonzeros, negative, "signs")
+        if encoding == "sparse":
+            expected["values"] = (nonzeros * dtype.itemsize,) * 2
+        else:
+            distinct = _count(params, "distinct", min(MAX_DISTINCT, nonzeros))
+            if nonzeros and not distinct:
+                raise ValueError(f"`params.distinct` is 0 for {nonzeros} non-zeros")
+            bits = (distinct - 1).bit_length() if distinct > 1 else 0
+            if params["bits"] != bits or not _is_int(params["bits"]):
+                raise ValueError(f"`params.bits` must be {bits} for {distinct} distinct values, got {params['bits']!r}")
+            expected["codebook"] = (distinct * dtype.itemsize,) * 2
+            if bits:
+                expected["codes"] = ((nonzeros * bits + 7) // 8,) * 2
+    if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
+        raise ValueError(f"`streams` must be a list of mappings, got {streams!r:.80}")
+    names = [s.get("name") for s in streams]
+    if names != list(expected):
+        raise ValueError(f"`streams` of this {encoding} layer must be {list(expected)}, got {names!r:.200}")
+    offset = 0
+    for i, s in enumerate(streams):
+        if s.keys() != _STREAM_KEYS:
+            raise ValueError(f"`streams[{i}]` must have exactly the fields {sorted(_STREAM_KEYS)}, got {sorted(map(str, s))}")
+        if s["codec"] not in CODECS:
+            raise ValueError(f"`streams[{i}].codec` must be one of {CODECS}, got {s['codec']!r}")
+        for key in ("offset", "length", "size"):
+            if not _is_int(s[key]) or s[key] < 0:
+                raise ValueError(f"`streams[{i}].{key}` must be an int >= 0, got {s[key]!r}")
+        if s["offset"] != offset:
+            raise ValueError(f"`streams[{i}].offset` must be {offset} (streams are back to back), got {s['offset']}")
+        offset += s["length"]
+        low, high = expected[s["name"]]
+        if not low <= s["size"] <= high:
+            wanted = low if low == high else f"in [{low}, {high}]"
+            raise ValueError(f"`streams[{i}].size` of {s['name']!r} must be {wanted} for this layer, got {s['size']}")
+        if s["codec"] == "raw" and s["length"] != s["size"]:
+            raise ValueError(f"`streams[{i}]`: a raw stream's length {s['length']} must equal its size {s['size']}")
+        if s["codec"] != "raw" and s["size"] and not s["length"]:
+            raise ValueError(f"`streams[{i}]`: an empty {s['codec']} stream cannot decode to {s['size']} bytes")
+    if offset != length:
+        raise ValueError(f"`streams` hold {offset} bytes, but the layer's `length` is {length}")
+
+
+def decoded_bytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    """Bytes of the decoded tensor (what loading it allocates, roughly once more while decoding)."""
+    return math.prod(shape) * dtype.itemsize
+
+
 # --- decoding -----------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from lightning_sparse.deployment import chains, kernels, memory, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
+from lightning_sparse.files import atomic_writer
 
 LAYERS = (nn.Linear, *thinning.CONVS)
 ExampleInput = Tensor | Sequence[Tensor]
@@ -126,22 +128,37 @@ def deploy_model(
 
 
 def save_deployed(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a deployed model with ``torch.save`` (the whole module: graph, torch and lightning_sparse modules)."""
+    """Write a deployed model with ``torch.save`` (the whole module: graph, torch and lightning_sparse modules).
+
+    Written to a temporary file beside ``path``, fsynced and renamed over it once complete (see
+    :func:`lightning_sparse.files.atomic_writer`): a failed or killed save leaves any earlier file in place.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model, tmp)
-    os.replace(tmp, path)  # a failed save leaves any earlier file in place
+    with atomic_writer(path) as f:
+        torch.save(model, f)
     return path
 
 
-def load_deployed(path: str | os.PathLike, map_location: str | torch.device | None = None) -> nn.Module:
+def load_deployed(
+    path: str | os.PathLike, map_location: str | torch.device | None = None, *, trusted: bool = False
+) -> nn.Module:
     """Load a model written by :func:`save_deployed`; needs ``torch`` and ``lightning_sparse``, not the training code.
 
-    Equivalent to ``torch.load(path, weights_only=False)``: only load files you trust (pickle runs code).
+    A deployed model is a pickled module whose traced graph is Python code regenerated at load: unpickling it can
+    run any code the file holds, so it is only loaded with ``trusted=True`` (for files you wrote or trust; it
+    warns). For a file from elsewhere, deploy again from its checkpoint (``lightning-sparse deploy CKPT OUT``
+    reads checkpoints weights-only) or use its compressed export (:func:`lightning_sparse.export.load_compressed`).
     """
+    if not trusted:
+        raise ValueError(
+            f"{path}: a deployed model is a pickled module (its traced graph is Python code), and unpickling it can "
+            f"run any code the file holds; load it with `load_deployed(path, trusted=True)` only if you trust where "
+            f"it came from, or deploy the model again from its checkpoint"
+        )
+    warnings.warn(f"unpickling {path} in full (trusted=True): this runs any code the file holds", stacklevel=2)
     model = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{path} holds a {type(model).__name__}, not a deployed nn.Module")
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a deployed nn.Module")
     return model.eval()
 
 

@@ -3,9 +3,14 @@ outcome constraints. Everything is checked here, before any trial starts."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
+import math
+import operator
+import os
 import re
+import sys
 from collections.abc import Mapping
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -21,7 +26,49 @@ STRATEGIES = ("bayesian", "random")
 DEFAULT_OBJECTIVE = "-compressed_bytes"
 DEFAULT_CONSTRAINTS = ("val_acc >= baseline - 0.005",)
 _CONSTRAINT = re.compile(r"^\s*(?P<metric>[\w/.\-]+)\s*(?P<op>>=|<=)\s*(?P<bound>.+?)\s*$")
-_BOUND = re.compile(r"^(?:baseline|[0-9.eE+\-*/() ]|\s)+$")
+_MAX_BOUND_CHARS = 200
+_MAX_LITERAL = 1e15  # no accuracy, loss or byte count needs more
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _parse_bound(text: str) -> ast.expr:
+    """The bound's expression tree, allowing only numbers, ``baseline``, ``+ - * /``, unary minus and parentheses
+    (no ``**``: ``9**9**9**9`` would never finish), at most 200 characters and literals up to 1e15."""
+    if len(text) > _MAX_BOUND_CHARS:
+        raise ValueError(f"the bound is longer than {_MAX_BOUND_CHARS} characters")
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        raise ValueError(f"the bound is not an arithmetic expression ({type(error).__name__})") from None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)):
+            if isinstance(node, ast.BinOp) and type(node.op) not in _BINARY:
+                raise ValueError(f"`{ast.unparse(node)}`: only + - * / are allowed")
+            if isinstance(node, ast.UnaryOp) and type(node.op) not in _UNARY:
+                raise ValueError(f"`{ast.unparse(node)}`: only unary minus and plus are allowed")
+            continue
+        if isinstance(node, ast.Name) and node.id == "baseline" and isinstance(node.ctx, ast.Load):
+            continue
+        if isinstance(node, ast.Load):
+            continue
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            if not math.isfinite(node.value) or abs(node.value) > _MAX_LITERAL:
+                raise ValueError(f"the number {ast.unparse(node)} is not finite or larger than {_MAX_LITERAL:g}")
+            continue
+        raise ValueError(f"`{ast.unparse(node)}` is not a number, `baseline` or + - * / of them")
+    return tree
+
+
+def _evaluate(node: ast.expr, baseline: float) -> float:
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return baseline
+    if isinstance(node, ast.UnaryOp):
+        return _UNARY[type(node.op)](_evaluate(node.operand, baseline))
+    assert isinstance(node, ast.BinOp)
+    return _BINARY[type(node.op)](_evaluate(node.left, baseline), _evaluate(node.right, baseline))
 
 
 @dataclass(frozen=True)
@@ -50,22 +97,36 @@ class Constraint:
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
+        """``METRIC >= BOUND`` or ``METRIC <= BOUND``; BOUND is checked against the grammar of :func:`_parse_bound`
+        and evaluated once (with ``baseline`` = 1) here, so a bad bound is refused before any trial runs."""
+        usage = (f"constraint {text!r} is not `METRIC >= BOUND` or `METRIC <= BOUND`, where BOUND is a number or an "
+                 f"expression of `baseline` such as `baseline - 0.005`")  # fmt: skip
         match = _CONSTRAINT.match(text)
-        if not match or not _BOUND.match(match["bound"]):
-            raise ValueError(
-                f"constraint {text!r} is not `METRIC >= BOUND` or `METRIC <= BOUND`, where BOUND is a number or an "
-                f"expression of `baseline` such as `baseline - 0.005`"
-            )
+        if not match:
+            raise ValueError(usage)
+        try:
+            if not math.isfinite(_evaluate(_parse_bound(match["bound"]), 1.0)):
+                raise ValueError("it is not finite")
+        except ZeroDivisionError:
+            raise ValueError(f"{usage}: it divides by zero") from None
+        except (ValueError, OverflowError) as error:
+            raise ValueError(f"{usage}: {error}") from None
         return cls(match["metric"], match["op"], match["bound"])
 
     @property
     def uses_baseline(self) -> bool:
-        return "baseline" in self.bound
+        return any(isinstance(node, ast.Name) for node in ast.walk(_parse_bound(self.bound)))
 
     def threshold(self, baseline: float | None) -> float:
         if self.uses_baseline and baseline is None:
             raise ValueError(f"constraint `{self}` needs the baseline value")
-        return float(eval(self.bound, {"__builtins__": {}}, {"baseline": baseline}))  # checked by _BOUND: arithmetic only
+        try:
+            value = _evaluate(_parse_bound(self.bound), 0.0 if baseline is None else float(baseline))
+        except (ZeroDivisionError, OverflowError) as error:
+            raise ValueError(f"constraint `{self}` cannot be evaluated with baseline {baseline}: {error}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"constraint `{self}` gives {value} with baseline {baseline}")
+        return value
 
     def holds(self, value: float, baseline: float | None) -> bool:
         limit = self.threshold(baseline)
@@ -192,12 +253,34 @@ def _range(name: str, key: str, pair: Any, kind: Any, log_scale: Any) -> Paramet
     return Parameter(name, key, bounds=(low, high), kind=kind, log_scale=bool(log_scale))
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and check a sweep file; ``fit_config`` is resolved relative to it."""
+_CONTROL = frozenset(map(chr, [*range(32), 127]))
+
+
+def is_plain_name(name: str) -> bool:
+    """True for one plain, visible file name: no folder separators, not ``.`` or ``..``, no control characters."""
+    separators = ("/", "\\", os.sep, os.altsep or "/")
+    return (
+        bool(name) and not name.startswith(".") and not any(sep in name for sep in separators)
+        and not any(ch in _CONTROL for ch in name) and not Path(name).is_absolute()
+    )  # fmt: skip
+
+
+def load_sweep(path: str | Path, *, instantiate: bool = True) -> SweepConfig:
+    """Read and check a sweep file; ``fit_config`` is resolved relative to it.
+
+    With ``instantiate`` (the default), each bound of a callback argument is checked by building that callback
+    (only once its ``class_path`` resolves to a Lightning ``Callback`` subclass); ``instantiate=False`` (the W&B
+    export) builds nothing and imports nothing.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"sweep file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"sweep file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not isinstance(spec, Mapping):
         raise ValueError(f"sweep file {path} must hold a mapping, got {type(spec).__name__}")
     allowed = {"name", "fit_config", "parameters", "overrides", "objective", "constraints", "baseline", "max_trials",
@@ -220,8 +303,11 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not isinstance(overrides, Mapping):
         raise ValueError(f"`overrides` must map config keys to values, e.g. {{trainer.max_epochs: 5}}, got {overrides!r}")
     baseline = spec.get("baseline")
+    name = spec.get("name") or path.stem
+    if not isinstance(name, (str, int)) or any(ch in str(name) for ch in _CONTROL):
+        raise ValueError(f"sweep file {path}: `name` must be a string without control characters, got {name!r}")
     sweep = SweepConfig(
-        name=str(spec.get("name") or path.stem),
+        name=str(name),
         fit_config=fit_config,
         parameters=_parameters(spec.get("parameters")),
         overrides=dict(overrides),
@@ -236,12 +322,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
         seed=_number("seed", spec.get("seed", 0), 0, integer=True),
         project=str(spec.get("project", "lightning-sparse")),
     )
-    check_space(sweep)
+    check_space(sweep, instantiate=instantiate)
     return sweep
 
 
-def check_space(sweep: SweepConfig) -> None:
-    """Every key exists in the base config and every bound is a value the target class accepts."""
+def check_space(sweep: SweepConfig, *, instantiate: bool = True) -> None:
+    """Every key exists in the base config and (with ``instantiate``) every bound is a value the target
+    callback accepts."""
     names = [p.name for p in sweep.parameters]
     if len(set(names)) != len(names):
         raise ValueError(f"parameter names must be unique, got {names}")
@@ -253,7 +340,8 @@ def check_space(sweep: SweepConfig) -> None:
                 set_value(config, parameter.key, value)
             except KeyError as error:
                 raise ValueError(f"parameter {parameter.name!r}: {error.args[0]} (in {sweep.fit_config})") from None
-            _check_owner(parameter, config, value)
+            if instantiate:
+                _check_owner(parameter, config, value)
 
 
 def _check_owner(parameter: Parameter, config: dict[str, Any], value: Any) -> None:
@@ -265,12 +353,34 @@ def _check_owner(parameter: Parameter, config: dict[str, Any], value: Any) -> No
     class_path = owner.get("class_path") if isinstance(owner, Mapping) else None
     if not class_path:
         return
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(import_module(module), name)
+    cls = _callback_class(parameter, class_path)
+    init_args = owner.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise ValueError(f"parameter {parameter.name!r}: `init_args` of {class_path} must be a mapping, got {init_args!r}")
+    name = cls.__name__
     try:
-        cls(**(owner.get("init_args") or {}))
+        cls(**init_args)
     except (TypeError, ValueError) as error:
         raise ValueError(f"parameter {parameter.name!r}: the value {value!r} is outside what {name} accepts: {error}") from None
+
+
+def _callback_class(parameter: Parameter, class_path: Any) -> type:
+    """The class at ``class_path``, refused unless it is a Lightning ``Callback`` (checked before it is called:
+    ``class_path: subprocess.run`` must not run)."""
+    from pytorch_lightning import Callback
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(import_module(module), name) if module else None
+    except ImportError as error:
+        raise ValueError(f"parameter {parameter.name!r}: callback `{class_path}` cannot be imported: {error}") from None
+    bases: list[type] = [Callback]
+    if "lightning.pytorch" in sys.modules:  # the unified package's Callback, where the class comes from there
+        bases.append(sys.modules["lightning.pytorch"].Callback)
+    if not (isinstance(cls, type) and issubclass(cls, tuple(bases))):
+        raise ValueError(f"parameter {parameter.name!r}: `{class_path}` is not a Lightning Callback class, so it is "
+                         "not called to check the bounds (a trainer callback must subclass Callback)")  # fmt: skip
+    return cls
 
 
 def check_fit_config(path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -13,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_sparse import export, report
+from lightning_sparse import export, files, report
 from lightning_sparse.core.targets import prunable_names
 
 #: Metrics every trial reports, whatever its model logs.
@@ -46,7 +45,7 @@ def logged_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically: a reader never sees half a file."""
-    export.write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    files.write_json(path, payload)
 
 
 class SweepMetrics(Callback):

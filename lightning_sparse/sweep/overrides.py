@@ -15,7 +15,36 @@ from typing import Any
 
 import yaml
 
-_KEY = re.compile(r"^(?P<path>[A-Za-z_][\w]*(?:\.\w+)*)(?:\[(?P<glob>[^\[\]]+)\])?$")
+_GLOB = r"(?:[^\[\]]|\[[^\[\]]*\])+"  # any text, with fnmatch character classes such as [!=] inside
+_KEY = re.compile(rf"^(?P<path>[A-Za-z_][\w]*(?:\.\w+)*)(?:\[(?P<glob>{_GLOB})\])?$")
+# ``--KEY=value``: the key ends at its glob's closing bracket, so a glob may itself contain ``=``
+_ARGUMENT = re.compile(rf"^--(?P<key>[A-Za-z_]\w*(?:\.\w+)*(?:\[{_GLOB}\])?)=(?P<value>.*)$", re.DOTALL)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's plain scalars, which is what a command-line value means: ``2:4`` and
+    ``1_000`` stay strings (YAML 1.1 reads them as base-60 and underscored integers), ``yes``/``on`` stay strings,
+    ``1e-3`` is a float. Quoted strings, lists and mappings are read as usual."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     "-+.0123456789"),
+):  # fmt: skip
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def parse_value(text: str) -> Any:
+    """A ``--KEY=value`` value as a command line means it (YAML 1.2 core scalars; see :class:`_Yaml12Loader`)."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError:
+        return text  # not YAML (an unbalanced bracket in a glob-like string): the string itself
 
 
 @dataclass(frozen=True)
@@ -94,14 +123,11 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[tuple[Key, Any]]]:
     plain: list[str] = []
     overrides: list[tuple[Key, Any]] = []
     for arg in args:
-        name, equals, text = arg.partition("=")
-        if arg.startswith("--") and equals:
-            try:
-                key = Key.parse(name[2:])
-            except ValueError:
-                key = None
-            if key is not None and key.needs_help:
-                overrides.append((key, yaml.safe_load(text)))
+        match = _ARGUMENT.match(arg)
+        if match:
+            key = Key.parse(match["key"])
+            if key.needs_help:
+                overrides.append((key, parse_value(match["value"])))
                 continue
         plain.append(arg)
     return plain, overrides

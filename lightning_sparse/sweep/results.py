@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lightning_sparse.export import write_text_atomic
+from lightning_sparse.files import write_text_atomic
 from lightning_sparse.sweep.config import Objective, SweepConfig
 
 

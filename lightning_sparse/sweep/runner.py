@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,8 +14,8 @@ from typing import Any
 
 from rich.console import Console
 
-from lightning_sparse import wandb_mode
-from lightning_sparse.sweep.config import Parameter, SweepConfig, check_fit_config, load_sweep
+from lightning_sparse import files, wandb_mode
+from lightning_sparse.sweep.config import Parameter, SweepConfig, check_fit_config, is_plain_name, load_sweep
 from lightning_sparse.sweep.launchers import LOG_FILE, Launcher, TrialJob, TrialOutcome, kill_stale, make_launcher, read_metrics
 from lightning_sparse.sweep.metrics import write_json
 from lightning_sparse.sweep.results import (
@@ -99,22 +97,23 @@ class _Sweep:
     # ------------------------------------------------------------- persistence
     def save(self) -> None:
         """Ax state and our records, each replaced atomically: a kill at any moment leaves a loadable sweep."""
-        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".partial", delete=False) as f:
-            partial = Path(f.name)
-        self.client.save_to_json_file(str(partial))
-        partial.replace(self.folder / AX_STATE)
+        with files.atomic_path(self.folder / AX_STATE) as partial:  # Ax writes its JSON to a path
+            self.client.save_to_json_file(str(partial))
         records = [r.as_dict() for r in sorted(self.records.values(), key=lambda r: r.index)]
-        write_json(self.folder / SWEEP_STATE, {"baseline": self.baseline, "records": records})
+        write_json(self.folder / SWEEP_STATE, {"baseline": self.baseline, "space": _space(self.sweep), "records": records})
         write_csv(self.folder / "trials.csv", list(self.records.values()), self.sweep, self.baseline)
 
     def load(self) -> None:
+        """The saved sweep, after checking that the sweep file still describes the same search space."""
         from ax import Client
 
+        state = files.read_json(self.folder / SWEEP_STATE)
+        records = {r["index"]: TrialRecord(**r) for r in state["records"]}
+        _check_same_space(self.sweep, state.get("space"), records, self.folder)
         _quiet_ax()
         self.client = Client.load_from_json_file(str(self.folder / AX_STATE))
-        state = json.loads((self.folder / SWEEP_STATE).read_text())
         self.baseline = state["baseline"]
-        self.records = {r["index"]: TrialRecord(**r) for r in state["records"]}
+        self.records = records
 
     # ------------------------------------------------------------- trials
     def job(self, label: str, config: dict[str, Any], folder: Path) -> TrialJob:
@@ -158,6 +157,38 @@ class _Sweep:
         record = TrialRecord(index, dict(parameters))
         self.records[index] = record
         return record
+
+
+def _space(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
+    """The search space as saved with the sweep: what a resumed sweep must match."""
+    return {
+        p.name: {"key": p.key, "bounds": list(p.bounds) if p.bounds else None,
+                 "values": list(p.values) if p.values is not None else None, "type": p.kind, "log_scale": p.log_scale}
+        for p in sweep.parameters
+    }  # fmt: skip
+
+
+def _check_same_space(sweep: SweepConfig, saved: Any, records: dict[int, TrialRecord], folder: Path) -> None:
+    """Refuse to resume when the sweep file's parameters are not those the saved sweep ran with, naming how.
+
+    Sweeps saved before the space was recorded are compared by parameter names (those their trials have).
+    """
+    current = _space(sweep)
+    if saved is None:
+        names = {name for r in records.values() for name in r.parameters}
+        saved = {name: current.get(name) for name in names} if names else current
+    if saved == current:
+        return
+    differences = [f"`{name}` is new" for name in current if name not in saved]
+    differences += [f"`{name}` is gone" for name in saved if name not in current]
+    differences += [
+        f"`{name}` changed from {saved[name]} to {current[name]}"
+        for name in current if name in saved and saved[name] is not None and saved[name] != current[name]
+    ]  # fmt: skip
+    raise ValueError(
+        f"{folder} holds a sweep over other parameters than the sweep file: {'; '.join(differences)}; resume with "
+        f"the sweep file it was started with, or start a new sweep with another `--output`"
+    )
 
 
 def _short(value: Any) -> str:
@@ -205,6 +236,9 @@ def run_sweep(
     sweep = config if isinstance(config, SweepConfig) else load_sweep(config)
     sweep = replace(sweep, max_trials=max_trials or sweep.max_trials, parallel=parallel or sweep.parallel)
     console = console or Console(width=None if sys.stdout.isatty() else 160)  # no squeezed table in a log file
+    if output is None and not is_plain_name(sweep.name):
+        raise ValueError(f"the sweep `name` {sweep.name!r} is not a plain file name, so it cannot name its folder under "
+                         f"sweeps/: rename it, or give the results folder with `--output`")  # fmt: skip
     folder = Path(output) if output is not None else Path("sweeps") / sweep.name
     state = _Sweep(sweep, folder, console)
     resuming = resume and (folder / AX_STATE).is_file()
