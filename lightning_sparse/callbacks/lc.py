@@ -21,12 +21,13 @@ from lightning_sparse.callbacks.base import (
     check_choice,
     check_sparsity,
     check_steps,
+    print_targets,
 )
 from lightning_sparse.callbacks.qat import QuantizationAwareTraining
 from lightning_sparse.core import lc
 from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import check_bits
-from lightning_sparse.core.targets import each_setting, per_layer, select_targets
+from lightning_sparse.core.targets import as_patterns, each_setting, model_sparsity, per_layer, select_targets, weight_matrices
 
 
 class LearningCompression(Callback):
@@ -157,10 +158,11 @@ class LearningCompression(Callback):
         if keep_best_mode is None and keep_best is not None:
             keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
         self.keep_best_mode = keep_best_mode
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = as_patterns("include", include)
+        self.exclude = as_patterns("exclude", exclude)
         self.verbose = verbose
         self.params: dict[str, nn.Parameter] = {}
+        self._matrices: dict[str, Tensor] = {}  # every weight matrix of the model, for `sparsity/model`
         self.delta: dict[str, Tensor] = {}  # Δ(Θ) of the last C step
         self.lam: dict[str, Tensor] = {}  # Lagrange multipliers λ
         self.codebooks: dict[str, Tensor] = {}
@@ -181,12 +183,15 @@ class LearningCompression(Callback):
         if stage != "fit":
             return
         targets = select_targets(pl_module, self.include, self.exclude)
-        names = list(targets)
+        names = targets
         if isinstance(self.sparsity, dict) and "prune" in self.compression:
-            names = list(per_layer("sparsity", self.sparsity, names))
+            names = targets.subset(per_layer("sparsity", self.sparsity, names))
         if isinstance(self.bits, dict) and "quantize" in self.compression:
-            names = [n for n in per_layer("bits", self.bits, names)]
-        self.params = {name: targets[name] for name in names}
+            names = targets.subset(per_layer("bits", self.bits, names))
+        self.params = names
+        self._matrices = weight_matrices(pl_module)
+        if self.verbose:
+            print_targets(type(self).__name__, pl_module, self.params)
         self._layer_sparsity = per_layer("sparsity", self.sparsity, names) if isinstance(self.sparsity, dict) else self.sparsity
         if "quantize" in self.compression:
             layer_bits = per_layer("bits", self.bits, names)
@@ -369,6 +374,7 @@ class LearningCompression(Callback):
         zeros = {name: int((d == 0).sum()) for name, d in self.delta.items()}
         total = sum(d.numel() for d in self.delta.values())
         metrics["sparsity/global"] = sum(zeros.values()) / total
+        metrics["sparsity/model"] = model_sparsity({name: self.delta.get(name, matrix) for name, matrix in self._matrices.items()})
         metrics.update({f"sparsity/{name}": zeros[name] / self.delta[name].numel() for name in zeros})
         metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in self.delta.items()})
         for logger in trainer.loggers:

@@ -26,6 +26,7 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
+    print_targets,
     resolve_step,
 )
 from lightning_sparse.core.quantize import (
@@ -37,7 +38,7 @@ from lightning_sparse.core.quantize import (
     uniform_quantize,
     zero_smallest,
 )
-from lightning_sparse.core.targets import each_setting, per_layer, select_targets
+from lightning_sparse.core.targets import as_patterns, each_setting, per_layer, select_targets
 
 
 class QuantizationAwareTraining(Callback):
@@ -87,8 +88,8 @@ class QuantizationAwareTraining(Callback):
         self.bits = dict(bits) if isinstance(bits, Mapping) else bits
         self.granularity, self.symmetric, self.method = granularity, symmetric, method
         self.start, self.activations = start, activations
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = as_patterns("include", include)
+        self.exclude = as_patterns("exclude", exclude)
         self.codebook_frequency = codebook_frequency
         self.prune = dict(prune) if isinstance(prune, Mapping) else float(prune)
         self.verbose = verbose
@@ -111,9 +112,11 @@ class QuantizationAwareTraining(Callback):
     # ----------------------------------------------------------------- hooks: when
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         targets = select_targets(pl_module, self.include, self.exclude)
-        self.layer_bits = per_layer("bits", self.bits, list(targets))
-        self.params = {name: targets[name] for name in self.layer_bits}
-        self.layer_prune = per_layer("prune", self.prune, list(self.params))
+        self.layer_bits = per_layer("bits", self.bits, targets)
+        self.params = targets.subset(self.layer_bits)
+        self.layer_prune = per_layer("prune", self.prune, self.params)
+        if stage == "fit" and self.verbose:
+            print_targets(type(self).__name__, pl_module, self.params)
         self._masks = [cb.masks for cb in trainer.callbacks if isinstance(cb, SparsityCallback)]
         if self.activations is not None:
             self._hook_inputs(pl_module)
