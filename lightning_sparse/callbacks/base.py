@@ -27,6 +27,13 @@ from lightning_sparse.core.targets import (
 )
 
 
+try:  # the unified `lightning` package: its Trainer's isinstance(callback, Callback) checks must pass too
+    from lightning.pytorch import Callback as _UnifiedCallback
+
+    CALLBACK_BASES: tuple[type, ...] = (Callback, _UnifiedCallback)
+except ImportError:  # only pytorch_lightning is installed
+    CALLBACK_BASES = (Callback,)
+
 #: Optimizers whose whole per-weight state is tensors shaped like the weight, fresh at zero: zeroing them is a reset,
 #: and a weight with zero gradient and zero state stays exactly where it is (0 for a pruned weight).
 RESETTABLE_OPTIMIZERS = (
@@ -95,7 +102,7 @@ def print_targets(title: str, model: torch.nn.Module, targets: Targets) -> None:
     print(format_targets(describe_targets(model, targets), title))
 
 
-class SparsityCallback(Callback):
+class SparsityCallback(*CALLBACK_BASES):
     """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
 
     Subclasses implement :meth:`_update_masks` (what happens at an optimizer step) and may extend

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sparse import report
 from lightning_sparse.callbacks.base import (
+    CALLBACK_BASES,
     SparsityCallback,
     as_sparsity,
     check_choice,
@@ -30,7 +30,7 @@ from lightning_sparse.core.quantize import check_bits
 from lightning_sparse.core.targets import as_patterns, each_setting, model_sparsity, per_layer, select_targets, weight_matrices
 
 
-class LearningCompression(Callback):
+class LearningCompression(*CALLBACK_BASES):
     """Alternate L steps (training + ``μ/2 ||w - Δ(Θ) - λ/μ||²``) and C steps (``Θ = Π(w - λ/μ)``) inside ``fit``.
 
     Timeline in optimizer steps: ``first_l_steps`` of plain training (the reference model), then C step 0 (direct

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_sparse import report
 from lightning_sparse.callbacks.base import (
+    CALLBACK_BASES,
     SparsityCallback,
     check_choice,
     check_fraction_or_step,
@@ -41,7 +41,7 @@ from lightning_sparse.core.quantize import (
 from lightning_sparse.core.targets import as_patterns, each_setting, per_layer, select_targets
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(*CALLBACK_BASES):
     """Train with weights (and optionally Linear/Conv inputs) fake-quantized, so the model learns to live with it.
 
     Args:
