@@ -301,10 +301,21 @@ class ResumableShuffleSampler(EpochShuffleSampler):
 
     def __iter__(self) -> Iterator[int]:
         order = list(super().__iter__())
-        if self.resume is not None and self.resume[0] == self.epoch:
+        if self.resume is not None and self.resume[0] == self.epoch:  # however often Lightning iterates it
             order = order[self.resume[1] :]
-        self.resume = None  # one epoch only
         return iter(order)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning treats as resumable (``state_dict``/``load_state_dict``), so it does not warn that a
+    mid-epoch checkpoint resumes unreliably: the position in the epoch is restored by
+    :class:`ShakespeareDataModule`'s own state, which knows the trainer's progress, into the sampler."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class ShakespeareDataModule(pl.LightningDataModule):
@@ -382,7 +393,7 @@ class ShakespeareDataModule(pl.LightningDataModule):
         dataset = CharWindows(self.splits["train"], self.block_size)
         sampler = ResumableShuffleSampler(len(dataset), self.seed)
         sampler.resume, self._resume = self._resume, None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(CharWindows(self.splits["val"], self.block_size), batch_size=self.batch_size, num_workers=self.num_workers)
@@ -394,7 +405,7 @@ class ShakespeareDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The vocabulary (checked on load) and, while training, how far into the epoch the run is."""
         state: dict[str, Any] = {"vocab": "".join(self.chars)}
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is not None and trainer.training:
             processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             state["resume"] = [trainer.current_epoch, processed * self.batch_size]

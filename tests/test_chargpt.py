@@ -2,7 +2,7 @@
 (bf16-mixed on CPU, gradient accumulation, clipping, a compiled forward, AdamW groups, mid-epoch resume)."""
 
 import csv
-import shutil
+import math
 
 import pytest
 import pytorch_lightning as pl
@@ -59,10 +59,11 @@ def test_default_text_is_shakespeare_with_fixed_vocabulary_and_split():
     assert module.vocab_size == 84 == CharGPT().hparams.vocab_size  # the model's default fits the default text
     assert module.chars == sorted(module.chars) and module.chars[0] == "\n"
     train, val = module.splits["train"], module.splits["val"]
-    assert len(train) + len(val) == 5_057_198 and len(train) == int(0.9 * 5_057_198)
+    total = 5_057_198 + 2 * 41  # the 42 works joined by blank lines
+    assert len(train) + len(val) == total and len(train) == int(0.9 * total)
     x, y = module.train_dataloader().dataset[3]
     assert torch.equal(x[1:], y[:-1]) and module.decode(x[:6]) == module.decode(train[3 * 64 : 3 * 64 + 6])
-    assert module.encode("To be") .tolist() == [module.chars.index(c) for c in "To be"]
+    assert module.encode("To be").tolist() == [module.chars.index(c) for c in "To be"]
 
 
 def test_vocabulary_larger_than_the_model_is_refused(tmp_path, hamlet):
@@ -71,12 +72,15 @@ def test_vocabulary_larger_than_the_model_is_refused(tmp_path, hamlet):
         trainer(tmp_path, max_steps=1).fit(tiny_gpt(10), module)
 
 
-def test_chargpt_learns_shakespeare(tmp_path, hamlet):
+def test_chargpt_loss_falls_on_shakespeare(tmp_path, hamlet):
     module = data(hamlet)
-    model = tiny_gpt(module.vocab_size)
+    model = tiny_gpt(module.vocab_size, lr=1e-2, lr_schedule="constant")
     run = trainer(tmp_path, max_steps=80, val_check_interval=80)
+    before = run.validate(model, module, verbose=False)[0]["val_loss"]
     run.fit(model, module)
-    assert float(run.callback_metrics["val_loss"]) < 3.0 < torch.log(torch.tensor(module.vocab_size))  # from ~4.0
+    after = float(run.callback_metrics["val_loss"])
+    assert before == pytest.approx(math.log(module.vocab_size), abs=0.1)  # a uniform guess at first (~4.2 nats)
+    assert after < before - 0.8  # 80 tiny steps learn at least the characters' frequencies (~3.2 nats)
 
 
 def test_adamw_groups_decay_linear_weights_only(hamlet):
@@ -155,16 +159,17 @@ def test_gmp_and_qat_stay_exact_under_precision_accumulation_and_clipping(tmp_pa
     for name, weight in linear_weights(model).items():
         assert weight.dtype == torch.float32
         assert int((weight == 0).sum()) == round(0.75 * weight.numel()), name
-        assert torch.unique(weight).numel() <= 16, name
+        assert all(torch.unique(row).numel() <= 16 for row in weight), name  # 4 bits per output channel
     assert torch.isfinite(torch.stack([p.detach().float().abs().max() for p in model.parameters()])).all()
 
 
 def test_compiled_forward_trains_with_gmp(tmp_path, hamlet):
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("torch.compile's CPU backend needs a C compiler")
+    # Dynamo traces the forward and AOTAutograd the backward, as with the default backend; "aot_eager" skips only
+    # inductor's C++ code generation (over a minute on 2 cores). Compiled graphs take the parameters as inputs, so
+    # masks written in place between steps are seen by the next step.
     module = data(hamlet)
     model = tiny_gpt(module.vocab_size)
-    model.model.compile()  # in place: parameter names and state_dict keys stay those of the dense model
+    model.model.compile(backend="aot_eager")  # in place: parameter names and state_dict keys stay the dense model's
     gmp = GradualMagnitudePruning(sparsity=0.5, start=0, end=4, frequency=2, verbose=False)
     trainer(tmp_path, [gmp], max_steps=6).fit(model, module)
     assert list(gmp.masks) == list(linear_weights(model)) and gmp.masks.sparsity() == pytest.approx(0.5)
