@@ -148,7 +148,7 @@ def main() -> None:
 
     dense = results.get("dense", {}).get("val_loss")
     table = Table(title=f"CharGPT (baby GPT) on Shakespeare: {args.steps} steps, seed {args.seed}")
-    for column in ("config", "prunable sparsity", "non-zeros", "val loss", "Δ vs dense", "file bytes", "× smaller", "wall s", "target", "met"):
+    for column in ("config", "prunable zeros", "non-zeros", "val loss", "Δ vs dense", "file bytes", "× smaller", "wall s", "target", "met"):
         table.add_column(column, justify="left" if column in ("config", "target") else "right")
     checks: dict[str, bool] = {}
     for name, r in results.items():
