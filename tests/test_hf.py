@@ -114,6 +114,15 @@ def test_gpt2_gmp_2_4_groups_run_along_conv1d_inputs(hamlet, tmp_path):
         assert not (nm_counts(weight.t().contiguous(), 4, axis=1) == 2).all(), name  # not along the stored rows
 
 
+def test_gpt2_qat_scales_per_output_column_of_conv1d(hamlet, tmp_path):
+    module = gpt2(hamlet.vocab_size)
+    fit(module, hamlet, [QuantizationAwareTraining(bits=3, verbose=False)], tmp_path, steps=4)
+    for name, weight in conv1d_weights(module).items():
+        columns = [torch.unique(weight[:, j]).numel() for j in range(weight.shape[1])]
+        assert max(columns) <= 7, name  # 2**3 - 1 symmetric levels per output channel (a column of a Conv1D)
+        assert max(torch.unique(row).numel() for row in weight) > 7, name  # rows (inputs) share no scale
+
+
 def test_gpt2_gmp_resumes_bit_exact_and_exports_round_trip(hamlet, tmp_path):
     def run(root, ckpt_path=None):
         module = gpt2(hamlet.vocab_size)

@@ -194,7 +194,7 @@ class QuantizationAwareTraining(*CALLBACK_BASES):
         weight = zero_smallest(latent, fraction) if fraction else latent
         bits = self.layer_bits[name]
         if self.method == "uniform":
-            return uniform_quantize(weight, bits, self.granularity, self.symmetric)
+            return uniform_quantize(weight, bits, self.granularity, self.symmetric, getattr(self.params, "output_axis", {}).get(name) or 0)
         if refit or name not in self.codebooks:
             self.codebooks[name] = fit_codebook(weight, bits, self.codebooks.get(name))
         return codebook_quantize(weight, self.codebooks[name])

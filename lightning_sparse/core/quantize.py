@@ -23,13 +23,17 @@ def check_bits(name: str, value: object, low: int = 2) -> None:
         raise ValueError(f"`{name}` must be an int in {low}..8, got {value!r}")
 
 
-def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel", symmetric: bool = True) -> Tensor:
+def uniform_quantize(weight: Tensor, bits: int, granularity: str = "per_channel", symmetric: bool = True, axis: int = 0) -> Tensor:
     """Round ``weight`` onto a uniform grid through PyTorch's fused fake-quantize kernels.
 
     Symmetric: ``2**bits - 1`` levels centred on 0 with ``scale = max|w| / (2**(bits-1) - 1)``. Asymmetric: the
     range ``[min(w, 0), max(w, 0)]`` in ``2**bits`` levels with an integer zero point, so 0 is on the grid.
-    Per channel means one scale per output channel (dim 0); 0-d and 1-d tensors use one scale.
+    Per channel means one scale per output channel (along ``axis``: 0, or 1 for GPT-2's ``Conv1D`` weight stored
+    ``(in, out)``); 0-d and 1-d tensors use one scale.
     """
+    if axis and granularity == "per_channel" and weight.dim() >= 2:
+        moved = uniform_quantize(weight.detach().movedim(axis, 0).contiguous(), bits, granularity, symmetric)
+        return moved.movedim(0, axis).contiguous()
     w = weight.detach()
     x = w.float()
     per_channel = granularity == "per_channel" and x.dim() >= 2
