@@ -10,7 +10,7 @@ from pathlib import Path
 from importlib import import_module
 from typing import Any
 
-from pytorch_lightning import seed_everything
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from jsonargparse import Namespace
@@ -50,9 +50,51 @@ def dropped_for_dense_baseline(callback_config: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, (*COMPRESSION_CALLBACKS, ModelCheckpoint))
 
 
+def _unified_lightning() -> Any:
+    """The unified package's ``lightning.pytorch`` when it is installed, else None."""
+    try:
+        import lightning.pytorch
+    except ImportError:
+        return None
+    return lightning.pytorch
+
+
 class SparseCLI(LightningCLI):
     """LightningCLI with ``--compare_dense``: after ``fit``, train the same config without compression and
-    print the test metrics of both models side by side."""
+    print the test metrics of both models side by side.
+
+    ``--model`` and ``--data`` take subclasses of either package's ``LightningModule`` / ``LightningDataModule``
+    (``pytorch_lightning`` or the unified ``lightning.pytorch``); a ``lightning.pytorch`` model is trained by
+    ``lightning.pytorch.Trainer`` (each Trainer only runs its own package's modules).
+    """
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        unified = _unified_lightning()
+        if unified is None or self.model_class is not None or self.datamodule_class is not None:
+            super().add_core_arguments_to_parser(parser)
+            return
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        # jsonargparse accepts a subclass of any of the given base classes
+        parser.add_subclass_arguments((LightningModule, unified.LightningModule), "model", fail_untyped=False, required=True)
+        parser.add_subclass_arguments(
+            (LightningDataModule, unified.LightningDataModule), "data", fail_untyped=False, required=False
+        )
+
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        unified = _unified_lightning()
+        if unified is not None:  # save_hyperparameters of a lightning.pytorch module reads its own package's context
+            from lightning.pytorch.cli import _InstantiatorFn
+
+            self.parser.add_instantiator(_InstantiatorFn(cli=self, key="model"), unified.LightningModule, subclasses=True)
+            self.parser.add_instantiator(_InstantiatorFn(cli=self, key="data"), unified.LightningDataModule, subclasses=True)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        unified = _unified_lightning()
+        if unified is not None and isinstance(self.model, unified.LightningModule) and self.trainer_class is Trainer:
+            self.trainer_class = unified.Trainer  # same arguments; it refuses pytorch_lightning modules and vice versa
+        return super()._instantiate_trainer(config, callbacks)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", DESCRIPTION)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +28,12 @@ class LayerSparsity:
         return self.zeros / self.numel if self.numel else 0.0
 
 
-def stats_from_masks(masks: MaskSet) -> list[LayerSparsity]:
-    """Per-layer counts according to the stored masks."""
+def stats_from_masks(masks: MaskSet, label: Callable[[str], str] | None = None) -> list[LayerSparsity]:
+    """Per-layer counts according to the stored masks; ``label`` names a layer in the table (e.g. a tied tensor
+    as ``"tok.weight (= head.weight)"``, :meth:`~lightning_sparse.core.targets.Targets.label`)."""
+    label = label or str
     return [
-        LayerSparsity(name, tuple(masks.params[name].shape), masks.numel(name), masks.numel(name) - masks.nonzeros(name))
+        LayerSparsity(label(name), tuple(masks.params[name].shape), masks.numel(name), masks.numel(name) - masks.nonzeros(name))
         for name in masks
     ]
 

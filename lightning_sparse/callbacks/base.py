@@ -15,8 +15,25 @@ from torch.optim import Optimizer
 
 from lightning_sparse import report
 from lightning_sparse.core.masks import MaskSet
-from lightning_sparse.core.targets import each_setting, per_layer, select_targets
+from lightning_sparse.core.targets import (
+    Targets,
+    as_patterns,
+    describe_targets,
+    each_setting,
+    format_targets,
+    model_sparsity,
+    per_layer,
+    select_targets,
+    weight_matrices,
+)
 
+
+try:  # the unified `lightning` package: its Trainer's isinstance(callback, Callback) checks must pass too
+    from lightning.pytorch import Callback as _UnifiedCallback
+
+    CALLBACK_BASES: tuple[type, ...] = (Callback, _UnifiedCallback)
+except ImportError:  # only pytorch_lightning is installed
+    CALLBACK_BASES = (Callback,)
 
 #: Optimizers whose whole per-weight state is tensors shaped like the weight, fresh at zero: zeroing them is a reset,
 #: and a weight with zero gradient and zero state stays exactly where it is (0 for a pruned weight).
@@ -90,7 +107,13 @@ def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, defa
     return old_value
 
 
-class CompressionCallback(Callback):
+@rank_zero_only
+def print_targets(title: str, model: torch.nn.Module, targets: Targets) -> None:
+    """Say once, at ``setup``, what a callback compresses and what it leaves dense (by kind, counts, share)."""
+    print(format_targets(describe_targets(model, targets), title))
+
+
+class CompressionCallback(*CALLBACK_BASES):
     """One base for every callback that compresses parameters: which ones (``include``/``exclude``), the refusal of
     another callback that would fight over them, one logging helper and the setup summary.
 
@@ -104,8 +127,8 @@ class CompressionCallback(Callback):
     metric_prefix = ""
 
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = as_patterns("include", include)
+        self.exclude = as_patterns("exclude", exclude)
         self.verbose = verbose
         self.compressed: dict[str, frozenset[str]] = {}
 
@@ -152,6 +175,8 @@ class SparsityCallback(CompressionCallback):
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         self.masks: MaskSet | None = None
         self.sparsity: float | dict[str, float] = 0.0  # set by the subclass
+        self.targets: Targets | None = None  # the masked parameters, with the aliases of tied tensors
+        self._matrices: dict[str, Any] = {}  # every weight matrix of the model, for `sparsity/model`
         self.layer_sparsity: dict[str, float] | None = None  # per-layer targets, when `sparsity` is a mapping
         self._decided_step = -1  # last optimizer step whose masks were decided
         self._masked_step = -1  # last optimizer step after which weights were re-masked
@@ -160,10 +185,14 @@ class SparsityCallback(CompressionCallback):
     # ----------------------------------------------------------------- hooks: when
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.masks = MaskSet(self._targets(pl_module))
+            self.targets = self._targets(pl_module)
+            self.masks = MaskSet(self.targets)
             self.compressed = {name: frozenset({"zeros"}) for name in self.masks}
             self._refuse_overlaps(trainer)
+            self._matrices = weight_matrices(pl_module)
             self._decided_step = self._masked_step = -1
+            if self.verbose:
+                print_targets(type(self).__name__, pl_module, self.targets)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         if self.masks is None:
@@ -196,8 +225,8 @@ class SparsityCallback(CompressionCallback):
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
         targets = self._select(pl_module)
-        self.layer_sparsity = per_layer("sparsity", self.sparsity, list(targets)) if isinstance(self.sparsity, Mapping) else None
-        return {name: targets[name] for name in self.layer_sparsity} if self.layer_sparsity else targets
+        self.layer_sparsity = per_layer("sparsity", self.sparsity, targets) if isinstance(self.sparsity, Mapping) else None
+        return targets.subset(self.layer_sparsity) if self.layer_sparsity else targets
 
     def _target(self) -> float | dict[str, float]:
         """The final sparsity: one number, or ``{parameter name: sparsity}`` from a per-layer mapping."""
@@ -217,14 +246,15 @@ class SparsityCallback(CompressionCallback):
         return {}
 
     def _log_sparsity(self, trainer: pl.Trainer) -> None:
-        metrics = {"sparsity/global": self.masks.sparsity()}
+        metrics = {"sparsity/global": self.masks.sparsity(), "sparsity/model": model_sparsity(self._matrices)}
         metrics.update({f"sparsity/{name}": self.masks.sparsity(name) for name in self.masks})
         metrics.update(self._update_metrics())
         self._log(trainer, metrics)
 
     @rank_zero_only
     def _print_table(self) -> None:
-        report.print_table(report.sparsity_table(report.stats_from_masks(self.masks), title=f"{type(self).__name__}: sparsity per layer"))
+        stats = report.stats_from_masks(self.masks, self.targets.label if self.targets is not None else None)
+        report.print_table(report.sparsity_table(stats, title=f"{type(self).__name__}: sparsity per layer"))
 
     # ----------------------------------------------------------------- checkpoint state
     def _extra_state(self) -> dict[str, Any]:

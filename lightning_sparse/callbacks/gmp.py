@@ -103,7 +103,7 @@ class GradualMagnitudePruning(SparsityCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
-            self._granularity = expand_granularity(self.granularity, list(self.masks))
+            self._granularity = expand_granularity(self.granularity, self.targets)
             self._check_layers()
 
     def _check_layers(self) -> None:
@@ -114,7 +114,7 @@ class GradualMagnitudePruning(SparsityCallback):
             check_shape(name, shape, granularity)
             layer_final = final[name] if isinstance(final, dict) else final
             if granularity.kind == "channel":
-                channels_to_prune(name, layer_final, shape[0])
+                channels_to_prune(name, layer_final, shape[granularity.axis or 0])
             if self.initial_sparsity > layer_final:
                 raise ValueError(
                     f"`initial_sparsity`={self.initial_sparsity} is above the final sparsity {layer_final:.4g} of {name!r} "

@@ -19,10 +19,11 @@ from lightning_sparse.callbacks.base import (
     check_choice,
     check_sparsity,
     check_steps,
+    print_targets,
 )
 from lightning_sparse.core import lc
 from lightning_sparse.core.quantize import check_bits
-from lightning_sparse.core.targets import each_setting, per_layer
+from lightning_sparse.core.targets import each_setting, model_sparsity, per_layer, weight_matrices
 
 
 class LearningCompression(CompressionCallback):
@@ -164,6 +165,7 @@ class LearningCompression(CompressionCallback):
         self.compressor: lc.LearningCompressor | None = None
         self._every: int | None = None  # resolved steps_per_l
         self._total = 0  # optimizer steps in the run
+        self._matrices: dict[str, Tensor] = {}  # every weight matrix of the model, for `sparsity/model`
 
     @property
     def state_key(self) -> str:
@@ -207,17 +209,20 @@ class LearningCompression(CompressionCallback):
         if stage != "fit":
             return
         targets = self._select(pl_module)
-        names = list(targets)
+        names = targets
         if isinstance(self.sparsity, dict) and "prune" in self.compression:
-            names = list(per_layer("sparsity", self.sparsity, names))
+            names = targets.subset(per_layer("sparsity", self.sparsity, names))
         if isinstance(self.bits, dict) and "quantize" in self.compression:
-            names = [n for n in per_layer("bits", self.bits, names)]
+            names = targets.subset(per_layer("bits", self.bits, names))
+        self._matrices = weight_matrices(pl_module)
+        if self.verbose:
+            print_targets(type(self).__name__, pl_module, names)
         layer_sparsity = per_layer("sparsity", self.sparsity, names) if isinstance(self.sparsity, dict) else self.sparsity
         sizes = {}
         if "quantize" in self.compression:
             sizes = {name: self.codebook_size or 2**bits for name, bits in per_layer("bits", self.bits, names).items()}
         self.compressor = lc.LearningCompressor(
-            {name: targets[name] for name in names}, self.compression, layer_sparsity, self.distribution, sizes,
+            names, self.compression, layer_sparsity, self.distribution, sizes,
             self.codebook, self.mu_init, self.mu_multiplier, self.mu_max, self.reset_momentum,
         )  # fmt: skip
         self._every = None
@@ -295,7 +300,9 @@ class LearningCompression(CompressionCallback):
         mu = self.compressor.c_step([optimizer.state for optimizer in trainer.optimizers])
         if self.c_steps_done == self.lc_steps:
             self.compressor.hold_compressed()
-        self._log(trainer, self.compressor.metrics(mu))
+        metrics = self.compressor.metrics(mu)
+        metrics["sparsity/model"] = model_sparsity({name: self.delta.get(name, matrix) for name, matrix in self._matrices.items()})
+        self._log(trainer, metrics)
 
     def project(self, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Π: the closed-form C step for this callback's compression, applied to ``targets``."""

@@ -23,6 +23,7 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
+    print_targets,
     renamed,
     resolve_step,
 )
@@ -119,11 +120,14 @@ class QuantizationAwareTraining(CompressionCallback):
     # ----------------------------------------------------------------- hooks: when
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         targets = self._select(pl_module)
-        layer_bits = per_layer("bits", self.bits, list(targets))
-        params = {name: targets[name] for name in layer_bits}
-        layer_sparsity = per_layer("sparsity", self.sparsity, list(params))
+        layer_bits = per_layer("bits", self.bits, targets)
+        params = targets.subset(layer_bits)
+        layer_sparsity = per_layer("sparsity", self.sparsity, params)
+        if stage == "fit" and self.verbose:
+            print_targets(type(self).__name__, pl_module, params)
         if stage == "fit" or self.quantizer is None:
-            self.quantizer = FakeQuantizer(params, layer_bits, self.method, self.scale, self.symmetric, layer_sparsity, self.frequency)
+            self.quantizer = FakeQuantizer(params, layer_bits, self.method, self.scale, self.symmetric, layer_sparsity,
+                                           self.frequency, getattr(params, "output_axis", None))  # fmt: skip
             self._start_step, self._stepped = None, -1
         self.compressed = {name: frozenset({"values", "zeros"} if layer_sparsity.get(name) else {"values"}) for name in params}
         self._refuse_overlaps(trainer)

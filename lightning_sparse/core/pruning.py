@@ -40,10 +40,11 @@ def prune_by_magnitude(
         weight = masks.params[name]
         target = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
         if kind.kind == "channel":
-            mask = channel_mask(weight, channels_to_prune(name, target, weight.shape[0]), channel_norm, masks.mask(name))
+            outputs = weight.shape[kind.axis or 0]
+            mask = channel_mask(weight, channels_to_prune(name, target, outputs), channel_norm, masks.mask(name), kind.axis or 0)
         else:
             limit = weight.numel() // kind.m * (kind.m - kind.n)
-            mask = nm_mask(weight, kind.n, kind.m, min(round_half_up(target * weight.numel()), limit), masks.mask(name))
+            mask = nm_mask(weight, kind.n, kind.m, min(round_half_up(target * weight.numel()), limit), masks.mask(name), kind.axis or 0)
         masks.set(name, mask)
         counts[name] = int((~mask).sum())
     return counts

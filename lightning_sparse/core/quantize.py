@@ -27,13 +27,17 @@ def check_bits(name: str, value: object, low: int = 2) -> None:
         raise ValueError(f"`{name}` must be an int in {low}..8, got {value!r}")
 
 
-def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symmetric: bool = True) -> Tensor:
+def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symmetric: bool = True, axis: int = 0) -> Tensor:
     """Round ``weight`` onto a uniform grid through PyTorch's fused fake-quantize kernels.
 
     Symmetric: ``2**bits - 1`` levels centred on 0 with ``scale = max|w| / (2**(bits-1) - 1)``. Asymmetric: the
     range ``[min(w, 0), max(w, 0)]`` in ``2**bits`` levels with an integer zero point, so 0 is on the grid.
-    Per channel means one scale per output channel (dim 0); 0-d and 1-d tensors use one scale.
+    Per channel means one scale per output channel (along ``axis``: 0, or 1 for GPT-2's ``Conv1D`` weight stored
+    ``(in, out)``); 0-d and 1-d tensors use one scale.
     """
+    if axis and scale == "per_channel" and weight.dim() >= 2:
+        moved = uniform_quantize(weight.detach().movedim(axis, 0).contiguous(), bits, scale, symmetric)
+        return moved.movedim(0, axis).contiguous()
     w = weight.detach()
     x = w.float()
     per_channel = scale == "per_channel" and x.dim() >= 2
@@ -133,6 +137,7 @@ class FakeQuantizer:
         symmetric: symmetric grid centred on 0, or asymmetric with a zero point.
         sparsity: CLIP-Q's fraction of zeros per parameter (missing names: none).
         frequency: optimizer steps between k-means re-fits.
+        axes: the output-channel axis of each parameter for per-channel scales (default 0; 1 for GPT-2's ``Conv1D``).
     """
 
     def __init__(
@@ -144,8 +149,10 @@ class FakeQuantizer:
         symmetric: bool = True,
         sparsity: Mapping[str, float] | None = None,
         frequency: int = 100,
+        axes: Mapping[str, int | None] | None = None,
     ) -> None:
         self.params = dict(params)
+        self.axes = {name: axis for name, axis in (axes or {}).items() if axis}
         self.bits = {name: bits[name] for name in self.params}
         self.method, self.scale, self.symmetric = method, scale, symmetric
         self.sparsity = dict(sparsity or {})
@@ -185,7 +192,7 @@ class FakeQuantizer:
         weight = zero_smallest(latent, fraction) if fraction else latent
         bits = self.bits[name]
         if self.method == "uniform":
-            return uniform_quantize(weight, bits, self.scale, self.symmetric)
+            return uniform_quantize(weight, bits, self.scale, self.symmetric, self.axes.get(name, 0))
         if refit or name not in self.codebooks:
             self.codebooks[name] = fit_codebook(weight, bits, self.codebooks.get(name))
         return codebook_quantize(weight, self.codebooks[name])

@@ -6,6 +6,9 @@ norm of their weights and pruned whole (Condensa's FilterPrune / NeuronPrune; Li
 ``(out_channels, -1)``) keeps at most N, the largest magnitudes (Mishra et al. 2021, arXiv 2104.08378), the
 pattern NVIDIA's sparse tensor cores run as 2:4.
 
+Both follow the layer's real output axis: 0 for Linear/Conv/attention weights, 1 for Hugging Face's GPT-2 ``Conv1D``
+(weight stored ``(in, out)``), so a "channel" is always an output unit and N:M groups always run along the inputs.
+
 Masks are plain boolean tensors shaped like the weight, so they live in :class:`~lightning_sparse.core.masks.MaskSet`
 like any other mask.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -34,6 +37,7 @@ class Granularity:
     kind: str  # "unstructured", "channel" or "nm"
     n: int = 0
     m: int = 0
+    axis: int | None = 0  # the weight's output axis (1 for GPT-2's Conv1D); None: a tensor with no such axes
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
@@ -63,8 +67,8 @@ def parse_granularity(argument: str, value: object) -> Granularity:
 
 
 def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> None:
-    """Refuse a granularity the parameter's shape cannot hold: channels and N:M need a weight of >= 2 dims,
-    and M must divide the input dimension (the product of all dims after the first)."""
+    """Refuse a granularity the parameter's shape cannot hold: channels and N:M need a weight of >= 2 dims with an
+    output axis (not an embedding table), and M must divide the input dimension (the product of the other dims)."""
     if granularity.kind == "unstructured":
         return
     if len(shape) < 2:
@@ -72,9 +76,15 @@ def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> No
             f"`granularity`={str(granularity)!r} needs a weight with output and input dimensions, but {name!r} has "
             f"shape {list(shape)}; prune it 'unstructured' or leave it out"
         )
+    if granularity.axis is None:
+        raise ValueError(
+            f"`granularity`={str(granularity)!r} needs a weight with output and input dimensions, but {name!r} "
+            f"(shape {list(shape)}) is an embedding table, whose rows are looked up, not multiplied: prune it "
+            f"'unstructured' (a `{{glob: granularity}}` mapping) or leave it out of `include`"
+        )
     fan_in = 1
-    for size in shape[1:]:
-        fan_in *= size
+    for axis, size in enumerate(shape):
+        fan_in *= 1 if axis == granularity.axis else size
     if granularity.kind == "nm" and fan_in % granularity.m:
         raise ValueError(
             f"`granularity`={str(granularity)!r}: M={granularity.m} does not divide the input dimension {fan_in} of "
@@ -94,9 +104,21 @@ def channels_to_prune(name: str, sparsity: float, out_channels: int) -> int:
     return count
 
 
-def channel_scores(weight: Tensor, norm: str = "l1", mask: Tensor | None = None) -> Tensor:
-    """L1 or L2 norm of each output channel's weights; channels already fully pruned by ``mask`` score -1."""
-    rows = weight.detach().reshape(weight.shape[0], -1)
+def _outputs_first(tensor: Tensor, axis: int | None) -> Tensor:
+    """``tensor`` with its output axis first (a view; a contiguous copy only for a Conv1D-style ``axis=1``)."""
+    return tensor if not axis else tensor.movedim(axis, 0).contiguous()
+
+
+def _back(tensor: Tensor, axis: int | None) -> Tensor:
+    return tensor if not axis else tensor.movedim(0, axis).contiguous()
+
+
+def channel_scores(weight: Tensor, norm: str = "l1", mask: Tensor | None = None, axis: int = 0) -> Tensor:
+    """L1 or L2 norm of each output channel's weights (channels along ``axis``); channels already fully pruned by
+    ``mask`` score -1."""
+    weight = _outputs_first(weight.detach(), axis)
+    mask = _outputs_first(mask, axis) if mask is not None else None
+    rows = weight.reshape(weight.shape[0], -1)
     if norm == "l1":
         scores = rows.abs().sum(1)
     elif norm == "l2":
@@ -108,19 +130,25 @@ def channel_scores(weight: Tensor, norm: str = "l1", mask: Tensor | None = None)
     return scores
 
 
-def channel_mask(weight: Tensor, n_channels: int, norm: str = "l1", mask: Tensor | None = None) -> Tensor:
-    """Mask pruning the ``n_channels`` output channels of lowest norm (ties: lower index first), whole."""
-    keep = exact_mask(channel_scores(weight, norm, mask), n_channels)
-    return keep.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+def channel_mask(weight: Tensor, n_channels: int, norm: str = "l1", mask: Tensor | None = None, axis: int = 0) -> Tensor:
+    """Mask pruning the ``n_channels`` output channels (along ``axis``) of lowest norm (ties: lower index first), whole."""
+    keep = exact_mask(channel_scores(weight, norm, mask, axis), n_channels)
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return keep.view(shape).expand_as(weight).clone()
 
 
-def nm_mask(weight: Tensor, n: int, m: int, n_zeros: int, mask: Tensor | None = None) -> Tensor:
+def nm_mask(weight: Tensor, n: int, m: int, n_zeros: int, mask: Tensor | None = None, axis: int = 0) -> Tensor:
     """Mask pruning ``n_zeros`` weights, only ever among the ``M - N`` smallest of each group of M.
 
     Groups are M consecutive weights of a row of ``weight.reshape(out, -1)``. With ``n_zeros`` at its maximum,
     ``numel × (M - N) / M``, every group keeps exactly N; below it (a schedule still ramping) the smallest
-    candidates across the layer go first. Already-pruned weights rank lowest, so they stay pruned.
+    candidates across the layer go first. Already-pruned weights rank lowest, so they stay pruned. ``axis`` is the
+    output axis (1 for a Conv1D weight stored ``(in, out)``: groups then run down its columns).
     """
+    if axis:
+        moved = nm_mask(_outputs_first(weight.detach(), axis), n, m, n_zeros, _outputs_first(mask, axis) if mask is not None else None)
+        return _back(moved, axis)
     limit = weight.numel() // m * (m - n)
     if not 0 <= n_zeros <= limit:
         raise ValueError(f"`n_zeros` for {n}:{m} must be in [0, {limit}], got {n_zeros}")
@@ -134,14 +162,21 @@ def nm_mask(weight: Tensor, n: int, m: int, n_zeros: int, mask: Tensor | None = 
     return exact_mask(ranked, n_zeros).view(weight.shape)
 
 
-def nm_counts(weight: Tensor, m: int) -> Tensor:
-    """Non-zeros in each group of M consecutive weights of ``weight.reshape(out, -1)`` (M must divide it)."""
-    rows = weight.detach().reshape(weight.shape[0], -1)
+def nm_counts(weight: Tensor, m: int, axis: int = 0) -> Tensor:
+    """Non-zeros in each group of M consecutive inputs of each output (``axis``) of the weight (M must divide them)."""
+    weight = _outputs_first(weight.detach(), axis)
+    rows = weight.reshape(weight.shape[0], -1)
     return (rows != 0).reshape(rows.shape[0], -1, m).sum(-1)
 
 
 def expand_granularity(value: str | Mapping[str, str], names: Sequence[str]) -> dict[str, Granularity]:
     """``{name: Granularity}`` for every name: one value for all, or ``{glob: value}`` (first match wins) with the
-    names no glob matches pruned ``unstructured``. A glob matching no name is an error."""
-    chosen = per_layer("granularity", value, list(names))
-    return {name: parse_granularity("granularity", chosen[name]) if name in chosen else UNSTRUCTURED for name in names}
+    names no glob matches pruned ``unstructured``. A glob matching no name is an error. With
+    :class:`~lightning_sparse.core.targets.Targets`, globs match every alias and each layer gets its output axis."""
+    chosen = per_layer("granularity", value, names)
+    axes = getattr(names, "output_axis", {})
+    result = {}
+    for name in names:
+        granularity = parse_granularity("granularity", chosen[name]) if name in chosen else UNSTRUCTURED
+        result[name] = replace(granularity, axis=axes[name]) if name in axes and granularity.kind != "unstructured" else granularity
+    return result

@@ -1,81 +1,241 @@
-"""Which parameters are sparsified: weights of Linear/Conv layers by default, glob patterns to adjust."""
+"""Which parameters are compressed: the weights of Linear, Conv, attention and GPT-2 Conv1D layers by default, glob
+patterns to adjust, every name of a tied tensor accepted.
+
+A model's parameters as they really are: one tensor may be reached by several names (tied input/output embeddings,
+``head.weight = tok.weight`` in GPT-2 and nanoGPT). ``model.named_parameters()`` yields it once, under its first name,
+while ``state_dict()`` holds every name. Here a tied tensor is one target with one mask, keyed by its first name (the
+one ``named_parameters()`` gives), and every alias may be used in ``include``/``exclude`` and ``{glob: value}``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 V = TypeVar("V")
 
-#: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not.
+#: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not. ``nn.MultiheadAttention``
+#: (its projection weights) and Hugging Face's ``Conv1D`` are targeted too (see :func:`parameter_roles`).
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: ``nn.MultiheadAttention``'s projection weights: one packed ``in_proj_weight`` or separate q/k/v (``out_proj`` is a
+#: Linear of its own).
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+NORM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm,
+)  # fmt: skip
+
+
+def _hf_conv1d() -> type[nn.Module] | None:
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` if transformers is already imported (a model holding one
+    must have imported it): core never imports transformers itself."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one parameter is to the module holding it.
+
+    ``kind`` names the layer type (``Linear``, ``Conv2d``, ``MultiheadAttention``, ``Conv1D``, ``Embedding``, ``norm``,
+    ``bias``, ``other``); ``default`` says whether it is compressed without ``include``; ``output_axis`` is the weight's
+    output-channel axis (0, or 1 for GPT-2's Conv1D, stored (in, out)), ``None`` for a table with no input/output
+    axes (an embedding), a bias or a norm.
+    """
+
+    kind: str
+    default: bool
+    output_axis: int | None
+
+
+def _role(module: nn.Module, attribute: str, param: nn.Parameter) -> Role:
+    conv1d = _hf_conv1d()
+    if attribute == "weight" and isinstance(module, DEFAULT_MODULES):
+        return Role(next(t.__name__ for t in DEFAULT_MODULES if isinstance(module, t)), True, 0)
+    if isinstance(module, nn.MultiheadAttention) and attribute in ATTENTION_WEIGHTS:
+        return Role("MultiheadAttention", True, 0)
+    if conv1d is not None and isinstance(module, conv1d) and attribute == "weight":
+        return Role("Conv1D", True, 1)
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and attribute == "weight":
+        return Role("Embedding", False, None)
+    if isinstance(module, NORM_MODULES):
+        return Role("norm", False, None)
+    if "bias" in attribute:
+        return Role("bias", False, None)
+    return Role("other", False, 0 if param.dim() >= 2 else None)
+
+
+def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, tuple[str, ...], Role]]:
+    """Every distinct parameter tensor of ``model`` once: ``{first name: (parameter, all its names, role)}``.
+
+    A tensor reached through several modules (tied weights) takes the role that keeps it safest: an embedding's table
+    stays an embedding (dense by default) even when a Linear head shares it, and its axes are those of the layer that
+    uses it as a matrix.
+    """
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    roles: dict[int, list[Role]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attribute, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if param is None:
+                continue
+            key = id(param)
+            full = f"{module_name}.{attribute}" if module_name else attribute
+            params[key] = param
+            if full not in names.setdefault(key, []):
+                names[key].append(full)
+            roles.setdefault(key, []).append(_role(module, attribute, param))
+    # named_parameters() order (and first names) is the order the model and its state_dict use
+    order = {name: index for index, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
+    result: dict[str, tuple[nn.Parameter, tuple[str, ...], Role]] = {}
+    for key in sorted(names, key=lambda k: min(order.get(n, len(order)) for n in names[k])):
+        aliases = tuple(sorted(names[key], key=lambda n: order.get(n, len(order))))
+        result[aliases[0]] = (params[key], aliases, _merge(roles[key]))
+    return result
+
+
+def _merge(roles: list[Role]) -> Role:
+    if len(roles) == 1:
+        return roles[0]
+    kinds = {r.kind for r in roles}
+    matrix = next((r for r in roles if r.default), None)
+    if "Embedding" in kinds:  # tied input/output embeddings: an embedding, unless included
+        return Role("Embedding", False, matrix.output_axis if matrix else None)
+    return matrix or roles[0]
+
+
+class Targets(dict):
+    """``{name: parameter}`` selected for compression (first names, in model order), with every alias of each tensor
+    and its output axis: what :func:`per_layer` matches globs against and what tables print."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], aliases: Mapping[str, Sequence[str]], axes: Mapping[str, int | None],
+                 kinds: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(params)
+        self.aliases = {name: tuple(aliases.get(name, (name,))) for name in params}
+        self.output_axis = {name: axes.get(name, 0) for name in params}
+        self.kinds = {name: (kinds or {}).get(name, "other") for name in params}
+
+    def subset(self, names: Iterable[str]) -> Targets:
+        """The targets named in ``names``, in this order (aliases and axes kept)."""
+        names = list(names)
+        return Targets({n: self[n] for n in names}, self.aliases, self.output_axis, self.kinds)
+
+    def label(self, name: str) -> str:
+        """``"tok.weight (= head.weight)"`` for a tied tensor, the name alone otherwise."""
+        others = [alias for alias in self.aliases.get(name, (name,)) if alias != name]
+        return f"{name} (= {', '.join(others)})" if others else name
+
+
+def as_patterns(argument: str, value: str | Sequence[str] | None) -> list[str] | None:
+    """``include``/``exclude`` as a list of glob patterns: one string is one pattern (``exclude="net.5.weight"``),
+    not a sequence of one-character patterns."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable) or not all(isinstance(each, str) for each in value):
+        raise ValueError(f"`{argument}` must be a glob pattern or a list of them (parameter names), got {value!r}")
+    return list(value) or None
+
+
+def _matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for name in names for pattern in patterns)
 
 
 def prunable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters pruned by default: the ``weight`` of every Linear and Conv1d/2d/3d."""
-    names = []
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, DEFAULT_MODULES) and isinstance(weight, nn.Parameter) and id(weight) not in seen:
-            seen.add(id(weight))  # tied weights are pruned once, under their first name
-            names.append(f"{module_name}.weight" if module_name else "weight")
-    return names
+    """Names of the parameters compressed by default: the weights of every Linear, Conv1d/2d/3d,
+    ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``) and Hugging Face ``Conv1D``.
+    A tied tensor is listed once, under its first name; one that is also an embedding's table is not listed."""
+    return [name for name, (_, _, role) in parameter_roles(model).items() if role.default]
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatchcase(name, pattern) for pattern in patterns)
+def _all_names(roles: Mapping[str, tuple[nn.Parameter, tuple[str, ...], Role]]) -> str:
+    return ", ".join(" = ".join(aliases) for _, aliases, _ in roles.values())
 
 
 def select_targets(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
-) -> dict[str, nn.Parameter]:
-    """Return ``{name: parameter}`` to sparsify, in model order.
+    model: nn.Module, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+) -> Targets:
+    """Return ``{name: parameter}`` to compress, in model order, as :class:`Targets` (with aliases and axes).
 
-    Without ``include`` the targets are :func:`prunable_names`; with it, any parameter whose name matches
-    one of the glob patterns (so a user may opt in embeddings or biases). ``exclude`` globs then remove names.
-    Raises ``ValueError`` when an include pattern matches nothing or when nothing is left to prune.
+    Without ``include`` the targets are :func:`prunable_names`; with it, any parameter any of whose names matches one
+    of the glob patterns (so a user may opt in embeddings or biases). ``exclude`` globs then remove every tensor one
+    of whose names they match. A tied tensor is one target, under its first name.
+    Raises ``ValueError`` when an include pattern matches no parameter (or only buffers) or nothing is left.
     """
-    params = dict(model.named_parameters())
-    default = prunable_names(model)
+    include, exclude = as_patterns("include", include), as_patterns("exclude", exclude)
+    roles = parameter_roles(model)
+    default = [name for name, (_, _, role) in roles.items() if role.default]
     if include:
+        every = [alias for _, aliases, _ in roles.values() for alias in aliases]
         for pattern in include:
-            if not any(fnmatchcase(name, pattern) for name in params):
+            if any(fnmatchcase(name, pattern) for name in every):
+                continue
+            buffers = [name for name, _ in model.named_buffers(remove_duplicate=False) if fnmatchcase(name, pattern)]
+            if buffers:
                 raise ValueError(
-                    f"`include` pattern {pattern!r} matches no parameter. Prunable by default: {default}; "
-                    f"all parameters: {list(params)}"
+                    f"`include` pattern {pattern!r} matches only buffers, which are not trained weights: {buffers}. "
+                    f"Parameters: {_all_names(roles)}"
                 )
-        names = [name for name in params if _matches(name, include)]
+            raise ValueError(
+                f"`include` pattern {pattern!r} matches no parameter. Prunable by default: {default}; "
+                f"all parameters (tied names joined by =): {_all_names(roles)}"
+            )
+        names = [name for name, (_, aliases, _) in roles.items() if _matches(aliases, include)]
     else:
         names = default
     if exclude:
-        names = [name for name in names if not _matches(name, exclude)]
+        names = [name for name in names if not _matches(roles[name][1], exclude)]
     if not names:
         raise ValueError(
-            f"Nothing to prune in {type(model).__name__}: no Linear/Conv weights are selected "
+            f"Nothing to prune in {type(model).__name__}: no Linear/Conv/attention weights are selected "
             f"(include={list(include or [])}, exclude={list(exclude or [])}). Prunable by default: {default}"
         )
-    return {name: params[name] for name in names}
+    return Targets(
+        {name: roles[name][0] for name in names},
+        {name: roles[name][1] for name in names},
+        {name: roles[name][2].output_axis for name in names},
+        {name: roles[name][2].kind for name in names},
+    )
 
 
-def per_layer(argument: str, value: V | Mapping[str, V], names: Sequence[str]) -> dict[str, V]:
+def per_layer(argument: str, value: V | Mapping[str, V], names: Sequence[str] | Targets) -> dict[str, V]:
     """Expand a per-layer setting: one value for every name, or ``{glob: value}`` (first matching glob wins).
 
     Names that no glob matches are left out, so a mapping also selects the layers. A glob that matches
-    none of ``names`` is an error naming ``argument`` and listing the names.
+    none of ``names`` is an error naming ``argument`` and listing the names. With :class:`Targets`, a glob may match
+    any alias of a tied tensor; two aliases given different values is an error naming both.
     """
+    aliases: Mapping[str, Sequence[str]] = getattr(names, "aliases", {})
+    names = list(names)
     if not isinstance(value, Mapping):
         return {name: value for name in names}
     result: dict[str, V] = {}
-    for pattern, setting in value.items():
-        matched = [name for name in names if fnmatchcase(name, pattern)]
-        if not matched:
-            raise ValueError(f"`{argument}` pattern {pattern!r} matches no selected parameter; selected: {list(names)}")
-        for name in matched:
-            result.setdefault(name, setting)
+    for name in names:
+        chosen: dict[str, tuple[str, V]] = {}  # alias -> (first glob matching it, its value)
+        for alias in aliases.get(name, (name,)):
+            for pattern, setting in value.items():
+                if fnmatchcase(alias, pattern):
+                    chosen[alias] = (pattern, setting)
+                    break
+        distinct = {repr(setting) for _, setting in chosen.values()}
+        if len(distinct) > 1:
+            described = "; ".join(f"{alias!r} is given {setting!r} by {pattern!r}" for alias, (pattern, setting) in chosen.items())
+            raise ValueError(
+                f"`{argument}`: {' and '.join(map(repr, chosen))} are one tied tensor, which takes one setting, but "
+                f"{described}. Give both names the same value (or name one of them only)"
+            )
+        if chosen:
+            result[name] = next(iter(chosen.values()))[1]
+    for pattern in value:
+        if not any(fnmatchcase(alias, pattern) for name in names for alias in aliases.get(name, (name,))):
+            selected = [" = ".join(aliases.get(name, (name,))) for name in names]
+            raise ValueError(f"`{argument}` pattern {pattern!r} matches no selected parameter; selected: {selected}")
     return {name: result[name] for name in names if name in result}
 
 
@@ -85,3 +245,67 @@ def each_setting(argument: str, value: V | Mapping[str, V]) -> list[tuple[str, V
     if isinstance(value, Mapping):
         return [(f"{argument}[{pattern!r}]", each) for pattern, each in value.items()]
     return [(argument, value)]
+
+
+# ----------------------------------------------------------------------------- what is compressed, what stays dense
+@dataclass(frozen=True)
+class TargetRow:
+    """One line of the set-up summary: the tensors of one ``kind`` that are compressed (or left dense)."""
+
+    kind: str
+    compressed: bool
+    tensors: int
+    numel: int
+    share: float  # of all the model's parameters (each tied tensor counted once)
+    names: tuple[str, ...]
+
+
+def describe_targets(model: nn.Module, targets: Mapping[str, nn.Parameter]) -> list[TargetRow]:
+    """What a callback compresses and what it leaves dense, by kind of tensor: compressed rows first, then dense
+    ones, each with its tensor count, weights and share of all the model's weights (tied tensors once)."""
+    roles = parameter_roles(model)
+    chosen = {id(p) for p in targets.values()}
+    total = sum(p.numel() for p, _, _ in roles.values()) or 1
+    groups: dict[tuple[bool, str], list[tuple[str, int]]] = {}
+    for name, (param, aliases, role) in roles.items():
+        kind = f"{role.kind} (tied)" if len(aliases) > 1 else role.kind
+        label = f"{name} (= {', '.join(aliases[1:])})" if len(aliases) > 1 else name
+        groups.setdefault((id(param) in chosen, kind), []).append((label, param.numel()))
+    rows = [
+        TargetRow(kind, compressed, len(items), sum(n for _, n in items), sum(n for _, n in items) / total, tuple(l for l, _ in items))
+        for (compressed, kind), items in groups.items()
+    ]
+    return sorted(rows, key=lambda row: (not row.compressed, -row.numel))
+
+
+def format_targets(rows: Sequence[TargetRow], title: str) -> str:
+    """The set-up summary as text: one line for the compressed kinds, one for the dense ones."""
+
+    def part(row: TargetRow) -> str:
+        return f"{row.kind} ×{row.tensors} ({row.numel:,} weights, {row.share:.1%})"
+
+    compressed = [part(row) for row in rows if row.compressed]
+    dense = [part(row) for row in rows if not row.compressed]
+    share = sum(row.share for row in rows if row.compressed)
+    lines = [f"{title} compresses {share:.1%} of the model's weights: {', '.join(compressed) or 'nothing'}"]
+    lines.append(f"  left dense: {', '.join(dense) or 'nothing'}")
+    tied = [name for row in rows for name in row.names if " (= " in name]
+    if tied:
+        lines.append(f"  tied tensors (one mask each): {', '.join(tied)}")
+    return "\n".join(lines)
+
+
+def weight_matrices(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every distinct parameter with two or more dimensions (weight matrices, conv kernels, embedding tables), once."""
+    return {name: param for name, (param, _, _) in parameter_roles(model).items() if param.dim() >= 2}
+
+
+@torch.no_grad()
+def model_sparsity(matrices: Mapping[str, torch.Tensor]) -> float:
+    """Zeros over all the given weight matrices (:func:`weight_matrices`: dense ones included), counted in the
+    tensors themselves."""
+    total = sum(t.numel() for t in matrices.values())
+    if not total:
+        return 0.0
+    zeros = sum(int((t == 0).sum()) for t in matrices.values())
+    return zeros / total
