@@ -1,6 +1,7 @@
 """QuantizationAwareTraining alone and together with GMP / RigL, inside real Trainer.fit runs on digits."""
 
 import csv
+import itertools
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
-from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize
+from lightning_sparse.core.quantize import codebook_quantize, distortion, fit_codebook, kmeans_1d, lloyd_1d, uniform_quantize
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -63,6 +64,55 @@ def test_kmeans_finds_the_obvious_clusters():
     codebook = fit_codebook(torch.tensor([[0.0, -2.1, 1.2], [0.0, 4.0, -1.9]]), bits=2)
     assert codebook.numel() == 4 and torch.all(codebook[1:] >= codebook[:-1])
     assert codebook_quantize(torch.tensor([0.0, 3.9]), codebook).tolist() == [0.0, 4.0]
+
+
+def _brute_force_kmeans(values: list[float], k: int) -> float:
+    """The optimal k-means distortion by trying every split of the sorted values into k contiguous runs."""
+    v = sorted(values)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, len(v)), k - 1):
+        bounds = [0, *cuts, len(v)]
+        runs = [v[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        best = min(best, sum(sum((x - sum(run) / len(run)) ** 2 for x in run) for run in runs))
+    return best
+
+
+def test_kmeans_is_the_exact_optimum_against_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        n = int(torch.randint(2, 10, (1,), generator=generator))
+        values = torch.randn(n, generator=generator, dtype=torch.float64)
+        if trial % 3 == 0:
+            values = torch.round(values * 2) / 2  # repeated values
+        distinct = torch.unique(values).numel()
+        for k in range(1, n + 1):
+            codebook = kmeans_1d(values, k)
+            assert codebook.numel() == min(k, distinct)
+            assert torch.all(codebook[1:] > codebook[:-1])  # sorted and distinct
+            codes = torch.bucketize(values, (codebook[1:] + codebook[:-1]) / 2)
+            assert torch.unique(codes).numel() == codebook.numel()  # no empty cluster
+            optimum = _brute_force_kmeans(values.tolist(), min(k, distinct))
+            assert distortion(values, codebook) == pytest.approx(optimum, rel=1e-9, abs=1e-12)
+
+
+def test_kmeans_beats_lloyd_on_an_outlier_and_uses_every_code():
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 0.05
+    values[0] = 2.5  # one outlier: Lloyd from linear seeds left 11 of 16 clusters empty
+    codebook = kmeans_1d(values, 16)
+    seeds = torch.linspace(0, 1, 16) * (values.max() - values.min()) + values.min()
+    assert codebook.numel() == 16 and torch.unique(torch.bucketize(values, (codebook[1:] + codebook[:-1]) / 2)).numel() == 16
+    assert distortion(values, lloyd_1d(values, seeds)) > 5 * distortion(values, codebook)
+
+
+def test_kmeans_warm_start_keeps_an_equally_good_codebook_and_refuses_nan():
+    values = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    codebook = kmeans_1d(values, 8)
+    assert torch.equal(kmeans_1d(values, 8, init=codebook), codebook)
+    worse = torch.linspace(-1, 1, 8)
+    assert torch.equal(kmeans_1d(values, 8, init=worse), codebook)  # a worse previous codebook is replaced
+    values[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/infinite"):
+        kmeans_1d(values, 8)
 
 
 # ----------------------------------------------------------------------------- QAT in Trainer.fit
