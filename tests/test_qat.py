@@ -11,7 +11,16 @@ from pytorch_lightning.loggers import CSVLogger
 
 from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
-from lightning_sparse.core.quantize import codebook_quantize, distortion, fit_codebook, kmeans_1d, lloyd_1d, uniform_quantize
+from lightning_sparse.core.allocation import round_half_up
+from lightning_sparse.core.quantize import (
+    codebook_quantize,
+    distortion,
+    fit_codebook,
+    kmeans_1d,
+    lloyd_1d,
+    uniform_quantize,
+    zero_smallest,
+)
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -249,6 +258,22 @@ def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
         assert (weight == 0).float().mean().item() >= fraction - 1e-4
         assert (latent == 0).float().mean().item() < 0.01  # the latent weights keep every connection
     assert (model.net[1].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipq_zero_count_is_exact_and_values_fit_the_bits(tmp_path, digits, bits, method):
+    # 2-bit uniform used to give 79-95% zeros for prune=0.5 ({-s, 0, s} rounded most survivors to 0), and k-means
+    # 2**bits non-zero codes plus the zero
+    callback = QuantizationAwareTraining(bits=bits, method=method, prune=0.5, codebook_frequency=10)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
+    for name in LAYERS:
+        weight = model.get_parameter(name).detach()
+        assert int((weight == 0).sum()) == round_half_up(0.5 * weight.numel()), name
+        assert torch.unique(weight).numel() <= 2**bits, name
+        survivors = zero_smallest(callback._latent[name], 0.5) != 0
+        assert torch.equal(weight != 0, survivors)  # the survivors are exactly the largest latent weights
 
 
 def test_exported_qat_model_reloads_to_the_weights_it_was_evaluated_with(tmp_path, digits):

@@ -34,6 +34,7 @@ from lightning_sparse.core.quantize import (
     check_bits,
     codebook_quantize,
     fit_codebook,
+    interval_means_quantize,
     uniform_quantize,
     zero_smallest,
 )
@@ -56,7 +57,10 @@ class QuantizationAwareTraining(Callback):
         codebook_frequency: optimizer steps between k-means re-fits (>= 1).
         prune: CLIP-Q mode (Tung & Mori 2018): fraction in [0, 1) of each layer's smallest latent weights
             zeroed in the quantized weights only, recomputed at every step, so pruned weights can come back;
-            a float or ``{glob: fraction}``. 0 (default) prunes nothing.
+            a float or ``{glob: fraction}``. 0 (default) prunes nothing. A CLIP-Q layer has exactly
+            ``round(prune · N)`` zeros and its survivors in ``2**bits - 1`` non-zero levels: interval means over
+            the layer's range with ``method="uniform"`` (``granularity``/``symmetric`` then do not apply to it),
+            k-means codes with ``method="kmeans"``, so at most ``2**bits`` values per layer counting the zero.
         verbose: print the per-layer table when fitting ends.
     """
 
@@ -186,14 +190,23 @@ class QuantizationAwareTraining(Callback):
         self._quantized = True
 
     def quantize_layer(self, name: str, latent: Tensor, refit: bool = False) -> Tensor:
-        """q(w) of one layer: CLIP-Q pruning (if any), then the uniform grid or the layer's codebook."""
+        """q(w) of one layer: CLIP-Q pruning (if any), then the uniform grid or the layer's codebook.
+
+        With CLIP-Q pruning the layer has exactly ``round(prune · N)`` zeros and at most ``2**bits`` values: the
+        survivors go to ``2**bits - 1`` non-zero levels, interval means (``uniform``, per layer as in Tung & Mori)
+        or k-means codes (``kmeans``). A k-means layer that holds zeros (pruned by CLIP-Q or another callback) gets
+        ``2**bits - 1`` codes plus the zero.
+        """
         fraction = self.layer_prune.get(name, 0.0)
         weight = zero_smallest(latent, fraction) if fraction else latent
         bits = self.layer_bits[name]
         if self.method == "uniform":
+            if fraction:
+                return interval_means_quantize(weight, 2**bits - 1)
             return uniform_quantize(weight, bits, self.granularity, self.symmetric)
         if refit or name not in self.codebooks:
-            self.codebooks[name] = fit_codebook(weight, bits, self.codebooks.get(name))
+            pruned = bool(fraction) or any(m is not None and name in m.params for m in self._masks) or bool((weight == 0).any())
+            self.codebooks[name] = fit_codebook(weight, bits, self.codebooks.get(name), reserve_zero=pruned)
         return codebook_quantize(weight, self.codebooks[name])
 
     def _hook_inputs(self, pl_module: pl.LightningModule) -> None:

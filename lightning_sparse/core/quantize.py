@@ -62,6 +62,28 @@ def zero_smallest(weight: Tensor, fraction: float) -> Tensor:
     return weight.detach().masked_fill(~keep, 0)
 
 
+def interval_means_quantize(weight: Tensor, levels: int) -> Tensor:
+    """CLIP-Q's quantizer (Tung & Mori 2018): the range ``[min, max]`` of the non-zero weights is split into
+    ``levels`` equal intervals and each non-zero weight replaced by the mean of the non-zero weights in its
+    interval; zeros stay +0.0. With ``levels = 2**bits - 1`` the layer holds at most ``2**bits`` values counting
+    zero, and no surviving weight becomes zero (an interval mean of exactly 0, from a run balanced around 0, is
+    replaced by the mean magnitude of that interval).
+    """
+    w = weight.detach()
+    nonzero = w != 0
+    values = w[nonzero].float()
+    if values.numel() == 0:
+        return w.clone()
+    low, high = values.min(), values.max()
+    width = (high - low) / levels
+    index = ((values - low) / torch.where(width > 0, width, 1.0)).floor().clamp_(0, levels - 1).long()
+    counts = torch.zeros(levels, device=w.device).index_add_(0, index, torch.ones_like(values)).clamp_(min=1)
+    means = torch.zeros(levels, device=w.device).index_add_(0, index, values) / counts
+    magnitudes = torch.zeros(levels, device=w.device).index_add_(0, index, values.abs()) / counts
+    means = torch.where(means == 0, magnitudes, means)
+    return torch.zeros_like(w).masked_scatter_(nonzero, means[index].to(w.dtype))
+
+
 def nearest_codes(values: Tensor, codebook: Tensor) -> Tensor:
     """Index of the nearest codebook entry for every value (``codebook`` sorted ascending; ties go to the lower)."""
     midpoints = (codebook[1:] + codebook[:-1]) / 2
@@ -181,7 +203,13 @@ def kmeans_1d(values: Tensor, k: int, init: Tensor | None = None, iterations: in
     weights = counts.double()
     offset = distinct.mean()  # centred prefix sums lose less to cancellation
     x = distinct - offset
-    codebook = _centroids(x, weights, _optimal_bounds(x, weights, k)) + offset
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu":
+        torch.set_num_threads(1)  # thousands of small ops: with intra-op threads on a busy CPU they run 10-20x slower
+    try:
+        codebook = _centroids(x, weights, _optimal_bounds(x, weights, k)) + offset
+    finally:
+        torch.set_num_threads(threads)
     codebook = torch.unique(codebook.to(values.dtype))  # float64 centroids that round to one value merge
     if init is not None and init.numel():
         previous = torch.unique(init.detach().to(device=flat.device, dtype=values.dtype))
@@ -197,7 +225,10 @@ def codebook_quantize(weight: Tensor, codebook: Tensor) -> Tensor:
     return torch.where(w == 0, torch.zeros_like(w), snapped)
 
 
-def fit_codebook(weight: Tensor, bits: int, init: Tensor | None = None, iterations: int = 30) -> Tensor:
-    """Optimal k-means codebook of at most ``2**bits`` values for the non-zero weights of one layer."""
+def fit_codebook(
+    weight: Tensor, bits: int, init: Tensor | None = None, iterations: int = 30, reserve_zero: bool = False
+) -> Tensor:
+    """Optimal k-means codebook for the non-zero weights of one layer: at most ``2**bits`` values, or ``2**bits - 1``
+    with ``reserve_zero`` (a pruned layer, whose zeros take the last of the ``2**bits`` codes)."""
     w = weight.detach().reshape(-1)
-    return kmeans_1d(w[w != 0], 2**bits, init, iterations)
+    return kmeans_1d(w[w != 0], 2**bits - (1 if reserve_zero else 0), init, iterations)
