@@ -68,3 +68,10 @@ def test_magnitude_ranks_already_pruned_weights_first():
     mask = torch.tensor([True, False, True, True])
     # The live zero at index 0 must not displace the pruned index 1.
     assert exact_mask(magnitude(weight, mask), 1).tolist() == [True, False, True, True]
+
+
+def test_non_finite_weights_never_win_a_place():
+    from lightning_sparse.core.criteria import exact_mask, magnitude
+
+    weight = torch.tensor([0.5, float("nan"), -3.0, float("inf"), 0.1, -float("inf")])
+    assert exact_mask(magnitude(weight), 3).tolist() == [True, False, True, False, True, False]

@@ -77,3 +77,11 @@ def test_random_masks_are_exact_erk_and_reproducible():
     other = MaskSet(params)
     random_masks(other, 0.9, "erk", seed=4)
     assert other.checksum() != first.checksum()
+
+
+def test_nan_gradients_are_grown_last():
+    weight = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 3.0])
+    mask = torch.tensor([False, False, False, True, True, True])
+    grad = torch.tensor([float("nan"), 0.5, float("inf"), 0.0, 0.0, 0.0])
+    new = drop_and_grow(weight, mask, grad.abs(), 1)  # drops |w| = 1, grows the one finite score
+    assert new.tolist() == [False, True, False, False, True, True]

@@ -251,3 +251,22 @@ def test_pruned_weights_stay_positive_zero_through_every_optimizer_step(tmp_path
     make_trainer(tmp_path, [pruner, watcher], max_epochs=2).fit(model, digits)
     assert pruner._reapply is False
     assert watcher.checked > 0 and watcher.violations == 0
+
+
+class PoisonWeight(pl.Callback):
+    """Write a NaN into one weight at the start of optimizer step ``step`` (what a diverging run does)."""
+
+    def __init__(self, step: int, name: str = "net.3.weight") -> None:
+        self.step, self.name = step, name
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.get_parameter(self.name)[0, 0] = float("nan")
+
+
+def test_a_nan_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+    # GMP used to keep a NaN weight as the "largest" one and train on silently
+    callback = GradualMagnitudePruning(sparsity=0.5, start=0, end=15, frequency=5)
+    with pytest.raises(FloatingPointError, match=r"GradualMagnitudePruning: NaN or infinite values in .*net.3.weight \(weight\).* at optimizer step 7"):
+        make_trainer(tmp_path, [callback, PoisonWeight(7)], max_epochs=1).fit(digits_model(), digits)

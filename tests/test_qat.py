@@ -297,3 +297,15 @@ def test_clipq_and_a_pruning_callback_on_the_same_layers_are_refused(tmp_path, d
     message = r"`prune` \(CLIP-Q\) and GradualMagnitudePruning both prune \['net.1.weight', 'net.3.weight'\]"
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, callbacks).fit(digits_model(), digits)
+
+
+def test_a_nan_latent_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+    # a NaN weight used to be quantized to -7.0 and its channel rounded to 0
+    class PoisonLatent(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step == 3:
+                qat._latent["net.3.weight"][0, 0] = float("nan")
+
+    qat = QuantizationAwareTraining(bits=4)
+    with pytest.raises(FloatingPointError, match=r"QuantizationAwareTraining: NaN or infinite latent weights in \['net.3.weight'\] at optimizer step 4"):
+        make_trainer(tmp_path, [qat, PoisonLatent()], max_epochs=1).fit(digits_model(), digits)

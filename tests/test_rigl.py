@@ -203,3 +203,15 @@ def test_per_layer_sparsity_mapping(tmp_path, digits):
     assert all(counts == expected for counts in recorder.nonzeros)
     assert [u["step"] for u in recorder.updates] == [10, 20]
     assert int((model.net[5].weight == 0).sum()) == 0  # matched no glob: dense
+
+
+def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+    # RigL used to grow the NaN-gradient positions first, and NaN · 0 left NaN at pruned positions
+    class PoisonGradient(pl.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            if trainer.global_step == 4:
+                pl_module.get_parameter("net.1.weight").grad[0, :] = float("nan")
+
+    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    with pytest.raises(FloatingPointError, match=r"RigL: NaN or infinite values in net.1.weight \(gradient\) at optimizer step 4"):
+        make_trainer(tmp_path, [callback, PoisonGradient()], max_epochs=1).fit(digits_model(), digits)

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_sparse import report
-from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.masks import MaskSet, non_finite
 from lightning_sparse.core.targets import each_setting, per_layer, select_targets
 
 
@@ -79,6 +79,22 @@ def resolve_step(name: str, value: int | float, total_steps: float) -> int:
     return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
 
 
+def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor], step: int) -> None:
+    """Raise ``FloatingPointError`` naming the layers and the step when a compressed weight or its gradient holds a
+    NaN or an infinity, instead of pruning, growing or quantizing by it (one fused reduction per step). Gradients
+    are not checked under a gradient scaler (fp16 AMP): it skips such steps itself."""
+    tensors: dict[str, torch.Tensor | None] = {f"{name} (weight)": p for name, p in params.items()}
+    if getattr(trainer.precision_plugin, "scaler", None) is None:
+        tensors.update({f"{name} (gradient)": p.grad for name, p in params.items()})
+    bad = non_finite(tensors)
+    if bad:
+        raise FloatingPointError(
+            f"{type(callback).__name__}: NaN or infinite values in {', '.join(bad)} at optimizer step {step}; the "
+            f"compressed layers cannot be pruned or quantized by them (lower the learning rate, clip gradients with "
+            f"`gradient_clip_val`, or find the first one with `Trainer(detect_anomaly=True)`)"
+        )
+
+
 class SparsityCallback(Callback):
     """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
 
@@ -109,6 +125,7 @@ class SparsityCallback(Callback):
         step = trainer.global_step
         if step != self._decided_step:  # once per step, even with several optimizers
             self._decided_step = step
+            check_finite(self, trainer, self.masks.params, step)
             if self._update_masks(trainer, pl_module, step):
                 self._sync_masks(trainer)
                 for each in trainer.optimizers:  # stale momentum must not push pruned weights

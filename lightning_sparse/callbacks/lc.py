@@ -19,6 +19,7 @@ from lightning_sparse.callbacks.base import (
     SparsityCallback,
     as_sparsity,
     check_choice,
+    check_finite,
     check_sparsity,
     check_steps,
 )
@@ -27,6 +28,10 @@ from lightning_sparse.core import lc
 from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import check_bits
 from lightning_sparse.core.targets import each_setting, per_layer, select_targets
+
+
+def _finite_note(value: Any) -> str:
+    return " (it must be finite)" if isinstance(value, float) and math.isinf(value) else ""
 
 
 class LearningCompression(Callback):
@@ -121,11 +126,14 @@ class LearningCompression(Callback):
             check_bits(label, value, low=1)
         if codebook_size is not None and (isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2):
             raise ValueError(f"`codebook_size` must be an int >= 2, got {codebook_size!r}")
-        for name, value, low in (("mu_init", mu_init, 0.0), ("mu_max", mu_max, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-                raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
-        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or mu_multiplier < 1:
-            raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}")
+        if isinstance(mu_init, bool) or not isinstance(mu_init, (int, float)) or not 0 < mu_init < math.inf:
+            raise ValueError(f"`mu_init` must be a number > 0, got {mu_init!r}{_finite_note(mu_init)}")
+        if isinstance(mu_max, bool) or not isinstance(mu_max, (int, float)) or not mu_max > 0:  # inf: no cap
+            raise ValueError(f"`mu_max` must be a number > 0 (inf for no cap), got {mu_max!r}")
+        if mu_init > mu_max:
+            raise ValueError(f"`mu_init`={mu_init} must not exceed `mu_max`={mu_max} (it would be capped silently)")
+        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or not 1 <= mu_multiplier < math.inf:
+            raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}{_finite_note(mu_multiplier)}")
         check_steps("lc_steps", lc_steps, unit="C steps")
         if steps_per_l is not None:
             check_steps("steps_per_l", steps_per_l)
@@ -137,8 +145,8 @@ class LearningCompression(Callback):
             raise ValueError(f"`keep_best` must be a metric name such as 'val_acc', or None, got {keep_best!r}")
         if keep_best_mode is not None:
             check_choice("keep_best_mode", keep_best_mode, ("max", "min"))
-        if l_step_lr is not None and (isinstance(l_step_lr, bool) or not isinstance(l_step_lr, (int, float)) or not l_step_lr > 0):
-            raise ValueError(f"`l_step_lr` must be a number > 0 or None, got {l_step_lr!r}")
+        if l_step_lr is not None and (isinstance(l_step_lr, bool) or not isinstance(l_step_lr, (int, float)) or not 0 < l_step_lr < math.inf):
+            raise ValueError(f"`l_step_lr` must be a number > 0 or None, got {l_step_lr!r}{_finite_note(l_step_lr)}")
         if isinstance(l_step_lr_decay, bool) or not isinstance(l_step_lr_decay, (int, float)) or not 0 < l_step_lr_decay <= 1:
             raise ValueError(f"`l_step_lr_decay` must be a number in (0, 1], got {l_step_lr_decay!r}")
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
@@ -236,6 +244,7 @@ class LearningCompression(Callback):
                 )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        check_finite(self, trainer, self.params, trainer.global_step)
         if not self.delta:
             return
         mu = self.mu

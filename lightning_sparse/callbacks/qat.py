@@ -38,6 +38,7 @@ from lightning_sparse.core.quantize import (
     uniform_quantize,
     zero_smallest,
 )
+from lightning_sparse.core.masks import non_finite
 from lightning_sparse.core.targets import each_setting, per_layer, select_targets
 
 
@@ -184,7 +185,15 @@ class QuantizationAwareTraining(Callback):
             for masks in self._masks:
                 if masks is not None:
                     masks.mask_tensor_(name, latent)
-            param.copy_(self.quantize_layer(name, latent, refit))
+        bad = non_finite(self._latent)  # one fused check: a NaN weight must not become a code (it was -7.0)
+        if bad:
+            raise FloatingPointError(
+                f"QuantizationAwareTraining: NaN or infinite latent weights in {bad} at optimizer step {step}; they "
+                f"cannot be quantized (lower the learning rate, clip gradients with `gradient_clip_val`, or find the "
+                f"first one with `Trainer(detect_anomaly=True)`)"
+            )
+        for name, param in self.params.items():
+            param.copy_(self.quantize_layer(name, self._latent[name], refit))
         if refit:
             self._codebook_step = step
         self._quantized = True

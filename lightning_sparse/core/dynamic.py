@@ -54,12 +54,14 @@ def drop_and_grow(weight: Tensor, mask: Tensor, grow_scores: Tensor, n_move: int
     """New mask: drop the ``n_move`` smallest active ``|weight|``, grow the ``n_move`` best-scoring others.
 
     A weight just dropped may be regrown (as in the reference implementation); it then keeps its value.
-    The number of active entries is unchanged. Ties are broken by flat index, so the result is exact.
+    The number of active entries is unchanged. Ties are broken by flat index, so the result is exact. A NaN or
+    infinite score never wins: such weights are dropped first and such gradients grown last.
     """
     n_active = int(mask.sum())
     n_move = min(n_move, n_active, mask.numel() - n_active)
     kept = top_k_mask(magnitude(weight, mask), n_active - n_move)
-    grow = grow_scores.detach().float().masked_fill(kept, -math.inf)
+    lowest = -torch.finfo(torch.float32).max  # below every finite score, above the kept weights' -inf
+    grow = torch.nan_to_num(grow_scores.detach().float(), nan=lowest, posinf=lowest).masked_fill(kept, -math.inf)
     return kept | top_k_mask(grow, n_move)
 
 

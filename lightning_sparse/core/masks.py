@@ -8,6 +8,7 @@ model keeps its dense parameters and ``state_dict`` keys, with pruned entries he
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -58,12 +59,32 @@ def mask_(tensor: Tensor, packed: Tensor) -> None:
 
 
 def multiply_(tensor: Tensor, packed: Tensor) -> None:
-    """``tensor *= mask`` in place through a 0/1 table: about twice as fast as :func:`mask_`, for gradients and
-    optimizer state, where the sign of a zero does not matter. Runs every optimizer step."""
+    """``tensor *= mask`` in place through a 0/1 table. Not used for masking any more: NaN · 0 is NaN, so a product
+    lets a NaN gradient survive at a pruned position; :func:`mask_` (a select) is used for weights, gradients and
+    optimizer state alike."""
     if not tensor.is_contiguous():
         tensor.mul_(unpack(packed, tensor.shape))
         return
     _by_chunks(tensor, packed, _kept_table(packed.device, tensor.dtype), lambda rows, kept: rows.mul_(kept))
+
+
+def non_finite(tensors: Mapping[str, Tensor | None]) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity (``None`` entries are skipped).
+
+    Cheap enough for every optimizer step: one fused max-``|x|`` reduction over all tensors (NaN and inf propagate
+    through it, finite values cannot overflow it) and a single host synchronisation.
+    """
+    named = [(name, t.detach()) for name, t in tensors.items() if t is not None and t.numel()]
+    if not named:
+        return []
+    try:
+        peaks = torch._foreach_norm([t for _, t in named], math.inf)
+    except (RuntimeError, TypeError, NotImplementedError):  # tensor types without a fused kernel (e.g. DTensor)
+        peaks = [t.abs().amax() for _, t in named]
+    finite = torch.isfinite(torch.stack([peak.reshape(()).float().to(peaks[0].device) for peak in peaks]))
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> list[Tensor]:
@@ -159,11 +180,12 @@ class MaskSet:
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
-        """Zero the gradients of pruned weights so momentum and Adam moments never see them."""
+        """Zero the gradients of pruned weights so momentum and Adam moments never see them (a select, not a product,
+        so a NaN gradient at a pruned position cannot survive)."""
         for name, packed in self._packed.items():
             grad = self.params[name].grad
             if grad is not None:
-                multiply_(grad, packed)
+                mask_(grad, packed)
 
     @torch.no_grad()
     def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
@@ -175,7 +197,7 @@ class MaskSet:
         """
         for name, packed in self._packed.items():
             for value in param_state(state, self.params[name]):
-                multiply_(value, packed)
+                mask_(value, packed)
 
     def numel(self, name: str) -> int:
         return self.params[name].numel()
