@@ -75,3 +75,26 @@ def test_non_finite_weights_never_win_a_place():
 
     weight = torch.tensor([0.5, float("nan"), -3.0, float("inf"), 0.1, -float("inf")])
     assert exact_mask(magnitude(weight), 3).tolist() == [True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
+def test_no_layer_is_zeroed_whole(distribution):
+    # round(0.96 · 10) = 10: a 2x5 layer used to lose every weight (587 of 51,000 (N, s) pairs checked did)
+    scores = {"tiny": torch.rand(2, 5, generator=torch.Generator().manual_seed(0)) * 1e-3, "big": torch.rand(40, 50)}
+    counts = zero_counts(distribution, scores, 0.96)
+    assert counts["tiny"] <= 9 and counts["big"] <= 1999
+    if distribution == "global":
+        assert sum(counts.values()) == round_half_up(0.96 * 2010)  # the total stays exact, taken from `big`
+    assert zero_counts("uniform", {"tiny": scores["tiny"]}, 0.96)["tiny"] == 9
+    assert zero_counts("uniform", {"tiny": scores["tiny"]}, 0.96, keep=0)["tiny"] == 10  # asked for explicitly
+    assert zero_counts("uniform", scores, {"tiny": 0.99, "big": 0.5})["tiny"] == 9
+
+
+def test_gmp_keeps_one_weight_of_a_2x5_layer_at_096():
+    from lightning_sparse.core.masks import MaskSet
+    from lightning_sparse.core.pruning import prune_by_magnitude
+
+    layer = torch.nn.Linear(5, 2)
+    masks = MaskSet({"weight": layer.weight})
+    assert prune_by_magnitude(masks, 0.96) == {"weight": 9}
+    assert int((layer.weight != 0).sum()) == 1

@@ -47,35 +47,51 @@ def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict
     return {name: 0.0 if name in dense else 1.0 - eps * raw[name] for name in shapes}
 
 
-def global_zero_counts(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, int]:
+def global_zero_counts(scores: Mapping[str, Tensor], sparsity: float, keep: int = 1) -> dict[str, int]:
     """Zeros per layer under one threshold across all layers: the ``round(sparsity * N)`` lowest scores.
 
-    Ties are broken by layer order, then by index within the layer (stable sort), so the result is exact.
+    Ties are broken by layer order, then by index within the layer (stable sort), so the result is exact. The
+    ``keep`` highest scores of every layer are never pruned (as tfmot keeps one weight per layer), so no layer is
+    zeroed whole; the total stays ``round(sparsity * N)`` (taken from other layers), at most ``N - keep · layers``.
     """
     names = list(scores)
-    flat = torch.cat([scores[name].reshape(-1).float() for name in names])
+    flats = []
+    for name in names:
+        flat = scores[name].reshape(-1).float().clone()
+        if keep:
+            flat[torch.topk(flat, min(keep, flat.numel())).indices] = math.inf
+        flats.append(flat)
+    flat = torch.cat(flats)
     layer_of = torch.cat(
         [torch.full((scores[name].numel(),), i, dtype=torch.int32, device=flat.device) for i, name in enumerate(names)]
     )
-    n_zeros = round_half_up(sparsity * flat.numel())
+    protected = sum(min(keep, scores[name].numel()) for name in names)
+    n_zeros = min(round_half_up(sparsity * flat.numel()), flat.numel() - protected)
     pruned = layer_of[torch.sort(flat, stable=True).indices[:n_zeros]]
     counts = torch.bincount(pruned.long(), minlength=len(names)).tolist()
     return dict(zip(names, counts))
 
 
-def zero_counts(distribution: str, scores: Mapping[str, Tensor], sparsity: float | Mapping[str, float]) -> dict[str, int]:
+def zero_counts(
+    distribution: str, scores: Mapping[str, Tensor], sparsity: float | Mapping[str, float], keep: int = 1
+) -> dict[str, int]:
     """Number of weights to prune in each layer so that the model is at ``sparsity`` under ``distribution``.
 
-    A mapping ``{name: sparsity}`` sets every layer's own target and ``distribution`` is not used.
+    A mapping ``{name: sparsity}`` sets every layer's own target and ``distribution`` is not used. Every layer keeps
+    at least ``keep`` weights (default 1, as tfmot): ``round(0.96 · 10)`` would zero a 2×5 layer whole, which silently
+    cuts the network; ``keep=0`` allows it.
     """
+    def capped(name: str, count: int) -> int:
+        return max(min(count, scores[name].numel() - keep), 0)
+
     if isinstance(sparsity, Mapping):
-        return {name: round_half_up(sparsity[name] * scores[name].numel()) for name in scores}
+        return {name: capped(name, round_half_up(sparsity[name] * scores[name].numel())) for name in scores}
     if distribution == "global":
-        return global_zero_counts(scores, sparsity)
+        return global_zero_counts(scores, sparsity, keep)
     if distribution == "uniform":
         per_layer = {name: sparsity for name in scores}
     elif distribution == "erk":
         per_layer = erk_sparsities({name: tuple(s.shape) for name, s in scores.items()}, sparsity)
     else:
         raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    return {name: round_half_up(per_layer[name] * scores[name].numel()) for name in scores}
+    return {name: capped(name, round_half_up(per_layer[name] * scores[name].numel())) for name in scores}
