@@ -79,12 +79,14 @@ def resolve_step(name: str, value: int | float, total_steps: float) -> int:
     return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
 
 
-def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor], step: int) -> None:
+def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor], step: int) -> bool:
     """Raise ``FloatingPointError`` naming the layers and the step when a compressed weight or its gradient holds a
-    NaN or an infinity, instead of pruning, growing or quantizing by it (one fused reduction per step). Gradients
-    are not checked under a gradient scaler (fp16 AMP): it skips such steps itself."""
+    NaN or an infinity, instead of pruning, growing or quantizing by it (one sum per tensor, one sync per step).
+    Gradients are not checked under a gradient scaler (fp16 AMP): it skips such steps itself. Returns whether the
+    gradients were checked (and so are finite)."""
     tensors: dict[str, torch.Tensor | None] = {f"{name} (weight)": p for name, p in params.items()}
-    if getattr(trainer.precision_plugin, "scaler", None) is None:
+    scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+    if not scaled:
         tensors.update({f"{name} (gradient)": p.grad for name, p in params.items()})
     bad = non_finite(tensors)
     if bad:
@@ -93,6 +95,7 @@ def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, t
             f"compressed layers cannot be pruned or quantized by them (lower the learning rate, clip gradients with "
             f"`gradient_clip_val`, or find the first one with `Trainer(detect_anomaly=True)`)"
         )
+    return not scaled
 
 
 class SparsityCallback(Callback):
@@ -123,15 +126,16 @@ class SparsityCallback(Callback):
         if self.masks is None:
             return
         step = trainer.global_step
+        finite = False  # gradients checked just now may be masked by a (faster) product
         if step != self._decided_step:  # once per step, even with several optimizers
             self._decided_step = step
-            check_finite(self, trainer, self.masks.params, step)
+            finite = check_finite(self, trainer, self.masks.params, step)
             if self._update_masks(trainer, pl_module, step):
                 self._sync_masks(trainer)
                 for each in trainer.optimizers:  # stale momentum must not push pruned weights
                     self.masks.mask_state_(each.state)
                 self._log_sparsity(trainer)
-        self.masks.mask_grads_()
+        self.masks.mask_grads_(finite=finite)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned

@@ -8,7 +8,6 @@ model keeps its dense parameters and ``state_dict`` keys, with pruned entries he
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -59,9 +58,9 @@ def mask_(tensor: Tensor, packed: Tensor) -> None:
 
 
 def multiply_(tensor: Tensor, packed: Tensor) -> None:
-    """``tensor *= mask`` in place through a 0/1 table. Not used for masking any more: NaN · 0 is NaN, so a product
-    lets a NaN gradient survive at a pruned position; :func:`mask_` (a select) is used for weights, gradients and
-    optimizer state alike."""
+    """``tensor *= mask`` in place through a 0/1 table: about three times as fast as :func:`mask_`, but NaN · 0 is
+    NaN, so only for tensors known to be finite (gradients after :func:`non_finite`), where the sign of a zero does
+    not matter."""
     if not tensor.is_contiguous():
         tensor.mul_(unpack(packed, tensor.shape))
         return
@@ -71,20 +70,18 @@ def multiply_(tensor: Tensor, packed: Tensor) -> None:
 def non_finite(tensors: Mapping[str, Tensor | None]) -> list[str]:
     """Names of the tensors that hold a NaN or an infinity (``None`` entries are skipped).
 
-    Cheap enough for every optimizer step: one fused max-``|x|`` reduction over all tensors (NaN and inf propagate
-    through it, finite values cannot overflow it) and a single host synchronisation.
+    Cheap enough for every optimizer step: one sum per tensor (NaN and inf propagate through a sum) and a single
+    host synchronisation; each tensor is looked at on its own only when a sum is not finite (which a finite tensor
+    can also give, by overflow, so that look decides).
     """
     named = [(name, t.detach()) for name, t in tensors.items() if t is not None and t.numel()]
     if not named:
         return []
-    try:
-        peaks = torch._foreach_norm([t for _, t in named], math.inf)
-    except (RuntimeError, TypeError, NotImplementedError):  # tensor types without a fused kernel (e.g. DTensor)
-        peaks = [t.abs().amax() for _, t in named]
-    finite = torch.isfinite(torch.stack([peak.reshape(()).float().to(peaks[0].device) for peak in peaks]))
-    if bool(finite.all()):
+    device = named[0][1].device
+    sums = torch.stack([t.sum().float().to(device) for _, t in named])
+    if bool(torch.isfinite(sums).all()):
         return []
-    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+    return [name for name, t in named if not bool(torch.isfinite(t).all())]
 
 
 def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> list[Tensor]:
@@ -179,13 +176,17 @@ class MaskSet:
             mask_(tensor, self._packed[name])
 
     @torch.no_grad()
-    def mask_grads_(self) -> None:
-        """Zero the gradients of pruned weights so momentum and Adam moments never see them (a select, not a product,
-        so a NaN gradient at a pruned position cannot survive)."""
+    def mask_grads_(self, finite: bool = False) -> None:
+        """Zero the gradients of pruned weights so momentum and Adam moments never see them.
+
+        A select, so a NaN gradient at a pruned position cannot survive (NaN · 0 = NaN). ``finite=True`` says the
+        caller has checked that every gradient is finite (:func:`non_finite`): then a product through a 0/1 table
+        gives the same zeros about three times faster, which matters because this runs every optimizer step.
+        """
         for name, packed in self._packed.items():
             grad = self.params[name].grad
             if grad is not None:
-                mask_(grad, packed)
+                (multiply_ if finite else mask_)(grad, packed)
 
     @torch.no_grad()
     def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
