@@ -39,6 +39,7 @@ LAYERS = ("net.1.weight", "net.3.weight", "net.5.weight")
         ({"start": 1.5}, r"`start` as a fraction of training must be in \[0, 1\]"),
         ({"codebook_frequency": 0}, r"`codebook_frequency` must be an int >= 1"),
         ({"prune": 1.0}, r"`prune` must be a number in \[0, 1\)"),
+        ({"symmetric": "no"}, r"`symmetric` must be a bool \(true or false\), got 'no'"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):

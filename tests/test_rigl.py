@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import SET, RigL
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
+from lightning_sparse.core.masks import unpack
 from lightning_sparse.data import DigitsDataModule
 
 
@@ -26,6 +27,8 @@ from lightning_sparse.data import DigitsDataModule
         ({"end": 1.2}, r"`end` as a fraction of training must be in \[0, 1\]"),
         ({"grow": "momentum"}, r"`grow` must be one of \('gradient', 'random'\)"),
         ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform'\)"),
+        ({"seed": "abc"}, r"`seed` must be an int, got 'abc'"),
+        ({"seed": 1.5}, r"`seed` must be an int, got 1.5"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, message):
@@ -215,3 +218,23 @@ def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(tmp_path, digi
     callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
     with pytest.raises(FloatingPointError, match=r"RigL: NaN or infinite values in net.1.weight \(gradient\) at optimizer step 4"):
         make_trainer(tmp_path, [callback, PoisonGradient()], max_epochs=1).fit(digits_model(), digits)
+
+
+def test_frozen_layers_are_refused_naming_them(tmp_path, digits):
+    # RigL used to grow frozen layers by index, leaving 570 of 2,091 active weights as untrainable zeros
+    model = digits_model()
+    model.net[3].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"RigL cannot train the connections it grows in frozen parameters \['net.3.weight'\]"):
+        make_trainer(tmp_path, [RigL(sparsity=0.8, update_frequency=4, end=0.5)], max_epochs=1).fit(model, digits)
+
+
+def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, digits):
+    class FreezeAfterSetup(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            pl_module.net[3].weight.requires_grad_(False)
+
+    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    with pytest.warns(UserWarning, match=r"RigL: \['net.3.weight'\] have no gradient at step 4"):
+        make_trainer(tmp_path, [callback, FreezeAfterSetup()], max_epochs=1).fit(digits_model(), digits)
+    assert callback._moved["net.3.weight"] == 0 and callback._moved["net.1.weight"] > 0
+    assert torch.equal(callback.masks.mask("net.3.weight"), unpack(callback._initial["net.3.weight"], (100, 300)))

@@ -98,6 +98,15 @@ def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, t
     return not scaled
 
 
+def warn_if_no_steps(callback: Callback, trainer: pl.Trainer) -> None:
+    """Say so when the run has no optimizer step (an empty train dataloader, ``limit_train_batches=0``)."""
+    if trainer.estimated_stepping_batches <= 0:  # -1 with limit_train_batches=0
+        rank_zero_warn(
+            f"{type(callback).__name__}: this run has 0 optimizer steps (empty train dataloader, or "
+            f"`limit_train_batches`/`max_steps` of 0), so it compresses nothing"
+        )
+
+
 class SparsityCallback(Callback):
     """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
 
@@ -141,6 +150,20 @@ class SparsityCallback(Callback):
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
         self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
+        self._refuse_overlaps(trainer)
+        warn_if_no_steps(self, trainer)
+
+    def _refuse_overlaps(self, trainer: pl.Trainer) -> None:
+        """Two pruning callbacks on one layer would each overwrite the other's zeros (and report its own sparsity)."""
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, SparsityCallback) or other.masks is None or self.masks is None:
+                continue
+            both = [name for name in self.masks.params if name in other.masks.params]
+            if both:
+                raise ValueError(
+                    f"{type(self).__name__} and {type(other).__name__} both prune {both}: give them disjoint layers "
+                    f"(`include`/`exclude`); each would overwrite the other's masks"
+                )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.masks is not None and self._reapply and trainer.global_step != self._masked_step:

@@ -27,6 +27,7 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     resolve_step,
+    warn_if_no_steps,
 )
 from lightning_sparse.core.quantize import (
     GRANULARITIES,
@@ -81,6 +82,8 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         for label, value in each_setting("bits", bits):
             check_bits(label, value)
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"`symmetric` must be a bool (true or false), got {symmetric!r}")
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("method", method, METHODS)
         check_fraction_or_step("start", start)
@@ -143,6 +146,7 @@ class QuantizationAwareTraining(Callback):
                     f"use one of them per layer (limit `prune` with a {{glob: fraction}} mapping, or the pruning "
                     f"callback with `exclude`)"
                 )
+        warn_if_no_steps(self, trainer)
         if self._start_step is None:
             self._start_step = resolve_step("start", self.start, trainer.estimated_stepping_batches)
 

@@ -76,6 +76,8 @@ class RigL(SparsityCallback):
         check_fraction_or_step("end", end)
         check_fraction_or_step("start", start)
         check_choice("grow", grow, GROWTH)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
         if isinstance(start, int) and isinstance(end, int):
             _check_first_update(start, end, update_frequency)
         self.sparsity = as_sparsity(sparsity)
@@ -89,6 +91,7 @@ class RigL(SparsityCallback):
         self._end_step: int | None = None
         self._initial: dict[str, torch.Tensor] = {}  # packed masks at the sparse start, for the churn metric
         self._moved: dict[str, int] = {}
+        self._warned_no_grad = False
 
     @property
     def state_key(self) -> str:
@@ -101,6 +104,12 @@ class RigL(SparsityCallback):
             return
         self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
         self._initial, self._moved = {}, {}
+        frozen = [name for name, param in self.masks.params.items() if not param.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{type(self).__name__} cannot train the connections it grows in frozen parameters {frozen} "
+                f"(requires_grad=False): leave them out with `exclude`, or prune them with GradualMagnitudePruning"
+            )
         counts = zero_counts(self.distribution, self.masks.params, self._target())
         if not any(counts.values()):
             raise ValueError(
@@ -136,6 +145,14 @@ class RigL(SparsityCallback):
             return True
         if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):
             return False
+        if self.grow == "gradient":
+            missing = [name for name, param in self.masks.params.items() if param.grad is None]
+            if missing and not self._warned_no_grad:
+                self._warned_no_grad = True
+                rank_zero_warn(
+                    f"{type(self).__name__}: {missing} have no gradient at step {step} (frozen, or unused in the "
+                    f"forward pass); their connections do not move while that lasts"
+                )
         fraction = cosine_fraction(step, self._start_step, self._end_step, self.alpha)
         states = [optimizer.state for optimizer in trainer.optimizers]
         self._moved = move_connections(self.masks, fraction, self.grow, states, self.seed, step)

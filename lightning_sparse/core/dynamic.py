@@ -76,7 +76,8 @@ def move_connections(
 ) -> dict[str, int]:
     """One RigL/SET update of every layer: move ``fraction`` of its active weights; returns the count grown.
 
-    ``grow="gradient"`` ranks inactive weights by the dense ``|grad|`` held in ``.grad``; ``"random"`` by
+    ``grow="gradient"`` ranks inactive weights by the dense ``|grad|`` held in ``.grad`` (a layer without a
+    gradient, frozen or unused in this step, is left as it is rather than grown by index); ``"random"`` by
     scores seeded from ``(seed, step, layer)``. Grown weights are set to +0.0 and their per-weight state in each
     of ``states`` (``optimizer.state``) is zeroed.
     """
@@ -84,7 +85,10 @@ def move_connections(
     for index, name in enumerate(masks):
         param, old = masks.params[name], masks.mask(name)
         if grow == "gradient":
-            scores = param.grad.abs() if param.grad is not None else torch.zeros_like(param)
+            if param.grad is None:  # frozen or unused this step: no gradient to grow by, so the layer does not move
+                moved[name] = 0
+                continue
+            scores = param.grad.abs()
         else:
             scores = random_scores(param, seeded_generator(seed, step, index))
         new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))
