@@ -98,6 +98,18 @@ def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, t
     return not scaled
 
 
+def refuse_several_manual_optimizers(callback: Callback, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str) -> None:
+    """Manual optimization with several optimizers (GANs) is refused: ``trainer.global_step`` then advances once per
+    optimizer step, not once per batch, so a schedule in steps is off, and ``why`` (the callback's own reason)."""
+    if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+        raise ValueError(
+            f"{type(callback).__name__} does not support manual optimization with {len(trainer.optimizers)} optimizers "
+            f"(e.g. a GAN): `trainer.global_step` advances once per optimizer step, so its schedule would end early, "
+            f"and {why}. Use one optimizer (one `configure_optimizers` entry over all parameters) or automatic "
+            f"optimization"
+        )
+
+
 def warn_if_no_steps(callback: Callback, trainer: pl.Trainer) -> None:
     """Say so when the run has no optimizer step (an empty train dataloader, ``limit_train_batches=0``)."""
     if trainer.estimated_stepping_batches <= 0:  # -1 with limit_train_batches=0
@@ -151,6 +163,9 @@ class SparsityCallback(Callback):
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
         self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
         self._refuse_overlaps(trainer)
+        refuse_several_manual_optimizers(
+            self, trainer, pl_module, "masks decided at one optimizer's step would use another network's stale gradients"
+        )
         warn_if_no_steps(self, trainer)
 
     def _refuse_overlaps(self, trainer: pl.Trainer) -> None:

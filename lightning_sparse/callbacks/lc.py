@@ -22,6 +22,8 @@ from lightning_sparse.callbacks.base import (
     check_finite,
     check_sparsity,
     check_steps,
+    refuse_several_manual_optimizers,
+    warn_if_no_steps,
 )
 from lightning_sparse.callbacks.qat import QuantizationAwareTraining
 from lightning_sparse.core import lc
@@ -204,6 +206,10 @@ class LearningCompression(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._refuse_overlaps(trainer)
+        refuse_several_manual_optimizers(
+            self, trainer, pl_module, "C steps and the penalty gradient would run once per optimizer step"
+        )
+        warn_if_no_steps(self, trainer)
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader (num_training_batches)
         self._total = int(total) if math.isfinite(total) else 0
         if self._every is None:

@@ -26,6 +26,7 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
+    refuse_several_manual_optimizers,
     resolve_step,
     warn_if_no_steps,
 )
@@ -146,6 +147,10 @@ class QuantizationAwareTraining(Callback):
                     f"use one of them per layer (limit `prune` with a {{glob: fraction}} mapping, or the pruning "
                     f"callback with `exclude`)"
                 )
+        refuse_several_manual_optimizers(
+            self, trainer, pl_module, "the latent weights of every layer are restored at the first `manual_backward`, "
+            "so the other networks would not train on q(w)"
+        )
         warn_if_no_steps(self, trainer)
         if self._start_step is None:
             self._start_step = resolve_step("start", self.start, trainer.estimated_stepping_batches)
