@@ -85,3 +85,11 @@ def test_nan_gradients_are_grown_last():
     grad = torch.tensor([float("nan"), 0.5, float("inf"), 0.0, 0.0, 0.0])
     new = drop_and_grow(weight, mask, grad.abs(), 1)  # drops |w| = 1, grows the one finite score
     assert new.tolist() == [False, True, False, False, True, True]
+
+
+def test_cosine_with_a_later_start_is_stretched_over_start_to_end():
+    # one definition: alpha at `start`, alpha/2 halfway, 0 at `end` (the paper's cos(pi t / end) when start = 0)
+    assert cosine_fraction(20, 20, 60, 0.3) == pytest.approx(0.3)
+    assert cosine_fraction(40, 20, 60, 0.3) == pytest.approx(0.15)
+    assert cosine_fraction(60, 20, 60, 0.3) == pytest.approx(0.0)
+    assert cosine_fraction(25, 0, 100, 0.3) == pytest.approx(0.15 * (1 + math.cos(math.pi * 25 / 100)))

@@ -49,10 +49,11 @@ class LearningCompression(Callback):
 
     Learning rate: by default the user's optimizer and schedule are used as they are, so the L steps must still be
     able to move w when μ is large: end the μ schedule where the learning rate ends (many short L steps across one
-    cosine schedule). With ``l_step_lr``, every L step runs like a fresh optimizer instead, as in the published
-    code: from C step 0 on, L-C sets the learning rate of every parameter group to ``l_step_lr · l_step_lr_decay^k``
-    at the start of L step k, annealed to 0 by a half cosine at its end (overriding any scheduler of the user's
-    from then on). That suits few long L steps with a slowly growing μ, and quantization to 1 or 2 bits in
+    cosine schedule). With ``l_step_lr``, every L step runs like a fresh optimizer instead: from C step 0 on, L-C
+    sets the learning rate of every parameter group to ``l_step_lr · l_step_lr_decay^k`` at the start of L step k
+    (overriding any scheduler of the user's from then on), and ``l_step_schedule`` says what happens within the L
+    step: ``"cosine"`` (default) anneals it to 0 by a half cosine at its end; ``"constant"`` holds it, as the
+    published L-C code does (a new SGD at ``lr · 0.98^k`` per L step). That suits few long L steps with a slowly growing μ, and quantization to 1 or 2 bits in
     particular. Weight decay fights quantization: with K values per layer, ``||Δ(Θ)||²`` is a sum of N·c² over
     the codebook, so decay shrinks the whole codebook at once; give the compressed layers no decay there.
 
@@ -92,6 +93,8 @@ class LearningCompression(Callback):
             C step, as the published code does by starting each L step with a new optimizer.
         l_step_lr: learning rate at the start of every L step (see above), or None to keep the user's schedule.
         l_step_lr_decay: factor in (0, 1] applied to ``l_step_lr`` per L step (the published code uses 0.98).
+        l_step_schedule: the learning rate within an L step with ``l_step_lr``: ``cosine`` (annealed to 0) or
+            ``constant`` (held, as in the published code).
         include / exclude: glob patterns of parameter names (default: weights of Linear and Conv layers).
         verbose: print the per-layer table when fitting ends.
     """
@@ -116,6 +119,7 @@ class LearningCompression(Callback):
         reset_momentum: bool = True,
         l_step_lr: float | None = None,
         l_step_lr_decay: float = 0.98,
+        l_step_schedule: str = "cosine",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
@@ -151,6 +155,7 @@ class LearningCompression(Callback):
             raise ValueError(f"`l_step_lr` must be a number > 0 or None, got {l_step_lr!r}{_finite_note(l_step_lr)}")
         if isinstance(l_step_lr_decay, bool) or not isinstance(l_step_lr_decay, (int, float)) or not 0 < l_step_lr_decay <= 1:
             raise ValueError(f"`l_step_lr_decay` must be a number in (0, 1], got {l_step_lr_decay!r}")
+        check_choice("l_step_schedule", l_step_schedule, lc.L_STEP_SCHEDULES)
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
             raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
         self.compression, self.distribution, self.codebook = compression, distribution, codebook
@@ -163,6 +168,7 @@ class LearningCompression(Callback):
         self.reset_momentum = bool(reset_momentum)
         self.l_step_lr = None if l_step_lr is None else float(l_step_lr)
         self.l_step_lr_decay = float(l_step_lr_decay)
+        self.l_step_schedule = l_step_schedule
         self.keep_best = keep_best
         if keep_best_mode is None and keep_best is not None:
             keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
@@ -306,7 +312,7 @@ class LearningCompression(Callback):
         """``l_step_lr``: the learning rate of this optimizer step in the fresh-optimizer-per-L-step schedule."""
         total = self._total or self.first_l_steps + self.lc_steps * self._every  # unknown length: one more L step
         lr = lc.l_step_lr(trainer.global_step, self.first_l_steps, self._every, self.lc_steps, total,
-                          self.l_step_lr, self.l_step_lr_decay)  # fmt: skip
+                          self.l_step_lr, self.l_step_lr_decay, self.l_step_schedule)  # fmt: skip
         if lr is not None:
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:

@@ -33,10 +33,17 @@ class RigL(SparsityCallback):
     when ``start`` is 0, the largest magnitudes otherwise. Every ``update_frequency`` optimizer steps until
     ``end``, each layer drops the ``f(t) · n_active`` smallest-magnitude active weights and grows as many
     inactive ones with the largest dense-gradient magnitude (``grow="gradient"``) or at random
-    (``grow="random"``, SET), with ``f(t) = alpha/2 · (1 + cos(π t / end))``. The dense gradient is the one
-    Lightning hands to the optimizer: after DDP all-reduce and gradient accumulation, before masking. Grown
-    weights start at exactly 0 with their optimizer state (momentum, Adam moments) reset, and receive their
-    first gradient step at once. Per-layer non-zero counts never change.
+    (``grow="random"``, SET), with ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))`` (the paper's
+    ``cos(π t / T_end)`` when ``start`` is 0; with a later ``start`` the cosine is stretched over ``[start, end]``).
+    The dense gradient is the one Lightning hands to the optimizer: after DDP all-reduce and gradient
+    accumulation, before masking. Grown weights start at exactly 0 with their optimizer state (momentum, Adam
+    moments) reset. Per-layer non-zero counts never change.
+
+    Differences from the reference code (google-research/rigl) worth knowing: there is no update at step 0 (the
+    first is at ``start + update_frequency``), and on an update step the optimizer step is still taken, with the
+    new mask, so grown weights receive their first gradient step at once (the references skip the optimizer step
+    on update iterations). Frozen parameters (``requires_grad=False``) are refused; a layer with no gradient at
+    an update step keeps its mask.
 
     Args:
         sparsity: fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer (each

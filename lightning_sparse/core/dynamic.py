@@ -41,7 +41,12 @@ def random_masks(masks: MaskSet, sparsity: float | Mapping[str, float], distribu
 
 
 def cosine_fraction(step: int, start: int, end: int, alpha: float) -> float:
-    """RigL's update fraction ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))``."""
+    """RigL's update fraction ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))``.
+
+    With ``start = 0`` this is the paper's ``alpha/2 · (1 + cos(π t / T_end))`` (Evci et al. 2020, Eq. 1). With a
+    later ``start`` the cosine is stretched over ``[start, end]``, so it still begins at ``alpha`` where the network
+    becomes sparse and reaches 0 at ``end`` (the paper's form would begin below ``alpha`` and waste the early decay).
+    """
     return alpha / 2.0 * (1.0 + math.cos(math.pi * (step - start) / (end - start)))
 
 
