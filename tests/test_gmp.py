@@ -300,3 +300,31 @@ def test_an_empty_train_dataloader_is_reported(tmp_path, digits, empty):
         loaders, options = digits.train_dataloader(), {"limit_train_batches": 0}
     with pytest.warns(UserWarning, match=r"GradualMagnitudePruning: this run has 0 optimizer steps"):
         make_trainer(tmp_path, [GradualMagnitudePruning(sparsity=0.5, end=5)], max_epochs=1, **options).fit(digits_model(), loaders)
+
+
+@pytest.mark.parametrize("direction", ["longer max_epochs", "after max_steps"])
+def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits, direction):
+    # fractional start/end used to be kept silently when the resumed run was longer
+    first = {"max_epochs": 2} if direction == "longer max_epochs" else {"max_epochs": 4, "max_steps": 30}
+    callback = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
+    trainer = make_trainer(tmp_path / "first", [callback], **first)
+    trainer.fit(digits_model(), digits)
+    planned = (callback._start_step, callback._end_step)
+    assert planned == ((4, 20) if direction == "longer max_epochs" else (3, 15))
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    resumed = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
+    total = 40 if direction == "longer max_epochs" else 30
+    with pytest.warns(UserWarning, match=rf"GradualMagnitudePruning: resumed with the schedule planned for {total} optimizer steps \(start step {planned[0]}, end step {planned[1]}\); this run has 80. The schedule is kept"):
+        make_trainer(tmp_path / "second", [resumed], max_epochs=4).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
+    assert (resumed._start_step, resumed._end_step) == planned
+
+
+def test_resume_with_int_steps_does_not_warn(tmp_path, digits, recwarn):
+    callback = GradualMagnitudePruning(sparsity=0.8, start=2, end=10, frequency=5)
+    trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
+    trainer.fit(digits_model(), digits)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    make_trainer(tmp_path / "second", [GradualMagnitudePruning(sparsity=0.8, start=2, end=10, frequency=5)], max_epochs=2).fit(
+        digits_model(), digits, ckpt_path=tmp_path / "first.ckpt"
+    )
+    assert not [w for w in recwarn if "resumed with the schedule" in str(w.message)]

@@ -238,3 +238,14 @@ def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, 
         make_trainer(tmp_path, [callback, FreezeAfterSetup()], max_epochs=1).fit(digits_model(), digits)
     assert callback._moved["net.3.weight"] == 0 and callback._moved["net.1.weight"] > 0
     assert torch.equal(callback.masks.mask("net.3.weight"), unpack(callback._initial["net.3.weight"], (100, 300)))
+
+
+def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits):
+    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
+    trainer.fit(digits_model(), digits)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    resumed = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    with pytest.warns(UserWarning, match=r"RigL: resumed with the schedule planned for 20 optimizer steps \(start step 0, end step 10\); this run has 40"):
+        make_trainer(tmp_path / "second", [resumed], max_epochs=2).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
+    assert resumed._end_step == 10

@@ -3,6 +3,7 @@ optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,18 @@ def refuse_several_manual_optimizers(callback: Callback, trainer: pl.Trainer, pl
             f"(e.g. a GAN): `trainer.global_step` advances once per optimizer step, so its schedule would end early, "
             f"and {why}. Use one optimizer (one `configure_optimizers` entry over all parameters) or automatic "
             f"optimization"
+        )
+
+
+def warn_if_run_length_changed(callback: Callback, trainer: pl.Trainer, planned: int | None, schedule: str) -> None:
+    """A resumed run keeps the schedule its fractions were resolved to; say so when this run's length differs
+    (a larger ``max_epochs``, or resuming a ``max_steps``-truncated run without it)."""
+    total = trainer.estimated_stepping_batches
+    if planned is not None and math.isfinite(total) and int(total) != planned:
+        rank_zero_warn(
+            f"{type(callback).__name__}: resumed with the schedule planned for {planned} optimizer steps ({schedule}); "
+            f"this run has {int(total)}. The schedule is kept as it was; to plan it for the new length, give "
+            f"`start`/`end` as int optimizer steps"
         )
 
 

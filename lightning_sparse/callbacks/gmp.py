@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     resolve_step,
+    warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import DISTRIBUTIONS
 from lightning_sparse.core.pruning import prune_by_magnitude
@@ -91,6 +93,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
         self._start_step: int | None = None
         self._end_step: int | None = None
+        self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
 
     @property
     def state_key(self) -> str:
@@ -101,6 +104,7 @@ class GradualMagnitudePruning(SparsityCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+            self._planned_steps = None
             self._granularity = expand_granularity(self.granularity, list(self.masks))
             self._check_layers()
 
@@ -129,8 +133,12 @@ class GradualMagnitudePruning(SparsityCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._start_step is not None and (isinstance(self.start, float) or isinstance(self.end, float)):
+            where = f"start step {self._start_step}, end step {self._end_step}"
+            warn_if_run_length_changed(self, trainer, self._planned_steps, where)
         if self._start_step is None:  # a resumed run keeps the schedule it started with
             total = trainer.estimated_stepping_batches
+            self._planned_steps = int(total) if math.isfinite(total) else None
             self._start_step = resolve_step("start", self.start, total)
             self._end_step = resolve_step("end", self.end, total)
             if self._end_step < self._start_step:
@@ -155,10 +163,11 @@ class GradualMagnitudePruning(SparsityCallback):
         return True
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"start_step": self._start_step, "end_step": self._end_step}
+        return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
+        self._planned_steps = state.get("planned_steps")
 
 
 def _check_granularity(granularity: Any, distribution: str, sparsity: Any) -> None:

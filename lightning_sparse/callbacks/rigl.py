@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     resolve_step,
+    warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.dynamic import cosine_fraction, is_dynamic_update_step, move_connections, random_masks
@@ -96,6 +98,7 @@ class RigL(SparsityCallback):
         self.seed = seed
         self._start_step: int | None = None
         self._end_step: int | None = None
+        self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
         self._initial: dict[str, torch.Tensor] = {}  # packed masks at the sparse start, for the churn metric
         self._moved: dict[str, int] = {}
         self._warned_no_grad = False
@@ -110,6 +113,7 @@ class RigL(SparsityCallback):
         if stage != "fit":
             return
         self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+        self._planned_steps = None
         self._initial, self._moved = {}, {}
         frozen = [name for name, param in self.masks.params.items() if not param.requires_grad]
         if frozen:
@@ -129,8 +133,12 @@ class RigL(SparsityCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._start_step is not None and (isinstance(self.start, float) or isinstance(self.end, float)):
+            where = f"start step {self._start_step}, end step {self._end_step}"
+            warn_if_run_length_changed(self, trainer, self._planned_steps, where)
         if self._start_step is None:  # a resumed run keeps the schedule it started with
             total = trainer.estimated_stepping_batches
+            self._planned_steps = int(total) if math.isfinite(total) else None
             self._start_step = resolve_step("start", self.start, total)
             self._end_step = resolve_step("end", self.end, total)
             _check_first_update(self._start_step, self._end_step, self.update_frequency)
@@ -188,11 +196,13 @@ class RigL(SparsityCallback):
         return {
             "start_step": self._start_step,
             "end_step": self._end_step,
+            "planned_steps": self._planned_steps,
             "initial": {name: packed.cpu().clone() for name, packed in self._initial.items()},
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
+        self._planned_steps = state.get("planned_steps")
         self._initial = {name: packed.to(self.masks.params[name].device) for name, packed in state.get("initial", {}).items()}
 
 
