@@ -98,3 +98,15 @@ def test_gmp_keeps_one_weight_of_a_2x5_layer_at_096():
     masks = MaskSet({"weight": layer.weight})
     assert prune_by_magnitude(masks, 0.96) == {"weight": 9}
     assert int((layer.weight != 0).sum()) == 1
+
+
+def test_er_leaves_kernel_dimensions_out_and_power_scale_zero_is_uniform():
+    shapes = {"conv": (64, 32, 3, 3), "fc": (10, 256)}
+    n = {name: math.prod(shape) for name, shape in shapes.items()}
+    er = erk_sparsities(shapes, 0.9, kernel=False)
+    ratio = (1 - er["conv"]) / (1 - er["fc"])  # density ∝ (n_out + n_in) / (n_out · n_in), no kernel terms
+    assert ratio == pytest.approx((96 / (64 * 32)) / (266 / 2560))
+    assert sum((1 - er[k]) * n[k] for k in n) == pytest.approx(0.1 * sum(n.values()))
+    assert erk_sparsities(shapes, 0.9, power_scale=0.0) == pytest.approx({"conv": 0.9, "fc": 0.9})
+    counts = zero_counts("er", {k: torch.rand(s) for k, s in shapes.items()}, 0.9)
+    assert sum(counts.values()) == pytest.approx(0.9 * sum(n.values()), abs=2)

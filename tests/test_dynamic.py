@@ -93,3 +93,13 @@ def test_cosine_with_a_later_start_is_stretched_over_start_to_end():
     assert cosine_fraction(40, 20, 60, 0.3) == pytest.approx(0.15)
     assert cosine_fraction(60, 20, 60, 0.3) == pytest.approx(0.0)
     assert cosine_fraction(25, 0, 100, 0.3) == pytest.approx(0.15 * (1 + math.cos(math.pi * 25 / 100)))
+
+
+def test_update_fraction_decays_cosine_linear_or_not_at_all():
+    from lightning_sparse.core.dynamic import update_fraction
+
+    assert update_fraction(40, 20, 60, 0.3, "cosine") == pytest.approx(cosine_fraction(40, 20, 60, 0.3))
+    assert update_fraction(30, 20, 60, 0.3, "linear") == pytest.approx(0.225)
+    assert update_fraction(59, 20, 60, 0.3, "constant") == 0.3
+    with pytest.raises(ValueError, match=r"`decay` must be one of \('cosine', 'constant', 'linear'\)"):
+        update_fraction(30, 20, 60, 0.3, "step")

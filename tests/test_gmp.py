@@ -31,6 +31,9 @@ STEPS_PER_EPOCH = 20  # 1,257 training digits in batches of 64
         ({"schedule": "exp"}, r"`schedule` must be one of \('cubic', 'linear', 'constant'\)"),
         ({"distribution": "layerwise"}, r"`distribution` must be one of \('uniform', 'global', 'erk'\)"),
         ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` must be in \[0, sparsity=0.5\]"),
+        ({"power": 0.5}, r"`power` must be a finite number >= 1, got 0.5"),
+        ({"power": 2.0, "schedule": "linear"}, r"`power` is the exponent of schedule='cubic'"),
+        ({"dense_first_layer": "yes"}, r"`dense_first_layer` must be a bool"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, message):
@@ -328,3 +331,14 @@ def test_resume_with_int_steps_does_not_warn(tmp_path, digits, recwarn):
         digits_model(), digits, ckpt_path=tmp_path / "first.ckpt"
     )
     assert not [w for w in recwarn if "resumed with the schedule" in str(w.message)]
+
+
+def test_power_and_dense_first_layer(tmp_path, digits):
+    callback = GradualMagnitudePruning(sparsity=0.8, start=0, end=40, frequency=10, power=1.0, dense_first_layer=True)
+    logger = CSVLogger(tmp_path)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], logger=logger, max_epochs=3).fit(model, digits)
+    assert "net.1.weight" not in callback.masks.params and (model.net[1].weight == 0).sum() == 0  # the first layer stays dense
+    rows = _read_sparsity_log(Path(logger.log_dir))
+    by_step = {int(r["step"]): r["sparsity/global"] for r in rows}
+    assert by_step[20] == pytest.approx(0.4, abs=2e-3)  # power 1: linear, half way at half the ramp (cubic: 0.7)

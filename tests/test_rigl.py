@@ -26,7 +26,10 @@ from lightning_sparse.data import DigitsDataModule
         ({"end": 50, "update_frequency": 100}, r"`end` \(step 50\) must come after the first connection update at step 100"),
         ({"end": 1.2}, r"`end` as a fraction of training must be in \[0, 1\]"),
         ({"grow": "momentum"}, r"`grow` must be one of \('gradient', 'random'\)"),
-        ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform'\)"),
+        ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform', 'er'\)"),
+        ({"decay": "step"}, r"`decay` must be one of \('cosine', 'constant', 'linear'\)"),
+        ({"erk_power_scale": 1.5}, r"`erk_power_scale` must be a number in \[0, 1\], got 1.5"),
+        ({"dense_first_layer": 1}, r"`dense_first_layer` must be a bool"),
         ({"seed": "abc"}, r"`seed` must be an int, got 'abc'"),
         ({"seed": 1.5}, r"`seed` must be an int, got 1.5"),
     ],
@@ -249,3 +252,19 @@ def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digit
     with pytest.warns(UserWarning, match=r"RigL: resumed with the schedule planned for 20 optimizer steps \(start step 0, end step 10\); this run has 40"):
         make_trainer(tmp_path / "second", [resumed], max_epochs=2).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
     assert resumed._end_step == 10
+
+
+def test_er_power_scale_linear_decay_and_dense_first_layer(tmp_path, digits):
+    callback = RigL(sparsity=0.8, distribution="er", erk_power_scale=0.5, decay="constant", update_frequency=4, end=0.5,
+                    dense_first_layer=True)  # fmt: skip
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
+    assert list(callback.masks.params) == ["net.3.weight", "net.5.weight"] and (model.net[1].weight == 0).sum() == 0
+    shapes = {n: tuple(p.shape) for n, p in callback.masks.params.items()}
+    expected = erk_sparsities(shapes, 0.8, kernel=False, power_scale=0.5)
+    for name, param in callback.masks.params.items():
+        assert int((param == 0).sum()) == round_half_up(expected[name] * param.numel())
+    active = int(callback.masks.mask("net.3.weight").sum())
+    # constant decay moves alpha = 30% at the last update too (step 8; regrown drops are not counted), where the
+    # cosine would move 0.15 · (1 + cos(0.8π)) = 2.9%
+    assert 0.15 * active < callback._moved["net.3.weight"] <= 0.3 * active

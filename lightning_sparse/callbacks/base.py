@@ -206,6 +206,8 @@ class SparsityCallback(Callback):
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
         targets = select_targets(pl_module, self.include, self.exclude)
+        if getattr(self, "dense_first_layer", False) and len(targets) > 1:
+            targets.pop(next(iter(targets)))  # the first selected parameter, in model order
         sparsity = getattr(self, "sparsity", None)
         self.layer_sparsity = per_layer("sparsity", sparsity, list(targets)) if isinstance(sparsity, Mapping) else None
         return {name: targets[name] for name in self.layer_sparsity} if self.layer_sparsity else targets

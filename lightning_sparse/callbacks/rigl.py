@@ -21,12 +21,12 @@ from lightning_sparse.callbacks.base import (
     warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import zero_counts
-from lightning_sparse.core.dynamic import cosine_fraction, is_dynamic_update_step, move_connections, random_masks
+from lightning_sparse.core.dynamic import DECAYS, is_dynamic_update_step, move_connections, random_masks, update_fraction
 from lightning_sparse.core.masks import pack, unpack
 from lightning_sparse.core.pruning import prune_by_magnitude
 
 GROWTH = ("gradient", "random")
-DISTRIBUTIONS = ("erk", "uniform")
+DISTRIBUTIONS = ("erk", "uniform", "er")
 
 class RigL(SparsityCallback):
     """Train a sparse network at constant sparsity while moving its connections (Evci et al. 2020, Alg. 1).
@@ -50,7 +50,8 @@ class RigL(SparsityCallback):
     Args:
         sparsity: fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer (each
             matched layer at its own sparsity, ``distribution`` unused; unmatched layers stay dense).
-        distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel) or ``uniform``.
+        distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel), ``uniform`` or ``er`` (Erdős–Rényi: the
+            ERK formula without the kernel dimensions).
         update_frequency: optimizer steps between connection updates (ΔT, >= 1).
         alpha: fraction of active weights moved at the first update, in (0, 1]; decays by a cosine to 0 at ``end``.
         end: last update before this point (T_end): fraction of the optimizer steps (float) or a step (int).
@@ -60,6 +61,11 @@ class RigL(SparsityCallback):
         exclude: glob patterns of parameter names to leave dense.
         seed: seed of the random start mask and of random growth (the same on every rank, so masks agree).
         verbose: print the per-layer table when fitting ends.
+        decay: how the moved fraction falls from ``alpha`` to 0 at ``end``: ``cosine`` (RigL), ``linear``, or
+            ``constant`` (``alpha`` at every update).
+        erk_power_scale: exponent of the ERK/ER density formula in [0, 1] (the reference's ``erk_power_scale``;
+            1 is ERK, 0 uniform).
+        dense_first_layer: leave the first selected parameter dense (as RigL's experiments keep the first layer).
     """
 
     def __init__(
@@ -75,10 +81,18 @@ class RigL(SparsityCallback):
         exclude: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
+        decay: str = "cosine",
+        erk_power_scale: float = 1.0,
+        dense_first_layer: bool = False,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, DISTRIBUTIONS)
+        check_choice("decay", decay, DECAYS)
+        if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float)) or not 0 <= erk_power_scale <= 1:
+            raise ValueError(f"`erk_power_scale` must be a number in [0, 1], got {erk_power_scale!r}")
+        if not isinstance(dense_first_layer, bool):
+            raise ValueError(f"`dense_first_layer` must be a bool (true or false), got {dense_first_layer!r}")
         check_steps("update_frequency", update_frequency)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in (0, 1], got {alpha!r}")
@@ -96,6 +110,9 @@ class RigL(SparsityCallback):
         self.start, self.end = start, end
         self.grow = grow
         self.seed = seed
+        self.decay = decay
+        self.erk_power_scale = float(erk_power_scale)
+        self.dense_first_layer = dense_first_layer
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
@@ -121,14 +138,14 @@ class RigL(SparsityCallback):
                 f"{type(self).__name__} cannot train the connections it grows in frozen parameters {frozen} "
                 f"(requires_grad=False): leave them out with `exclude`, or prune them with GradualMagnitudePruning"
             )
-        counts = zero_counts(self.distribution, self.masks.params, self._target())
+        counts = zero_counts(self.distribution, self.masks.params, self._target(), power_scale=self.erk_power_scale)
         if not any(counts.values()):
             raise ValueError(
                 f"`sparsity`={self.sparsity} with distribution {self.distribution!r} leaves every layer dense "
                 f"({list(counts)}): there is nothing for {type(self).__name__} to move; raise `sparsity`"
             )
         if self.start == 0:  # sparse from the first forward pass; a checkpoint being resumed replaces these masks
-            random_masks(self.masks, self._target(), self.distribution, self.seed)
+            random_masks(self.masks, self._target(), self.distribution, self.seed, self.erk_power_scale)
             self._record_initial()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,7 +172,7 @@ class RigL(SparsityCallback):
         if self.masks.is_empty:  # dense until `start`, then keep the largest magnitudes
             if step < self._start_step:
                 return False
-            prune_by_magnitude(self.masks, self._target(), self.distribution)
+            prune_by_magnitude(self.masks, self._target(), self.distribution, power_scale=self.erk_power_scale)
             self._record_initial()
             return True
         if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):
@@ -168,7 +185,7 @@ class RigL(SparsityCallback):
                     f"{type(self).__name__}: {missing} have no gradient at step {step} (frozen, or unused in the "
                     f"forward pass); their connections do not move while that lasts"
                 )
-        fraction = cosine_fraction(step, self._start_step, self._end_step, self.alpha)
+        fraction = update_fraction(step, self._start_step, self._end_step, self.alpha, self.decay)
         states = [optimizer.state for optimizer in trainer.optimizers]
         self._moved = move_connections(self.masks, fraction, self.grow, states, self.seed, step)
         return True

@@ -19,17 +19,22 @@ def round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5 + 1e-9))
 
 
-def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[str, float]:
+def erk_sparsities(
+    shapes: Mapping[str, Sequence[int]], sparsity: float, kernel: bool = True, power_scale: float = 1.0
+) -> dict[str, float]:
     """Erdős–Rényi-Kernel sparsity per layer (Evci et al. 2020, after google-research/rigl ``sparse_utils``).
 
-    Layer density is ``eps * sum(shape) / prod(shape)`` (for Linear ``(n_in + n_out) / (n_in * n_out)``),
-    with ``eps`` solved so the total number of non-zeros is ``(1 - sparsity) * N``. Layers whose density
-    would exceed 1 are made dense and ``eps`` is solved again over the rest.
+    Layer density is ``eps * (sum(shape) / prod(shape)) ** power_scale`` (for Linear ``(n_in + n_out) / (n_in *
+    n_out)``), with ``eps`` solved so the total number of non-zeros is ``(1 - sparsity) * N``. Layers whose density
+    would exceed 1 are made dense and ``eps`` is solved again over the rest. ``kernel=False`` is plain Erdős–Rényi
+    (ER, Mocanu et al. 2018): only the output and input dimensions count, ``(n_out + n_in) / (n_out * n_in)``.
+    ``power_scale`` is the reference's ``erk_power_scale`` (1: ERK; 0: uniform; in between: milder).
     """
     if sparsity == 0.0:
         return {name: 0.0 for name in shapes}
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    dims = {name: tuple(shape) if kernel or len(shape) < 2 else tuple(shape[:2]) for name, shape in shapes.items()}
+    raw = {name: (sum(d) / math.prod(d)) ** power_scale for name, d in dims.items()}
     total = sum(sizes.values())
     dense: set[str] = set()
     while True:
@@ -73,11 +78,17 @@ def global_zero_counts(scores: Mapping[str, Tensor], sparsity: float, keep: int 
 
 
 def zero_counts(
-    distribution: str, scores: Mapping[str, Tensor], sparsity: float | Mapping[str, float], keep: int = 1
+    distribution: str,
+    scores: Mapping[str, Tensor],
+    sparsity: float | Mapping[str, float],
+    keep: int = 1,
+    power_scale: float = 1.0,
 ) -> dict[str, int]:
     """Number of weights to prune in each layer so that the model is at ``sparsity`` under ``distribution``.
 
-    A mapping ``{name: sparsity}`` sets every layer's own target and ``distribution`` is not used. Every layer keeps
+    ``distribution`` may also be ``er`` (Erdős–Rényi without kernel dimensions); ``power_scale`` is ERK's/ER's
+    exponent (see :func:`erk_sparsities`). A mapping ``{name: sparsity}`` sets every layer's own target and
+    ``distribution`` is not used. Every layer keeps
     at least ``keep`` weights (default 1, as tfmot): ``round(0.96 · 10)`` would zero a 2×5 layer whole, which silently
     cuts the network; ``keep=0`` allows it.
     """
@@ -90,8 +101,9 @@ def zero_counts(
         return global_zero_counts(scores, sparsity, keep)
     if distribution == "uniform":
         per_layer = {name: sparsity for name in scores}
-    elif distribution == "erk":
-        per_layer = erk_sparsities({name: tuple(s.shape) for name, s in scores.items()}, sparsity)
+    elif distribution in ("erk", "er"):
+        shapes = {name: tuple(s.shape) for name, s in scores.items()}
+        per_layer = erk_sparsities(shapes, sparsity, kernel=distribution == "erk", power_scale=power_scale)
     else:
-        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS + ('er',)}, got {distribution!r}")
     return {name: capped(name, round_half_up(per_layer[name] * scores[name].numel())) for name in scores}

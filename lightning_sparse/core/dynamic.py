@@ -31,13 +31,30 @@ def random_scores(like: Tensor, generator: torch.Generator) -> Tensor:
     return torch.rand(like.shape, generator=generator).to(like.device)
 
 
-def random_masks(masks: MaskSet, sparsity: float | Mapping[str, float], distribution: str, seed: int) -> dict[str, int]:
+def random_masks(
+    masks: MaskSet, sparsity: float | Mapping[str, float], distribution: str, seed: int, power_scale: float = 1.0
+) -> dict[str, int]:
     """Random sparse start: each layer gets its exact number of zeros (``distribution``) at random positions."""
     scores = {name: random_scores(masks.params[name], seeded_generator(seed, i)) for i, name in enumerate(masks)}
-    counts = zero_counts(distribution, scores, sparsity)
+    counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale)
     for name, score in scores.items():
         masks.set(name, exact_mask(score, counts[name]))
     return counts
+
+
+DECAYS = ("cosine", "constant", "linear")
+
+
+def update_fraction(step: int, start: int, end: int, alpha: float, decay: str = "cosine") -> float:
+    """Fraction of active weights moved at ``step``: :func:`cosine_fraction` (RigL), ``constant`` (``alpha``
+    throughout, as SET) or ``linear`` (``alpha · (1 - (t - start) / (end - start))``), the reference's choices."""
+    if decay == "cosine":
+        return cosine_fraction(step, start, end, alpha)
+    if decay == "constant":
+        return alpha
+    if decay == "linear":
+        return alpha * (1.0 - (step - start) / (end - start))
+    raise ValueError(f"`decay` must be one of {DECAYS}, got {decay!r}")
 
 
 def cosine_fraction(step: int, start: int, end: int, alpha: float) -> float:
