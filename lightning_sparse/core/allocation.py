@@ -105,5 +105,5 @@ def zero_counts(
         shapes = {name: tuple(s.shape) for name, s in scores.items()}
         per_layer = erk_sparsities(shapes, sparsity, kernel=distribution == "erk", power_scale=power_scale)
     else:
-        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS + ('er',)}, got {distribution!r}")
+        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS} (or 'er'), got {distribution!r}")
     return {name: capped(name, round_half_up(per_layer[name] * scores[name].numel())) for name in scores}

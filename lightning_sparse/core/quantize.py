@@ -184,7 +184,7 @@ def kmeans_1d(values: Tensor, k: int, init: Tensor | None = None, iterations: in
     The exact optimum by dynamic programming over the sorted distinct values weighted by their counts (Wang & Song
     2011, "Ckmeans.1d.dp"; see :func:`_optimal_bounds`). With fewer than ``k`` distinct values the codebook is those
     values (shorter than ``k``, zero distortion). Cost: O(k · n · log n) for n distinct values, about 2 s for
-    266k values at k = 16 and 20 s at k = 256 on 2 CPU cores (``benchmarks/kmeans.py``); QAT re-fits every
+    266k values at k = 16 and 25 s at k = 256 on one CPU core (``benchmarks/kmeans.py``); QAT re-fits every
     ``codebook_frequency`` steps, L-C once per C step. ``iterations`` is unused (kept for compatibility).
 
     Warm start: an exact method needs none, so ``init`` (the previous codebook) only decides ties: when it is no
