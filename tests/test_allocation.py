@@ -68,3 +68,45 @@ def test_magnitude_ranks_already_pruned_weights_first():
     mask = torch.tensor([True, False, True, True])
     # The live zero at index 0 must not displace the pruned index 1.
     assert exact_mask(magnitude(weight, mask), 1).tolist() == [True, False, True, True]
+
+
+def test_non_finite_weights_never_win_a_place():
+    from lightning_sparse.core.criteria import exact_mask, magnitude
+
+    weight = torch.tensor([0.5, float("nan"), -3.0, float("inf"), 0.1, -float("inf")])
+    assert exact_mask(magnitude(weight), 3).tolist() == [True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
+def test_no_layer_is_zeroed_whole(distribution):
+    # round(0.96 · 10) = 10: a 2x5 layer used to lose every weight (587 of 51,000 (N, s) pairs checked did)
+    scores = {"tiny": torch.rand(2, 5, generator=torch.Generator().manual_seed(0)) * 1e-3, "big": torch.rand(40, 50)}
+    counts = zero_counts(distribution, scores, 0.96)
+    assert counts["tiny"] <= 9 and counts["big"] <= 1999
+    if distribution == "global":
+        assert sum(counts.values()) == round_half_up(0.96 * 2010)  # the total stays exact, taken from `big`
+    assert zero_counts("uniform", {"tiny": scores["tiny"]}, 0.96)["tiny"] == 9
+    assert zero_counts("uniform", {"tiny": scores["tiny"]}, 0.96, keep=0)["tiny"] == 10  # asked for explicitly
+    assert zero_counts("uniform", scores, {"tiny": 0.99, "big": 0.5})["tiny"] == 9
+
+
+def test_gmp_keeps_one_weight_of_a_2x5_layer_at_096():
+    from lightning_sparse.core.masks import MaskSet
+    from lightning_sparse.core.pruning import prune_by_magnitude
+
+    layer = torch.nn.Linear(5, 2)
+    masks = MaskSet({"weight": layer.weight})
+    assert prune_by_magnitude(masks, 0.96) == {"weight": 9}
+    assert int((layer.weight != 0).sum()) == 1
+
+
+def test_er_leaves_kernel_dimensions_out_and_power_scale_zero_is_uniform():
+    shapes = {"conv": (64, 32, 3, 3), "fc": (10, 256)}
+    n = {name: math.prod(shape) for name, shape in shapes.items()}
+    er = erk_sparsities(shapes, 0.9, kernel=False)
+    ratio = (1 - er["conv"]) / (1 - er["fc"])  # density ∝ (n_out + n_in) / (n_out · n_in), no kernel terms
+    assert ratio == pytest.approx((96 / (64 * 32)) / (266 / 2560))
+    assert sum((1 - er[k]) * n[k] for k in n) == pytest.approx(0.1 * sum(n.values()))
+    assert erk_sparsities(shapes, 0.9, power_scale=0.0) == pytest.approx({"conv": 0.9, "fc": 0.9})
+    counts = zero_counts("er", {k: torch.rand(s) for k, s in shapes.items()}, 0.9)
+    assert sum(counts.values()) == pytest.approx(0.9 * sum(n.values()), abs=2)

@@ -77,3 +77,29 @@ def test_random_masks_are_exact_erk_and_reproducible():
     other = MaskSet(params)
     random_masks(other, 0.9, "erk", seed=4)
     assert other.checksum() != first.checksum()
+
+
+def test_nan_gradients_are_grown_last():
+    weight = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 3.0])
+    mask = torch.tensor([False, False, False, True, True, True])
+    grad = torch.tensor([float("nan"), 0.5, float("inf"), 0.0, 0.0, 0.0])
+    new = drop_and_grow(weight, mask, grad.abs(), 1)  # drops |w| = 1, grows the one finite score
+    assert new.tolist() == [False, True, False, False, True, True]
+
+
+def test_cosine_with_a_later_start_is_stretched_over_start_to_end():
+    # one definition: alpha at `start`, alpha/2 halfway, 0 at `end` (the paper's cos(pi t / end) when start = 0)
+    assert cosine_fraction(20, 20, 60, 0.3) == pytest.approx(0.3)
+    assert cosine_fraction(40, 20, 60, 0.3) == pytest.approx(0.15)
+    assert cosine_fraction(60, 20, 60, 0.3) == pytest.approx(0.0)
+    assert cosine_fraction(25, 0, 100, 0.3) == pytest.approx(0.15 * (1 + math.cos(math.pi * 25 / 100)))
+
+
+def test_update_fraction_decays_cosine_linear_or_not_at_all():
+    from lightning_sparse.core.dynamic import update_fraction
+
+    assert update_fraction(40, 20, 60, 0.3, "cosine") == pytest.approx(cosine_fraction(40, 20, 60, 0.3))
+    assert update_fraction(30, 20, 60, 0.3, "linear") == pytest.approx(0.225)
+    assert update_fraction(59, 20, 60, 0.3, "constant") == 0.3
+    with pytest.raises(ValueError, match=r"`decay` must be one of \('cosine', 'constant', 'linear'\)"):
+        update_fraction(30, 20, 60, 0.3, "step")

@@ -31,6 +31,9 @@ STEPS_PER_EPOCH = 20  # 1,257 training digits in batches of 64
         ({"schedule": "exp"}, r"`schedule` must be one of \('cubic', 'linear', 'constant'\)"),
         ({"distribution": "layerwise"}, r"`distribution` must be one of \('uniform', 'global', 'erk'\)"),
         ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` must be in \[0, sparsity=0.5\]"),
+        ({"power": 0.5}, r"`power` must be a finite number >= 1, got 0.5"),
+        ({"power": 2.0, "schedule": "linear"}, r"`power` is the exponent of schedule='cubic'"),
+        ({"dense_first_layer": "yes"}, r"`dense_first_layer` must be a bool"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, message):
@@ -251,3 +254,91 @@ def test_pruned_weights_stay_positive_zero_through_every_optimizer_step(tmp_path
     make_trainer(tmp_path, [pruner, watcher], max_epochs=2).fit(model, digits)
     assert pruner._reapply is False
     assert watcher.checked > 0 and watcher.violations == 0
+
+
+class PoisonWeight(pl.Callback):
+    """Write a NaN into one weight at the start of optimizer step ``step`` (what a diverging run does)."""
+
+    def __init__(self, step: int, name: str = "net.3.weight") -> None:
+        self.step, self.name = step, name
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.get_parameter(self.name)[0, 0] = float("nan")
+
+
+def test_a_nan_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+    # GMP used to keep a NaN weight as the "largest" one and train on silently
+    callback = GradualMagnitudePruning(sparsity=0.5, start=0, end=15, frequency=5)
+    with pytest.raises(FloatingPointError, match=r"GradualMagnitudePruning: NaN or infinite values in .*net.3.weight \(weight\).* at optimizer step 7"):
+        make_trainer(tmp_path, [callback, PoisonWeight(7)], max_epochs=1).fit(digits_model(), digits)
+
+
+@pytest.mark.parametrize("other", ["gmp", "rigl"])
+def test_two_pruning_callbacks_on_the_same_layers_are_refused(tmp_path, digits, other):
+    # GMP reported 0.5 while 0.891 of the weights were zero
+    from lightning_sparse import RigL
+
+    second = GradualMagnitudePruning(sparsity=0.8, include=["net.3.weight"]) if other == "gmp" else RigL(sparsity=0.8, exclude=["net.1.weight"])
+    name = "GradualMagnitudePruning" if other == "gmp" else "RigL"
+    with pytest.raises(ValueError, match=rf"GradualMagnitudePruning and {name} both compress \['net.3.weight'"):
+        make_trainer(tmp_path, [GradualMagnitudePruning(sparsity=0.5), second], max_epochs=1).fit(digits_model(), digits)
+
+
+def test_disjoint_pruning_callbacks_compose(tmp_path, digits):
+    first, second = GradualMagnitudePruning(sparsity=0.5, include=["net.1.weight"]), GradualMagnitudePruning(sparsity=0.8, exclude=["net.1.weight"])
+    model = digits_model()
+    make_trainer(tmp_path, [first, second], max_epochs=1).fit(model, digits)
+    assert first.masks.sparsity() == pytest.approx(0.5, abs=1e-3) and second.masks.sparsity() == pytest.approx(0.8, abs=1e-3)
+
+
+@pytest.mark.parametrize("empty", ["dataloader", "limit_train_batches"])
+def test_an_empty_train_dataloader_is_reported(tmp_path, digits, empty):
+    # it used to run 0 steps without a word
+    digits.setup("fit")
+    if empty == "dataloader":
+        loaders, options = torch.utils.data.DataLoader(torch.utils.data.Subset(digits.splits["train"], [])), {}
+    else:
+        loaders, options = digits.train_dataloader(), {"limit_train_batches": 0}
+    with pytest.warns(UserWarning, match=r"GradualMagnitudePruning: this run has 0 optimizer steps"):
+        make_trainer(tmp_path, [GradualMagnitudePruning(sparsity=0.5, end=5)], max_epochs=1, **options).fit(digits_model(), loaders)
+
+
+@pytest.mark.parametrize("direction", ["longer max_epochs", "after max_steps"])
+def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits, direction):
+    # fractional start/end used to be kept silently when the resumed run was longer
+    first = {"max_epochs": 2} if direction == "longer max_epochs" else {"max_epochs": 4, "max_steps": 30}
+    callback = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
+    trainer = make_trainer(tmp_path / "first", [callback], **first)
+    trainer.fit(digits_model(), digits)
+    planned = (callback._start_step, callback._end_step)
+    assert planned == ((4, 20) if direction == "longer max_epochs" else (3, 15))
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    resumed = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
+    total = 40 if direction == "longer max_epochs" else 30
+    with pytest.warns(UserWarning, match=rf"GradualMagnitudePruning: resumed with the schedule planned for {total} optimizer steps \(start step {planned[0]}, end step {planned[1]}\); this run has 80. The schedule is kept"):
+        make_trainer(tmp_path / "second", [resumed], max_epochs=4).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
+    assert (resumed._start_step, resumed._end_step) == planned
+
+
+def test_resume_with_int_steps_does_not_warn(tmp_path, digits, recwarn):
+    callback = GradualMagnitudePruning(sparsity=0.8, start=2, end=10, frequency=5)
+    trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
+    trainer.fit(digits_model(), digits)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    make_trainer(tmp_path / "second", [GradualMagnitudePruning(sparsity=0.8, start=2, end=10, frequency=5)], max_epochs=2).fit(
+        digits_model(), digits, ckpt_path=tmp_path / "first.ckpt"
+    )
+    assert not [w for w in recwarn if "resumed with the schedule" in str(w.message)]
+
+
+def test_power_and_dense_first_layer(tmp_path, digits):
+    callback = GradualMagnitudePruning(sparsity=0.8, start=0, end=40, frequency=10, power=1.0, dense_first_layer=True)
+    logger = CSVLogger(tmp_path)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], logger=logger, max_epochs=3).fit(model, digits)
+    assert "net.1.weight" not in callback.masks.params and (model.net[1].weight == 0).sum() == 0  # the first layer stays dense
+    rows = _read_sparsity_log(Path(logger.log_dir))
+    by_step = {int(r["step"]): r["sparsity/global"] for r in rows}
+    assert by_step[20] == pytest.approx(0.4, abs=2e-3)  # power 1: linear, half way at half the ramp (cubic: 0.7)

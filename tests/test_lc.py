@@ -68,6 +68,31 @@ def test_l_step_lr_restarts_at_every_c_step_and_anneals_to_zero():
     assert lc.l_step_lr(500, 10, 20, 3, 70, 0.1, 0.5) == 0.0  # past the end it stays annealed
 
 
+def test_constant_l_step_schedule_holds_the_published_rate_within_each_l_step():
+    lr = [lc.l_step_lr(step, 10, 20, 3, 70, 0.1, 0.5, "constant") for step in range(70)]
+    assert lr[:10] == [None] * 10
+    assert lr[10:30] == pytest.approx([0.1] * 20) and lr[30:50] == pytest.approx([0.05] * 20)
+    assert lr[50:] == pytest.approx([0.025] * 20)  # lr · decay^k, held, as the reference code's fresh SGD per L step
+    assert lc.l_step_lr(25, 10, 20, 3, 70, 0.1, 0.5) < 0.1  # the default stays the cosine
+    with pytest.raises(ValueError, match=r"`l_step_schedule` must be one of \('cosine', 'constant'\), got 'step'"):
+        LearningCompression(l_step_lr=0.1, l_step_schedule="step")
+
+
+def test_constant_l_step_schedule_sets_the_optimizer_learning_rate(tmp_path, digits):
+    class Recorder(pl.Callback):
+        def __init__(self) -> None:
+            self.lrs = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    callback = LearningCompression(sparsity=0.5, lc_steps=3, steps_per_l=10, first_l_steps=5, l_step_lr=0.02,
+                                   l_step_lr_decay=0.5, l_step_schedule="constant", verbose=False)  # fmt: skip
+    recorder = Recorder()
+    make_trainer(tmp_path, [callback, recorder], max_epochs=2).fit(digits_model(), digits)
+    assert recorder.lrs[5:15] == pytest.approx([0.02] * 10) and recorder.lrs[15:25] == pytest.approx([0.01] * 10)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -86,6 +111,14 @@ def test_l_step_lr_restarts_at_every_c_step_and_anneals_to_zero():
         ({"steps_per_l": 10, "epochs_per_l": 1}, r"Give `steps_per_l` or `epochs_per_l`, not both \(got 10 and 1\)"),
         ({"keep_best": ""}, r"`keep_best` must be a metric name such as 'val_acc', or None, got ''"),
         ({"l_step_lr": 0.0}, r"`l_step_lr` must be a number > 0 or None, got 0.0"),
+        ({"l_step_lr": float("inf")}, r"`l_step_lr` must be a number > 0 or None, got inf \(it must be finite\)"),
+        ({"l_step_lr": float("nan")}, r"`l_step_lr` must be a number > 0 or None, got nan"),
+        ({"mu_multiplier": float("nan")}, r"`mu_multiplier` must be a number >= 1, got nan"),
+        ({"mu_multiplier": float("inf")}, r"`mu_multiplier` must be a number >= 1, got inf \(it must be finite\)"),
+        ({"mu_init": float("inf")}, r"`mu_init` must be a number > 0, got inf \(it must be finite\)"),
+        ({"mu_init": float("nan")}, r"`mu_init` must be a number > 0, got nan"),
+        ({"mu_max": float("nan")}, r"`mu_max` must be a number > 0 \(inf for no cap\), got nan"),
+        ({"mu_init": 10.0, "mu_max": 1.0}, r"`mu_init`=10.0 must not exceed `mu_max`=1.0 \(it would be capped silently\)"),
         ({"l_step_lr_decay": 1.5}, r"`l_step_lr_decay` must be a number in \(0, 1\], got 1.5"),
         ({"keep_best": "val_acc", "keep_best_mode": "best"}, r"`keep_best_mode` must be one of \('max', 'min'\), got 'best'"),
     ],

@@ -150,3 +150,22 @@ def test_mask_handles_layers_larger_than_one_chunk(monkeypatch):
     expected = values * mask
     masks_module.mask_(values, pack(mask))
     assert torch.equal(values, expected)
+
+
+def test_masking_gradients_and_state_is_a_select_so_nan_cannot_survive_at_pruned_positions():
+    layer, masks, mask = _layer_masks()
+    layer.weight.grad = torch.full_like(layer.weight, float("nan"))  # NaN · 0 = NaN: a product kept these
+    masks.mask_grads_()
+    assert torch.all(layer.weight.grad[~mask] == 0) and torch.all(torch.isnan(layer.weight.grad[mask]))
+    state = {layer.weight: {"exp_avg": torch.full_like(layer.weight, float("inf"))}}
+    masks.mask_state_(state)
+    assert torch.all(state[layer.weight]["exp_avg"][~mask] == 0)
+
+
+def test_non_finite_names_exactly_the_tensors_with_nan_or_inf():
+    from lightning_sparse.core.masks import non_finite
+
+    a, b, c = torch.randn(5), torch.randn(3, 3), torch.randn(4, dtype=torch.float64)
+    assert non_finite({"a": a, "b": b, "c": c, "none": None}) == []
+    b[1, 2], c[0] = float("nan"), -float("inf")
+    assert non_finite({"a": a, "b": b, "c": c}) == ["b", "c"]

@@ -1,6 +1,7 @@
 """QuantizationAwareTraining alone and together with GMP / RigL, inside real Trainer.fit runs on digits."""
 
 import csv
+import itertools
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,16 @@ from pytorch_lightning.loggers import CSVLogger
 
 from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
-from lightning_sparse.core.quantize import codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize
+from lightning_sparse.core.allocation import round_half_up
+from lightning_sparse.core.quantize import (
+    codebook_quantize,
+    distortion,
+    fit_codebook,
+    kmeans_1d,
+    lloyd_1d,
+    uniform_quantize,
+    zero_smallest,
+)
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -29,6 +39,7 @@ LAYERS = ("net.1.weight", "net.3.weight", "net.5.weight")
         ({"start": 1.5}, r"`start` as a fraction of training must be in \[0, 1\]"),
         ({"frequency": 0}, r"`frequency` must be an int >= 1"),
         ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\)"),
+        ({"symmetric": "no"}, r"`symmetric` must be a bool \(true or false\), got 'no'"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
@@ -73,6 +84,55 @@ def test_kmeans_finds_the_obvious_clusters():
     codebook = fit_codebook(torch.tensor([[0.0, -2.1, 1.2], [0.0, 4.0, -1.9]]), bits=2)
     assert codebook.numel() == 4 and torch.all(codebook[1:] >= codebook[:-1])
     assert codebook_quantize(torch.tensor([0.0, 3.9]), codebook).tolist() == [0.0, 4.0]
+
+
+def _brute_force_kmeans(values: list[float], k: int) -> float:
+    """The optimal k-means distortion by trying every split of the sorted values into k contiguous runs."""
+    v = sorted(values)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, len(v)), k - 1):
+        bounds = [0, *cuts, len(v)]
+        runs = [v[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        best = min(best, sum(sum((x - sum(run) / len(run)) ** 2 for x in run) for run in runs))
+    return best
+
+
+def test_kmeans_is_the_exact_optimum_against_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        n = int(torch.randint(2, 10, (1,), generator=generator))
+        values = torch.randn(n, generator=generator, dtype=torch.float64)
+        if trial % 3 == 0:
+            values = torch.round(values * 2) / 2  # repeated values
+        distinct = torch.unique(values).numel()
+        for k in range(1, n + 1):
+            codebook = kmeans_1d(values, k)
+            assert codebook.numel() == min(k, distinct)
+            assert torch.all(codebook[1:] > codebook[:-1])  # sorted and distinct
+            codes = torch.bucketize(values, (codebook[1:] + codebook[:-1]) / 2)
+            assert torch.unique(codes).numel() == codebook.numel()  # no empty cluster
+            optimum = _brute_force_kmeans(values.tolist(), min(k, distinct))
+            assert distortion(values, codebook) == pytest.approx(optimum, rel=1e-9, abs=1e-12)
+
+
+def test_kmeans_beats_lloyd_on_an_outlier_and_uses_every_code():
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 0.05
+    values[0] = 2.5  # one outlier: Lloyd from linear seeds left 11 of 16 clusters empty
+    codebook = kmeans_1d(values, 16)
+    seeds = torch.linspace(0, 1, 16) * (values.max() - values.min()) + values.min()
+    assert codebook.numel() == 16 and torch.unique(torch.bucketize(values, (codebook[1:] + codebook[:-1]) / 2)).numel() == 16
+    assert distortion(values, lloyd_1d(values, seeds)) > 5 * distortion(values, codebook)
+
+
+def test_kmeans_warm_start_keeps_an_equally_good_codebook_and_refuses_nan():
+    values = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    codebook = kmeans_1d(values, 8)
+    assert torch.equal(kmeans_1d(values, 8, init=codebook), codebook)
+    worse = torch.linspace(-1, 1, 8)
+    assert torch.equal(kmeans_1d(values, 8, init=worse), codebook)  # a worse previous codebook is replaced
+    values[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/infinite"):
+        kmeans_1d(values, 8)
 
 
 # ----------------------------------------------------------------------------- QAT in Trainer.fit
@@ -211,6 +271,22 @@ def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
     assert (model.net[1].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
 
 
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipq_zero_count_is_exact_and_values_fit_the_bits(tmp_path, digits, bits, method):
+    # 2-bit uniform used to give 79-95% zeros for prune=0.5 ({-s, 0, s} rounded most survivors to 0), and k-means
+    # 2**bits non-zero codes plus the zero
+    callback = QuantizationAwareTraining(bits=bits, method=method, sparsity=0.5, frequency=10)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
+    for name in LAYERS:
+        weight = model.get_parameter(name).detach()
+        assert int((weight == 0).sum()) == round_half_up(0.5 * weight.numel()), name
+        assert torch.unique(weight).numel() <= 2**bits, name
+        survivors = zero_smallest(callback.quantizer.latent[name], 0.5) != 0
+        assert torch.equal(weight != 0, survivors)  # the survivors are exactly the largest latent weights
+
+
 def test_exported_qat_model_reloads_to_the_weights_it_was_evaluated_with(tmp_path, digits):
     from lightning_sparse.export import load_compressed, save_compressed
 
@@ -232,3 +308,15 @@ def test_clipq_and_a_pruning_callback_on_the_same_layers_are_refused(tmp_path, d
     message = r"GradualMagnitudePruning and QuantizationAwareTraining both compress \['net.1.weight', 'net.3.weight'\]"
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, callbacks).fit(digits_model(), digits)
+
+
+def test_a_nan_latent_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+    # a NaN weight used to be quantized to -7.0 and its channel rounded to 0
+    class PoisonLatent(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step == 3:
+                qat.quantizer.latent["net.3.weight"][0, 0] = float("nan")
+
+    qat = QuantizationAwareTraining(bits=4)
+    with pytest.raises(FloatingPointError, match=r"QuantizationAwareTraining: NaN or infinite latent weights in \['net.3.weight'\] at optimizer step 4"):
+        make_trainer(tmp_path, [qat, PoisonLatent()], max_epochs=1).fit(digits_model(), digits)

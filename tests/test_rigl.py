@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from conftest import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import SET, RigL
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
+from lightning_sparse.core.masks import unpack
 from lightning_sparse.data import DigitsDataModule
 
 
@@ -25,7 +26,12 @@ from lightning_sparse.data import DigitsDataModule
         ({"end": 50, "update_frequency": 100}, r"`end` \(step 50\) must come after the first connection update at step 100"),
         ({"end": 1.2}, r"`end` as a fraction of training must be in \[0, 1\]"),
         ({"grow": "momentum"}, r"`grow` must be one of \('gradient', 'random'\)"),
-        ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform'\)"),
+        ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform', 'er'\)"),
+        ({"decay": "step"}, r"`decay` must be one of \('cosine', 'constant', 'linear'\)"),
+        ({"erk_power_scale": 1.5}, r"`erk_power_scale` must be a number in \[0, 1\], got 1.5"),
+        ({"dense_first_layer": 1}, r"`dense_first_layer` must be a bool"),
+        ({"seed": "abc"}, r"`seed` must be an int, got 'abc'"),
+        ({"seed": 1.5}, r"`seed` must be an int, got 1.5"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, message):
@@ -204,3 +210,62 @@ def test_per_layer_sparsity_mapping(tmp_path, digits):
     assert all(counts == expected for counts in recorder.nonzeros)
     assert [u["step"] for u in recorder.updates] == [10, 20]
     assert int((model.net[5].weight == 0).sum()) == 0  # matched no glob: dense
+
+
+def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+    # RigL used to grow the NaN-gradient positions first, and NaN · 0 left NaN at pruned positions
+    class PoisonGradient(pl.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            if trainer.global_step == 4:
+                pl_module.get_parameter("net.1.weight").grad[0, :] = float("nan")
+
+    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    with pytest.raises(FloatingPointError, match=r"RigL: NaN or infinite values in net.1.weight \(gradient\) at optimizer step 4"):
+        make_trainer(tmp_path, [callback, PoisonGradient()], max_epochs=1).fit(digits_model(), digits)
+
+
+def test_frozen_layers_are_refused_naming_them(tmp_path, digits):
+    # RigL used to grow frozen layers by index, leaving 570 of 2,091 active weights as untrainable zeros
+    model = digits_model()
+    model.net[3].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"RigL cannot train the connections it grows in frozen parameters \['net.3.weight'\]"):
+        make_trainer(tmp_path, [RigL(sparsity=0.8, update_frequency=4, end=0.5)], max_epochs=1).fit(model, digits)
+
+
+def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, digits):
+    class FreezeAfterSetup(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            pl_module.net[3].weight.requires_grad_(False)
+
+    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    with pytest.warns(UserWarning, match=r"RigL: \['net.3.weight'\] have no gradient at step 4"):
+        make_trainer(tmp_path, [callback, FreezeAfterSetup()], max_epochs=1).fit(digits_model(), digits)
+    assert callback._moved["net.3.weight"] == 0 and callback._moved["net.1.weight"] > 0
+    assert torch.equal(callback.masks.mask("net.3.weight"), unpack(callback._initial["net.3.weight"], (100, 300)))
+
+
+def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits):
+    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
+    trainer.fit(digits_model(), digits)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    resumed = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    with pytest.warns(UserWarning, match=r"RigL: resumed with the schedule planned for 20 optimizer steps \(start step 0, end step 10\); this run has 40"):
+        make_trainer(tmp_path / "second", [resumed], max_epochs=2).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
+    assert resumed._end_step == 10
+
+
+def test_er_power_scale_linear_decay_and_dense_first_layer(tmp_path, digits):
+    callback = RigL(sparsity=0.8, distribution="er", erk_power_scale=0.5, decay="constant", update_frequency=4, end=0.5,
+                    dense_first_layer=True)  # fmt: skip
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
+    assert list(callback.masks.params) == ["net.3.weight", "net.5.weight"] and (model.net[1].weight == 0).sum() == 0
+    shapes = {n: tuple(p.shape) for n, p in callback.masks.params.items()}
+    expected = erk_sparsities(shapes, 0.8, kernel=False, power_scale=0.5)
+    for name, param in callback.masks.params.items():
+        assert int((param == 0).sum()) == round_half_up(expected[name] * param.numel())
+    active = int(callback.masks.mask("net.3.weight").sum())
+    # constant decay moves alpha = 30% at the last update too (step 8; regrown drops are not counted), where the
+    # cosine would move 0.15 · (1 + cos(0.8π)) = 2.9%
+    assert 0.15 * active < callback._moved["net.3.weight"] <= 0.3 * active

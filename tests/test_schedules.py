@@ -30,3 +30,11 @@ def test_update_steps_follow_frequency_and_always_include_end():
 def test_unknown_schedule_is_an_error():
     with pytest.raises(ValueError, match=r"`schedule` must be one of \('cubic', 'linear', 'constant'\)"):
         sparsity_at(0, 0, 1, 0.0, 0.5, "exponential")
+
+
+def test_polynomial_power_generalises_the_cubic():
+    from lightning_sparse.core.schedules import polynomial
+
+    assert sparsity_at(5, 0, 10, 0.0, 0.8, "polynomial", 3.0) == pytest.approx(sparsity_at(5, 0, 10, 0.0, 0.8, "cubic"))
+    assert sparsity_at(5, 0, 10, 0.0, 0.8, "polynomial", 1.0) == pytest.approx(0.4)
+    assert polynomial(0.5, 2.0) == pytest.approx(0.75)

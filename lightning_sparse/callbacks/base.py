@@ -3,6 +3,7 @@ optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and lo
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_sparse import report
-from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.masks import MaskSet, non_finite
 from lightning_sparse.core.targets import (
     Targets,
     as_patterns,
@@ -95,6 +96,58 @@ def resolve_step(name: str, value: int | float, total_steps: float) -> int:
             f"give `{name}` as an int optimizer step instead"
         )
     return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
+
+
+def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor], step: int) -> bool:
+    """Raise ``FloatingPointError`` naming the layers and the step when a compressed weight or its gradient holds a
+    NaN or an infinity, instead of pruning, growing or quantizing by it (one sum per tensor, one sync per step).
+    Gradients are not checked under a gradient scaler (fp16 AMP): it skips such steps itself. Returns whether the
+    gradients were checked (and so are finite)."""
+    tensors: dict[str, torch.Tensor | None] = {f"{name} (weight)": p for name, p in params.items()}
+    scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+    if not scaled:
+        tensors.update({f"{name} (gradient)": p.grad for name, p in params.items()})
+    bad = non_finite(tensors)
+    if bad:
+        raise FloatingPointError(
+            f"{type(callback).__name__}: NaN or infinite values in {', '.join(bad)} at optimizer step {step}; the "
+            f"compressed layers cannot be pruned or quantized by them (lower the learning rate, clip gradients with "
+            f"`gradient_clip_val`, or find the first one with `Trainer(detect_anomaly=True)`)"
+        )
+    return not scaled
+
+
+def refuse_several_manual_optimizers(callback: Callback, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str) -> None:
+    """Manual optimization with several optimizers (GANs) is refused: ``trainer.global_step`` then advances once per
+    optimizer step, not once per batch, so a schedule in steps is off, and ``why`` (the callback's own reason)."""
+    if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+        raise ValueError(
+            f"{type(callback).__name__} does not support manual optimization with {len(trainer.optimizers)} optimizers "
+            f"(e.g. a GAN): `trainer.global_step` advances once per optimizer step, so its schedule would end early, "
+            f"and {why}. Use one optimizer (one `configure_optimizers` entry over all parameters) or automatic "
+            f"optimization"
+        )
+
+
+def warn_if_run_length_changed(callback: Callback, trainer: pl.Trainer, planned: int | None, schedule: str) -> None:
+    """A resumed run keeps the schedule its fractions were resolved to; say so when this run's length differs
+    (a larger ``max_epochs``, or resuming a ``max_steps``-truncated run without it)."""
+    total = trainer.estimated_stepping_batches
+    if planned is not None and math.isfinite(total) and int(total) != planned:
+        rank_zero_warn(
+            f"{type(callback).__name__}: resumed with the schedule planned for {planned} optimizer steps ({schedule}); "
+            f"this run has {int(total)}. The schedule is kept as it was; to plan it for the new length, give "
+            f"`start`/`end` as int optimizer steps"
+        )
+
+
+def warn_if_no_steps(callback: Callback, trainer: pl.Trainer) -> None:
+    """Say so when the run has no optimizer step (an empty train dataloader, ``limit_train_batches=0``)."""
+    if trainer.estimated_stepping_batches <= 0:  # -1 with limit_train_batches=0
+        rank_zero_warn(
+            f"{type(callback).__name__}: this run has 0 optimizer steps (empty train dataloader, or "
+            f"`limit_train_batches`/`max_steps` of 0), so it compresses nothing"
+        )
 
 
 def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
@@ -198,19 +251,25 @@ class SparsityCallback(CompressionCallback):
         if self.masks is None:
             return
         step = trainer.global_step
+        finite = False  # gradients checked just now may be masked by a (faster) product
         if step != self._decided_step:  # once per step, even with several optimizers
             self._decided_step = step
+            finite = check_finite(self, trainer, self.masks.params, step)
             if self._update_masks(trainer, pl_module, step):
                 self._sync_masks(trainer)
                 for each in trainer.optimizers:  # stale momentum must not push pruned weights
                     self.masks.mask_state_(each.state)
                 self._log_sparsity(trainer)
-        self.masks.mask_grads_()
+        self.masks.mask_grads_(finite=finite)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
         self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
+        refuse_several_manual_optimizers(
+            self, trainer, pl_module, "masks decided at one optimizer's step would use another network's stale gradients"
+        )
+        warn_if_no_steps(self, trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.masks is not None and self._reapply and trainer.global_step != self._masked_step:
@@ -225,6 +284,8 @@ class SparsityCallback(CompressionCallback):
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
         targets = self._select(pl_module)
+        if getattr(self, "dense_first_layer", False) and len(targets) > 1:
+            targets = targets.subset(list(targets)[1:])  # the first selected parameter, in model order, stays dense
         self.layer_sparsity = per_layer("sparsity", self.sparsity, targets) if isinstance(self.sparsity, Mapping) else None
         return targets.subset(self.layer_sparsity) if self.layer_sparsity else targets
 

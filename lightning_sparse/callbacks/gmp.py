@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     resolve_step,
+    warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import DISTRIBUTIONS
 from lightning_sparse.core.pruning import prune_by_magnitude
@@ -38,6 +40,10 @@ class GradualMagnitudePruning(SparsityCallback):
         end: when the final sparsity is reached, same convention; must not come before ``start``.
         frequency: optimizer steps between mask updates (>= 1).
         schedule: ``cubic`` (Zhu & Gupta), ``linear`` or ``constant`` (one-shot at ``start``).
+        power: the exponent of the ``cubic`` schedule, ``s_t = s_f + (s_i - s_f)(1 - progress)^power`` (3 is Zhu &
+            Gupta's cubic; 1 is linear; larger prunes faster early), a number >= 1.
+        dense_first_layer: leave the first selected parameter dense (the first layer holds few weights and is
+            the most sensitive to pruning).
         distribution: ``uniform`` (same sparsity per layer), ``global`` (one threshold) or ``erk``; structured
             granularities need ``uniform`` or a per-layer ``sparsity`` mapping.
         granularity: ``unstructured`` (default), ``channel`` or an ``"N:M"`` string such as ``"2:4"`` (1 <= N < M, M
@@ -64,6 +70,8 @@ class GradualMagnitudePruning(SparsityCallback):
         verbose: bool = True,
         granularity: str | dict[str, str] = "unstructured",
         channel_norm: str = "l1",
+        power: float = 3.0,
+        dense_first_layer: bool = False,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_sparsity("sparsity", sparsity)
@@ -77,6 +85,12 @@ class GradualMagnitudePruning(SparsityCallback):
             raise ValueError(f"`end` must not come before `start`: allowed range is [{start}, ...], got end={end}")
         check_steps("frequency", frequency)
         check_choice("schedule", schedule, tuple(SCHEDULES))
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not 1 <= power < math.inf:
+            raise ValueError(f"`power` must be a finite number >= 1, got {power!r}")
+        if power != 3 and schedule != "cubic":
+            raise ValueError(f"`power` is the exponent of schedule='cubic'; it does not apply to schedule={schedule!r}")
+        if not isinstance(dense_first_layer, bool):
+            raise ValueError(f"`dense_first_layer` must be a bool (true or false), got {dense_first_layer!r}")
         check_choice("distribution", distribution, DISTRIBUTIONS)
         _check_granularity(granularity, distribution, sparsity)
         check_choice("channel_norm", channel_norm, NORMS)
@@ -84,6 +98,8 @@ class GradualMagnitudePruning(SparsityCallback):
         self.start, self.end = start, end
         self.frequency = frequency
         self.schedule = schedule
+        self.power = float(power)
+        self.dense_first_layer = dense_first_layer
         self.distribution = distribution
         self.initial_sparsity = float(initial_sparsity)
         self.granularity = dict(granularity) if isinstance(granularity, Mapping) else granularity
@@ -91,6 +107,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
         self._start_step: int | None = None
         self._end_step: int | None = None
+        self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
 
     metric_prefix = "gmp"
 
@@ -103,6 +120,7 @@ class GradualMagnitudePruning(SparsityCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+            self._planned_steps = None
             self._granularity = expand_granularity(self.granularity, self.targets)
             self._check_layers()
 
@@ -131,8 +149,12 @@ class GradualMagnitudePruning(SparsityCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._start_step is not None and (isinstance(self.start, float) or isinstance(self.end, float)):
+            where = f"start step {self._start_step}, end step {self._end_step}"
+            warn_if_run_length_changed(self, trainer, self._planned_steps, where)
         if self._start_step is None:  # a resumed run keeps the schedule it started with
             total = trainer.estimated_stepping_batches
+            self._planned_steps = int(total) if math.isfinite(total) else None
             self._start_step = resolve_step("start", self.start, total)
             self._end_step = resolve_step("end", self.end, total)
             if self._end_step < self._start_step:
@@ -149,7 +171,8 @@ class GradualMagnitudePruning(SparsityCallback):
         if not is_update_step(step, self._start_step, self._end_step, self.frequency):
             return False
         def at(final: float) -> float:
-            return sparsity_at(step, self._start_step, self._end_step, self.initial_sparsity, final, self.schedule)
+            schedule = "polynomial" if self.schedule == "cubic" else self.schedule
+            return sparsity_at(step, self._start_step, self._end_step, self.initial_sparsity, final, schedule, self.power)
 
         final = self._final_sparsity()
         target = {name: at(s) for name, s in final.items()} if isinstance(final, dict) else at(final)
@@ -157,10 +180,11 @@ class GradualMagnitudePruning(SparsityCallback):
         return True
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"start_step": self._start_step, "end_step": self._end_step}
+        return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
+        self._planned_steps = state.get("planned_steps")
 
 
 def _check_granularity(granularity: Any, distribution: str, sparsity: Any) -> None:

@@ -17,13 +17,20 @@ from lightning_sparse.callbacks.base import (
     CompressionCallback,
     as_sparsity,
     check_choice,
+    check_finite,
     check_sparsity,
     check_steps,
     print_targets,
+    refuse_several_manual_optimizers,
+    warn_if_no_steps,
 )
 from lightning_sparse.core import lc
 from lightning_sparse.core.quantize import check_bits
 from lightning_sparse.core.targets import each_setting, model_sparsity, per_layer, weight_matrices
+
+
+def _finite_note(value: Any) -> str:
+    return " (it must be finite)" if isinstance(value, float) and math.isinf(value) else ""
 
 
 class LearningCompression(CompressionCallback):
@@ -39,10 +46,11 @@ class LearningCompression(CompressionCallback):
 
     Learning rate: by default the user's optimizer and schedule are used as they are, so the L steps must still be
     able to move w when μ is large: end the μ schedule where the learning rate ends (many short L steps across one
-    cosine schedule). With ``l_step_lr``, every L step runs like a fresh optimizer instead, as in the published
-    code: from C step 0 on, L-C sets the learning rate of every parameter group to ``l_step_lr · l_step_lr_decay^k``
-    at the start of L step k, annealed to 0 by a half cosine at its end (overriding any scheduler of the user's
-    from then on). That suits few long L steps with a slowly growing μ, and quantization to 1 or 2 bits in
+    cosine schedule). With ``l_step_lr``, every L step runs like a fresh optimizer instead: from C step 0 on, L-C
+    sets the learning rate of every parameter group to ``l_step_lr · l_step_lr_decay^k`` at the start of L step k
+    (overriding any scheduler of the user's from then on), and ``l_step_schedule`` says what happens within the L
+    step: ``"cosine"`` (default) anneals it to 0 by a half cosine at its end; ``"constant"`` holds it, as the
+    published L-C code does (a new SGD at ``lr · 0.98^k`` per L step). That suits few long L steps with a slowly growing μ, and quantization to 1 or 2 bits in
     particular. Weight decay fights quantization: with K values per layer, ``||Δ(Θ)||²`` is a sum of N·c² over
     the codebook, so decay shrinks the whole codebook at once; give the compressed layers no decay there.
 
@@ -82,6 +90,8 @@ class LearningCompression(CompressionCallback):
             C step, as the published code does by starting each L step with a new optimizer.
         l_step_lr: learning rate at the start of every L step (see above), or None to keep the user's schedule.
         l_step_lr_decay: factor in (0, 1] applied to ``l_step_lr`` per L step (the published code uses 0.98).
+        l_step_schedule: the learning rate within an L step with ``l_step_lr``: ``cosine`` (annealed to 0) or
+            ``constant`` (held, as in the published code).
         include: glob patterns of parameter names to compress (default: weights of Linear and Conv layers).
         exclude: glob patterns of parameter names to leave uncompressed.
         verbose: print the per-layer table when fitting ends.
@@ -113,6 +123,7 @@ class LearningCompression(CompressionCallback):
         reset_momentum: bool = True,
         l_step_lr: float | None = None,
         l_step_lr_decay: float = 0.98,
+        l_step_schedule: str = "cosine",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
@@ -126,11 +137,14 @@ class LearningCompression(CompressionCallback):
             check_bits(label, value, low=1)
         if codebook_size is not None and (isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2):
             raise ValueError(f"`codebook_size` must be an int >= 2, got {codebook_size!r}")
-        for name, value, low in (("mu_init", mu_init, 0.0), ("mu_max", mu_max, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-                raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
-        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or mu_multiplier < 1:
-            raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}")
+        if isinstance(mu_init, bool) or not isinstance(mu_init, (int, float)) or not 0 < mu_init < math.inf:
+            raise ValueError(f"`mu_init` must be a number > 0, got {mu_init!r}{_finite_note(mu_init)}")
+        if isinstance(mu_max, bool) or not isinstance(mu_max, (int, float)) or not mu_max > 0:  # inf: no cap
+            raise ValueError(f"`mu_max` must be a number > 0 (inf for no cap), got {mu_max!r}")
+        if mu_init > mu_max:
+            raise ValueError(f"`mu_init`={mu_init} must not exceed `mu_max`={mu_max} (it would be capped silently)")
+        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or not 1 <= mu_multiplier < math.inf:
+            raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}{_finite_note(mu_multiplier)}")
         check_steps("lc_steps", lc_steps, unit="C steps")
         if steps_per_l is not None:
             check_steps("steps_per_l", steps_per_l)
@@ -142,10 +156,11 @@ class LearningCompression(CompressionCallback):
             raise ValueError(f"`keep_best` must be a metric name such as 'val_acc', or None, got {keep_best!r}")
         if keep_best_mode is not None:
             check_choice("keep_best_mode", keep_best_mode, ("max", "min"))
-        if l_step_lr is not None and (isinstance(l_step_lr, bool) or not isinstance(l_step_lr, (int, float)) or not l_step_lr > 0):
-            raise ValueError(f"`l_step_lr` must be a number > 0 or None, got {l_step_lr!r}")
+        if l_step_lr is not None and (isinstance(l_step_lr, bool) or not isinstance(l_step_lr, (int, float)) or not 0 < l_step_lr < math.inf):
+            raise ValueError(f"`l_step_lr` must be a number > 0 or None, got {l_step_lr!r}{_finite_note(l_step_lr)}")
         if isinstance(l_step_lr_decay, bool) or not isinstance(l_step_lr_decay, (int, float)) or not 0 < l_step_lr_decay <= 1:
             raise ValueError(f"`l_step_lr_decay` must be a number in (0, 1], got {l_step_lr_decay!r}")
+        check_choice("l_step_schedule", l_step_schedule, lc.L_STEP_SCHEDULES)
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
             raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
         self.compression, self.distribution, self.codebook = compression, distribution, codebook
@@ -158,6 +173,7 @@ class LearningCompression(CompressionCallback):
         self.reset_momentum = bool(reset_momentum)
         self.l_step_lr = None if l_step_lr is None else float(l_step_lr)
         self.l_step_lr_decay = float(l_step_lr_decay)
+        self.l_step_schedule = l_step_schedule
         self.keep_best = keep_best
         if keep_best_mode is None and keep_best is not None:
             keep_best_mode = "min" if any(word in keep_best.lower() for word in ("loss", "err")) else "max"
@@ -230,6 +246,10 @@ class LearningCompression(CompressionCallback):
         self._refuse_overlaps(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_several_manual_optimizers(
+            self, trainer, pl_module, "C steps and the penalty gradient would run once per optimizer step"
+        )
+        warn_if_no_steps(self, trainer)
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader (num_training_batches)
         self._total = int(total) if math.isfinite(total) else 0
         if self._every is None:
@@ -249,6 +269,7 @@ class LearningCompression(CompressionCallback):
             )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        check_finite(self, trainer, self.params, trainer.global_step)
         self.compressor.add_penalty_gradients()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -290,7 +311,7 @@ class LearningCompression(CompressionCallback):
         """``l_step_lr``: the learning rate of this optimizer step in the fresh-optimizer-per-L-step schedule."""
         total = self._total or self.first_l_steps + self.lc_steps * self._every  # unknown length: one more L step
         lr = lc.l_step_lr(trainer.global_step, self.first_l_steps, self._every, self.lc_steps, total,
-                          self.l_step_lr, self.l_step_lr_decay)  # fmt: skip
+                          self.l_step_lr, self.l_step_lr_decay, self.l_step_schedule)  # fmt: skip
         if lr is not None:
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:

@@ -24,8 +24,10 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     print_targets,
+    refuse_several_manual_optimizers,
     renamed,
     resolve_step,
+    warn_if_no_steps,
 )
 from lightning_sparse.core.quantize import METHODS, SCALES, FakeQuantizer, check_bits, uniform_quantize
 from lightning_sparse.core.targets import each_setting, per_layer
@@ -47,7 +49,10 @@ class QuantizationAwareTraining(CompressionCallback):
         frequency: optimizer steps between k-means re-fits (>= 1).
         sparsity: CLIP-Q mode (Tung & Mori 2018): fraction in [0, 1) of each layer's smallest latent weights
             zeroed in the quantized weights only, recomputed at every step, so pruned weights can come back;
-            a float or ``{glob: fraction}``. 0 (default) prunes nothing.
+            a float or ``{glob: fraction}``. 0 (default) prunes nothing. A CLIP-Q layer has exactly
+            ``round(prune · N)`` zeros and its survivors in ``2**bits - 1`` non-zero levels: interval means over
+            the layer's range with ``method="uniform"`` (``granularity``/``symmetric`` then do not apply to it),
+            k-means codes with ``method="kmeans"``, so at most ``2**bits`` values per layer counting the zero.
         verbose: print the per-layer table when fitting ends.
         granularity: deprecated name of ``scale``.
         codebook_frequency: deprecated name of ``frequency``.
@@ -84,6 +89,8 @@ class QuantizationAwareTraining(CompressionCallback):
         sparsity = renamed(owner, "prune", "sparsity", prune, sparsity, 0.0)
         for label, value in each_setting("bits", bits):
             check_bits(label, value)
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"`symmetric` must be a bool (true or false), got {symmetric!r}")
         check_choice("scale", scale, SCALES)
         check_choice("method", method, METHODS)
         check_fraction_or_step("start", start)
@@ -141,6 +148,11 @@ class QuantizationAwareTraining(CompressionCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._masks = [cb.masks for cb in trainer.callbacks if isinstance(cb, SparsityCallback) and cb.masks is not None]
+        refuse_several_manual_optimizers(
+            self, trainer, pl_module, "the latent weights of every layer are restored at the first `manual_backward`, "
+            "so the other networks would not train on q(w)"
+        )
+        warn_if_no_steps(self, trainer)
         if self._start_step is None:
             self._start_step = resolve_step("start", self.start, trainer.estimated_stepping_batches)
 

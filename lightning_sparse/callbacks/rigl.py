@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,14 +18,15 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     resolve_step,
+    warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import zero_counts
-from lightning_sparse.core.dynamic import cosine_fraction, is_dynamic_update_step, move_connections, random_masks
+from lightning_sparse.core.dynamic import DECAYS, is_dynamic_update_step, move_connections, random_masks, update_fraction
 from lightning_sparse.core.masks import pack, unpack
 from lightning_sparse.core.pruning import prune_by_magnitude
 
 GROWTH = ("gradient", "random")
-DISTRIBUTIONS = ("erk", "uniform")
+DISTRIBUTIONS = ("erk", "uniform", "er")
 
 class RigL(SparsityCallback):
     """Train a sparse network at constant sparsity while moving its connections (Evci et al. 2020, Alg. 1).
@@ -33,15 +35,23 @@ class RigL(SparsityCallback):
     when ``start`` is 0, the largest magnitudes otherwise. Every ``update_frequency`` optimizer steps until
     ``end``, each layer drops the ``f(t) · n_active`` smallest-magnitude active weights and grows as many
     inactive ones with the largest dense-gradient magnitude (``grow="gradient"``) or at random
-    (``grow="random"``, SET), with ``f(t) = alpha/2 · (1 + cos(π t / end))``. The dense gradient is the one
-    Lightning hands to the optimizer: after DDP all-reduce and gradient accumulation, before masking. Grown
-    weights start at exactly 0 with their optimizer state (momentum, Adam moments) reset, and receive their
-    first gradient step at once. Per-layer non-zero counts never change.
+    (``grow="random"``, SET), with ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))`` (the paper's
+    ``cos(π t / T_end)`` when ``start`` is 0; with a later ``start`` the cosine is stretched over ``[start, end]``).
+    The dense gradient is the one Lightning hands to the optimizer: after DDP all-reduce and gradient
+    accumulation, before masking. Grown weights start at exactly 0 with their optimizer state (momentum, Adam
+    moments) reset. Per-layer non-zero counts never change.
+
+    Differences from the reference code (google-research/rigl) worth knowing: there is no update at step 0 (the
+    first is at ``start + update_frequency``), and on an update step the optimizer step is still taken, with the
+    new mask, so grown weights receive their first gradient step at once (the references skip the optimizer step
+    on update iterations). Frozen parameters (``requires_grad=False``) are refused; a layer with no gradient at
+    an update step keeps its mask.
 
     Args:
         sparsity: fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer (each
             matched layer at its own sparsity, ``distribution`` unused; unmatched layers stay dense).
-        distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel) or ``uniform``.
+        distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel), ``uniform`` or ``er`` (Erdős–Rényi: the
+            ERK formula without the kernel dimensions).
         update_frequency: optimizer steps between connection updates (ΔT, >= 1).
         alpha: fraction of active weights moved at the first update, in (0, 1]; decays by a cosine to 0 at ``end``.
         end: last update before this point (T_end): fraction of the optimizer steps (float) or a step (int).
@@ -51,6 +61,11 @@ class RigL(SparsityCallback):
         exclude: glob patterns of parameter names to leave dense.
         seed: seed of the random start mask and of random growth (the same on every rank, so masks agree).
         verbose: print the per-layer table when fitting ends.
+        decay: how the moved fraction falls from ``alpha`` to 0 at ``end``: ``cosine`` (RigL), ``linear``, or
+            ``constant`` (``alpha`` at every update).
+        erk_power_scale: exponent of the ERK/ER density formula in [0, 1] (the reference's ``erk_power_scale``;
+            1 is ERK, 0 uniform).
+        dense_first_layer: leave the first selected parameter dense (as RigL's experiments keep the first layer).
     """
 
     def __init__(
@@ -66,16 +81,26 @@ class RigL(SparsityCallback):
         exclude: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
+        decay: str = "cosine",
+        erk_power_scale: float = 1.0,
+        dense_first_layer: bool = False,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, DISTRIBUTIONS)
+        check_choice("decay", decay, DECAYS)
+        if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float)) or not 0 <= erk_power_scale <= 1:
+            raise ValueError(f"`erk_power_scale` must be a number in [0, 1], got {erk_power_scale!r}")
+        if not isinstance(dense_first_layer, bool):
+            raise ValueError(f"`dense_first_layer` must be a bool (true or false), got {dense_first_layer!r}")
         check_steps("update_frequency", update_frequency)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in (0, 1], got {alpha!r}")
         check_fraction_or_step("end", end)
         check_fraction_or_step("start", start)
         check_choice("grow", grow, GROWTH)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
         if isinstance(start, int) and isinstance(end, int):
             _check_first_update(start, end, update_frequency)
         self.sparsity = as_sparsity(sparsity)
@@ -85,10 +110,15 @@ class RigL(SparsityCallback):
         self.start, self.end = start, end
         self.grow = grow
         self.seed = seed
+        self.decay = decay
+        self.erk_power_scale = float(erk_power_scale)
+        self.dense_first_layer = dense_first_layer
         self._start_step: int | None = None
         self._end_step: int | None = None
+        self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
         self._initial: dict[str, torch.Tensor] = {}  # packed masks at the sparse start, for the churn metric
         self._moved: dict[str, int] = {}
+        self._warned_no_grad = False
 
     @property
     def metric_prefix(self) -> str:  # type: ignore[override]
@@ -105,21 +135,32 @@ class RigL(SparsityCallback):
         if stage != "fit":
             return
         self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
+        self._planned_steps = None
         self._initial, self._moved = {}, {}
-        counts = zero_counts(self.distribution, self.masks.params, self._target())
+        frozen = [name for name, param in self.masks.params.items() if not param.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{type(self).__name__} cannot train the connections it grows in frozen parameters {frozen} "
+                f"(requires_grad=False): leave them out with `exclude`, or prune them with GradualMagnitudePruning"
+            )
+        counts = zero_counts(self.distribution, self.masks.params, self._target(), power_scale=self.erk_power_scale)
         if not any(counts.values()):
             raise ValueError(
                 f"`sparsity`={self.sparsity} with distribution {self.distribution!r} leaves every layer dense "
                 f"({list(counts)}): there is nothing for {type(self).__name__} to move; raise `sparsity`"
             )
         if self.start == 0:  # sparse from the first forward pass; a checkpoint being resumed replaces these masks
-            random_masks(self.masks, self._target(), self.distribution, self.seed)
+            random_masks(self.masks, self._target(), self.distribution, self.seed, self.erk_power_scale)
             self._record_initial()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._start_step is not None and (isinstance(self.start, float) or isinstance(self.end, float)):
+            where = f"start step {self._start_step}, end step {self._end_step}"
+            warn_if_run_length_changed(self, trainer, self._planned_steps, where)
         if self._start_step is None:  # a resumed run keeps the schedule it started with
             total = trainer.estimated_stepping_batches
+            self._planned_steps = int(total) if math.isfinite(total) else None
             self._start_step = resolve_step("start", self.start, total)
             self._end_step = resolve_step("end", self.end, total)
             _check_first_update(self._start_step, self._end_step, self.update_frequency)
@@ -136,12 +177,20 @@ class RigL(SparsityCallback):
         if self.masks.is_empty:  # dense until `start`, then keep the largest magnitudes
             if step < self._start_step:
                 return False
-            prune_by_magnitude(self.masks, self._target(), self.distribution)
+            prune_by_magnitude(self.masks, self._target(), self.distribution, power_scale=self.erk_power_scale)
             self._record_initial()
             return True
         if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):
             return False
-        fraction = cosine_fraction(step, self._start_step, self._end_step, self.alpha)
+        if self.grow == "gradient":
+            missing = [name for name, param in self.masks.params.items() if param.grad is None]
+            if missing and not self._warned_no_grad:
+                self._warned_no_grad = True
+                rank_zero_warn(
+                    f"{type(self).__name__}: {missing} have no gradient at step {step} (frozen, or unused in the "
+                    f"forward pass); their connections do not move while that lasts"
+                )
+        fraction = update_fraction(step, self._start_step, self._end_step, self.alpha, self.decay)
         states = [optimizer.state for optimizer in trainer.optimizers]
         self._moved = move_connections(self.masks, fraction, self.grow, states, self.seed, step)
         return True
@@ -169,11 +218,13 @@ class RigL(SparsityCallback):
         return {
             "start_step": self._start_step,
             "end_step": self._end_step,
+            "planned_steps": self._planned_steps,
             "initial": {name: packed.cpu().clone() for name, packed in self._initial.items()},
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
+        self._planned_steps = state.get("planned_steps")
         self._initial = {name: packed.to(self.masks.params[name].device) for name, packed in state.get("initial", {}).items()}
 
 

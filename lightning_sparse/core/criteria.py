@@ -7,8 +7,9 @@ from torch import Tensor
 
 
 def magnitude(weight: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``|w|``; entries already pruned by ``mask`` score -1 so they are the first to stay pruned."""
-    scores = weight.detach().abs()
+    """``|w|``; entries already pruned by ``mask`` score -1 so they are the first to stay pruned, and so do NaN or
+    infinite weights (a non-finite score never wins a place)."""
+    scores = torch.nan_to_num(weight.detach().abs(), nan=-1.0, posinf=-1.0)
     if mask is not None:
         scores.masked_fill_(~mask, -1.0)
     return scores

@@ -31,17 +31,39 @@ def random_scores(like: Tensor, generator: torch.Generator) -> Tensor:
     return torch.rand(like.shape, generator=generator).to(like.device)
 
 
-def random_masks(masks: MaskSet, sparsity: float | Mapping[str, float], distribution: str, seed: int) -> dict[str, int]:
+def random_masks(
+    masks: MaskSet, sparsity: float | Mapping[str, float], distribution: str, seed: int, power_scale: float = 1.0
+) -> dict[str, int]:
     """Random sparse start: each layer gets its exact number of zeros (``distribution``) at random positions."""
     scores = {name: random_scores(masks.params[name], seeded_generator(seed, i)) for i, name in enumerate(masks)}
-    counts = zero_counts(distribution, scores, sparsity)
+    counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale)
     for name, score in scores.items():
         masks.set(name, exact_mask(score, counts[name]))
     return counts
 
 
+DECAYS = ("cosine", "constant", "linear")
+
+
+def update_fraction(step: int, start: int, end: int, alpha: float, decay: str = "cosine") -> float:
+    """Fraction of active weights moved at ``step``: :func:`cosine_fraction` (RigL), ``constant`` (``alpha``
+    throughout, as SET) or ``linear`` (``alpha · (1 - (t - start) / (end - start))``), the reference's choices."""
+    if decay == "cosine":
+        return cosine_fraction(step, start, end, alpha)
+    if decay == "constant":
+        return alpha
+    if decay == "linear":
+        return alpha * (1.0 - (step - start) / (end - start))
+    raise ValueError(f"`decay` must be one of {DECAYS}, got {decay!r}")
+
+
 def cosine_fraction(step: int, start: int, end: int, alpha: float) -> float:
-    """RigL's update fraction ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))``."""
+    """RigL's update fraction ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))``.
+
+    With ``start = 0`` this is the paper's ``alpha/2 · (1 + cos(π t / T_end))`` (Evci et al. 2020, Eq. 1). With a
+    later ``start`` the cosine is stretched over ``[start, end]``, so it still begins at ``alpha`` where the network
+    becomes sparse and reaches 0 at ``end`` (the paper's form would begin below ``alpha`` and waste the early decay).
+    """
     return alpha / 2.0 * (1.0 + math.cos(math.pi * (step - start) / (end - start)))
 
 
@@ -54,12 +76,14 @@ def drop_and_grow(weight: Tensor, mask: Tensor, grow_scores: Tensor, n_move: int
     """New mask: drop the ``n_move`` smallest active ``|weight|``, grow the ``n_move`` best-scoring others.
 
     A weight just dropped may be regrown (as in the reference implementation); it then keeps its value.
-    The number of active entries is unchanged. Ties are broken by flat index, so the result is exact.
+    The number of active entries is unchanged. Ties are broken by flat index, so the result is exact. A NaN or
+    infinite score never wins: such weights are dropped first and such gradients grown last.
     """
     n_active = int(mask.sum())
     n_move = min(n_move, n_active, mask.numel() - n_active)
     kept = top_k_mask(magnitude(weight, mask), n_active - n_move)
-    grow = grow_scores.detach().float().masked_fill(kept, -math.inf)
+    lowest = -torch.finfo(torch.float32).max  # below every finite score, above the kept weights' -inf
+    grow = torch.nan_to_num(grow_scores.detach().float(), nan=lowest, posinf=lowest).masked_fill(kept, -math.inf)
     return kept | top_k_mask(grow, n_move)
 
 
@@ -74,7 +98,8 @@ def move_connections(
 ) -> dict[str, int]:
     """One RigL/SET update of every layer: move ``fraction`` of its active weights; returns the count grown.
 
-    ``grow="gradient"`` ranks inactive weights by the dense ``|grad|`` held in ``.grad``; ``"random"`` by
+    ``grow="gradient"`` ranks inactive weights by the dense ``|grad|`` held in ``.grad`` (a layer without a
+    gradient, frozen or unused in this step, is left as it is rather than grown by index); ``"random"`` by
     scores seeded from ``(seed, step, layer)``. Grown weights are set to +0.0 and their per-weight state in each
     of ``states`` (``optimizer.state``) is zeroed.
     """
@@ -82,7 +107,10 @@ def move_connections(
     for index, name in enumerate(masks):
         param, old = masks.params[name], masks.mask(name)
         if grow == "gradient":
-            scores = param.grad.abs() if param.grad is not None else torch.zeros_like(param)
+            if param.grad is None:  # frozen or unused this step: no gradient to grow by, so the layer does not move
+                moved[name] = 0
+                continue
+            scores = param.grad.abs()
         else:
             scores = random_scores(param, seeded_generator(seed, step, index))
         new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))

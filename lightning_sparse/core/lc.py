@@ -28,16 +28,27 @@ def mu_at(k: int, mu_init: float, multiplier: float, mu_max: float) -> float:
     return min(mu_init * multiplier**k, mu_max)
 
 
-def l_step_lr(step: int, first: int, every: int, lc_steps: int, total: int, base: float, decay: float) -> float | None:
-    """Learning rate at optimizer ``step`` when every L step runs like a fresh optimizer, as in the reference code.
+L_STEP_SCHEDULES = ("cosine", "constant")
 
-    L step k (after C step k at ``first + k·every``) starts at ``base · decay^k`` and anneals to 0 by a half cosine
-    over its ``every`` steps; the steps after the last C step (where only parameters L-C does not compress still
-    move) form one more such stretch up to ``total``. ``None`` before C step 0: the user's own schedule applies.
+
+def l_step_lr(
+    step: int, first: int, every: int, lc_steps: int, total: int, base: float, decay: float, schedule: str = "cosine"
+) -> float | None:
+    """Learning rate at optimizer ``step`` when every L step runs like a fresh optimizer.
+
+    L step k (after C step k at ``first + k·every``) starts at ``base · decay^k``. ``schedule="constant"`` holds
+    that rate for the whole L step, as the published L-C code does (a new SGD per L step at ``lr · 0.98^k``);
+    ``"cosine"`` anneals it to 0 by a half cosine over the L step's ``every`` steps. The steps after the last C step
+    (where only parameters L-C does not compress still move) form one more such stretch up to ``total``. ``None``
+    before C step 0: the user's own schedule applies.
     """
+    if schedule not in L_STEP_SCHEDULES:
+        raise ValueError(f"`l_step_schedule` must be one of {L_STEP_SCHEDULES}, got {schedule!r}")
     if step < first:
         return None
     k = min((step - first) // every, lc_steps - 1)
+    if schedule == "constant":
+        return base * decay**k
     start = first + k * every
     length = every if k < lc_steps - 1 else max(total - start, 1)
     progress = min((step - start) / length, 1.0)

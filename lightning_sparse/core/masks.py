@@ -58,12 +58,30 @@ def mask_(tensor: Tensor, packed: Tensor) -> None:
 
 
 def multiply_(tensor: Tensor, packed: Tensor) -> None:
-    """``tensor *= mask`` in place through a 0/1 table: about twice as fast as :func:`mask_`, for gradients and
-    optimizer state, where the sign of a zero does not matter. Runs every optimizer step."""
+    """``tensor *= mask`` in place through a 0/1 table: about three times as fast as :func:`mask_`, but NaN · 0 is
+    NaN, so only for tensors known to be finite (gradients after :func:`non_finite`), where the sign of a zero does
+    not matter."""
     if not tensor.is_contiguous():
         tensor.mul_(unpack(packed, tensor.shape))
         return
     _by_chunks(tensor, packed, _kept_table(packed.device, tensor.dtype), lambda rows, kept: rows.mul_(kept))
+
+
+def non_finite(tensors: Mapping[str, Tensor | None]) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity (``None`` entries are skipped).
+
+    Cheap enough for every optimizer step: one sum per tensor (NaN and inf propagate through a sum) and a single
+    host synchronisation; each tensor is looked at on its own only when a sum is not finite (which a finite tensor
+    can also give, by overflow, so that look decides).
+    """
+    named = [(name, t.detach()) for name, t in tensors.items() if t is not None and t.numel()]
+    if not named:
+        return []
+    device = named[0][1].device
+    sums = torch.stack([t.sum().float().to(device) for _, t in named])
+    if bool(torch.isfinite(sums).all()):
+        return []
+    return [name for name, t in named if not bool(torch.isfinite(t).all())]
 
 
 def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> list[Tensor]:
@@ -163,12 +181,17 @@ class MaskSet:
             mask_(tensor, self._packed[name])
 
     @torch.no_grad()
-    def mask_grads_(self) -> None:
-        """Zero the gradients of pruned weights so momentum and Adam moments never see them."""
+    def mask_grads_(self, finite: bool = False) -> None:
+        """Zero the gradients of pruned weights so momentum and Adam moments never see them.
+
+        A select, so a NaN gradient at a pruned position cannot survive (NaN · 0 = NaN). ``finite=True`` says the
+        caller has checked that every gradient is finite (:func:`non_finite`): then a product through a 0/1 table
+        gives the same zeros about three times faster, which matters because this runs every optimizer step.
+        """
         for name, packed in self._packed.items():
             grad = self.params[name].grad
             if grad is not None:
-                multiply_(grad, packed)
+                (multiply_ if finite else mask_)(grad, packed)
 
     @torch.no_grad()
     def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
@@ -180,7 +203,7 @@ class MaskSet:
         """
         for name, packed in self._packed.items():
             for value in param_state(state, self.params[name]):
-                multiply_(value, packed)
+                mask_(value, packed)
 
     def numel(self, name: str) -> int:
         return self.params[name].numel()

@@ -20,6 +20,7 @@ def prune_by_magnitude(
     distribution: str = "uniform",
     granularity: Mapping[str, Granularity] | None = None,
     channel_norm: str = "l1",
+    power_scale: float = 1.0,
 ) -> dict[str, int]:
     """Prune the masked parameters to ``sparsity`` (or ``{name: sparsity}``); return the zeros written per parameter.
 
@@ -27,13 +28,14 @@ def prune_by_magnitude(
     ``granularity`` maps parameter names to their :class:`Granularity` (missing names: unstructured). A channel
     layer prunes ``round(sparsity × out_channels)`` whole channels; an N:M layer prunes ``round(sparsity × numel)``
     weights, never more than M - N per group. ``distribution`` (``uniform``, ``global``, ``erk``) allocates a single
-    ``sparsity`` over the unstructured layers; structured layers take ``sparsity`` as it is.
+    ``sparsity`` over the unstructured layers (also ``er``, with ERK's ``power_scale``); structured layers take
+    ``sparsity`` as it is.
     """
     granularity = granularity or {}
     structured = {name: granularity[name] for name in masks if name in granularity and granularity[name].kind != "unstructured"}
     plain = [name for name in masks if name not in structured]
     scores = {name: magnitude(masks.params[name], masks.mask(name)) for name in plain}
-    counts = zero_counts(distribution, scores, sparsity) if scores else {}
+    counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale) if scores else {}
     for name, score in scores.items():
         masks.set(name, exact_mask(score, counts[name]))
     for name, kind in structured.items():
