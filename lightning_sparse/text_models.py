@@ -67,6 +67,7 @@ class TextClassifier(pl.LightningModule):
             settings = dict(config)
             model_config = AutoConfig.for_model(settings.pop("model_type", "bert"), **settings)
             self.backbone = AutoModel.from_config(model_config, **_no_pooler(model_config))
+        self.backbone.train()  # from_pretrained returns it in eval mode, which would switch its dropout off in fit
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.backbone.config.hidden_size, num_classes)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
