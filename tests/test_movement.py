@@ -128,6 +128,14 @@ def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(tmp_path, digits
         assert (callback.masks.mask(name) == exact_mask(by_hand[name], count)).float().mean() > 0.999
 
 
+def test_scores_accumulate_once_per_optimizer_step_under_gradient_accumulation(tmp_path, digits):
+    callback = MovementPruning(sparsity=0.5, start=2, end=6, frequency=2, verbose=False)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(digits_model(), digits)
+    assert trainer.global_step == 10  # 20 batches, 2 per optimizer step
+    assert callback.scores.steps == {name: 7 for name in LAYERS}  # steps 0..6, then scores stop with the masks
+
+
 @pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
 def test_exact_sparsity_per_distribution(tmp_path, digits, distribution):
     callback = MovementPruning(sparsity=0.9, start=0.1, end=0.5, frequency=5, distribution=distribution, verbose=False)
