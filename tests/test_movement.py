@@ -1,0 +1,228 @@
+"""MovementPruning (Sanh, Wolf & Rush 2020): movement scores in core, the callback in real Trainer.fit runs on digits."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from conftest import StopAfterEpoch, digits_model, make_trainer
+from test_cli import DIGITS, ROOT, checkpoint_sparsity, run_cli
+from lightning_sparse import GradualMagnitudePruning, MovementPruning
+from lightning_sparse.core.allocation import erk_sparsities, round_half_up
+from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.movement import MovementScores, prune_by_movement
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+LAYERS = ("net.1.weight", "net.3.weight", "net.5.weight")  # LeNet-300-100's Linear weights
+
+
+# ----------------------------------------------------------------- core
+def test_scores_accumulate_minus_w_times_grad_and_pruned_weights_keep_scoring():
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, -1.0, 2.0], [0.1, 0.0, -0.3]]))
+    masks = MaskSet({"weight": layer.weight})
+    scores = MovementScores(masks.params)
+    x1, x2 = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[0.0, -1.0, 3.0]])
+    w0 = layer.weight.detach().clone()
+    layer(x1).sum().backward()
+    g1 = layer.weight.grad.clone()
+    scores.accumulate_()
+    assert torch.equal(scores.scores["weight"], -(w0 * g1))
+
+    prune_by_movement(masks, scores, sparsity=0.5)  # the three lowest of -w*g go, whatever their magnitude
+    expected_mask = exact_mask(-(w0 * g1), 3)
+    assert torch.equal(masks.mask("weight"), expected_mask)
+    assert torch.equal(layer.weight.detach(), torch.where(expected_mask, w0, torch.zeros(())))
+
+    layer.weight.grad = None
+    layer(x2).sum().backward()  # the gradient is dense: pruned positions get one too
+    g2 = layer.weight.grad.clone()
+    scores.accumulate_()
+    # Pruned weights keep scoring with the value they had when pruned (hard movement: the mask may change).
+    assert torch.allclose(scores.scores["weight"], -(w0 * g1) - (w0 * g2))
+    assert scores.steps == {"weight": 2}
+
+
+def test_a_pruned_weight_whose_score_rises_comes_back_with_its_value():
+    weight = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 4.0]))
+    masks = MaskSet({"w": weight})
+    scores = MovementScores(masks.params)
+    weight.grad = torch.tensor([-1.0, -1.0, -1.0, 1.0])  # scores 1, -2, 3, -4
+    scores.accumulate_()
+    prune_by_movement(masks, scores, sparsity=0.5)
+    assert weight.detach().tolist() == [1.0, 0.0, 3.0, 0.0]
+    weight.grad = torch.tensor([0.0, 10.0, 0.0, 0.0])  # -2 - (-2 * 10) = 18: now the best score
+    scores.accumulate_()
+    prune_by_movement(masks, scores, sparsity=0.5)
+    assert masks.mask("w").tolist() == [False, True, True, False]
+    assert weight.detach().tolist() == [0.0, -2.0, 3.0, 0.0]
+    assert scores.latent["w"].tolist() == [1.0, 0.0, 0.0, 4.0]
+
+
+# ----------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\), got 1.0"),
+        ({"start": 0.5, "end": 0.2}, r"`end` must not come before `start`"),
+        ({"frequency": 0}, r"`frequency` must be an int >= 1"),
+        ({"schedule": "exp"}, r"`schedule` must be one of \('cubic', 'linear', 'constant'\)"),
+        ({"distribution": "layerwise"}, r"`distribution` must be one of \('uniform', 'global', 'erk'\)"),
+        ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` must be in \[0, sparsity=0.5\]"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MovementPruning(**kwargs)
+
+
+class WithUnusedLayer(Classifier):
+    """LeNet-300-100 plus a Linear layer the forward never uses: it never gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="lenet300", input_shape=(1, 8, 8), lr=0.05)
+        self.spare = nn.Linear(8, 8)
+
+
+def test_pruning_a_weight_that_never_got_a_gradient_names_the_callback_and_the_parameter(tmp_path, digits):
+    callback = MovementPruning(sparsity=0.5, start=2, end=10, frequency=2)
+    with pytest.raises(ValueError, match=r"MovementPruning: no gradient has reached parameter 'spare.weight' by optimizer step 2.*`exclude`"):
+        make_trainer(tmp_path, [callback], max_epochs=1).fit(WithUnusedLayer(), digits)
+    callback = MovementPruning(sparsity=0.5, start=2, end=10, frequency=2, exclude=["spare.*"], verbose=False)
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(WithUnusedLayer(), digits)
+    assert callback.masks.sparsity() == pytest.approx(0.5, abs=1e-4)
+
+
+# ----------------------------------------------------------------- training on digits
+def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(tmp_path, digits):
+    """Ten SGD steps in Trainer.fit against the same ten steps in a plain loop computing -Σ w·g by hand."""
+    pl.seed_everything(3)
+    model = digits_model()  # SGD, momentum 0.9, lr 0.05
+    reference = copy.deepcopy(model)
+    callback = MovementPruning(sparsity=0.6, start=9, end=9, schedule="constant", verbose=False)  # prunes at the last step
+    make_trainer(tmp_path, [callback], max_steps=10).fit(model, digits)
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    loader = digits.train_dataloader()
+    loader.sampler.set_epoch(0)
+    by_hand = {name: torch.zeros_like(p) for name, p in reference.named_parameters() if name in LAYERS}
+    for _, (x, y) in zip(range(10), loader):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        for name, p in reference.named_parameters():
+            if name in by_hand:
+                by_hand[name] -= p.detach() * p.grad
+        optimizer.step()
+    for name in LAYERS:
+        assert torch.allclose(callback.scores.scores[name], by_hand[name], rtol=1e-4, atol=1e-7), name
+        assert callback.scores.steps[name] == 10
+        # the one-shot update at step 9 kept the top 40% of those scores in every layer
+        count = round_half_up(0.6 * by_hand[name].numel())
+        assert torch.equal(callback.masks.mask(name), exact_mask(callback.scores.scores[name], count))
+        assert (callback.masks.mask(name) == exact_mask(by_hand[name], count)).float().mean() > 0.999
+
+
+def test_scores_accumulate_once_per_optimizer_step_under_gradient_accumulation(tmp_path, digits):
+    callback = MovementPruning(sparsity=0.5, start=2, end=6, frequency=2, verbose=False)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(digits_model(), digits)
+    assert trainer.global_step == 10  # 20 batches, 2 per optimizer step
+    assert callback.scores.steps == {name: 7 for name in LAYERS}  # steps 0..6, then scores stop with the masks
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
+def test_exact_sparsity_per_distribution(tmp_path, digits, distribution):
+    callback = MovementPruning(sparsity=0.9, start=0.1, end=0.5, frequency=5, distribution=distribution, verbose=False)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=3).fit(model, digits)
+    params = dict(model.named_parameters())
+    zeros = {name: int((params[name] == 0).sum()) for name in LAYERS}
+    sizes = {name: params[name].numel() for name in LAYERS}
+    if distribution == "uniform":
+        assert zeros == {name: round_half_up(0.9 * n) for name, n in sizes.items()}
+    elif distribution == "global":
+        assert sum(zeros.values()) == round_half_up(0.9 * sum(sizes.values()))
+    else:
+        erk = erk_sparsities({name: tuple(params[name].shape) for name in LAYERS}, 0.9)
+        assert zeros == {name: round_half_up(erk[name] * n) for name, n in sizes.items()}
+    assert callback.masks.sparsity() == pytest.approx(0.9, abs=1e-4)
+
+
+class MaskHistory(pl.Callback):
+    """Record every layer's mask and scores after each optimizer step (MovementPruning runs before this callback)."""
+
+    def __init__(self, pruning: MovementPruning) -> None:
+        self.pruning, self.masks, self.scores = pruning, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.masks.append({name: self.pruning.masks.mask(name) for name in LAYERS})
+        self.scores.append({name: self.pruning.scores.scores[name].clone() for name in LAYERS})
+
+
+def test_masks_are_the_top_scores_and_differ_from_magnitude_pruning(tmp_path, digits):
+    schedule = dict(sparsity=0.9, start=0.1, end=0.6, frequency=4, verbose=False)
+    pl.seed_everything(0)
+    magnitude_model, movement_model = digits_model(), None
+    movement_model = copy.deepcopy(magnitude_model)
+    gmp = GradualMagnitudePruning(**schedule)
+    make_trainer(tmp_path / "gmp", [gmp], max_epochs=3).fit(magnitude_model, digits)
+    movement = MovementPruning(**schedule)
+    history = MaskHistory(movement)
+    make_trainer(tmp_path / "movement", [movement, history], max_epochs=3).fit(movement_model, digits)
+
+    for name in LAYERS:
+        mask = movement.masks.mask(name)
+        # masks come from the scores of the last update (step 36), after which scores stop accumulating
+        assert torch.equal(mask, exact_mask(movement.scores.scores[name], int((~mask).sum())))
+        overlap = (mask & gmp.masks.mask(name)).sum() / mask.sum()
+        assert overlap < 0.9, f"{name}: movement kept mostly the weights magnitude kept ({overlap:.2f})"
+    assert movement.masks.checksum() != gmp.masks.checksum()
+
+    # Hard movement: pruned weights keep scoring, so some pruned at one update are kept again at a later one.
+    updates = [history.masks[step] for step in range(10, 37, 4)]  # after the updates at steps 10, 14, ..., 34
+    revived = sum(int((~before[name] & after[name]).sum()) for before, after in zip(updates, updates[1:]) for name in LAYERS)
+    assert revived > 0
+    pruned = ~history.masks[20]["net.3.weight"]
+    assert not torch.equal(history.scores[20]["net.3.weight"][pruned], history.scores[24]["net.3.weight"][pruned])
+
+
+def _movement_run(tmp_path: Path, stop_epoch: int | None = None, ckpt: Path | None = None):
+    pl.seed_everything(7)
+    model = digits_model(optimizer="adam", lr=1e-3)
+    callback = MovementPruning(sparsity=0.85, start=0.1, end=0.7, frequency=6, verbose=False)
+    callbacks = [callback] + ([StopAfterEpoch(stop_epoch, tmp_path / "interrupted.ckpt")] if stop_epoch is not None else [])
+    trainer = make_trainer(tmp_path, callbacks)
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
+    return model, callback, trainer
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    full_model, full_cb, _ = _movement_run(tmp_path / "full")
+    _, cut_cb, cut_trainer = _movement_run(tmp_path / "cut", stop_epoch=1)
+    assert cut_trainer.global_step == 40 and 0 < cut_cb.masks.sparsity() < 0.85  # mid-ramp (steps 8..56)
+    saved = torch.load(tmp_path / "cut" / "interrupted.ckpt", weights_only=True)["callbacks"][cut_cb.state_key]
+    assert saved["movement"]["steps"] == {name: 40 for name in LAYERS}
+    resumed_model, resumed_cb, resumed_trainer = _movement_run(tmp_path / "resumed", ckpt=tmp_path / "cut" / "interrupted.ckpt")
+    assert resumed_trainer.global_step == 80
+    for (name, full), (_, resumed) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(full, resumed), name
+    assert resumed_cb.masks.checksum() == full_cb.masks.checksum()
+    for name in LAYERS:
+        assert torch.equal(resumed_cb.scores.scores[name], full_cb.scores.scores[name]), name
+        assert torch.equal(resumed_cb.scores.latent[name], full_cb.scores.latent[name]), name
+
+
+def test_fit_with_the_movement_preset(tmp_path):
+    output = run_cli(
+        "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'movement.yaml'}",
+        "--trainer.callbacks.sparsity=0.8",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "MovementPruning: sparsity per layer" in output
+    assert checkpoint_sparsity(tmp_path) == pytest.approx(0.8, abs=1e-4)
