@@ -7,7 +7,7 @@ configurations named by ``--configs`` (default: the first three):
 * ``ours``: ``GradualMagnitudePruning(sparsity=0.9, start=0, end=steps // 2, frequency=50)``;
 * ``qat``: ``QuantizationAwareTraining(bits=4)`` (target ≤ 1.25×; it keeps a full-precision copy of the weights,
   so memory is about 2× by design); ``gmp+qat``: ``ours`` and ``qat`` together;
-* ``rigl``: ``RigL(sparsity=0.9, update_frequency=100, end=0.75)``: connections move at steps 100, 200, ... so
+* ``rigl``: ``RigL(sparsity=0.9, frequency=100, end=0.75)``: connections move at steps 100, 200, ... so
   run it with ``--steps`` of a few hundred; its cost sits in the update steps, so its target is on the
   ``mean ×`` column (mean step time, updates amortised) rather than the median;
 * ``ModelPruning``: Lightning's ``ModelPruning("l1_unstructured", amount=0.9)`` with its defaults (global
@@ -139,7 +139,7 @@ def sparsity_callbacks(config: str, steps: int) -> list[Callback]:
     if config == "ModelPruning":
         return [ModelPruning("l1_unstructured", amount=0.9, apply_pruning=_first_epoch_only)]
     if config == "rigl":
-        return [RigL(sparsity=0.9, update_frequency=100, end=0.75, verbose=False)]
+        return [RigL(sparsity=0.9, frequency=100, end=0.75, verbose=False)]
     if config in ("qat", "gmp+qat"):
         qat = QuantizationAwareTraining(bits=4, verbose=False)
         return [qat] if config == "qat" else [sparsity_callbacks("ours", steps)[0], qat]
@@ -284,7 +284,7 @@ def main() -> None:
         "ours": f"ours: GMP sparsity 0.9, start 0, end {args.steps // 2}, frequency 50",
         "ModelPruning": f"ModelPruning: l1_unstructured, amount 0.9, pruned once at the end of epoch 0 (step {args.warmup}), "
                         "other arguments default",
-        "rigl": "rigl: RigL sparsity 0.9 (ERK), update_frequency 100, end 0.75",
+        "rigl": "rigl: RigL sparsity 0.9 (ERK), frequency 100, end 0.75",
         "qat": "qat: QuantizationAwareTraining bits 4, per channel, symmetric",
         "gmp+qat": "gmp+qat: ours and qat in one Trainer",
     }  # fmt: skip

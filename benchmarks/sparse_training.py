@@ -4,8 +4,8 @@ Every run uses the same seed, data order, epochs and optimizer (SGD, momentum 0.
 annealed to 0 by a cosine schedule, batch 128); only the callback differs:
 
 * ``static``: a random ERK mask from the first step, never changed (RigL with its updates switched off);
-* ``SET``: ``SET(sparsity, update_frequency=100, alpha=0.3, end=0.75)``, random growth;
-* ``RigL``: ``RigL(sparsity, update_frequency=100, alpha=0.3, end=0.75)``, growth by dense gradient;
+* ``SET``: ``SET(sparsity, frequency=100, alpha=0.3, end=0.75)``, random growth;
+* ``RigL``: ``RigL(sparsity, frequency=100, alpha=0.3, end=0.75)``, growth by dense gradient;
 * ``GMP``: ``GradualMagnitudePruning(sparsity, start=0.1, end=0.6, frequency=100, distribution="global")``,
   dense at first, so it trains more weights early than the sparse-from-scratch methods.
 
@@ -43,9 +43,9 @@ class StaticSparse(RigL):
 
 
 def methods(args: argparse.Namespace) -> dict[str, Callable[[float], pl.Callback]]:
-    dynamic = {"update_frequency": args.update_frequency, "alpha": args.alpha, "end": args.end, "verbose": False}
+    dynamic = {"frequency": args.frequency, "alpha": args.alpha, "end": args.end, "verbose": False}
     return {
-        "static": lambda s: StaticSparse(sparsity=s, update_frequency=args.update_frequency, verbose=False),
+        "static": lambda s: StaticSparse(sparsity=s, frequency=args.frequency, verbose=False),
         "SET": lambda s: SET(sparsity=s, **dynamic),
         "RigL": lambda s: RigL(sparsity=s, **dynamic),
         "GMP": lambda s: GradualMagnitudePruning(sparsity=s, start=0.1, end=0.6, frequency=100, distribution="global",
@@ -88,7 +88,7 @@ def main() -> None:
         ordering[sparsity] = acc["RigL"] >= acc["SET"] >= acc["static"]
     table.caption = (
         f"SGD momentum 0.9, weight decay {args.weight_decay}, lr {args.lr} cosine to 0, batch {args.batch_size}. static/SET/RigL: ERK, update every "
-        f"{args.update_frequency} steps, alpha {args.alpha}, end {args.end}. GMP: cubic 0.1..0.6, global. "
+        f"{args.frequency} steps, alpha {args.alpha}, end {args.end}. GMP: cubic 0.1..0.6, global. "
         + " ".join(f"RigL ≥ SET ≥ static at {s:.0%}: {'yes' if ok else 'no'}." for s, ok in ordering.items())
         + f" Wall time {wall:.0f} s."
     )

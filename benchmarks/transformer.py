@@ -11,7 +11,7 @@ callback differs:
 * ``dense``: no callback;
 * ``GMP s``: ``GradualMagnitudePruning(s, start=0.1, end=0.75, frequency=50)`` (Zhu & Gupta's cubic ramp;
   shorter ``--steps`` update every ``steps // 40``);
-* ``RigL s``: ``RigL(s, update_frequency=50, end=0.75)`` (ERK, sparse from the first step);
+* ``RigL s``: ``RigL(s, frequency=50, end=0.75)`` (ERK, sparse from the first step);
 * ``Movement s``: ``MovementPruning`` with GMP's arguments (rows skipped when it is not installed);
 * ``QAT b``: ``QuantizationAwareTraining(bits=b)`` (per-channel uniform, from step 0);
 * ``GMP 75% + QAT 4``: both, with the ratio of ``save_compressed``'s file to the fp32 dense model;
@@ -67,7 +67,7 @@ def rows(movement: type | None, every: int) -> dict[str, tuple[Callable[[], list
     table: dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]] = {"dense": (lambda: [], {})}
     for s in SPARSITIES:
         table[f"GMP {s:.0%}"] = (lambda s=s: [GradualMagnitudePruning(s, **gmp)], {})
-        table[f"RigL {s:.0%}"] = (lambda s=s: [RigL(s, update_frequency=every, end=0.75, verbose=False)], {})
+        table[f"RigL {s:.0%}"] = (lambda s=s: [RigL(s, frequency=every, end=0.75, verbose=False)], {})
         if movement is not None:
             table[f"Movement {s:.0%}"] = (lambda s=s: [movement(s, **gmp)], {})
     for bits in (8, 4):

@@ -7,11 +7,9 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from importlib import import_module
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer, seed_everything
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from jsonargparse import Namespace
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
@@ -19,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_sparse import export, report, wandb_mode
+from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.sweep.overrides import set_value, split_arguments
@@ -30,24 +29,6 @@ DESCRIPTION = (
     "`sweep --config SWEEP.yaml` (Ax search for the most compressed model that meets an accuracy constraint) and "
     "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster)."
 )
-
-
-#: Callbacks that compress the model: the dense baseline of ``--compare_dense`` runs without them.
-COMPRESSION_CALLBACKS = (SparsityCallback, QuantizationAwareTraining, LearningCompression)
-
-
-def _class_of(callback_config: Any) -> type | None:
-    class_path = callback_config.get("class_path") if hasattr(callback_config, "get") else None
-    if not class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    return getattr(import_module(module), name, None)
-
-
-def dropped_for_dense_baseline(callback_config: Any) -> bool:
-    """Compression callbacks and checkpointing are left out of the dense baseline run."""
-    cls = _class_of(callback_config)
-    return isinstance(cls, type) and issubclass(cls, (*COMPRESSION_CALLBACKS, ModelCheckpoint))
 
 
 def _unified_lightning() -> Any:

@@ -12,22 +12,21 @@ import argparse
 import math
 import pickle
 import warnings
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_sparse.imports import import_object
 from lightning_sparse.deployment import KERNELS, deploy_model, print_deploy_report, save_deployed
 
 DEFAULT_MODEL = "lightning_sparse.models.Classifier"
 
 
 def _import(class_path: str, option: str, parser: argparse.ArgumentParser) -> Any:
-    module, _, name = class_path.rpartition(".")
     try:
-        return getattr(import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
+        return import_object(class_path)
+    except ImportError as error:
         parser.error(f"{option} {class_path!r} cannot be imported: {error}")
 
 

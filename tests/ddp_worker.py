@@ -27,8 +27,8 @@ def crc(tensors) -> int:
 
 METHODS = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.6, frequency=5, distribution="global"),
-    "rigl": lambda: RigL(sparsity=0.9, update_frequency=5, end=0.75),
-    "set": lambda: SET(sparsity=0.9, update_frequency=5, end=0.75, seed=5),
+    "rigl": lambda: RigL(sparsity=0.9, frequency=5, end=0.75),
+    "set": lambda: SET(sparsity=0.9, frequency=5, end=0.75, seed=5),
 }
 
 

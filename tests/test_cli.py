@@ -25,8 +25,10 @@ DIGITS = [
 ]
 
 
-def run_cli(*args: str, cwd: Path) -> str:
+def run_cli(*args: str, cwd: Path, pythonpath: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the CLI must choose offline itself
+    if pythonpath is not None:  # the user's own modules, importable by class path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH", "")]))
     result = subprocess.run([CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -98,7 +100,7 @@ def test_rigl_by_flags_and_set_by_preset_override(tmp_path):
     run_cli(
         "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path / 'rigl'}",
         "--trainer.callbacks+=lightning_sparse.RigL", "--trainer.callbacks.sparsity=0.8",
-        "--trainer.callbacks.update_frequency=10", "--trainer.callbacks.distribution=uniform",
+        "--trainer.callbacks.frequency=10", "--trainer.callbacks.distribution=uniform",
         cwd=tmp_path,
     )  # fmt: skip
     assert checkpoint_sparsity(tmp_path / "rigl") == pytest.approx(0.8, abs=1e-4)
@@ -106,7 +108,7 @@ def test_rigl_by_flags_and_set_by_preset_override(tmp_path):
     output = run_cli(
         "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path / 'set'}",
         f"--trainer.callbacks={ROOT / 'callbacks' / 'rigl.yaml'}", "--trainer.callbacks.grow=random",
-        "--trainer.callbacks.update_frequency=10",
+        "--trainer.callbacks.frequency=10",
         cwd=tmp_path,
     )  # fmt: skip
     assert "RigL: sparsity per layer" in output

@@ -146,7 +146,7 @@ def test_gpt2_gmp_resumes_bit_exact_and_exports_round_trip(hamlet, tmp_path):
 
 def test_bert_rigl_keeps_exact_sparsity_on_linear_weights(works, tmp_path):
     module, loader = bert_and_data(works)
-    rigl = RigL(sparsity=0.8, distribution="uniform", update_frequency=3, end=9, verbose=False)
+    rigl = RigL(sparsity=0.8, distribution="uniform", frequency=3, end=9, verbose=False)
     fit(module, loader, [rigl], tmp_path)
     linear = {n: m.weight for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
     assert list(rigl.masks) == [f"{n}.weight" for n in linear]  # query/key/value/dense, intermediate, pooler, classifier

@@ -46,11 +46,11 @@ def test_gmp_and_qat_in_lightning_trainer_reach_exact_sparsity_and_resume(tmp_pa
 def test_cli_fits_a_lightning_pytorch_module_and_datamodule(tmp_path):
     # Before: "Import path tests.unified_modules.UnifiedClassifier does not correspond to a subclass of LightningModule"
     output = run_cli(
-        "fit", "--model=tests.unified_modules.UnifiedClassifier", "--data=tests.unified_modules.UnifiedDigits",
+        "fit", "--model=unified_modules.UnifiedClassifier", "--data=unified_modules.UnifiedDigits",
         "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--seed_everything=0",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'gmp.yaml'}",
         "--trainer.callbacks.frequency=5", "--trainer.callbacks.start=0", "--trainer.callbacks.end=0.5",
-        cwd=tmp_path,
+        cwd=tmp_path, pythonpath=ROOT / "tests",
     )  # fmt: skip
     assert "GradualMagnitudePruning compresses" in output and "GradualMagnitudePruning: sparsity per layer" in output
     (path,) = tmp_path.glob("**/checkpoints/*.ckpt")

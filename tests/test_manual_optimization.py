@@ -40,7 +40,7 @@ class TwoNetworks(pl.LightningModule):
     "make",
     [
         lambda: GradualMagnitudePruning(sparsity=0.5),
-        lambda: RigL(sparsity=0.5, update_frequency=4),
+        lambda: RigL(sparsity=0.5, frequency=4),
         lambda: QuantizationAwareTraining(bits=4),
         lambda: LearningCompression(lc_steps=2),
     ],

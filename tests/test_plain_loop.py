@@ -23,7 +23,7 @@ def _example():
 
 CALLBACKS = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.9, start=8, end=40, frequency=8, verbose=False),
-    "rigl": lambda: RigL(sparsity=0.9, update_frequency=10, alpha=0.3, end=60, seed=0, verbose=False),
+    "rigl": lambda: RigL(sparsity=0.9, frequency=10, alpha=0.3, end=60, seed=0, verbose=False),
     "qat": lambda: QuantizationAwareTraining(bits=4, start=8, verbose=False),
     "lc": lambda: LearningCompression(sparsity=0.8, lc_steps=4, steps_per_l=15, first_l_steps=10, verbose=False),
 }

@@ -215,7 +215,7 @@ def _joint_run(tmp_path, order, pruner, seed=5, **trainer_kwargs):
 
 PRUNERS = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.8, start=0.2, end=0.6, frequency=5),
-    "rigl": lambda: RigL(sparsity=0.8, update_frequency=8, end=0.75),
+    "rigl": lambda: RigL(sparsity=0.8, frequency=8, end=0.75),
 }
 
 
@@ -236,7 +236,7 @@ def test_pruning_and_qat_in_one_trainer_in_either_order(tmp_path, pruner):
 
 RESUMABLE = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.7, start=0.1, end=0.7, frequency=6),
-    "rigl": lambda: RigL(sparsity=0.7, update_frequency=6, end=0.8),
+    "rigl": lambda: RigL(sparsity=0.7, frequency=6, end=0.8),
 }
 
 

@@ -22,8 +22,8 @@ from lightning_sparse.data import DigitsDataModule
         ({"sparsity": -0.2}, r"`sparsity` must be a number in \[0, 1\)"),
         ({"alpha": 0.0}, r"`alpha` must be a number in \(0, 1\], got 0.0"),
         ({"alpha": 1.5}, r"`alpha` must be a number in \(0, 1\]"),
-        ({"update_frequency": 0}, r"`update_frequency` must be an int >= 1"),
-        ({"end": 50, "update_frequency": 100}, r"`end` \(step 50\) must come after the first connection update at step 100"),
+        ({"frequency": 0}, r"`frequency` must be an int >= 1"),
+        ({"end": 50, "frequency": 100}, r"`end` \(step 50\) must come after the first connection update at step 100"),
         ({"end": 1.2}, r"`end` as a fraction of training must be in \[0, 1\]"),
         ({"grow": "momentum"}, r"`grow` must be one of \('gradient', 'random'\)"),
         ({"distribution": "global"}, r"`distribution` must be one of \('erk', 'uniform', 'er'\)"),
@@ -40,14 +40,14 @@ def test_bad_arguments_name_the_argument_and_range(kwargs, message):
 
 
 def test_end_before_first_update_in_fractions_is_caught_at_fit(tmp_path, digits):
-    callback = RigL(end=0.1, update_frequency=10)  # 10% of 80 steps = step 8, first update at step 10
+    callback = RigL(end=0.1, frequency=10)  # 10% of 80 steps = step 8, first update at step 10
     with pytest.raises(ValueError, match=r"`end` \(step 8\) must come after the first connection update at step 10"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 1e-6])
 def test_erk_that_would_leave_every_layer_dense_is_refused(tmp_path, digits, sparsity):
-    callback = RigL(sparsity=sparsity, update_frequency=10)
+    callback = RigL(sparsity=sparsity, frequency=10)
     message = rf"`sparsity`={sparsity} with distribution 'erk' leaves every layer dense \(\['net.1.weight'"
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
@@ -99,7 +99,7 @@ def _rigl_log(log_dir: Path) -> list[dict[str, float]]:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_rigl_moves_connections_at_constant_exact_sparsity(tmp_path, digits, optimizer):
-    rigl = RigL(sparsity=0.9, update_frequency=10, alpha=0.3, end=0.75)
+    rigl = RigL(sparsity=0.9, frequency=10, alpha=0.3, end=0.75)
     recorder = UpdateRecorder(rigl)
     logger = CSVLogger(tmp_path)
     model = digits_model(optimizer=optimizer)
@@ -134,7 +134,7 @@ def test_rigl_moves_connections_at_constant_exact_sparsity(tmp_path, digits, opt
 def test_set_grows_at_random_and_is_reproducible(tmp_path, digits):
     def run(seed):
         pl.seed_everything(0)
-        callback = SET(sparsity=0.9, update_frequency=10, seed=seed)
+        callback = SET(sparsity=0.9, frequency=10, seed=seed)
         recorder = UpdateRecorder(callback)
         make_trainer(tmp_path, [callback, recorder], max_epochs=2).fit(digits_model(), digits)
         return callback, recorder
@@ -149,7 +149,7 @@ def test_set_grows_at_random_and_is_reproducible(tmp_path, digits):
 
 
 def test_sparse_from_a_later_step_keeps_the_largest_weights_there(tmp_path, digits):
-    rigl = RigL(sparsity=0.8, distribution="uniform", start=20, update_frequency=10, end=0.75)
+    rigl = RigL(sparsity=0.8, distribution="uniform", start=20, frequency=10, end=0.75)
     recorder = UpdateRecorder(rigl)
     make_trainer(tmp_path, [rigl, recorder]).fit(digits_model(), digits)
     dense_steps = [i for i, counts in enumerate(recorder.nonzeros) if counts == {n: p.numel() for n, p in rigl.masks.params.items()}]
@@ -165,13 +165,13 @@ def test_unknown_optimizer_state_is_warned_about(tmp_path, digits):
 
     model = AdagradClassifier(arch="lenet300", input_shape=(1, 8, 8))
     with pytest.warns(UserWarning, match=r"RigL: cannot reset the state of optimizer Adagrad"):
-        make_trainer(tmp_path, [RigL(update_frequency=10)], max_epochs=1).fit(model, digits)
+        make_trainer(tmp_path, [RigL(frequency=10)], max_epochs=1).fit(model, digits)
 
 
 def _run(tmp_path: Path, cls, stop_epoch=None, ckpt=None):
     pl.seed_everything(11)
     model = digits_model(optimizer="adam", lr=1e-3)
-    callback = cls(sparsity=0.85, update_frequency=6, end=0.8)
+    callback = cls(sparsity=0.85, frequency=6, end=0.8)
     callbacks = [callback] + ([StopAfterEpoch(stop_epoch, tmp_path / "cut.ckpt")] if stop_epoch is not None else [])
     trainer = make_trainer(tmp_path, callbacks)
     trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
@@ -195,14 +195,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, cls):
 def test_checkpoint_keys_stay_dense(tmp_path, digits):
     model = digits_model()
     keys = list(model.state_dict())
-    trainer = make_trainer(tmp_path, [RigL(update_frequency=10)], max_epochs=1)
+    trainer = make_trainer(tmp_path, [RigL(frequency=10)], max_epochs=1)
     trainer.fit(model, digits)
     trainer.save_checkpoint(tmp_path / "rigl.ckpt")
     assert list(torch.load(tmp_path / "rigl.ckpt", weights_only=False)["state_dict"]) == keys
 
 
 def test_per_layer_sparsity_mapping(tmp_path, digits):
-    rigl = RigL(sparsity={"net.1.weight": 0.95, "net.3.weight": 0.8}, update_frequency=10)
+    rigl = RigL(sparsity={"net.1.weight": 0.95, "net.3.weight": 0.8}, frequency=10)
     recorder = UpdateRecorder(rigl)
     model = digits_model()
     make_trainer(tmp_path, [rigl, recorder], max_epochs=2).fit(model, digits)
@@ -219,7 +219,7 @@ def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(tmp_path, digi
             if trainer.global_step == 4:
                 pl_module.get_parameter("net.1.weight").grad[0, :] = float("nan")
 
-    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    callback = RigL(sparsity=0.8, frequency=4, end=0.5)
     with pytest.raises(FloatingPointError, match=r"RigL: NaN or infinite values in net.1.weight \(gradient\) at optimizer step 4"):
         make_trainer(tmp_path, [callback, PoisonGradient()], max_epochs=1).fit(digits_model(), digits)
 
@@ -229,7 +229,7 @@ def test_frozen_layers_are_refused_naming_them(tmp_path, digits):
     model = digits_model()
     model.net[3].weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"RigL cannot train the connections it grows in frozen parameters \['net.3.weight'\]"):
-        make_trainer(tmp_path, [RigL(sparsity=0.8, update_frequency=4, end=0.5)], max_epochs=1).fit(model, digits)
+        make_trainer(tmp_path, [RigL(sparsity=0.8, frequency=4, end=0.5)], max_epochs=1).fit(model, digits)
 
 
 def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, digits):
@@ -237,7 +237,7 @@ def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, 
         def on_fit_start(self, trainer, pl_module) -> None:
             pl_module.net[3].weight.requires_grad_(False)
 
-    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    callback = RigL(sparsity=0.8, frequency=4, end=0.5)
     with pytest.warns(UserWarning, match=r"RigL: \['net.3.weight'\] have no gradient at step 4"):
         make_trainer(tmp_path, [callback, FreezeAfterSetup()], max_epochs=1).fit(digits_model(), digits)
     assert callback._moved["net.3.weight"] == 0 and callback._moved["net.1.weight"] > 0
@@ -245,18 +245,18 @@ def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, 
 
 
 def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits):
-    callback = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    callback = RigL(sparsity=0.8, frequency=4, end=0.5)
     trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
     trainer.fit(digits_model(), digits)
     trainer.save_checkpoint(tmp_path / "first.ckpt")
-    resumed = RigL(sparsity=0.8, update_frequency=4, end=0.5)
+    resumed = RigL(sparsity=0.8, frequency=4, end=0.5)
     with pytest.warns(UserWarning, match=r"RigL: resumed with the schedule planned for 20 optimizer steps \(start step 0, end step 10\); this run has 40"):
         make_trainer(tmp_path / "second", [resumed], max_epochs=2).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
     assert resumed._end_step == 10
 
 
 def test_er_power_scale_linear_decay_and_dense_first_layer(tmp_path, digits):
-    callback = RigL(sparsity=0.8, distribution="er", erk_power_scale=0.5, decay="constant", update_frequency=4, end=0.5,
+    callback = RigL(sparsity=0.8, distribution="er", erk_power_scale=0.5, decay="constant", frequency=4, end=0.5,
                     dense_first_layer=True)  # fmt: skip
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
@@ -269,3 +269,11 @@ def test_er_power_scale_linear_decay_and_dense_first_layer(tmp_path, digits):
     # constant decay moves alpha = 30% at the last update too (step 8; regrown drops are not counted), where the
     # cosine would move 0.15 · (1 + cos(0.8π)) = 2.9%
     assert 0.15 * active < callback._moved["net.3.weight"] <= 0.3 * active
+
+
+def test_update_frequency_is_the_old_name_of_frequency():
+    with pytest.warns(DeprecationWarning, match=r"`update_frequency`\) is renamed `frequency`"):
+        callback = RigL(update_frequency=7, end=100)
+    assert callback.frequency == 7
+    with pytest.raises(ValueError, match=r"give `frequency` or its old name `update_frequency`, not both"):
+        RigL(frequency=5, update_frequency=7, end=100)

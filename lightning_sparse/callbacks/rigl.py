@@ -17,6 +17,7 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
+    renamed,
     resolve_step,
     warn_if_run_length_changed,
 )
@@ -32,7 +33,7 @@ class RigL(SparsityCallback):
     """Train a sparse network at constant sparsity while moving its connections (Evci et al. 2020, Alg. 1).
 
     From ``start`` the selected weights are sparse: a random mask with each layer's exact number of zeros
-    when ``start`` is 0, the largest magnitudes otherwise. Every ``update_frequency`` optimizer steps until
+    when ``start`` is 0, the largest magnitudes otherwise. Every ``frequency`` optimizer steps until
     ``end``, each layer drops the ``f(t) · n_active`` smallest-magnitude active weights and grows as many
     inactive ones with the largest dense-gradient magnitude (``grow="gradient"``) or at random
     (``grow="random"``, SET), with ``f(t) = alpha/2 · (1 + cos(π (t - start) / (end - start)))`` (the paper's
@@ -42,7 +43,7 @@ class RigL(SparsityCallback):
     moments) reset. Per-layer non-zero counts never change.
 
     Differences from the reference code (google-research/rigl) worth knowing: there is no update at step 0 (the
-    first is at ``start + update_frequency``), and on an update step the optimizer step is still taken, with the
+    first is at ``start + frequency``), and on an update step the optimizer step is still taken, with the
     new mask, so grown weights receive their first gradient step at once (the references skip the optimizer step
     on update iterations). Frozen parameters (``requires_grad=False``) are refused; a layer with no gradient at
     an update step keeps its mask.
@@ -52,7 +53,7 @@ class RigL(SparsityCallback):
             matched layer at its own sparsity, ``distribution`` unused; unmatched layers stay dense).
         distribution: per-layer sparsity: ``erk`` (Erdős–Rényi-Kernel), ``uniform`` or ``er`` (Erdős–Rényi: the
             ERK formula without the kernel dimensions).
-        update_frequency: optimizer steps between connection updates (ΔT, >= 1).
+        frequency: optimizer steps between connection updates (ΔT, >= 1).
         alpha: fraction of active weights moved at the first update, in (0, 1]; decays by a cosine to 0 at ``end``.
         end: last update before this point (T_end): fraction of the optimizer steps (float) or a step (int).
         grow: ``gradient`` (RigL) or ``random`` (SET).
@@ -72,7 +73,7 @@ class RigL(SparsityCallback):
         self,
         sparsity: float | dict[str, float] = 0.9,
         distribution: str = "erk",
-        update_frequency: int = 100,
+        frequency: int = 100,
         alpha: float = 0.3,
         end: int | float = 0.75,
         grow: str = "gradient",
@@ -84,8 +85,10 @@ class RigL(SparsityCallback):
         decay: str = "cosine",
         erk_power_scale: float = 1.0,
         dense_first_layer: bool = False,
+        update_frequency: int | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
+        frequency = renamed(type(self).__name__, "update_frequency", "frequency", update_frequency, frequency, 100)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("decay", decay, DECAYS)
@@ -93,7 +96,7 @@ class RigL(SparsityCallback):
             raise ValueError(f"`erk_power_scale` must be a number in [0, 1], got {erk_power_scale!r}")
         if not isinstance(dense_first_layer, bool):
             raise ValueError(f"`dense_first_layer` must be a bool (true or false), got {dense_first_layer!r}")
-        check_steps("update_frequency", update_frequency)
+        check_steps("frequency", frequency)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in (0, 1], got {alpha!r}")
         check_fraction_or_step("end", end)
@@ -102,10 +105,10 @@ class RigL(SparsityCallback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
         if isinstance(start, int) and isinstance(end, int):
-            _check_first_update(start, end, update_frequency)
+            _check_first_update(start, end, frequency)
         self.sparsity = as_sparsity(sparsity)
         self.distribution = distribution
-        self.update_frequency = update_frequency
+        self.frequency = frequency
         self.alpha = float(alpha)
         self.start, self.end = start, end
         self.grow = grow
@@ -163,7 +166,7 @@ class RigL(SparsityCallback):
             self._planned_steps = int(total) if math.isfinite(total) else None
             self._start_step = resolve_step("start", self.start, total)
             self._end_step = resolve_step("end", self.end, total)
-            _check_first_update(self._start_step, self._end_step, self.update_frequency)
+            _check_first_update(self._start_step, self._end_step, self.frequency)
         for optimizer in trainer.optimizers:
             if type(optimizer) not in RESETTABLE_OPTIMIZERS:
                 rank_zero_warn(
@@ -180,7 +183,7 @@ class RigL(SparsityCallback):
             prune_by_magnitude(self.masks, self._target(), self.distribution, power_scale=self.erk_power_scale)
             self._record_initial()
             return True
-        if not is_dynamic_update_step(step, self._start_step, self._end_step, self.update_frequency):
+        if not is_dynamic_update_step(step, self._start_step, self._end_step, self.frequency):
             return False
         if self.grow == "gradient":
             missing = [name for name, param in self.masks.params.items() if param.grad is None]
@@ -235,7 +238,7 @@ class SET(RigL):
         self,
         sparsity: float = 0.9,
         distribution: str = "erk",
-        update_frequency: int = 100,
+        frequency: int = 100,
         alpha: float = 0.3,
         end: int | float = 0.75,
         start: int | float = 0,
@@ -243,8 +246,10 @@ class SET(RigL):
         exclude: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
+        update_frequency: int | None = None,
     ) -> None:
-        super().__init__(sparsity, distribution, update_frequency, alpha, end, "random", start, include, exclude, seed, verbose)
+        super().__init__(sparsity, distribution, frequency, alpha, end, "random", start, include, exclude, seed, verbose,
+                         update_frequency=update_frequency)  # fmt: skip
 
 
 def _check_first_update(start: int, end: int, frequency: int) -> None:
@@ -252,5 +257,5 @@ def _check_first_update(start: int, end: int, frequency: int) -> None:
     if end <= first:
         raise ValueError(
             f"`end` (step {end}) must come after the first connection update at step {first} "
-            f"(`start` {start} + `update_frequency` {frequency}); allowed: end > {first}"
+            f"(`start` {start} + `frequency` {frequency}); allowed: end > {first}"
         )

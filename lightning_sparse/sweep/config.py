@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import ast
 import copy
-import io
 import math
 import operator
 import os
 import re
 import sys
 from collections.abc import Mapping
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
-from importlib import import_module
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lightning_sparse.imports import import_object
 from lightning_sparse.sweep.overrides import Key, get_value, set_value
 
 STRATEGIES = ("bayesian", "random")
@@ -369,9 +368,8 @@ def _callback_class(parameter: Parameter, class_path: Any) -> type:
     ``class_path: subprocess.run`` must not run)."""
     from pytorch_lightning import Callback
 
-    module, _, name = str(class_path).rpartition(".")
     try:
-        cls = getattr(import_module(module), name) if module else None
+        cls = import_object(class_path)
     except ImportError as error:
         raise ValueError(f"parameter {parameter.name!r}: callback `{class_path}` cannot be imported: {error}") from None
     bases: list[type] = [Callback]
@@ -384,13 +382,9 @@ def _callback_class(parameter: Parameter, class_path: Any) -> type:
 
 
 def check_fit_config(path: Path) -> None:
-    """Parse a ``fit`` config the way ``lightning-sparse fit`` does (in this process, nothing trained)."""
-    from lightning_sparse.cli import SparseCLI
-
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            SparseCLI(model_class=None, datamodule_class=None, args=["--config", str(path), "--print_config"], run=False)
-    except SystemExit as exit_:
-        if exit_.code:
-            raise ValueError(f"the base fit config fails validation ({path}):\n{err.getvalue().strip()}") from None
+    """Parse a ``fit`` config the way ``lightning-sparse fit`` does: ``--print_config`` in a subprocess (nothing is
+    trained, and the sweep does not import the CLI)."""
+    command = [sys.executable, "-m", "lightning_sparse.cli", "fit", "--config", str(path), "--print_config"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode:
+        raise ValueError(f"the base fit config fails validation ({path}):\n{result.stderr.strip()[-4000:]}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from lightning_sparse.cli import dropped_for_dense_baseline
+from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.files import write_text_atomic
 from lightning_sparse.sweep.config import SweepConfig
 from lightning_sparse.sweep.overrides import set_value
