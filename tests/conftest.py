@@ -1,37 +1,21 @@
-"""Shared fixtures: W&B offline, quiet trainers on sklearn's real digits."""
+"""Fixtures for every test: W&B offline, quiet trainers and models on sklearn's real digits (see ``support.py``)."""
 
 from __future__ import annotations
 
-import os
+import pytest
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-
-import pytest  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-
-from lightning_sparse.data import DigitsDataModule  # noqa: E402
-from lightning_sparse.models import Classifier  # noqa: E402
+import support
+from lightning_sparse.data import DigitsDataModule
 
 
-def digits_model(arch: str = "lenet300", **kwargs) -> Classifier:
-    kwargs.setdefault("lr", 0.05)
-    return Classifier(arch=arch, input_shape=(1, 8, 8), **kwargs)
-
-
-def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
-    options = dict(
-        max_epochs=4,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **options)
+@pytest.fixture(autouse=True, scope="session")
+def wandb_offline():
+    """No test talks to W&B's servers: every run (and every subprocess a test starts) is offline and quiet. Session
+    scope, so module-scoped fixtures that train are covered too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        yield
 
 
 @pytest.fixture
@@ -39,13 +23,19 @@ def digits() -> DigitsDataModule:
     return DigitsDataModule(batch_size=64)
 
 
-class StopAfterEpoch(pl.Callback):
-    """Interrupt training: save a checkpoint at the end of ``epoch`` and stop (to test exact resume)."""
+@pytest.fixture
+def digits_model():
+    """``digits_model(arch="lenet300", **kwargs)``: a :class:`~lightning_sparse.models.Classifier` for 8×8 digits."""
+    return support.digits_model
 
-    def __init__(self, epoch: int, path) -> None:
-        self.epoch, self.path = epoch, path
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
+@pytest.fixture
+def make_trainer():
+    """``make_trainer(tmp_path, callbacks=(), **kwargs)``: a quiet CPU ``Trainer`` (4 epochs, no logger/checkpoints)."""
+    return support.make_trainer
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(*args, cwd, pythonpath=None)``: the ``lightning-sparse`` command in a subprocess; its output."""
+    return support.run_cli

@@ -74,6 +74,8 @@ class LearningCompression(CompressionCallback):
         sparsity: fraction of zeros for pruning, in [0, 1), or ``{glob: sparsity}`` per layer.
         distribution: pruning allocation, ``global`` (one κ over all layers) or ``uniform``.
         bits: codebook size K = 2**bits for quantization (1..8), or ``{glob: bits}``; ``codebook_size`` overrides.
+            K counts every value a layer may hold: with ``prune+quantize`` the zero is one of them (K - 1 non-zero
+            values), so a layer never needs more than ``bits`` per weight.
         codebook_size: K directly (>= 2), for sizes that are not powers of two.
         codebook: ``kmeans`` (warm-started from the previous C step), ``binary`` (±a) or ``ternary`` ({-a, 0, a}).
         mu_init: μ_0 > 0. mu_multiplier: a >= 1. mu_max: the cap on μ.

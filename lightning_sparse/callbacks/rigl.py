@@ -22,7 +22,7 @@ from lightning_sparse.callbacks.base import (
     warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import zero_counts
-from lightning_sparse.core.dynamic import DECAYS, is_dynamic_update_step, move_connections, random_masks, update_fraction
+from lightning_sparse.core.dynamic import DECAYS, GROW_INITS, is_dynamic_update_step, move_connections, random_masks, update_fraction
 from lightning_sparse.core.masks import pack, unpack
 from lightning_sparse.core.pruning import prune_by_magnitude
 
@@ -67,6 +67,10 @@ class RigL(SparsityCallback):
         erk_power_scale: exponent of the ERK/ER density formula in [0, 1] (the reference's ``erk_power_scale``;
             1 is ERK, 0 uniform).
         dense_first_layer: leave the first selected parameter dense (as RigL's experiments keep the first layer).
+        grow_init: the value grown weights start at: ``zeros`` (the paper) or ``gradient``
+            (``w = -grow_scale · ∂L/∂w``, a descent step along the dense gradient that chose them; the reference's
+            ``grad_scale`` option, with the sign pointing downhill).
+        grow_scale: the factor of ``grow_init="gradient"`` (> 0; unused with ``zeros``).
     """
 
     def __init__(
@@ -86,6 +90,8 @@ class RigL(SparsityCallback):
         erk_power_scale: float = 1.0,
         dense_first_layer: bool = False,
         update_frequency: int | None = None,
+        grow_init: str = "zeros",
+        grow_scale: float = 1.0,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         frequency = renamed(type(self).__name__, "update_frequency", "frequency", update_frequency, frequency, 100)
@@ -102,6 +108,9 @@ class RigL(SparsityCallback):
         check_fraction_or_step("end", end)
         check_fraction_or_step("start", start)
         check_choice("grow", grow, GROWTH)
+        check_choice("grow_init", grow_init, GROW_INITS)
+        if isinstance(grow_scale, bool) or not isinstance(grow_scale, (int, float)) or not 0 < grow_scale < math.inf:
+            raise ValueError(f"`grow_scale` must be a finite number > 0, got {grow_scale!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
         if isinstance(start, int) and isinstance(end, int):
@@ -116,6 +125,7 @@ class RigL(SparsityCallback):
         self.decay = decay
         self.erk_power_scale = float(erk_power_scale)
         self.dense_first_layer = dense_first_layer
+        self.grow_init, self.grow_scale = grow_init, float(grow_scale)
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
@@ -195,7 +205,9 @@ class RigL(SparsityCallback):
                 )
         fraction = update_fraction(step, self._start_step, self._end_step, self.alpha, self.decay)
         states = [optimizer.state for optimizer in trainer.optimizers]
-        self._moved = move_connections(self.masks, fraction, self.grow, states, self.seed, step)
+        self._moved = move_connections(
+            self.masks, fraction, self.grow, states, self.seed, step, self.grow_init, self.grow_scale
+        )
         return True
 
     def _record_initial(self) -> None:
@@ -247,9 +259,11 @@ class SET(RigL):
         seed: int = 0,
         verbose: bool = True,
         update_frequency: int | None = None,
+        grow_init: str = "zeros",
+        grow_scale: float = 1.0,
     ) -> None:
         super().__init__(sparsity, distribution, frequency, alpha, end, "random", start, include, exclude, seed, verbose,
-                         update_frequency=update_frequency)  # fmt: skip
+                         update_frequency=update_frequency, grow_init=grow_init, grow_scale=grow_scale)  # fmt: skip
 
 
 def _check_first_update(start: int, end: int, frequency: int) -> None:

@@ -18,6 +18,9 @@ from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
 from lightning_sparse.core.masks import MaskSet, reset_state_
 
 
+GROW_INITS = ("zeros", "gradient")
+
+
 def seeded_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from integer keys: same keys, same numbers, on every rank and after a resume."""
     seed = 0
@@ -95,14 +98,21 @@ def move_connections(
     states: list[Mapping[Tensor, Mapping[str, object]]],
     seed: int = 0,
     step: int = 0,
+    grow_init: str = "zeros",
+    grow_scale: float = 1.0,
 ) -> dict[str, int]:
     """One RigL/SET update of every layer: move ``fraction`` of its active weights; returns the count grown.
 
     ``grow="gradient"`` ranks inactive weights by the dense ``|grad|`` held in ``.grad`` (a layer without a
     gradient, frozen or unused in this step, is left as it is rather than grown by index); ``"random"`` by
-    scores seeded from ``(seed, step, layer)``. Grown weights are set to +0.0 and their per-weight state in each
-    of ``states`` (``optimizer.state``) is zeroed.
+    scores seeded from ``(seed, step, layer)``. Grown weights start at ``grow_init``: ``"zeros"`` (+0.0, the
+    paper's choice) or ``"gradient"``: ``w = -grow_scale · ∂L/∂w``, a descent step along the dense gradient
+    (google-research/rigl's ``grow_init="grad_scale_d"`` sets ``+∂L/∂w / d``; the sign here points downhill); a
+    layer without a gradient grows zeros. Their per-weight state in each of ``states`` (``optimizer.state``) is
+    zeroed.
     """
+    if grow_init not in GROW_INITS:
+        raise ValueError(f"`grow_init` must be one of {list(GROW_INITS)}, got {grow_init!r}")
     moved = {}
     for index, name in enumerate(masks):
         param, old = masks.params[name], masks.mask(name)
@@ -117,6 +127,8 @@ def move_connections(
         grown = new & ~old
         masks.set(name, new)
         param.masked_fill_(grown, 0)  # already 0 while inactive; stated, not assumed
+        if grow_init == "gradient" and param.grad is not None:
+            param.copy_(torch.where(grown, param.grad.to(param.dtype) * -grow_scale, param))
         for state in states:
             reset_state_(state, param, grown)
         moved[name] = int(grown.sum())

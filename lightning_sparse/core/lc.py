@@ -107,7 +107,10 @@ def project(
     codebooks: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Π, the closed-form C step: prune (top-κ), quantize (``codebook`` per layer), or prune then quantize the kept
-    weights. ``codebooks`` warm-starts k-means and receives every layer's new codebook."""
+    weights. ``codebooks`` warm-starts k-means and receives every layer's new codebook.
+
+    ``codebook_sizes`` counts every value a layer may hold, so ``2**bits`` fits in ``bits``: with
+    ``prune+quantize`` the zero of pruning is one of them and k-means fits ``size - 1`` non-zero values."""
     codebooks = {} if codebooks is None else codebooks
     delta = dict(targets)
     if "prune" in compression:
@@ -119,9 +122,9 @@ def project(
             elif codebook == "ternary":
                 delta[name], codebooks[name] = ternary_c_step(target)
             else:
-                delta[name], codebooks[name] = kmeans_c_step(
-                    target, codebook_sizes[name], codebooks.get(name), skip_zeros=compression == "prune+quantize"
-                )
+                pruned = compression == "prune+quantize"
+                k = codebook_sizes[name] - 1 if pruned else codebook_sizes[name]
+                delta[name], codebooks[name] = kmeans_c_step(target, k, codebooks.get(name), skip_zeros=pruned)
     return {name: t.clone() for name, t in delta.items()}
 
 

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import StopAfterEpoch, digits_model, make_trainer
+from support import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.quantize import (
@@ -57,7 +57,7 @@ def test_old_argument_names_still_work_with_a_deprecation_warning(old, new):
     assert getattr(callback, next(iter(new))) == next(iter(new.values()))
 
 
-def test_bits_pattern_matching_nothing_is_refused(tmp_path, digits):
+def test_bits_pattern_matching_nothing_is_refused(digits_model, make_trainer, tmp_path, digits):
     callback = QuantizationAwareTraining(bits={"encoder.*": 4})
     with pytest.raises(ValueError, match=r"`bits` pattern 'encoder.\*' matches no selected parameter; selected: \['net.1"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
@@ -141,7 +141,7 @@ def _quant_log(log_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("qat/error/global")]
 
 
-def test_qat_trains_with_quantized_weights_and_saves_them(tmp_path, digits):
+def test_qat_trains_with_quantized_weights_and_saves_them(digits_model, make_trainer, tmp_path, digits):
     callback = QuantizationAwareTraining(bits=4)
     logger = CSVLogger(tmp_path)
     model = digits_model()
@@ -173,7 +173,7 @@ def test_qat_trains_with_quantized_weights_and_saves_them(tmp_path, digits):
     assert 0 < rows[-1]["qat/error/global"] < 0.2
 
 
-def test_kmeans_codebook_per_layer(tmp_path, digits):
+def test_kmeans_codebook_per_layer(digits_model, make_trainer, tmp_path, digits):
     callback = QuantizationAwareTraining(bits=2, method="kmeans", frequency=10)
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
@@ -183,7 +183,7 @@ def test_kmeans_codebook_per_layer(tmp_path, digits):
         assert values.numel() <= 4 and torch.all(torch.isin(values, callback.codebooks[name]))
 
 
-def test_per_layer_bits_and_unmatched_layers_stay_full_precision(tmp_path, digits):
+def test_per_layer_bits_and_unmatched_layers_stay_full_precision(digits_model, make_trainer, tmp_path, digits):
     callback = QuantizationAwareTraining(bits={"net.1.weight": 2, "net.3.*": 3}, scale="per_tensor")
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=1).fit(model, digits)
@@ -193,7 +193,7 @@ def test_per_layer_bits_and_unmatched_layers_stay_full_precision(tmp_path, digit
     assert torch.unique(model.net[5].weight).numel() > 100
 
 
-def test_activation_quantization_hooks_live_only_during_the_run(tmp_path, digits):
+def test_activation_quantization_hooks_live_only_during_the_run(digits_model, make_trainer, tmp_path, digits):
     callback = QuantizationAwareTraining(bits=8, activations=4)
     model = digits_model()
     seen = []
@@ -241,7 +241,7 @@ RESUMABLE = {
 
 
 @pytest.mark.parametrize(("pruner", "method"), [("gmp", "uniform"), ("gmp", "kmeans"), ("rigl", "uniform")])
-def test_qat_with_pruning_resumes_bit_identically(tmp_path, pruner, method):
+def test_qat_with_pruning_resumes_bit_identically(digits_model, make_trainer, tmp_path, pruner, method):
     def run(root, stop=None, ckpt=None):
         pl.seed_everything(9)
         model = digits_model(optimizer="adam", lr=2e-3)
@@ -260,7 +260,7 @@ def test_qat_with_pruning_resumes_bit_identically(tmp_path, pruner, method):
         assert torch.equal(full_cbs[1].quantizer.latent[name], resumed_cbs[1].quantizer.latent[name])
 
 
-def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
+def test_clipq_mode_prunes_the_quantized_weights_only(digits_model, make_trainer, tmp_path, digits):
     callback = QuantizationAwareTraining(bits=4, sparsity={"net.1.weight": 0.9, "net.3.weight": 0.5})
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
@@ -273,7 +273,7 @@ def test_clipq_mode_prunes_the_quantized_weights_only(tmp_path, digits):
 
 @pytest.mark.parametrize("method", ["uniform", "kmeans"])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_clipq_zero_count_is_exact_and_values_fit_the_bits(tmp_path, digits, bits, method):
+def test_clipq_zero_count_is_exact_and_values_fit_the_bits(digits_model, make_trainer, tmp_path, digits, bits, method):
     # 2-bit uniform used to give 79-95% zeros for prune=0.5 ({-s, 0, s} rounded most survivors to 0), and k-means
     # 2**bits non-zero codes plus the zero
     callback = QuantizationAwareTraining(bits=bits, method=method, sparsity=0.5, frequency=10)
@@ -303,14 +303,14 @@ def test_exported_qat_model_reloads_to_the_weights_it_was_evaluated_with(tmp_pat
     assert report.ratio > 10  # 80% zeros and 4-bit values, biases raw
 
 
-def test_clipq_and_a_pruning_callback_on_the_same_layers_are_refused(tmp_path, digits):
+def test_clipq_and_a_pruning_callback_on_the_same_layers_are_refused(digits_model, make_trainer, tmp_path, digits):
     callbacks = [GradualMagnitudePruning(sparsity=0.5, exclude=["net.5.*"]), QuantizationAwareTraining(sparsity=0.5)]
     message = r"GradualMagnitudePruning and QuantizationAwareTraining both compress \['net.1.weight', 'net.3.weight'\]"
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, callbacks).fit(digits_model(), digits)
 
 
-def test_a_nan_latent_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+def test_a_nan_latent_weight_is_an_error_naming_the_layer_and_the_step(digits_model, make_trainer, tmp_path, digits):
     # a NaN weight used to be quantized to -7.0 and its channel rounded to 0
     class PoisonLatent(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, *args) -> None:

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import StopAfterEpoch, digits_model, make_trainer
+from support import StopAfterEpoch
 from lightning_sparse import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining
 from lightning_sparse.core import lc
 from lightning_sparse.core.allocation import round_half_up
@@ -78,7 +78,7 @@ def test_constant_l_step_schedule_holds_the_published_rate_within_each_l_step():
         LearningCompression(l_step_lr=0.1, l_step_schedule="step")
 
 
-def test_constant_l_step_schedule_sets_the_optimizer_learning_rate(tmp_path, digits):
+def test_constant_l_step_schedule_sets_the_optimizer_learning_rate(digits_model, make_trainer, tmp_path, digits):
     class Recorder(pl.Callback):
         def __init__(self) -> None:
             self.lrs = []
@@ -128,19 +128,19 @@ def test_bad_arguments_name_the_argument(kwargs, message):
         LearningCompression(**kwargs)
 
 
-def test_steps_per_l_longer_than_the_run_is_refused(tmp_path, digits):
+def test_steps_per_l_longer_than_the_run_is_refused(digits_model, make_trainer, tmp_path, digits):
     callback = LearningCompression(lc_steps=5, steps_per_l=30)  # needs 120 steps, the run has 80
     with pytest.raises(ValueError, match=r"`steps_per_l`=30 with `lc_steps`=5 and `first_l_steps`=0 needs 120 optimizer steps, but the run has 80"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
 
 
-def test_another_pruning_callback_on_the_same_layers_is_refused(tmp_path, digits):
+def test_another_pruning_callback_on_the_same_layers_is_refused(digits_model, make_trainer, tmp_path, digits):
     callbacks = [LearningCompression(exclude=["net.5.*"]), GradualMagnitudePruning(include=["net.3.weight", "net.5.weight"])]
     with pytest.raises(ValueError, match=r"LearningCompression and GradualMagnitudePruning both compress \['net.3.weight'\]"):
         make_trainer(tmp_path, callbacks).fit(digits_model(), digits)
 
 
-def test_epochs_per_l_longer_than_the_run_is_refused(tmp_path, digits):
+def test_epochs_per_l_longer_than_the_run_is_refused(digits_model, make_trainer, tmp_path, digits):
     callback = LearningCompression(lc_steps=5, epochs_per_l=2)  # 4 L steps of 2 epochs of 20 steps: 160 > 80
     with pytest.raises(ValueError, match=r"`epochs_per_l`=2 \(40 steps\) with `lc_steps`=5 .* needs 160 optimizer steps, but the run has 80"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
@@ -153,12 +153,12 @@ def test_epochs_per_l_longer_than_the_run_is_refused(tmp_path, digits):
         (LearningCompression(compression="quantize", include=["net.1.weight"]), r"LearningCompression and LearningCompression both compress \['net.1.weight'\]"),
     ],
 )
-def test_qat_or_a_second_lc_on_the_same_layers_is_refused(tmp_path, digits, other, message):
+def test_qat_or_a_second_lc_on_the_same_layers_is_refused(digits_model, make_trainer, tmp_path, digits, other, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, [LearningCompression(exclude=["net.5.*"]), other]).fit(digits_model(), digits)
 
 
-def test_lc_composes_with_gmp_and_qat_on_disjoint_layers(tmp_path, digits):
+def test_lc_composes_with_gmp_and_qat_on_disjoint_layers(digits_model, make_trainer, tmp_path, digits):
     lc_cb = LearningCompression(sparsity=0.8, include=["net.1.weight"], lc_steps=3, first_l_steps=10, verbose=False)
     gmp = GradualMagnitudePruning(0.5, include=["net.3.weight"], start=0, end=0.5, frequency=10, verbose=False)
     qat = QuantizationAwareTraining(bits=4, include=["net.5.weight"], verbose=False)
@@ -192,7 +192,7 @@ def _lc_log(log_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("lc/mu")]
 
 
-def test_lc_pruning_ends_feasible_with_the_penalty_applied_every_l_step(tmp_path, digits):
+def test_lc_pruning_ends_feasible_with_the_penalty_applied_every_l_step(digits_model, make_trainer, tmp_path, digits):
     callback = LearningCompression(sparsity=0.9, lc_steps=6, steps_per_l=12, first_l_steps=10, mu_init=5e-2, mu_multiplier=2.0)
     probe = PenaltyProbe(callback)
     logger = CSVLogger(tmp_path)
@@ -209,21 +209,21 @@ def test_lc_pruning_ends_feasible_with_the_penalty_applied_every_l_step(tmp_path
     assert accuracy > 0.6  # a sanity bound: 4 short epochs on 8x8 digits (chance is 0.1)
 
 
-@pytest.mark.parametrize(("compression", "codebook", "distinct"), [("quantize", "kmeans", 2), ("quantize", "ternary", 3), ("prune+quantize", "kmeans", 5)])
-def test_lc_quantization_ends_with_k_values_per_layer(tmp_path, digits, compression, codebook, distinct):
+@pytest.mark.parametrize(("compression", "codebook", "distinct"), [("quantize", "kmeans", 2), ("quantize", "ternary", 3), ("prune+quantize", "kmeans", 4)])
+def test_lc_quantization_ends_with_k_values_per_layer(digits_model, make_trainer, tmp_path, digits, compression, codebook, distinct):
     callback = LearningCompression(compression=compression, bits=1 if distinct == 2 else 2, codebook=codebook, sparsity=0.8,
                                    lc_steps=5, first_l_steps=20, mu_init=1e-2, mu_multiplier=1.5)  # fmt: skip
     model = digits_model()
     make_trainer(tmp_path, [callback]).fit(model, digits)
     for name in LAYERS:
         values = torch.unique(model.get_parameter(name).detach())
-        assert values.numel() <= distinct, name  # K codes (+ the zero of pruning)
+        assert values.numel() <= distinct, name  # at most 2**bits values, the zero of pruning among them
         if compression == "prune+quantize":
             assert (model.get_parameter(name) == 0).float().mean().item() >= 0.8 - 1e-3 or name != "net.3.weight"
 
 
 @pytest.mark.parametrize("keep_best", [None, "val_loss"])
-def test_lc_resumes_bit_identically(tmp_path, keep_best):
+def test_lc_resumes_bit_identically(digits_model, make_trainer, tmp_path, keep_best):
     def run(root, stop=None, ckpt=None):
         pl.seed_everything(4)
         model = digits_model(optimizer="adam", lr=2e-3)
@@ -245,7 +245,7 @@ def test_lc_resumes_bit_identically(tmp_path, keep_best):
         assert full_cb.best["score"] == resumed_cb.best["score"]
 
 
-def test_epochs_per_l_runs_each_c_step_at_an_epoch_end(tmp_path, digits):
+def test_epochs_per_l_runs_each_c_step_at_an_epoch_end(digits_model, make_trainer, tmp_path, digits):
     seen = []
 
     class CStepSteps(pl.Callback):
@@ -278,7 +278,7 @@ class ValidationProbe(pl.Callback):
             assert not all(torch.equal(p, self.callback.delta[n]) for n, p in self.callback.params.items())
 
 
-def test_validation_measures_the_compressed_model_and_logs_it_per_c_step(tmp_path, digits):
+def test_validation_measures_the_compressed_model_and_logs_it_per_c_step(digits_model, make_trainer, tmp_path, digits):
     callback = LearningCompression(sparsity=0.9, lc_steps=4, epochs_per_l=1, first_l_steps=20, mu_init=1e-2, verbose=False)
     probe, logger = ValidationProbe(callback), CSVLogger(tmp_path)
     make_trainer(tmp_path, [callback, probe], logger=logger).fit(digits_model(), digits)
@@ -289,7 +289,7 @@ def test_validation_measures_the_compressed_model_and_logs_it_per_c_step(tmp_pat
 
 
 @pytest.mark.parametrize(("metric", "pick"), [("val_acc", max), ("val_loss", min)])
-def test_keep_best_ends_with_the_best_evaluated_c_step_iterate(tmp_path, digits, metric, pick):
+def test_keep_best_ends_with_the_best_evaluated_c_step_iterate(digits_model, make_trainer, tmp_path, digits, metric, pick):
     callback = LearningCompression(compression="quantize", bits=1, lc_steps=4, epochs_per_l=1, first_l_steps=0,
                                    mu_init=1e-3, mu_multiplier=3.0, keep_best=metric, verbose=False)  # fmt: skip
     scores = []
@@ -309,14 +309,14 @@ def test_keep_best_ends_with_the_best_evaluated_c_step_iterate(tmp_path, digits,
         assert torch.unique(model.get_parameter(name).detach()).numel() <= 2  # still feasible
 
 
-def test_keep_best_with_an_unknown_metric_is_an_error(tmp_path, digits):
+def test_keep_best_with_an_unknown_metric_is_an_error(digits_model, make_trainer, tmp_path, digits):
     callback = LearningCompression(lc_steps=2, epochs_per_l=1, keep_best="val_f1")
     with pytest.raises(ValueError, match=r"`keep_best`='val_f1' is not among the logged metrics"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
 
 
 @pytest.mark.parametrize("reset", [True, False])
-def test_momentum_is_reset_after_each_c_step_unless_told_not_to(tmp_path, digits, reset):
+def test_momentum_is_reset_after_each_c_step_unless_told_not_to(digits_model, make_trainer, tmp_path, digits, reset):
     callback = LearningCompression(lc_steps=3, steps_per_l=10, first_l_steps=10, reset_momentum=reset, verbose=False)
     checked = []
 
@@ -330,7 +330,7 @@ def test_momentum_is_reset_after_each_c_step_unless_told_not_to(tmp_path, digits
     assert checked == [reset] * 3
 
 
-def test_l_step_lr_sets_the_learning_rate_of_every_l_step(tmp_path, digits):
+def test_l_step_lr_sets_the_learning_rate_of_every_l_step(digits_model, make_trainer, tmp_path, digits):
     callback = LearningCompression(lc_steps=3, steps_per_l=20, first_l_steps=20, l_step_lr=0.2, l_step_lr_decay=0.5,
                                    verbose=False)  # fmt: skip
     used = {}

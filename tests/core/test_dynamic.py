@@ -8,7 +8,13 @@ from torch import nn
 
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
 from lightning_sparse.core.criteria import top_k_mask
-from lightning_sparse.core.dynamic import cosine_fraction, drop_and_grow, is_dynamic_update_step, random_masks
+from lightning_sparse.core.dynamic import (
+    cosine_fraction,
+    drop_and_grow,
+    is_dynamic_update_step,
+    move_connections,
+    random_masks,
+)
 from lightning_sparse.core.masks import MaskSet
 
 
@@ -103,3 +109,34 @@ def test_update_fraction_decays_cosine_linear_or_not_at_all():
     assert update_fraction(59, 20, 60, 0.3, "constant") == 0.3
     with pytest.raises(ValueError, match=r"`decay` must be one of \('cosine', 'constant', 'linear'\)"):
         update_fraction(30, 20, 60, 0.3, "step")
+
+
+def _one_layer_with_a_gradient() -> tuple[nn.Linear, MaskSet, torch.optim.SGD]:
+    """A 2×4 layer, half of it active, with a known dense gradient (largest where the weight is inactive)."""
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.9, 0.0, 0.5, 0.0], [0.0, -0.1, 0.0, 0.3]]))
+    masks = MaskSet({"weight": layer.weight})
+    masks.set("weight", layer.weight != 0)
+    layer.weight.grad = torch.tensor([[0.1, -2.0, 0.2, 0.05], [3.0, 0.0, -0.4, 0.1]])
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    return layer, masks, optimizer
+
+
+def test_grown_weights_start_at_zero_by_default_and_at_minus_scaled_gradient_when_asked():
+    layer, masks, optimizer = _one_layer_with_a_gradient()
+    moved = move_connections(masks, 0.5, "gradient", [optimizer.state])  # 2 of 4 active move: -0.1, 0.3 dropped
+    assert moved == {"weight": 2}
+    grown = torch.tensor([[False, True, False, False], [True, False, False, False]])  # |grad| 2.0 and 3.0
+    kept = torch.tensor([[True, False, True, False], [False, False, False, False]])  # 0.9 and 0.5
+    assert torch.equal(masks.mask("weight"), kept | grown)
+    assert torch.equal(layer.weight[grown], torch.zeros(2))
+
+    layer, masks, optimizer = _one_layer_with_a_gradient()
+    move_connections(masks, 0.5, "gradient", [optimizer.state], grow_init="gradient", grow_scale=0.01)
+    assert torch.allclose(layer.weight[grown], torch.tensor([0.02, -0.03]), rtol=1e-6, atol=0)  # -0.01·(-2), -0.01·3
+    assert torch.equal(layer.weight[~masks.mask("weight")], torch.zeros(4))  # dropped weights are zeroed
+    assert layer.weight[0, 0] == 0.9 and layer.weight[0, 2] == 0.5  # kept weights untouched
+
+    with pytest.raises(ValueError, match=r"`grow_init` must be one of \['zeros', 'gradient'\], got 'ones'"):
+        move_connections(masks, 0.5, "gradient", [optimizer.state], grow_init="ones")

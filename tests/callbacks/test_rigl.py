@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import StopAfterEpoch, digits_model, make_trainer
+from support import StopAfterEpoch, digits_model, make_trainer
 from lightning_sparse import SET, RigL
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
 from lightning_sparse.core.masks import unpack
@@ -32,6 +32,9 @@ from lightning_sparse.data import DigitsDataModule
         ({"dense_first_layer": 1}, r"`dense_first_layer` must be a bool"),
         ({"seed": "abc"}, r"`seed` must be an int, got 'abc'"),
         ({"seed": 1.5}, r"`seed` must be an int, got 1.5"),
+        ({"grow_init": "random"}, r"`grow_init` must be one of \('zeros', 'gradient'\), got 'random'"),
+        ({"grow_scale": 0}, r"`grow_scale` must be a finite number > 0, got 0"),
+        ({"grow_scale": float("inf")}, r"`grow_scale` must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, message):
@@ -39,14 +42,14 @@ def test_bad_arguments_name_the_argument_and_range(kwargs, message):
         RigL(**kwargs)
 
 
-def test_end_before_first_update_in_fractions_is_caught_at_fit(tmp_path, digits):
+def test_end_before_first_update_in_fractions_is_caught_at_fit(digits_model, make_trainer, tmp_path, digits):
     callback = RigL(end=0.1, frequency=10)  # 10% of 80 steps = step 8, first update at step 10
     with pytest.raises(ValueError, match=r"`end` \(step 8\) must come after the first connection update at step 10"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 1e-6])
-def test_erk_that_would_leave_every_layer_dense_is_refused(tmp_path, digits, sparsity):
+def test_erk_that_would_leave_every_layer_dense_is_refused(digits_model, make_trainer, tmp_path, digits, sparsity):
     callback = RigL(sparsity=sparsity, frequency=10)
     message = rf"`sparsity`={sparsity} with distribution 'erk' leaves every layer dense \(\['net.1.weight'"
     with pytest.raises(ValueError, match=message):
@@ -86,6 +89,7 @@ class UpdateRecorder(pl.Callback):
             if grown.any() and candidates_left.any():
                 row["grad_ok"] &= bool(grad[grown].min() >= grad[candidates_left & ~kept_after_drop].max())
             row["zero_start"] &= bool(torch.all(param[grown] == 0))
+            row.setdefault("grown_values", {})[name] = (param[grown].detach().clone(), self._grads[name][grown])
             for value in optimizer.state.get(param, {}).values():
                 if value.shape == param.shape:
                     row["state_reset"] &= bool(torch.all(value[grown] == 0))
@@ -98,7 +102,7 @@ def _rigl_log(log_dir: Path) -> list[dict[str, float]]:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_rigl_moves_connections_at_constant_exact_sparsity(tmp_path, digits, optimizer):
+def test_rigl_moves_connections_at_constant_exact_sparsity(digits_model, make_trainer, tmp_path, digits, optimizer):
     rigl = RigL(sparsity=0.9, frequency=10, alpha=0.3, end=0.75)
     recorder = UpdateRecorder(rigl)
     logger = CSVLogger(tmp_path)
@@ -131,7 +135,7 @@ def test_rigl_moves_connections_at_constant_exact_sparsity(tmp_path, digits, opt
     assert all(0 < c < 1 for c in churn)
 
 
-def test_set_grows_at_random_and_is_reproducible(tmp_path, digits):
+def test_set_grows_at_random_and_is_reproducible(digits_model, make_trainer, tmp_path, digits):
     def run(seed):
         pl.seed_everything(0)
         callback = SET(sparsity=0.9, frequency=10, seed=seed)
@@ -148,7 +152,7 @@ def test_set_grows_at_random_and_is_reproducible(tmp_path, digits):
     assert all(u["zero_start"] and u["state_reset"] for u in first_rec.updates)
 
 
-def test_sparse_from_a_later_step_keeps_the_largest_weights_there(tmp_path, digits):
+def test_sparse_from_a_later_step_keeps_the_largest_weights_there(digits_model, make_trainer, tmp_path, digits):
     rigl = RigL(sparsity=0.8, distribution="uniform", start=20, frequency=10, end=0.75)
     recorder = UpdateRecorder(rigl)
     make_trainer(tmp_path, [rigl, recorder]).fit(digits_model(), digits)
@@ -158,7 +162,7 @@ def test_sparse_from_a_later_step_keeps_the_largest_weights_there(tmp_path, digi
     assert rigl.masks.sparsity() == pytest.approx(0.8, abs=1e-4)
 
 
-def test_unknown_optimizer_state_is_warned_about(tmp_path, digits):
+def test_unknown_optimizer_state_is_warned_about(digits_model, make_trainer, tmp_path, digits):
     class AdagradClassifier(type(digits_model())):
         def configure_optimizers(self):
             return torch.optim.Adagrad(self.parameters(), lr=0.05, initial_accumulator_value=0.1)
@@ -192,7 +196,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, cls):
     assert resumed_cb._update_metrics()[churn] == full_cb._update_metrics()[churn]
 
 
-def test_checkpoint_keys_stay_dense(tmp_path, digits):
+def test_checkpoint_keys_stay_dense(digits_model, make_trainer, tmp_path, digits):
     model = digits_model()
     keys = list(model.state_dict())
     trainer = make_trainer(tmp_path, [RigL(frequency=10)], max_epochs=1)
@@ -201,7 +205,7 @@ def test_checkpoint_keys_stay_dense(tmp_path, digits):
     assert list(torch.load(tmp_path / "rigl.ckpt", weights_only=False)["state_dict"]) == keys
 
 
-def test_per_layer_sparsity_mapping(tmp_path, digits):
+def test_per_layer_sparsity_mapping(digits_model, make_trainer, tmp_path, digits):
     rigl = RigL(sparsity={"net.1.weight": 0.95, "net.3.weight": 0.8}, frequency=10)
     recorder = UpdateRecorder(rigl)
     model = digits_model()
@@ -212,7 +216,7 @@ def test_per_layer_sparsity_mapping(tmp_path, digits):
     assert int((model.net[5].weight == 0).sum()) == 0  # matched no glob: dense
 
 
-def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(digits_model, make_trainer, tmp_path, digits):
     # RigL used to grow the NaN-gradient positions first, and NaN · 0 left NaN at pruned positions
     class PoisonGradient(pl.Callback):
         def on_after_backward(self, trainer, pl_module) -> None:
@@ -224,7 +228,7 @@ def test_a_nan_gradient_is_an_error_naming_the_layer_and_the_step(tmp_path, digi
         make_trainer(tmp_path, [callback, PoisonGradient()], max_epochs=1).fit(digits_model(), digits)
 
 
-def test_frozen_layers_are_refused_naming_them(tmp_path, digits):
+def test_frozen_layers_are_refused_naming_them(digits_model, make_trainer, tmp_path, digits):
     # RigL used to grow frozen layers by index, leaving 570 of 2,091 active weights as untrainable zeros
     model = digits_model()
     model.net[3].weight.requires_grad_(False)
@@ -232,7 +236,7 @@ def test_frozen_layers_are_refused_naming_them(tmp_path, digits):
         make_trainer(tmp_path, [RigL(sparsity=0.8, frequency=4, end=0.5)], max_epochs=1).fit(model, digits)
 
 
-def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, digits):
+def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(digits_model, make_trainer, tmp_path, digits):
     class FreezeAfterSetup(pl.Callback):
         def on_fit_start(self, trainer, pl_module) -> None:
             pl_module.net[3].weight.requires_grad_(False)
@@ -244,7 +248,7 @@ def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(tmp_path, 
     assert torch.equal(callback.masks.mask("net.3.weight"), unpack(callback._initial["net.3.weight"], (100, 300)))
 
 
-def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits):
+def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(digits_model, make_trainer, tmp_path, digits):
     callback = RigL(sparsity=0.8, frequency=4, end=0.5)
     trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
     trainer.fit(digits_model(), digits)
@@ -255,7 +259,7 @@ def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digit
     assert resumed._end_step == 10
 
 
-def test_er_power_scale_linear_decay_and_dense_first_layer(tmp_path, digits):
+def test_er_power_scale_linear_decay_and_dense_first_layer(digits_model, make_trainer, tmp_path, digits):
     callback = RigL(sparsity=0.8, distribution="er", erk_power_scale=0.5, decay="constant", frequency=4, end=0.5,
                     dense_first_layer=True)  # fmt: skip
     model = digits_model()
@@ -277,3 +281,16 @@ def test_update_frequency_is_the_old_name_of_frequency():
     assert callback.frequency == 7
     with pytest.raises(ValueError, match=r"give `frequency` or its old name `update_frequency`, not both"):
         RigL(frequency=5, update_frequency=7, end=100)
+
+
+def test_grown_weights_can_start_at_a_scaled_descent_step(digits_model, make_trainer, tmp_path, digits):
+    pl.seed_everything(0)
+    rigl = RigL(sparsity=0.9, frequency=10, grow_init="gradient", grow_scale=0.5)
+    recorder = UpdateRecorder(rigl)
+    make_trainer(tmp_path, [rigl, recorder], max_epochs=2).fit(digits_model(), digits)
+    assert [u["step"] for u in recorder.updates] == [10, 20]
+    for update in recorder.updates:
+        assert not update["zero_start"] and update["state_reset"]  # weights start off zero, momentum still reset
+        for values, grads in update["grown_values"].values():
+            assert torch.equal(values, grads * -0.5)  # w = -grow_scale · dense gradient, before the optimizer step
+    assert rigl.masks.sparsity() == pytest.approx(0.9, abs=1e-4)

@@ -7,8 +7,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from test_cli import ROOT, run_cli
 from unified_modules import UnifiedClassifier, UnifiedDigits
+from support import ROOT
 from lightning_sparse import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
 
 
@@ -43,7 +43,7 @@ def test_gmp_and_qat_in_lightning_trainer_reach_exact_sparsity_and_resume(tmp_pa
     assert resumed_gmp.masks.sparsity() == pytest.approx(0.75, abs=1e-3)
 
 
-def test_cli_fits_a_lightning_pytorch_module_and_datamodule(tmp_path):
+def test_cli_fits_a_lightning_pytorch_module_and_datamodule(run_cli, tmp_path):
     # Before: "Import path tests.unified_modules.UnifiedClassifier does not correspond to a subclass of LightningModule"
     output = run_cli(
         "fit", "--model=unified_modules.UnifiedClassifier", "--data=unified_modules.UnifiedDigits",

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.structured import (
     Granularity,
@@ -93,7 +92,7 @@ def test_channel_count_that_removes_every_channel_is_refused():
 # --- through GradualMagnitudePruning on real digits ----------------------------------------------------------
 
 
-def test_gmp_channel_granularity_prunes_whole_output_channels(tmp_path, digits):
+def test_gmp_channel_granularity_prunes_whole_output_channels(digits_model, make_trainer, tmp_path, digits):
     model = digits_model()
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", exclude=["net.5.weight"], start=0, end=0.5,
                                        frequency=5, verbose=False)  # fmt: skip
@@ -105,7 +104,7 @@ def test_gmp_channel_granularity_prunes_whole_output_channels(tmp_path, digits):
     assert not bool((model.net[5].weight == 0).any())
 
 
-def test_gmp_nm_granularity_every_group_exact_and_per_layer(tmp_path, digits):
+def test_gmp_nm_granularity_every_group_exact_and_per_layer(digits_model, make_trainer, tmp_path, digits):
     model = digits_model()
     callback = GradualMagnitudePruning(sparsity=0.9, granularity={"net.1.*": "2:4", "net.3.*": "1:4"}, start=0, end=0.5,
                                        frequency=5, verbose=False)  # fmt: skip
@@ -139,7 +138,7 @@ def test_gmp_refuses_bad_granularity_arguments(kwargs, message):
         ({"granularity": {"decoder.*": "channel"}}, r"`granularity` pattern 'decoder.\*' matches no selected parameter"),
     ],
 )
-def test_gmp_refuses_layers_that_cannot_hold_the_granularity_before_training(tmp_path, digits, kwargs, message):
+def test_gmp_refuses_layers_that_cannot_hold_the_granularity_before_training(digits_model, make_trainer, tmp_path, digits, kwargs, message):
     model = digits_model()
     before = model.net[1].weight.detach().clone()
     with pytest.raises(ValueError, match=message):

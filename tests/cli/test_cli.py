@@ -1,38 +1,14 @@
 """The ``lightning-sparse`` command, run as a user runs it (a subprocess), on real digits."""
 
-import os
 import subprocess
 import time
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_sparse.core.masks import unpack
-
-ROOT = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("lightning-sparse"))
-DIGITS = [
-    "--model=lightning_sparse.models.Classifier",
-    "--model.arch=lenet300",
-    "--model.input_shape=[1, 8, 8]",
-    "--data=lightning_sparse.data.DigitsDataModule",
-    "--trainer.max_epochs=2",
-    "--trainer.logger=false",
-    "--trainer.enable_progress_bar=false",
-    "--seed_everything=0",
-]
-
-
-def run_cli(*args: str, cwd: Path, pythonpath: Path | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the CLI must choose offline itself
-    if pythonpath is not None:  # the user's own modules, importable by class path
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH", "")]))
-    result = subprocess.run([CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
+from support import CLI, DIGITS, ROOT, checkpoint_sparsity, run_cli
 
 
 def _wait_for_files(folder: Path, pattern: str, seconds: float = 60.0) -> list[Path]:
@@ -41,13 +17,6 @@ def _wait_for_files(folder: Path, pattern: str, seconds: float = 60.0) -> list[P
     while not (found := list(folder.glob(pattern))) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
-
-
-def checkpoint_sparsity(root: Path) -> float:
-    (path,) = root.glob("**/checkpoints/*.ckpt")
-    state = torch.load(path, weights_only=False)["state_dict"]
-    weights = [state[f"net.{i}.weight"] for i in (1, 3, 5)]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def test_fit_with_callback_flags(tmp_path):

@@ -11,7 +11,7 @@ from lightning_sparse import GradualMagnitudePruning, LearningCompression, Quant
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plain_loop.py"
 
 
 def _example():

@@ -6,7 +6,6 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import make_trainer
 from lightning_sparse import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
 
 
@@ -46,13 +45,13 @@ class TwoNetworks(pl.LightningModule):
     ],
     ids=["gmp", "rigl", "qat", "lc"],
 )
-def test_several_optimizers_under_manual_optimization_are_refused(tmp_path, digits, make):
+def test_several_optimizers_under_manual_optimization_are_refused(make_trainer, tmp_path, digits, make):
     callback = make()
     with pytest.raises(ValueError, match=rf"{type(callback).__name__} does not support manual optimization with 2 optimizers"):
         make_trainer(tmp_path, [callback], max_epochs=1).fit(TwoNetworks(), digits)
 
 
-def test_one_optimizer_under_manual_optimization_still_prunes(tmp_path, digits):
+def test_one_optimizer_under_manual_optimization_still_prunes(make_trainer, tmp_path, digits):
     class OneOptimizer(TwoNetworks):
         def training_step(self, batch, batch_idx):
             x, y = batch

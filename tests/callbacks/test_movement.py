@@ -8,8 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import StopAfterEpoch, digits_model, make_trainer
-from test_cli import DIGITS, ROOT, checkpoint_sparsity, run_cli
+from support import DIGITS, ROOT, StopAfterEpoch, checkpoint_sparsity, digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
 from lightning_sparse.core.criteria import exact_mask
@@ -90,7 +89,7 @@ class WithUnusedLayer(Classifier):
         self.spare = nn.Linear(8, 8)
 
 
-def test_pruning_a_weight_that_never_got_a_gradient_names_the_callback_and_the_parameter(tmp_path, digits):
+def test_pruning_a_weight_that_never_got_a_gradient_names_the_callback_and_the_parameter(make_trainer, tmp_path, digits):
     callback = MovementPruning(sparsity=0.5, start=2, end=10, frequency=2)
     with pytest.raises(ValueError, match=r"MovementPruning: no gradient has reached parameter 'spare.weight' by optimizer step 2.*`exclude`"):
         make_trainer(tmp_path, [callback], max_epochs=1).fit(WithUnusedLayer(), digits)
@@ -100,7 +99,7 @@ def test_pruning_a_weight_that_never_got_a_gradient_names_the_callback_and_the_p
 
 
 # ----------------------------------------------------------------- training on digits
-def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(tmp_path, digits):
+def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(digits_model, make_trainer, tmp_path, digits):
     """Ten SGD steps in Trainer.fit against the same ten steps in a plain loop computing -Σ w·g by hand."""
     pl.seed_everything(3)
     model = digits_model()  # SGD, momentum 0.9, lr 0.05
@@ -128,7 +127,7 @@ def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(tmp_path, digits
         assert (callback.masks.mask(name) == exact_mask(by_hand[name], count)).float().mean() > 0.999
 
 
-def test_scores_accumulate_once_per_optimizer_step_under_gradient_accumulation(tmp_path, digits):
+def test_scores_accumulate_once_per_optimizer_step_under_gradient_accumulation(digits_model, make_trainer, tmp_path, digits):
     callback = MovementPruning(sparsity=0.5, start=2, end=6, frequency=2, verbose=False)
     trainer = make_trainer(tmp_path, [callback], max_epochs=1, accumulate_grad_batches=2)
     trainer.fit(digits_model(), digits)
@@ -137,7 +136,7 @@ def test_scores_accumulate_once_per_optimizer_step_under_gradient_accumulation(t
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
-def test_exact_sparsity_per_distribution(tmp_path, digits, distribution):
+def test_exact_sparsity_per_distribution(digits_model, make_trainer, tmp_path, digits, distribution):
     callback = MovementPruning(sparsity=0.9, start=0.1, end=0.5, frequency=5, distribution=distribution, verbose=False)
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=3).fit(model, digits)
@@ -165,7 +164,7 @@ class MaskHistory(pl.Callback):
         self.scores.append({name: self.pruning.scores.scores[name].clone() for name in LAYERS})
 
 
-def test_masks_are_the_top_scores_and_differ_from_magnitude_pruning(tmp_path, digits):
+def test_masks_are_the_top_scores_and_differ_from_magnitude_pruning(digits_model, make_trainer, tmp_path, digits):
     schedule = dict(sparsity=0.9, start=0.1, end=0.6, frequency=4, verbose=False)
     pl.seed_everything(0)
     magnitude_model, movement_model = digits_model(), None
@@ -218,7 +217,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
         assert torch.equal(resumed_cb.scores.latent[name], full_cb.scores.latent[name]), name
 
 
-def test_fit_with_the_movement_preset(tmp_path):
+def test_fit_with_the_movement_preset(run_cli, tmp_path):
     output = run_cli(
         "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks={ROOT / 'callbacks' / 'movement.yaml'}",
         "--trainer.callbacks.sparsity=0.8",

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import digits_model, make_trainer
+from support import digits_model, make_trainer
 from lightning_sparse import GradualMagnitudePruning, deploy
 from lightning_sparse.cli import main as cli_main
 from lightning_sparse.core.structured import nm_counts
@@ -176,7 +176,7 @@ def test_deployed_model_loads_in_a_process_without_the_training_code(unstructure
         load_deployed(paths[0])
 
 
-def test_model_without_sparsity_is_returned_unchanged_and_says_so(data, capsys):
+def test_model_without_sparsity_is_returned_unchanged_and_says_so(digits_model, data, capsys):
     model = digits_model()
     assert deploy(model, _test_images(data)[:8]) is model
     assert "no Linear/Conv weight has a zero" in capsys.readouterr().out
@@ -204,7 +204,7 @@ class Residual(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)) + x)
 
 
-def test_patterns_thinning_does_not_understand_stay_dense_and_are_named(data, tmp_path):
+def test_patterns_thinning_does_not_understand_stay_dense_and_are_named(digits_model, data, tmp_path):
     model = digits_model()
     model.net = Residual()
     callback = GradualMagnitudePruning(sparsity=0.3, granularity="channel", start=0, end=0.5, frequency=5, verbose=False)

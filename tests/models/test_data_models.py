@@ -5,7 +5,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import digits_model, make_trainer
 from lightning_sparse.data import DigitsDataModule, EpochShuffleSampler, MNISTDataModule, load_mnist
 from lightning_sparse.models import ARCHITECTURES, Classifier
 
@@ -45,7 +44,7 @@ def test_bad_model_arguments_name_the_choices():
         Classifier(lr_schedule="cosine", lr_schedule_steps=0)
 
 
-def test_cosine_schedule_can_end_early_and_stay_at_zero(tmp_path, digits):
+def test_cosine_schedule_can_end_early_and_stay_at_zero(digits_model, make_trainer, tmp_path, digits):
     rates = []
 
     class Rates(pl.Callback):
@@ -58,7 +57,7 @@ def test_cosine_schedule_can_end_early_and_stay_at_zero(tmp_path, digits):
     assert all(a > b for a, b in zip(rates[:30], rates[1:30])) and rates[30:] == [0.0] * 10
 
 
-def test_dense_lenet_learns_digits(tmp_path, digits):
+def test_dense_lenet_learns_digits(digits_model, make_trainer, tmp_path, digits):
     model = digits_model()
     trainer = make_trainer(tmp_path, max_epochs=5)
     trainer.fit(model, digits)

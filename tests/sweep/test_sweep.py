@@ -23,7 +23,7 @@ from lightning_sparse.sweep.results import TrialRecord, best_trial, pareto_front
 from lightning_sparse.sweep.wandb_sweep import export_wandb_sweep
 from wandb_records import wandb_history, wandb_run
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: its helper modules and data
 
 FIT = {
     "seed_everything": 0,

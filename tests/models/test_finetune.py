@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import StopAfterEpoch, make_trainer  # noqa: E402
+from support import StopAfterEpoch, make_trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning  # noqa: E402
 from lightning_sparse.core.allocation import round_half_up  # noqa: E402
 from lightning_sparse.data import shakespeare_archive  # noqa: E402

@@ -24,9 +24,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import digits_model, make_trainer
 from torch import nn
 
+from support import digits_model, make_trainer
 from lightning_sparse import report
 from lightning_sparse.cli import main
 from lightning_sparse.data import DigitsDataModule
@@ -39,7 +39,7 @@ from lightning_sparse.sweep.overrides import split_arguments
 from lightning_sparse.sweep.wandb_sweep import export_wandb_sweep
 from lightning_sparse.wandb_mode import sync_command
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: its helper modules and data
 _PREAMBLE = struct.Struct("<8sHQI")
 
 
@@ -157,7 +157,7 @@ def test_a_sweep_file_cannot_call_what_is_not_a_callback(tmp_path, capsys):
 
 # ---------------------------------------------------------------------- 3. bombs, under a memory limit
 BOMBS = textwrap.dedent("""
-    import json, os, resource, struct, sys, zlib
+    import hashlib, json, os, resource, struct, sys, zlib
     import torch
     from lightning_sparse.export import load_compressed
 
@@ -169,7 +169,7 @@ BOMBS = textwrap.dedent("""
     PRE = struct.Struct("<8sHQI")
     def lsz(header, header_len=None, version=2, tail=b""):  # header: as stored (zlib-compressed)
         n = len(header) if header_len is None else header_len
-        digest = b"\\0" * 32 if version >= 2 else b""
+        digest = hashlib.sha256(header + tail).digest() if version >= 2 else b""  # valid but for the bomb itself
         return PRE.pack(b"LSPARSE\\0", version, n, zlib.crc32(header)) + header + digest + tail
 
     folder = sys.argv[1]
@@ -186,7 +186,9 @@ BOMBS = textwrap.dedent("""
     for _ in range(2300):
         checksum = zlib.adler32(spaces, checksum)
     inflating = head + block * 2300 + deflate.flush()[:-4] + struct.pack(">I", checksum)
+    control = dict(zeros, name="control", shape=[1000])  # the same all-zero layer at a sane size: it must load
     bombs = {
+        "control: the same layer with 1,000 elements": lsz(zlib.compress(json.dumps({"layers": [control]}).encode())),
         "all-zero layer claiming 5e8 elements": lsz(zlib.compress(json.dumps({"layers": [zeros]}).encode(), 9)),
         "header inflating to 2.3 GB": lsz(inflating),
         "header_len of 1 TiB": lsz(zlib.compress(b"{}"), header_len=1 << 40),
@@ -208,8 +210,8 @@ BOMBS = textwrap.dedent("""
             refs.write("5")  # reset the peak resident size (VmHWM) to the current one
         before = status("VmRSS")
         try:
-            load_compressed(path)
-            results[name] = ["loaded", ""]
+            loaded = load_compressed(path)
+            results[name] = ["loaded", str({key: list(value.shape) for key, value in loaded.items()})]
         except BaseException as error:
             results[name] = [type(error).__name__, str(error)[:300]]
         results[name] += [os.path.getsize(path), status("VmHWM") - before]
@@ -217,12 +219,24 @@ BOMBS = textwrap.dedent("""
 """)
 
 
+BOMB_REASONS = {  # what each bomb must be refused for: its own claim, named, not some other flaw of the file
+    "all-zero layer claiming 5e8 elements": "the layers claim 2,000,000,000 decoded bytes",
+    "header inflating to 2.3 GB": "it decompresses to more than 16,777,216 bytes",
+    "header_len of 1 TiB": "`header_len` 1,099,511,627,776 is more than the 64-byte file holds",
+    "header_len of 2**64-1": "`header_len` 18,446,744,073,709,551,615 is more than the 64-byte file holds",
+    "header nested 200,000 deep": "the header is malformed (maximum recursion depth exceeded",
+}
+
+
 def test_bombs_are_refused_within_a_memory_bound(tmp_path):
     run = subprocess.run([sys.executable, "-c", BOMBS, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    # the files are well formed but for the bomb (real CRC32 and SHA-256): the same layer at a sane size loads
+    assert outcome.pop("control: the same layer with 1,000 elements")[:2] == ["loaded", "{'control': [1000]}"]
+    assert set(outcome) == set(BOMB_REASONS)
     for name, (kind, message, size, peak_kib) in outcome.items():
-        assert kind == "ValueError" and "bomb.lsz" in message, (name, kind, message)
+        assert kind == "ValueError" and "bomb.lsz" in message and BOMB_REASONS[name] in message, (name, kind, message)
         assert peak_kib < 64 * 1024, (name, peak_kib)  # refused before allocating: the peak grew by < 64 MiB
         print(f"{name}: {size:,}-byte file refused, peak memory +{peak_kib / 1024:.1f} MiB: {message[:90]}")
     assert outcome["all-zero layer claiming 5e8 elements"][2] < 400  # a few hundred bytes
@@ -538,7 +552,7 @@ def test_bad_cli_inputs_give_one_line_naming_the_file_and_exit_2(bad_inputs, cap
     assert message in lines[0] and resolve.get(named, str(tmp / "nope")) in lines[0], lines[0]
 
 
-def test_report_reads_a_compressed_export(tmp_path, capsys):
+def test_report_reads_a_compressed_export(digits_model, tmp_path, capsys):
     save_compressed(digits_model(), tmp_path / "model.lsz", verbose=False)
     main(["report", str(tmp_path / "model.lsz")])
     assert "net.1.weight" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from conftest import StopAfterEpoch, digits_model, make_trainer
+from support import StopAfterEpoch, digits_model, make_trainer
 from wandb_records import wandb_history
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.allocation import round_half_up
@@ -41,13 +41,13 @@ def test_bad_arguments_name_the_argument_and_range(kwargs, message):
         GradualMagnitudePruning(**kwargs)
 
 
-def test_end_before_start_in_mixed_units_is_caught_at_fit(tmp_path, digits):
+def test_end_before_start_in_mixed_units_is_caught_at_fit(digits_model, make_trainer, tmp_path, digits):
     callback = GradualMagnitudePruning(start=50, end=0.1)  # step 50 vs 10% of 80 steps = step 8
     with pytest.raises(ValueError, match=r"`end` \(step 8\) must not come before `start` \(step 50\)"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
 
 
-def test_include_matching_nothing_fails_before_training(tmp_path, digits):
+def test_include_matching_nothing_fails_before_training(digits_model, make_trainer, tmp_path, digits):
     callback = GradualMagnitudePruning(include=["encoder.*"])
     with pytest.raises(ValueError, match=r"matches no parameter. Prunable by default: \['net.1.weight'"):
         make_trainer(tmp_path, [callback]).fit(digits_model(), digits)
@@ -63,7 +63,7 @@ def _read_sparsity_log(log_dir: Path) -> list[dict[str, float]]:
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "global", "erk"])
-def test_target_reached_exactly_at_end_and_held(tmp_path, digits, distribution):
+def test_target_reached_exactly_at_end_and_held(digits_model, make_trainer, tmp_path, digits, distribution):
     callback = GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.5, frequency=7, distribution=distribution)
     logger = CSVLogger(tmp_path)
     model = digits_model()
@@ -86,7 +86,7 @@ def test_target_reached_exactly_at_end_and_held(tmp_path, digits, distribution):
         assert rows[-1][f"sparsity/{name}"] == pytest.approx(zeros[name] / weights[name].numel())
 
 
-def test_steps_are_optimizer_steps_under_gradient_accumulation(tmp_path, digits):
+def test_steps_are_optimizer_steps_under_gradient_accumulation(digits_model, make_trainer, tmp_path, digits):
     callback = GradualMagnitudePruning(sparsity=0.8, start=0, end=0.5, frequency=5)
     logger = CSVLogger(tmp_path)
     trainer = make_trainer(tmp_path, [callback], logger=logger, accumulate_grad_batches=4)
@@ -95,7 +95,7 @@ def test_steps_are_optimizer_steps_under_gradient_accumulation(tmp_path, digits)
     assert [int(r["step"]) for r in _read_sparsity_log(Path(logger.log_dir))] == [0, 5, 10]  # end = 50% of 20
 
 
-def test_no_weight_orig_no_hooks_and_masks_within_memory_budget(tmp_path, digits):
+def test_no_weight_orig_no_hooks_and_masks_within_memory_budget(digits_model, make_trainer, tmp_path, digits):
     model = digits_model("cnn")
     dense_keys = list(model.state_dict())
     callback = GradualMagnitudePruning(sparsity=0.9, start=0, end=0.5, frequency=10)
@@ -108,7 +108,7 @@ def test_no_weight_orig_no_hooks_and_masks_within_memory_budget(tmp_path, digits
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_optimizer_state_of_pruned_weights_is_cleared(tmp_path, digits, optimizer):
+def test_optimizer_state_of_pruned_weights_is_cleared(digits_model, make_trainer, tmp_path, digits, optimizer):
     model = digits_model(optimizer=optimizer)
     callback = GradualMagnitudePruning(sparsity=0.8, start=0.25, end=0.5, frequency=5)
     trainer = make_trainer(tmp_path, [callback], max_epochs=2)
@@ -121,7 +121,7 @@ def test_optimizer_state_of_pruned_weights_is_cleared(tmp_path, digits, optimize
             assert tensors and all(torch.all(v[pruned] == 0) for v in tensors), name
 
 
-def test_checkpoint_has_dense_keys_and_loads_into_plain_model(tmp_path, digits):
+def test_checkpoint_has_dense_keys_and_loads_into_plain_model(digits_model, make_trainer, tmp_path, digits):
     callback = GradualMagnitudePruning(sparsity=0.75, start=0, end=0.5, frequency=10)
     trainer = make_trainer(tmp_path, [callback], max_epochs=2)
     trainer.fit(digits_model(), digits)
@@ -157,7 +157,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
     assert resumed_cb.masks.checksum() == full_cb.masks.checksum()
 
 
-def test_resume_restores_masks_and_schedule_position(tmp_path):
+def test_resume_restores_masks_and_schedule_position(digits_model, make_trainer, tmp_path):
     _, cut_cb, _ = _gmp_run(tmp_path / "cut", stop_epoch=0)
     saved = torch.load(tmp_path / "cut" / "interrupted.ckpt", weights_only=False)["callbacks"][cut_cb.state_key]
     resumed_cb = GradualMagnitudePruning(sparsity=0.85, start=0.1, end=0.7, frequency=6)
@@ -169,7 +169,7 @@ def test_resume_restores_masks_and_schedule_position(tmp_path):
     assert resumed_cb.masks.checksum() == cut_cb.masks.checksum()
 
 
-def test_resuming_masks_that_do_not_fit_the_model_fails_and_loads_nothing(tmp_path):
+def test_resuming_masks_that_do_not_fit_the_model_fails_and_loads_nothing(digits_model, make_trainer, tmp_path):
     _gmp_run(tmp_path / "cut", stop_epoch=0)
     path = tmp_path / "cut" / "interrupted.ckpt"
     checkpoint = torch.load(path, weights_only=False)
@@ -186,7 +186,7 @@ def test_resuming_masks_that_do_not_fit_the_model_fails_and_loads_nothing(tmp_pa
     assert callback._start_step is None
 
 
-def test_sparsity_reaches_wandb_offline_run(tmp_path, digits, monkeypatch):
+def test_sparsity_reaches_wandb_offline_run(digits_model, make_trainer, tmp_path, digits, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(project="lightning-sparse-tests", save_dir=str(tmp_path))
     callback = GradualMagnitudePruning(sparsity=0.9, start=0, end=0.5, frequency=10)
@@ -199,7 +199,7 @@ def test_sparsity_reaches_wandb_offline_run(tmp_path, digits, monkeypatch):
     assert rows[-1]["sparsity/net.1.weight"] == pytest.approx(0.9, abs=1e-4)
 
 
-def test_sparse_model_still_classifies_digits(tmp_path, digits):
+def test_sparse_model_still_classifies_digits(digits_model, make_trainer, tmp_path, digits):
     pl.seed_everything(0)
     model = digits_model("cnn")
     callback = GradualMagnitudePruning(sparsity=0.9, start=0.1, end=0.6, frequency=10)
@@ -209,7 +209,7 @@ def test_sparse_model_still_classifies_digits(tmp_path, digits):
     assert trainer.test(model, digits, verbose=False)[0]["test_acc"] > 0.93
 
 
-def test_per_layer_sparsity_mapping(tmp_path, digits):
+def test_per_layer_sparsity_mapping(digits_model, make_trainer, tmp_path, digits):
     callback = GradualMagnitudePruning(sparsity={"net.1.*": 0.95, "net.3.weight": 0.5}, start=0, end=0.5, frequency=10)
     model = digits_model()
     make_trainer(tmp_path, [callback], max_epochs=2).fit(model, digits)
@@ -219,7 +219,7 @@ def test_per_layer_sparsity_mapping(tmp_path, digits):
     assert int((model.net[5].weight == 0).sum()) == 0
 
 
-def test_per_layer_sparsity_mapping_is_validated(tmp_path, digits):
+def test_per_layer_sparsity_mapping_is_validated(digits_model, make_trainer, tmp_path, digits):
     with pytest.raises(ValueError, match=r"`sparsity\['net.1.\*'\]` must be a number in \[0, 1\), got 1.2"):
         GradualMagnitudePruning(sparsity={"net.1.*": 1.2})
     with pytest.raises(ValueError, match=r"`initial_sparsity` must be in \[0, sparsity=0.3\]"):
@@ -245,7 +245,7 @@ class _PrunedStayZero(pl.Callback):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_pruned_weights_stay_positive_zero_through_every_optimizer_step(tmp_path, digits, optimizer):
+def test_pruned_weights_stay_positive_zero_through_every_optimizer_step(digits_model, make_trainer, tmp_path, digits, optimizer):
     # SGD with momentum and weight decay, Adam, AdamW: the weights are not re-masked after each step for these
     # optimizers (zero gradient and zero state keep them at 0), so this checks that invariant at every step.
     pruner = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
@@ -268,7 +268,7 @@ class PoisonWeight(pl.Callback):
                 pl_module.get_parameter(self.name)[0, 0] = float("nan")
 
 
-def test_a_nan_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits):
+def test_a_nan_weight_is_an_error_naming_the_layer_and_the_step(digits_model, make_trainer, tmp_path, digits):
     # GMP used to keep a NaN weight as the "largest" one and train on silently
     callback = GradualMagnitudePruning(sparsity=0.5, start=0, end=15, frequency=5)
     with pytest.raises(FloatingPointError, match=r"GradualMagnitudePruning: NaN or infinite values in .*net.3.weight \(weight\).* at optimizer step 7"):
@@ -276,7 +276,7 @@ def test_a_nan_weight_is_an_error_naming_the_layer_and_the_step(tmp_path, digits
 
 
 @pytest.mark.parametrize("other", ["gmp", "rigl"])
-def test_two_pruning_callbacks_on_the_same_layers_are_refused(tmp_path, digits, other):
+def test_two_pruning_callbacks_on_the_same_layers_are_refused(digits_model, make_trainer, tmp_path, digits, other):
     # GMP reported 0.5 while 0.891 of the weights were zero
     from lightning_sparse import RigL
 
@@ -286,7 +286,7 @@ def test_two_pruning_callbacks_on_the_same_layers_are_refused(tmp_path, digits, 
         make_trainer(tmp_path, [GradualMagnitudePruning(sparsity=0.5), second], max_epochs=1).fit(digits_model(), digits)
 
 
-def test_disjoint_pruning_callbacks_compose(tmp_path, digits):
+def test_disjoint_pruning_callbacks_compose(digits_model, make_trainer, tmp_path, digits):
     first, second = GradualMagnitudePruning(sparsity=0.5, include=["net.1.weight"]), GradualMagnitudePruning(sparsity=0.8, exclude=["net.1.weight"])
     model = digits_model()
     make_trainer(tmp_path, [first, second], max_epochs=1).fit(model, digits)
@@ -294,7 +294,7 @@ def test_disjoint_pruning_callbacks_compose(tmp_path, digits):
 
 
 @pytest.mark.parametrize("empty", ["dataloader", "limit_train_batches"])
-def test_an_empty_train_dataloader_is_reported(tmp_path, digits, empty):
+def test_an_empty_train_dataloader_is_reported(digits_model, make_trainer, tmp_path, digits, empty):
     # it used to run 0 steps without a word
     digits.setup("fit")
     if empty == "dataloader":
@@ -306,7 +306,7 @@ def test_an_empty_train_dataloader_is_reported(tmp_path, digits, empty):
 
 
 @pytest.mark.parametrize("direction", ["longer max_epochs", "after max_steps"])
-def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digits, direction):
+def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(digits_model, make_trainer, tmp_path, digits, direction):
     # fractional start/end used to be kept silently when the resumed run was longer
     first = {"max_epochs": 2} if direction == "longer max_epochs" else {"max_epochs": 4, "max_steps": 30}
     callback = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
@@ -322,7 +322,7 @@ def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(tmp_path, digit
     assert (resumed._start_step, resumed._end_step) == planned
 
 
-def test_resume_with_int_steps_does_not_warn(tmp_path, digits, recwarn):
+def test_resume_with_int_steps_does_not_warn(digits_model, make_trainer, tmp_path, digits, recwarn):
     callback = GradualMagnitudePruning(sparsity=0.8, start=2, end=10, frequency=5)
     trainer = make_trainer(tmp_path / "first", [callback], max_epochs=1)
     trainer.fit(digits_model(), digits)
@@ -333,7 +333,7 @@ def test_resume_with_int_steps_does_not_warn(tmp_path, digits, recwarn):
     assert not [w for w in recwarn if "resumed with the schedule" in str(w.message)]
 
 
-def test_power_and_dense_first_layer(tmp_path, digits):
+def test_power_and_dense_first_layer(digits_model, make_trainer, tmp_path, digits):
     callback = GradualMagnitudePruning(sparsity=0.8, start=0, end=40, frequency=10, power=1.0, dense_first_layer=True)
     logger = CSVLogger(tmp_path)
     model = digits_model()

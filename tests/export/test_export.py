@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import digits_model, make_trainer
 from torch import nn
 
+from support import digits_model, make_trainer
 from lightning_sparse.cli import main
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.data import DigitsDataModule
@@ -81,7 +81,7 @@ def test_pruned_quantized_lenet_round_trips_bitwise(compressed_model, tmp_path):
     assert {layer.distinct for layer in report.layers if layer.name.endswith("weight")} == {16}
 
 
-def test_loaded_model_reproduces_logits_and_accuracy(trained, compressed_model, tmp_path):
+def test_loaded_model_reproduces_logits_and_accuracy(digits_model, trained, compressed_model, tmp_path):
     path = tmp_path / "lenet.lsp"
     save_compressed(compressed_model, path, verbose=False)
     loaded = digits_model()
