@@ -105,18 +105,18 @@ def move_connections(
     """
     moved = {}
     for index, name in enumerate(masks):
-        param, old = masks.params[name], masks.mask(name)
+        param, old = masks.params[name], masks.mask(name)  # whole tensors (gathered when sharded), as decided unsharded
         if grow == "gradient":
             if param.grad is None:  # frozen or unused this step: no gradient to grow by, so the layer does not move
                 moved[name] = 0
                 continue
-            scores = param.grad.abs()
+            scores = masks.grad(name).abs()
         else:
             scores = random_scores(param, seeded_generator(seed, step, index))
-        new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))
+        new = drop_and_grow(masks.weight(name), old, scores, int(fraction * int(old.sum())))
         grown = new & ~old
         masks.set(name, new)
-        param.masked_fill_(grown, 0)  # already 0 while inactive; stated, not assumed
+        masks.fill_(name, grown, 0.0)  # already 0 while inactive; stated, not assumed
         for state in states:
             reset_state_(state, param, grown)
         moved[name] = int(grown.sum())

@@ -1,0 +1,168 @@
+"""Run by ``test_fsdp.py``: every compression callback on 2 CPU processes (gloo), once unsharded (``strategy="ddp"``)
+and once FSDP2-sharded (``ModelParallelStrategy`` with ``fully_shard`` applied in ``configure_model``), on the same
+digits and seed; then checkpoints of both kinds resumed across the two.
+
+Every rank writes ``rank<N>.json``: for each run the whole (gathered) final weights' CRC, the whole masks' CRC, the
+per-layer zero counts, the CRC of the masks after every update, and whether the parameters were really sharded.
+"""
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
+from torch import nn
+
+from lightning_sparse import SET, GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
+from lightning_sparse.core.shards import full_tensor, is_sharded
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+BATCHES = 8  # optimizer steps per epoch (per rank: 8 batches of 16)
+
+
+def crc(tensors) -> int:
+    value = 0
+    for tensor in tensors:
+        value = zlib.crc32(tensor.detach().cpu().contiguous().numpy().tobytes(), value)
+    return value
+
+
+class MLP(Classifier):
+    """Digits MLP 64 → 33 → 21 → 10: odd row counts, so FSDP2's shards are uneven (17/16 and 11/10 rows)."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="lenet300", input_shape=(1, 8, 8), lr=0.05)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 33), nn.ReLU(), nn.Linear(33, 21), nn.ReLU(), nn.Linear(21, 10))
+
+
+class ShardedMLP(MLP):
+    """The same model, FSDP2-sharded: each Linear and the whole net are ``fully_shard``-ed over the data-parallel mesh."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+CALLBACKS = {
+    "gmp": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, verbose=False),
+    "gmp-global": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, distribution="global", verbose=False),
+    "rigl": lambda: RigL(sparsity=0.8, frequency=2, end=14, verbose=False),
+    "set": lambda: SET(sparsity=0.8, frequency=2, end=14, seed=5, verbose=False),
+    "qat": lambda: QuantizationAwareTraining(bits=4, verbose=False),
+    "qat-kmeans": lambda: QuantizationAwareTraining(bits=3, method="kmeans", frequency=4, sparsity=0.5, verbose=False),
+    "lc": lambda: LearningCompression(sparsity=0.8, lc_steps=4, steps_per_l=3, first_l_steps=2, verbose=False),
+}
+
+
+def masks_of(callback) -> dict:
+    """Whole masks (gathered) of a pruning callback, or the zero pattern of the compressed weights otherwise."""
+    masks = getattr(callback, "masks", None)
+    if masks is not None:
+        return {name: masks.mask(name) for name in masks}
+    return {name: full_tensor(param.detach()) == 0 for name, param in callback.params.items()}
+
+
+class Record(pl.Callback):
+    """The whole masks' CRC after every optimizer step at which they changed (gathered: every rank calls it)."""
+
+    def __init__(self, callback) -> None:
+        self.callback, self.rows = callback, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        value = crc(masks_of(self.callback).values())
+        if not self.rows or self.rows[-1][1] != value:
+            self.rows.append([trainer.global_step, value])
+
+
+def trainer(strategy: str, epochs: int, callbacks: list, distributed_checkpoint: bool = True, **kwargs) -> pl.Trainer:
+    if strategy == "fsdp2":
+        kwargs["strategy"] = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed_checkpoint
+        )
+    else:
+        kwargs["strategy"] = "ddp"
+    return pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=epochs, limit_train_batches=BATCHES, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def model_for(strategy: str) -> MLP:
+    pl.seed_everything(3)
+    return ShardedMLP() if strategy == "fsdp2" else MLP()
+
+
+def summary(model: MLP, callback, record: Record | None = None) -> dict:
+    """What the test compares, from whole (gathered) tensors."""
+    weights = {name: full_tensor(param.detach()) for name, param in model.named_parameters()}
+    masks = masks_of(callback)
+    return {
+        "weights": crc(weights.values()),
+        "masks": crc(masks.values()),
+        "zeros": {name: int((weights[name] == 0).sum()) for name in masks},
+        "numel": {name: weights[name].numel() for name in masks},
+        "sharded": all(is_sharded(param) for param in model.parameters()),
+        "updates": record.rows if record is not None else [],
+    }
+
+
+def straight(method: str, strategy: str, epochs: int = 2) -> dict:
+    model, callback = model_for(strategy), CALLBACKS[method]()
+    record = Record(callback)
+    trainer(strategy, epochs, [callback, record]).fit(model, DigitsDataModule(batch_size=16))
+    return summary(model, callback, record)
+
+
+def resumed(method: str, first: str, second: str, out_dir: Path, distributed_checkpoint: bool = True) -> dict:
+    """One epoch under ``first``, a checkpoint, then the second epoch under ``second`` resumed from it."""
+    model, callback = model_for(first), CALLBACKS[method]()
+    run = trainer(first, 1, [callback], distributed_checkpoint)
+    run.fit(model, DigitsDataModule(batch_size=16))
+    path = out_dir / f"{method}-{first}-{second}-{int(distributed_checkpoint)}.ckpt"
+    run.save_checkpoint(path)
+    if path.is_dir() and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
+        path = consolidate(run, path)
+    model, callback = model_for(second), CALLBACKS[method]()
+    trainer(second, 2, [callback]).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
+    return {**summary(model, callback), "sharded_checkpoint": (out_dir / path.name).is_dir()}
+
+
+def consolidate(run: pl.Trainer, path: Path) -> Path:
+    """Lightning's own consolidation of a distributed checkpoint folder into one file (on rank 0)."""
+    from lightning_fabric.utilities.load import _load_distributed_checkpoint
+
+    target = path.with_suffix(".full.ckpt")
+    if run.global_rank == 0:
+        torch.save(_load_distributed_checkpoint(path), target)
+    run.strategy.barrier()
+    return target
+
+
+def main(out_dir: Path, methods: list[str], resume: list[str]) -> None:
+    torch.set_num_threads(1)
+    result: dict = {"runs": {}}
+    for method in methods:
+        for strategy in ("ddp", "fsdp2"):
+            result["runs"][f"{method}/{strategy}"] = straight(method, strategy)
+    for method in resume:
+        for first, second, distributed in (("fsdp2", "fsdp2", True), ("fsdp2", "fsdp2", False), ("ddp", "fsdp2", True), ("fsdp2", "ddp", True)):
+            result["runs"][f"{method}/{first}->{second}/{'sharded' if distributed else 'full'}"] = resumed(
+                method, first, second, out_dir, distributed
+            )
+    rank = torch.distributed.get_rank()
+    result["world_size"] = torch.distributed.get_world_size()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2].split(","), [m for m in sys.argv[3].split(",") if m] if len(sys.argv) > 3 else [])
