@@ -83,6 +83,18 @@ class Record(pl.Callback):
             self.rows.append([trainer.global_step, value])
 
 
+class StopAfterFirstEpoch(pl.Callback):
+    """Save a checkpoint at the end of the first epoch of a 2-epoch run (where ``ModelCheckpoint`` would, so its
+    schedules are planned for the whole run) and stop there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+        trainer.should_stop = True
+
+
 def trainer(strategy: str, epochs: int, callbacks: list, distributed_checkpoint: bool = True, **kwargs) -> pl.Trainer:
     if strategy == "fsdp2":
         kwargs["strategy"] = ModelParallelStrategy(
@@ -126,43 +138,57 @@ def straight(method: str, strategy: str, epochs: int = 2) -> dict:
 def resumed(method: str, first: str, second: str, out_dir: Path, distributed_checkpoint: bool = True) -> dict:
     """One epoch under ``first``, a checkpoint, then the second epoch under ``second`` resumed from it."""
     model, callback = model_for(first), CALLBACKS[method]()
-    run = trainer(first, 1, [callback], distributed_checkpoint)
-    run.fit(model, DigitsDataModule(batch_size=16))
     path = out_dir / f"{method}-{first}-{second}-{int(distributed_checkpoint)}.ckpt"
-    run.save_checkpoint(path)
-    if path.is_dir() and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
+    run = trainer(first, 2, [callback, StopAfterFirstEpoch(path)], distributed_checkpoint)
+    run.fit(model, DigitsDataModule(batch_size=16))
+    written_sharded = path.is_dir()
+    if written_sharded and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
         path = consolidate(run, path)
     model, callback = model_for(second), CALLBACKS[method]()
     trainer(second, 2, [callback]).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
-    return {**summary(model, callback), "sharded_checkpoint": (out_dir / path.name).is_dir()}
+    return {**summary(model, callback), "sharded_checkpoint": written_sharded}
 
 
 def consolidate(run: pl.Trainer, path: Path) -> Path:
-    """Lightning's own consolidation of a distributed checkpoint folder into one file (on rank 0)."""
+    """A distributed checkpoint folder consolidated into one file on rank 0, as Lightning's
+    ``pytorch_lightning.utilities.consolidate_checkpoint`` does (its ``_format_checkpoint`` expects FSDP1's ``model``
+    key; ``ModelParallelStrategy`` writes ``state_dict``, so only the optimizers are regrouped here)."""
     from lightning_fabric.utilities.load import _load_distributed_checkpoint
 
     target = path.with_suffix(".full.ckpt")
     if run.global_rank == 0:
-        torch.save(_load_distributed_checkpoint(path), target)
+        checkpoint = _load_distributed_checkpoint(path)
+        count = sum(1 for key in checkpoint if key.startswith("optimizer_") and key[10:].isdigit())
+        checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
+        torch.save(checkpoint, target)
     run.strategy.barrier()
     return target
 
 
+#: resume paths: (first strategy, second strategy, sharded checkpoint when the first is fsdp2)
+PATHS = {
+    "sharded": ("fsdp2", "fsdp2", True),  # a distributed (sharded) checkpoint folder, resumed sharded
+    "full": ("fsdp2", "fsdp2", False),  # a full checkpoint file written by the sharded run, resumed sharded
+    "into-sharded": ("ddp", "fsdp2", True),  # an unsharded run's checkpoint resumed sharded
+    "into-unsharded": ("fsdp2", "ddp", True),  # a sharded checkpoint folder, consolidated, resumed unsharded
+}
+
+
 def main(out_dir: Path, methods: list[str], resume: list[str]) -> None:
+    """``methods``: callbacks run straight under both strategies; ``resume``: ``method:path`` entries (:data:`PATHS`)."""
     torch.set_num_threads(1)
     result: dict = {"runs": {}}
     for method in methods:
         for strategy in ("ddp", "fsdp2"):
             result["runs"][f"{method}/{strategy}"] = straight(method, strategy)
-    for method in resume:
-        for first, second, distributed in (("fsdp2", "fsdp2", True), ("fsdp2", "fsdp2", False), ("ddp", "fsdp2", True), ("fsdp2", "ddp", True)):
-            result["runs"][f"{method}/{first}->{second}/{'sharded' if distributed else 'full'}"] = resumed(
-                method, first, second, out_dir, distributed
-            )
+    for entry in resume:
+        method, path = entry.split(":")
+        first, second, distributed = PATHS[path]
+        result["runs"][f"{method}/{path}"] = resumed(method, first, second, out_dir, distributed)
     rank = torch.distributed.get_rank()
     result["world_size"] = torch.distributed.get_world_size()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(","), [m for m in sys.argv[3].split(",") if m] if len(sys.argv) > 3 else [])
+    main(Path(sys.argv[1]), [m for m in sys.argv[2].split(",") if m], [m for m in sys.argv[3].split(",") if m] if len(sys.argv) > 3 else [])
