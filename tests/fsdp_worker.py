@@ -16,11 +16,13 @@ import torch
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
+from lightning_sparse import export
 from lightning_sparse import SET, GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
 from lightning_sparse.core.shards import full_tensor, is_sharded
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
+EXPORTED = "gmp-global"  # the method whose final models are also exported (compressed files compared by the test)
 BATCHES = 8  # optimizer steps per epoch (per rank: 8 batches of 16)
 
 
@@ -131,7 +133,10 @@ def summary(model: MLP, callback, record: Record | None = None) -> dict:
 def straight(method: str, strategy: str, epochs: int = 2) -> dict:
     model, callback = model_for(strategy), CALLBACKS[method]()
     record = Record(callback)
-    trainer(strategy, epochs, [callback, record]).fit(model, DigitsDataModule(batch_size=16))
+    run = trainer(strategy, epochs, [callback, record])
+    run.fit(model, DigitsDataModule(batch_size=16))
+    if method == EXPORTED:  # every rank saves (the shards are gathered), each to its own file
+        export.save_compressed(model, run.default_root_dir + f"/{method}-{strategy}-rank{run.global_rank}.lsz", verbose=False)
     return summary(model, callback, record)
 
 
@@ -150,17 +155,10 @@ def resumed(method: str, first: str, second: str, out_dir: Path, distributed_che
 
 
 def consolidate(run: pl.Trainer, path: Path) -> Path:
-    """A distributed checkpoint folder consolidated into one file on rank 0, as Lightning's
-    ``pytorch_lightning.utilities.consolidate_checkpoint`` does (its ``_format_checkpoint`` expects FSDP1's ``model``
-    key; ``ModelParallelStrategy`` writes ``state_dict``, so only the optimizers are regrouped here)."""
-    from lightning_fabric.utilities.load import _load_distributed_checkpoint
-
+    """A distributed checkpoint folder read whole (``load_distributed_checkpoint``) and saved as one file on rank 0."""
     target = path.with_suffix(".full.ckpt")
     if run.global_rank == 0:
-        checkpoint = _load_distributed_checkpoint(path)
-        count = sum(1 for key in checkpoint if key.startswith("optimizer_") and key[10:].isdigit())
-        checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
-        torch.save(checkpoint, target)
+        torch.save(export.load_distributed_checkpoint(path, trusted=True), target)
     run.strategy.barrier()
     return target
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 METHODS = ["gmp", "gmp-global", "rigl", "set", "qat", "qat-kmeans", "lc"]
@@ -23,14 +24,20 @@ SPARSITY = {"gmp": 0.8}  # uniform: every layer at exactly round(0.8 · N) zeros
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def job(tmp_path_factory) -> Path:
+    """The folder of one 2-process job: per-rank JSON, checkpoints and exports."""
     out = tmp_path_factory.mktemp("fsdp")
     result = subprocess.run(
         [sys.executable, str(WORKER), str(out), ",".join(METHODS), ",".join(RESUMES)],
         capture_output=True, text=True, timeout=600, cwd=out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(job) -> list[dict]:
+    return [json.loads((job / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def test_both_ranks_report_the_same_whole_model(ranks):
@@ -67,3 +74,31 @@ def test_resume_from_checkpoint_is_exact(ranks, entry):
     assert resumed["weights"] == straight["weights"]
     assert resumed["masks"] == straight["masks"]
     assert resumed["zeros"] == straight["zeros"]
+
+
+def test_export_of_a_sharded_model_is_the_export_of_the_unsharded_one(job, ranks):
+    files = {strategy: [(job / f"gmp-global-{strategy}-rank{r}.lsz").read_bytes() for r in (0, 1)] for strategy in ("ddp", "fsdp2")}
+    assert files["fsdp2"][0] == files["fsdp2"][1] == files["ddp"][0]  # gathered: the whole model, byte for byte
+    from lightning_sparse import export
+
+    state = export.load_compressed(job / "gmp-global-fsdp2-rank0.lsz")
+    zeros = {name: int((state[name] == 0).sum()) for name in ranks[0]["runs"]["gmp-global/fsdp2"]["zeros"]}
+    assert zeros == ranks[0]["runs"]["gmp-global/fsdp2"]["zeros"]
+
+
+def test_report_and_export_read_a_sharded_checkpoint_folder_whole(job):
+    from lightning_sparse import export, report
+
+    folder, file = job / "rigl-fsdp2-ddp-1.ckpt", job / "rigl-fsdp2-ddp-1.full.ckpt"
+    assert (folder / ".metadata").is_file() and file.is_file()
+    with pytest.raises(ValueError, match="distributed checkpoint folder.*pickle.*trusted=True"):
+        report.checkpoint_stats(folder)
+    stats = report.checkpoint_stats(folder, trusted=True)
+    assert stats == report.checkpoint_stats(file)
+    assert [s.name for s in stats] == ["net.1.weight", "net.3.weight", "net.5.weight"]  # the masked layers, from callback state
+    assert all(0.5 < s.sparsity < 1 for s in stats)
+    exported = export.save_compressed(folder, job / "from-folder.lsz", verbose=False, trusted=True)
+    assert exported.compressed_layers
+    whole = export.load_compressed(job / "from-folder.lsz")
+    checkpoint = export.load_checkpoint(file)
+    assert all(torch.equal(whole[name], tensor) for name, tensor in checkpoint["state_dict"].items())
