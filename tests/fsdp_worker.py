@@ -17,7 +17,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_sparse import export
-from lightning_sparse import SET, GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
+from lightning_sparse import SET, GradualMagnitudePruning, LearningCompression, MovementPruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.shards import full_tensor, is_sharded
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
@@ -57,6 +57,7 @@ class ShardedMLP(MLP):
 CALLBACKS = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, verbose=False),
     "gmp-global": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, distribution="global", verbose=False),
+    "movement": lambda: MovementPruning(sparsity=0.8, start=2, end=12, frequency=2, verbose=False),
     "rigl": lambda: RigL(sparsity=0.8, frequency=2, end=14, verbose=False),
     "set": lambda: SET(sparsity=0.8, frequency=2, end=14, seed=5, verbose=False),
     "qat": lambda: QuantizationAwareTraining(bits=4, verbose=False),

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-METHODS = ["gmp", "gmp-global", "rigl", "set", "qat", "qat-kmeans", "lc"]
+METHODS = ["gmp", "gmp-global", "movement", "rigl", "set", "qat", "qat-kmeans", "lc"]
 RESUMES = [
     "gmp-global:full", "gmp-global:into-sharded", "rigl:sharded", "rigl:into-unsharded",
-    "qat-kmeans:sharded", "qat-kmeans:into-sharded", "lc:into-unsharded", "lc:full",
+    "movement:sharded", "qat-kmeans:sharded", "qat-kmeans:into-sharded", "lc:into-unsharded", "lc:full",
 ]  # fmt: skip
 SPARSITY = {"gmp": 0.8}  # uniform: every layer at exactly round(0.8 · N) zeros
 

@@ -63,6 +63,14 @@ def sharded_like(whole: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
+def from_local_like(local: Tensor, like: Tensor) -> Tensor:
+    """A ``DTensor`` sharded like ``like`` whose shard on this rank is ``local`` (no communication); ``local`` itself
+    when ``like`` is plain."""
+    if not is_sharded(like):
+        return local
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
 def gather_like(local: Tensor, like: Tensor) -> Tensor:
     """The whole tensor of which ``local`` is this rank's part, sharded as ``like`` is (a collective); ``local`` if
     ``like`` is plain. Bool tensors travel as uint8 (gloo has no bool all-gather)."""
