@@ -22,6 +22,9 @@ version of every part on the CPU instead, to check the script itself; its number
    weight after ``to_sparse_semi_structured`` at several (tokens, in, out) shapes; speed-up = dense / sparse
    median time (target ≥ 1.2× where cuSPARSELt pays; shapes where it does not are shown as they are).
 
+The callbacks table also has a row checking that Lightning's ``FSDPStrategy`` (FSDP1, which does not run on a CPU)
+is refused by the callbacks on one GPU with a message naming FSDP2.
+
 Run from the repository root::
 
     python -m benchmarks.gpu                      # CUDA: about 3-5 minutes on one recent GPU
@@ -163,7 +166,33 @@ def run_callbacks(device: torch.device, steps: int, precision: str) -> list[dict
         if name == "gmp-2:4" and ok:
             row["deploy"] = deploy_check(model.to(device), device)
         rows.append(row)
+    if device.type == "cuda":
+        rows.append(fsdp1_refusal(device, precision))
     return rows
+
+
+def fsdp1_refusal(device: torch.device, precision: str) -> dict[str, Any]:
+    """Lightning's ``FSDPStrategy`` (FSDP1) on one GPU: the callbacks must refuse it at ``fit`` start, naming FSDP2."""
+    import pytorch_lightning as pl
+
+    from lightning_sparse import GradualMagnitudePruning
+    from lightning_sparse.data import DigitsDataModule
+    from lightning_sparse.models import Classifier
+
+    started = time.perf_counter()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy="fsdp", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[GradualMagnitudePruning(sparsity=0.5, verbose=False)])  # fmt: skip
+    try:
+        trainer.fit(Classifier(arch="lenet300", input_shape=(1, 8, 8)), DigitsDataModule(batch_size=64))
+        ok, note = False, "FSDP1 was not refused"
+    except ValueError as exc:
+        ok, note = "FSDP1" in str(exc) and "ModelParallelStrategy" in str(exc), f"refused: {str(exc)[:120]}"
+    except Exception as exc:  # noqa: BLE001 - anything else is reported as it is
+        ok, note = False, f"{type(exc).__name__}: {exc}"[:200]
+    return {"config": "fsdp1 (refused)", "ok": ok, "note": note, "test_acc": float("nan"), "mask_bytes": 0,
+            "wall_s": time.perf_counter() - started, "error": ""}  # fmt: skip
 
 
 def deploy_check(model: torch.nn.Module, device: torch.device) -> str:
