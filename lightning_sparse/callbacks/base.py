@@ -161,15 +161,20 @@ def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, defa
     return old_value
 
 
-def refuse_fsdp1(callback: Callback, pl_module: torch.nn.Module) -> None:
+def refuse_fsdp1(callback: Callback, trainer: pl.Trainer) -> None:
     """FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) keeps each rank's part of a layer as a flat
     1-D view that does not have the layer's shape, so no mask, grid or projection can be applied to it: refused,
-    naming the way that works (FSDP2)."""
+    naming the way that works (FSDP2). Lightning's ``FSDPStrategy`` wraps the LightningModule from outside, so the
+    strategy's model is searched too."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch without distributed
         return
-    wrapped = [name or "<root>" for name, module in pl_module.named_modules() if isinstance(module, FullyShardedDataParallel)]
+    strategy = trainer.strategy
+    models = [m for m in (getattr(strategy, "model", None), trainer.lightning_module) if isinstance(m, torch.nn.Module)]
+    wrapped = [name or "<root>" for model in models for name, module in model.named_modules() if isinstance(module, FullyShardedDataParallel)]
+    if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
+        wrapped = wrapped or [type(strategy).__name__]
     if wrapped:
         raise ValueError(
             f"{type(callback).__name__} does not support FSDP1 (`FullyShardedDataParallel`, Lightning's `FSDPStrategy`; "
@@ -178,11 +183,13 @@ def refuse_fsdp1(callback: Callback, pl_module: torch.nn.Module) -> None:
         )
 
 
-def current_parameters(callback: Callback, pl_module: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def current_parameters(
+    callback: Callback, trainer: pl.Trainer, pl_module: torch.nn.Module, names: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """The module's parameters ``names`` as they are now: a sharding strategy replaces them after ``setup`` (FSDP2's
     ``fully_shard`` in ``configure_model`` turns each into a ``DTensor``), so callbacks look them up again by name at
     ``fit`` start (parameter names do not change under ``fully_shard``)."""
-    refuse_fsdp1(callback, pl_module)
+    refuse_fsdp1(callback, trainer)
     found = dict(pl_module.named_parameters(remove_duplicate=False))
     missing = [name for name in names if name not in found]
     if missing:
@@ -308,7 +315,7 @@ class SparsityCallback(CompressionCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None:
-            self._follow_parameters(pl_module)
+            self._follow_parameters(trainer, pl_module)
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
         self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
@@ -327,10 +334,10 @@ class SparsityCallback(CompressionCallback):
             self._print_table()
 
     # ----------------------------------------------------------------- what
-    def _follow_parameters(self, pl_module: pl.LightningModule) -> None:
+    def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Point the masks at the model's parameters as they are at ``fit`` start (FSDP2 replaced them by sharded
         ``DTensor`` ones after ``setup``); masks set before (a sparse start) are cut to each rank's shard."""
-        current = current_parameters(self, pl_module, list(self.masks.params))
+        current = current_parameters(self, trainer, pl_module, list(self.masks.params))
         if all(current[name] is param for name, param in self.masks.params.items()):
             return
         self.masks.rebind(current)

@@ -249,7 +249,7 @@ class LearningCompression(CompressionCallback):
         self._refuse_overlaps(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.compressor.rebind(current_parameters(self, pl_module, list(self.compressor.params)))  # FSDP2 resharded them
+        self.compressor.rebind(current_parameters(self, trainer, pl_module, list(self.compressor.params)))  # FSDP2 resharded them
         self._matrices = weight_matrices(pl_module)
         refuse_several_manual_optimizers(
             self, trainer, pl_module, "C steps and the penalty gradient would run once per optimizer step"

@@ -150,7 +150,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self._hooks = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.quantizer.rebind(current_parameters(self, pl_module, list(self.quantizer.params)))  # FSDP2 resharded them
+        self.quantizer.rebind(current_parameters(self, trainer, pl_module, list(self.quantizer.params)))  # FSDP2 resharded them
         self._masks = [cb.masks for cb in trainer.callbacks if isinstance(cb, SparsityCallback) and cb.masks is not None]
         refuse_several_manual_optimizers(
             self, trainer, pl_module, "the latent weights of every layer are restored at the first `manual_backward`, "
