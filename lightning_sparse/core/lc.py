@@ -148,6 +148,9 @@ class LearningCompressor:
       :meth:`swap_in` / :meth:`restore` around an evaluation of the compressed model; :meth:`record` a metric
       of that evaluation for ``keep_best``; :meth:`finish` ends on the best (or the last) iterate.
 
+    Sharded parameters (FSDP2 ``DTensor``): Π runs on whole tensors (gathered), Δ(Θ) and λ are kept sharded like
+    their parameter, so the penalty gradient and the multiplier update are shard-local; :meth:`state_dict` is whole.
+
     Args:
         params: ``{name: parameter}`` to compress.
         compression: ``prune``, ``quantize`` or ``prune+quantize``.

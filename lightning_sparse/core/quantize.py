@@ -259,6 +259,11 @@ class FakeQuantizer:
     q(w) of one layer is CLIP-Q's pruning of its ``sparsity[name]`` smallest latent weights (Tung & Mori 2018;
     in q(w) only, so they can come back), then the uniform grid or the layer's codebook.
 
+    Sharded parameters (FSDP2 ``DTensor``): the latent weights are sharded like their parameter; q(w) is computed on
+    the whole latent tensor (gathered: the per-tensor scale, codebook and CLIP-Q count are the unsharded ones) and
+    each rank writes its shard, except per-channel uniform grids over whole rows (``Shard(0)``), which each rank
+    computes on its own rows without a gather.
+
     Args:
         params: ``{name: parameter}`` to quantize.
         bits: bits per parameter (2..8).
