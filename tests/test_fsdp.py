@@ -2,8 +2,10 @@
 run (``strategy="ddp"``, same processes, data and seed): masks, zero counts and final weights identical after the
 gather, for every callback; checkpoints of both kinds resumed bit-exactly, across the two layouts.
 
-One spawned job runs everything (``fsdp_worker.py``); the tests read its per-rank JSON. Lightning's ``FSDPStrategy``
-(FSDP1) cannot be tested here: it refuses CPU ("The strategy `fsdp` requires a GPU accelerator").
+One spawned job runs everything (``fsdp_worker.py``, about 30 s on 2 cores); the tests read its per-rank JSON and
+files. FSDP1 cannot be tested here: Lightning's ``FSDPStrategy`` refuses the CPU ("The strategy `fsdp` requires a GPU
+accelerator") and so does torch's ``FullyShardedDataParallel`` ("FSDP needs a non-CPU accelerator device");
+``benchmarks/gpu.py`` checks on a GPU that the callbacks refuse it.
 """
 
 import json
