@@ -187,6 +187,11 @@ def _fail(parser: argparse.ArgumentParser, error: BaseException, *paths: str) ->
     parser.exit(2, f"{parser.prog}: error: {text}\n")
 
 
+def _is_checkpoint(path: str) -> bool:
+    """A checkpoint file, or a distributed (sharded, FSDP2) checkpoint folder."""
+    return Path(path).is_file() or (Path(path) / ".metadata").is_file()
+
+
 def _trust_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust", action="store_true",
@@ -202,7 +207,7 @@ def report_main(args: list[str]) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="also draw per-layer sparsity as a bar chart")
     _trust_argument(parser)
     parsed = parser.parse_args(args)
-    if not Path(parsed.checkpoint).is_file():
+    if not _is_checkpoint(parsed.checkpoint):
         parser.error(f"checkpoint {parsed.checkpoint} does not exist")
     try:
         stats = report.checkpoint_stats(parsed.checkpoint, trusted=parsed.trust)
@@ -227,7 +232,7 @@ def export_main(args: list[str]) -> None:
     parser.add_argument("output", help="the compressed file to write")
     _trust_argument(parser)
     parsed = parser.parse_args(args)
-    if not Path(parsed.checkpoint).is_file():
+    if not _is_checkpoint(parsed.checkpoint):
         parser.error(f"checkpoint {parsed.checkpoint} does not exist")
     try:
         export.save_compressed(parsed.checkpoint, parsed.output, verbose=True, trusted=parsed.trust)

@@ -276,12 +276,57 @@ def export_table(report: ExportReport) -> Table:
 
 def _state_dict_of(source: Source, trusted: bool = False) -> Mapping[str, Any]:
     if isinstance(source, nn.Module):
-        return source.state_dict()
+        return _whole(source.state_dict())
     if isinstance(source, (str, os.PathLike)):
         return checkpoint_state_dict(load_checkpoint(source, trusted=trusted), source)
     if isinstance(source, Mapping):
-        return source
+        return _whole(source)
     raise TypeError(f"`source` must be an nn.Module, a state dict or a checkpoint path, got {type(source).__name__}")
+
+
+def _whole(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A state dict with FSDP2's ``DTensor`` shards gathered into whole tensors (a collective: every rank of a sharded
+    model must save), so the export holds the full model whatever the sharding; a plain state dict as it is."""
+    from lightning_sparse.core.shards import full_tensor, is_sharded
+
+    if not any(is_sharded(value) for value in state.values()):
+        return state
+    return {name: full_tensor(value) if is_sharded(value) else value for name, value in state.items()}
+
+
+def load_distributed_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """A distributed (sharded) checkpoint folder, as ``ModelParallelStrategy(save_distributed_checkpoint=True)``
+    writes it, read whole into one process: the full ``state_dict`` and optimizer states, plus the callbacks' and
+    loops' state from its ``meta.pt``. Callback masks and quantizer state are saved whole already, so the result is
+    an ordinary Lightning checkpoint (``optimizer_states`` as a list).
+
+    The folder's ``.metadata`` index is a pickle (``torch.distributed.checkpoint`` writes it so), which can run code
+    when read: it is refused unless ``trusted``.
+    """
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a distributed checkpoint folder (it has no .metadata file)")
+    if not trusted:
+        raise ValueError(
+            f"{path} is a distributed checkpoint folder, whose .metadata index is a pickle that can run code when "
+            f"read: pass `--trust` (`trusted=True`) only if you trust where it came from"
+        )
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    checkpoint: dict[str, Any] = {}
+    _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    meta = path / "meta.pt"  # Lightning's file beside the shards: everything but weights and optimizer states
+    if meta.is_file():  # weights-only when it can be (it can for this library's callbacks), in full only if not
+        try:
+            checkpoint.update(load_checkpoint(meta))
+        except ValueError:
+            checkpoint.update(load_checkpoint(meta, trusted=trusted))
+    count = sum(1 for key in checkpoint if key.startswith("optimizer_") and key[len("optimizer_"):].isdigit())
+    if count:
+        checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
+    return checkpoint
 
 
 def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
@@ -293,6 +338,8 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
     with a warning: a pickle can run any code, so only for files you made or trust.
     """
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():  # a sharded (FSDP2) checkpoint folder
+        return load_distributed_checkpoint(path, trusted=trusted)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:

@@ -39,9 +39,12 @@ def stats_from_masks(masks: MaskSet, label: Callable[[str], str] | None = None) 
 
 
 def stats_from_tensors(tensors: Mapping[str, Tensor]) -> list[LayerSparsity]:
-    """Per-layer counts of exact zeros in the given tensors."""
+    """Per-layer counts of exact zeros in the given tensors (FSDP2 shards are counted whole: call on every rank)."""
+    from lightning_sparse.core.shards import local_tensor, sum_over_shards
+
     return [
-        LayerSparsity(name, tuple(t.shape), t.numel(), int((t == 0).sum())) for name, t in tensors.items()
+        LayerSparsity(name, tuple(t.shape), t.numel(), int(sum_over_shards((local_tensor(t) == 0).sum(), t)))
+        for name, t in tensors.items()
     ]
 
 
@@ -87,7 +90,8 @@ def print_table(table: Table) -> None:
 
 
 def checkpoint_stats(path: str | Path, *, trusted: bool = False) -> list[LayerSparsity]:
-    """Per-layer zeros of a Lightning checkpoint, a plain state dict file or a compressed export (``.lsz``).
+    """Per-layer zeros of a Lightning checkpoint (a file, or an FSDP2 distributed checkpoint folder, read whole), a
+    plain state dict file or a compressed export (``.lsz``).
 
     The layers are those a sparsity callback masked, when its state is in the checkpoint; otherwise every
     floating-point tensor named ``*weight`` with at least two dimensions (Linear/Conv weights). A checkpoint is
@@ -97,8 +101,10 @@ def checkpoint_stats(path: str | Path, *, trusted: bool = False) -> list[LayerSp
     from lightning_sparse import export
 
     path = Path(path)
-    with open(path, "rb") as f:
-        compressed = f.read(len(export.MAGIC)) == export.MAGIC
+    compressed = False
+    if not path.is_dir():  # a distributed (sharded) checkpoint is a folder: load_checkpoint reads it whole
+        with open(path, "rb") as f:
+            compressed = f.read(len(export.MAGIC)) == export.MAGIC
     checkpoint = export.load_compressed(path) if compressed else export.load_checkpoint(path, trusted=trusted)
     state_dict = export.checkpoint_state_dict(checkpoint, path)
     names: list[str] = []

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from lightning_sparse import report
 from lightning_sparse.core.masks import MaskSet, non_finite
+from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import (
     Targets,
     as_patterns,
@@ -160,6 +161,56 @@ def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, defa
     return old_value
 
 
+def refuse_fsdp1(callback: Callback, trainer: pl.Trainer) -> None:
+    """FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) keeps each rank's part of a layer as a flat
+    1-D view that does not have the layer's shape, so no mask, grid or projection can be applied to it: refused,
+    naming the way that works (FSDP2). Lightning's ``FSDPStrategy`` wraps the LightningModule from outside, so the
+    strategy's model is searched too."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    strategy = trainer.strategy
+    models = [m for m in (getattr(strategy, "model", None), trainer.lightning_module) if isinstance(m, torch.nn.Module)]
+    wrapped = [name or "<root>" for model in models for name, module in model.named_modules() if isinstance(module, FullyShardedDataParallel)]
+    if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
+        wrapped = wrapped or [type(strategy).__name__]
+    if wrapped:
+        raise ValueError(
+            f"{type(callback).__name__} does not support FSDP1 (`FullyShardedDataParallel`, Lightning's `FSDPStrategy`; "
+            f"wrapped here: {wrapped[:3]}): its flat parameter shards do not keep the layers' shapes. Use FSDP2: "
+            f"`ModelParallelStrategy` with `torch.distributed.fsdp.fully_shard` applied in `configure_model`, or DDP"
+        )
+
+
+def current_parameters(
+    callback: Callback, trainer: pl.Trainer, pl_module: torch.nn.Module, names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The module's parameters ``names`` as they are now: a sharding strategy replaces them after ``setup`` (FSDP2's
+    ``fully_shard`` in ``configure_model`` turns each into a ``DTensor``), so callbacks look them up again by name at
+    ``fit`` start (parameter names do not change under ``fully_shard``)."""
+    refuse_fsdp1(callback, trainer)
+    found = dict(pl_module.named_parameters(remove_duplicate=False))
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(
+            f"{type(callback).__name__}: the parameters {missing} chosen at `setup` are gone from the model at `fit` "
+            f"start (a strategy renamed or replaced them); parameters now: {list(found)[:10]}"
+        )
+    return {name: found[name] for name in names}
+
+
+@rank_zero_only
+def print_rank_zero(table: Any) -> None:
+    """Print a rich table once (tables are computed on every rank: under FSDP2 their counts need every shard)."""
+    report.print_table(table)
+
+
+def whole_tensors(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: whole detached tensor}`` (gathered when sharded, so call on every rank)."""
+    return {name: full_tensor(param.detach()) for name, param in params.items()}
+
+
 @rank_zero_only
 def print_targets(title: str, model: torch.nn.Module, targets: Targets) -> None:
     """Say once, at ``setup``, what a callback compresses and what it leaves dense (by kind, counts, share)."""
@@ -263,6 +314,8 @@ class SparsityCallback(CompressionCallback):
         self.masks.mask_grads_(finite=finite)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks is not None:
+            self._follow_parameters(trainer, pl_module)
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
         self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
@@ -281,6 +334,17 @@ class SparsityCallback(CompressionCallback):
             self._print_table()
 
     # ----------------------------------------------------------------- what
+    def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Point the masks at the model's parameters as they are at ``fit`` start (FSDP2 replaced them by sharded
+        ``DTensor`` ones after ``setup``); masks set before (a sparse start) are cut to each rank's shard."""
+        current = current_parameters(self, trainer, pl_module, list(self.masks.params))
+        if all(current[name] is param for name, param in self.masks.params.items()):
+            return
+        self.masks.rebind(current)
+        old = self.targets
+        self.targets = Targets({n: current[n] for n in old}, old.aliases, old.output_axis, old.kinds)
+        self._matrices = weight_matrices(pl_module)
+
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
         targets = self._select(pl_module)
@@ -312,10 +376,9 @@ class SparsityCallback(CompressionCallback):
         metrics.update(self._update_metrics())
         self._log(trainer, metrics)
 
-    @rank_zero_only
     def _print_table(self) -> None:
         stats = report.stats_from_masks(self.masks, self.targets.label if self.targets is not None else None)
-        report.print_table(report.sparsity_table(stats, title=f"{type(self).__name__}: sparsity per layer"))
+        print_rank_zero(report.sparsity_table(stats, title=f"{type(self).__name__}: sparsity per layer"))
 
     # ----------------------------------------------------------------- checkpoint state
     def _extra_state(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sparse import report
@@ -20,9 +20,12 @@ from lightning_sparse.callbacks.base import (
     check_finite,
     check_sparsity,
     check_steps,
+    current_parameters,
+    print_rank_zero,
     print_targets,
     refuse_several_manual_optimizers,
     warn_if_no_steps,
+    whole_tensors,
 )
 from lightning_sparse.core import lc
 from lightning_sparse.core.quantize import check_bits
@@ -248,6 +251,8 @@ class LearningCompression(CompressionCallback):
         self._refuse_overlaps(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.compressor.rebind(current_parameters(self, trainer, pl_module, list(self.compressor.params)))  # FSDP2 resharded them
+        self._matrices = weight_matrices(pl_module)
         refuse_several_manual_optimizers(
             self, trainer, pl_module, "C steps and the penalty gradient would run once per optimizer step"
         )
@@ -350,10 +355,9 @@ class LearningCompression(CompressionCallback):
         metrics["lc/c_step"] = float(self.c_steps_done)
         self._log(trainer, metrics)
 
-    @rank_zero_only
     def _print_table(self) -> None:
-        stats = report.stats_from_tensors({name: param.detach() for name, param in self.params.items()})
-        report.print_table(report.sparsity_table(stats, title=f"LearningCompression ({self.compression}): per layer"))
+        stats = report.stats_from_tensors(whole_tensors(self.params))
+        print_rank_zero(report.sparsity_table(stats, title=f"LearningCompression ({self.compression}): per layer"))
 
     # ----------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:

@@ -68,6 +68,10 @@ class MovementPruning(GradualMagnitudePruning):
             self.scores.accumulate_()  # dense gradients: the base masks them below, after deciding the masks
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
+    def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._follow_parameters(trainer, pl_module)
+        self.scores.rebind(self.masks.params)  # FSDP2 replaced the parameters after setup
+
     def _scoring(self, step: int) -> bool:
         """Scores matter until the last mask update (``end``); after it they would be computed for nothing."""
         return self._end_step is None or step <= self._end_step

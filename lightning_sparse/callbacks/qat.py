@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
+
 from torch import Tensor, nn
 
 from lightning_sparse import report
@@ -23,11 +23,14 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
+    current_parameters,
+    print_rank_zero,
     print_targets,
     refuse_several_manual_optimizers,
     renamed,
     resolve_step,
     warn_if_no_steps,
+    whole_tensors,
 )
 from lightning_sparse.core.quantize import METHODS, SCALES, FakeQuantizer, check_bits, uniform_quantize
 from lightning_sparse.core.targets import each_setting, per_layer
@@ -147,6 +150,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self._hooks = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.quantizer.rebind(current_parameters(self, trainer, pl_module, list(self.quantizer.params)))  # FSDP2 resharded them
         self._masks = [cb.masks for cb in trainer.callbacks if isinstance(cb, SparsityCallback) and cb.masks is not None]
         refuse_several_manual_optimizers(
             self, trainer, pl_module, "the latent weights of every layer are restored at the first `manual_backward`, "
@@ -199,9 +203,9 @@ class QuantizationAwareTraining(CompressionCallback):
         owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in self.params}
         self._hooks = [pl_module.get_submodule(owner).register_forward_pre_hook(fake_quantize_input) for owner in sorted(owners)]
 
-    @rank_zero_only
     def _print_table(self) -> None:
-        report.print_table(report.quantization_table(self.quantizer.bits, self.params, self.errors(), self.method))
+        table = report.quantization_table(self.quantizer.bits, whole_tensors(self.params), self.errors(), self.method)
+        print_rank_zero(table)
 
     # ----------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:

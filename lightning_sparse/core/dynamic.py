@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
 from lightning_sparse.core.masks import MaskSet, reset_state_
+from lightning_sparse.core.shards import local_part, local_tensor
 
 
 GROW_INITS = ("zeros", "gradient")
@@ -115,20 +116,21 @@ def move_connections(
         raise ValueError(f"`grow_init` must be one of {list(GROW_INITS)}, got {grow_init!r}")
     moved = {}
     for index, name in enumerate(masks):
-        param, old = masks.params[name], masks.mask(name)
+        param, old = masks.params[name], masks.mask(name)  # whole tensors (gathered when sharded), as decided unsharded
         if grow == "gradient":
             if param.grad is None:  # frozen or unused this step: no gradient to grow by, so the layer does not move
                 moved[name] = 0
                 continue
-            scores = param.grad.abs()
+            scores = masks.grad(name).abs()
         else:
             scores = random_scores(param, seeded_generator(seed, step, index))
-        new = drop_and_grow(param, old, scores, int(fraction * int(old.sum())))
+        new = drop_and_grow(masks.weight(name), old, scores, int(fraction * int(old.sum())))
         grown = new & ~old
         masks.set(name, new)
-        param.masked_fill_(grown, 0)  # already 0 while inactive; stated, not assumed
-        if grow_init == "gradient" and param.grad is not None:
-            param.copy_(torch.where(grown, param.grad.to(param.dtype) * -grow_scale, param))
+        masks.fill_(name, grown, 0.0)  # already 0 while inactive; stated, not assumed
+        if grow_init == "gradient" and param.grad is not None:  # this rank's shard of -scale · grad at grown places
+            local, where = local_tensor(param), local_part(grown.to(param.device), param)
+            local.copy_(torch.where(where, local_tensor(param.grad).to(local.dtype) * -grow_scale, local))
         for state in states:
             reset_state_(state, param, grown)
         moved[name] = int(grown.sum())

@@ -18,6 +18,7 @@ from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import kmeans_1d, nearest_codes
+from lightning_sparse.core.shards import full_tensor, sharded_like
 
 COMPRESSIONS = ("prune", "quantize", "prune+quantize")
 CODEBOOKS = ("kmeans", "binary", "ternary")
@@ -150,6 +151,9 @@ class LearningCompressor:
       :meth:`swap_in` / :meth:`restore` around an evaluation of the compressed model; :meth:`record` a metric
       of that evaluation for ``keep_best``; :meth:`finish` ends on the best (or the last) iterate.
 
+    Sharded parameters (FSDP2 ``DTensor``): Π runs on whole tensors (gathered), Δ(Θ) and λ are kept sharded like
+    their parameter, so the penalty gradient and the multiplier update are shard-local; :meth:`state_dict` is whole.
+
     Args:
         params: ``{name: parameter}`` to compress.
         compression: ``prune``, ``quantize`` or ``prune+quantize``.
@@ -208,8 +212,9 @@ class LearningCompressor:
         have the compressed parameters' per-weight state zeroed when ``reset_momentum``."""
         first = not self.delta
         mu = self.mu
-        shifted = {n: p.detach() - (0 if first else self.lam[n] / mu) for n, p in self.params.items()}  # w - λ/μ
-        self.delta = self.project(shifted)
+        shifted = {n: full_tensor(p.detach() - (0 if first else self.lam[n] / mu)) for n, p in self.params.items()}  # w - λ/μ
+        # Π decides on whole tensors (gathered when sharded); Δ is kept sharded like its parameter
+        self.delta = {n: sharded_like(d, self.params[n]) for n, d in self.project(shifted).items()}
         if first:
             self.lam = {name: torch.zeros_like(param) for name, param in self.params.items()}
         else:
@@ -270,33 +275,47 @@ class LearningCompressor:
             self.delta = {name: t.clone() for name, t in self.best["delta"].items()}
         self.hold_compressed()
 
+    def rebind(self, params: Mapping[str, Tensor]) -> None:
+        """Point the compressor at new tensors for the same parameters (``fully_shard`` replaces every parameter by
+        a ``DTensor``); Δ, λ and the best iterate are moved to the new sharding."""
+        def moved(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {n: sharded_like(full_tensor(t), params[n]) for n, t in tensors.items()}
+
+        self.delta, self.lam = moved(self.delta), moved(self.lam)
+        if self.best is not None:
+            self.best = {**self.best, "delta": moved(self.best["delta"])}
+        self.params = {name: params[name] for name in self.params}
+
     def distances(self) -> dict[str, float]:
-        """``||w - Δ(Θ)||`` per layer."""
-        return {name: float((param.detach() - self.delta[name]).norm()) for name, param in self.params.items()}
+        """``||w - Δ(Θ)||`` per layer (of the whole tensors)."""
+        return {name: float(full_tensor(param.detach() - self.delta[name]).norm()) for name, param in self.params.items()}
 
     def metrics(self, mu: float) -> dict[str, float]:
         """What a C step logs: ``lc/mu``, ``lc/c_step``, ``lc/distance`` (and per layer), ``sparsity/*`` of Δ(Θ) and
         ``lc/distinct/<name>`` (codebook values in use)."""
         distances = self.distances()
+        delta = {name: full_tensor(d) for name, d in self.delta.items()}
         metrics = {"lc/mu": mu, "lc/c_step": float(self.c_steps_done), "lc/distance": sum(d * d for d in distances.values()) ** 0.5}
         metrics.update({f"lc/distance/{name}": d for name, d in distances.items()})
-        zeros = {name: int((d == 0).sum()) for name, d in self.delta.items()}
-        total = sum(d.numel() for d in self.delta.values())
+        zeros = {name: int((d == 0).sum()) for name, d in delta.items()}
+        total = sum(d.numel() for d in delta.values())
         metrics["sparsity/global"] = sum(zeros.values()) / total
-        metrics.update({f"sparsity/{name}": zeros[name] / self.delta[name].numel() for name in zeros})
-        metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in self.delta.items()})
+        metrics.update({f"sparsity/{name}": zeros[name] / delta[name].numel() for name in zeros})
+        metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in delta.items()})
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """C steps done, Δ, λ, codebooks and the best iterate, on CPU."""
+        """C steps done, Δ, λ, codebooks and the best iterate, whole (gathered if sharded) and on CPU."""
+        def whole(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {name: full_tensor(t).cpu().clone() for name, t in tensors.items()}
+
         return {
             "c_steps_done": self.c_steps_done,
-            "delta": {name: t.cpu().clone() for name, t in self.delta.items()},
-            "lambda": {name: t.cpu().clone() for name, t in self.lam.items()},
-            "codebooks": {name: t.cpu().clone() for name, t in self.codebooks.items()},
+            "delta": whole(self.delta),
+            "lambda": whole(self.lam),
+            "codebooks": whole(self.codebooks),
             "best": None if self.best is None else {
-                "score": self.best["score"], "c_step": self.best["c_step"],
-                "delta": {name: t.cpu().clone() for name, t in self.best["delta"].items()},
+                "score": self.best["score"], "c_step": self.best["c_step"], "delta": whole(self.best["delta"]),
             },
         }  # fmt: skip
 
@@ -310,9 +329,13 @@ class LearningCompressor:
                         f"the model (compressed here: {list(self.params)})"
                     )
         device = {name: param.device for name, param in self.params.items()}
+
+        def placed(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:  # whole in the checkpoint, sharded here
+            return {n: sharded_like(t.to(device[n]), self.params[n]) for n, t in tensors.items()}
+
         self.c_steps_done = state["c_steps_done"]
-        self.delta = {n: t.to(device[n]) for n, t in state["delta"].items()}
-        self.lam = {n: t.to(device[n]) for n, t in state["lambda"].items()}
+        self.delta = placed(state["delta"])
+        self.lam = placed(state["lambda"])
         self.codebooks = {n: t.to(device[n]) for n, t in state["codebooks"].items()}
         best = state.get("best")
-        self.best = None if best is None else {**best, "delta": {n: t.to(device[n]) for n, t in best["delta"].items()}}
+        self.best = None if best is None else {**best, "delta": placed(best["delta"])}

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from lightning_sparse.core.shards import all_ranks_min, full_tensor, gather_like, is_sharded, local_part, local_tensor, sum_over_shards
+
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
 _CHUNK_BYTES = 1 << 16  # packed bytes expanded at once: 512 KiB of bool scratch, whatever the layer size
 
@@ -73,15 +75,21 @@ def non_finite(tensors: Mapping[str, Tensor | None]) -> list[str]:
     Cheap enough for every optimizer step: one sum per tensor (NaN and inf propagate through a sum) and a single
     host synchronisation; each tensor is looked at on its own only when a sum is not finite (which a finite tensor
     can also give, by overflow, so that look decides).
+    Sharded tensors (FSDP2) are looked at shard by shard and the verdict reduced over the ranks, so every rank names
+    the same tensors.
     """
-    named = [(name, t.detach()) for name, t in tensors.items() if t is not None and t.numel()]
-    if not named:
+    present = [(name, t) for name, t in tensors.items() if t is not None and t.numel()]
+    if not present:
         return []
+    everything = [t for _, t in present]
+    named = [(name, local_tensor(t).detach()) for name, t in present]
     device = named[0][1].device
-    sums = torch.stack([t.sum().float().to(device) for _, t in named])
-    if bool(torch.isfinite(sums).all()):
+    sums = torch.stack([t.sum().float().to(device) if t.numel() else torch.zeros((), device=device) for _, t in named])
+    if bool(all_ranks_min(torch.isfinite(sums).all().to(torch.uint8), everything)):
         return []
-    return [name for name, t in named if not bool(torch.isfinite(t).all())]
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).to(torch.uint8)
+    finite = all_ranks_min(finite, everything)
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> list[Tensor]:
@@ -95,9 +103,13 @@ def param_state(state: Mapping[Tensor, Mapping[str, object]], param: Tensor) -> 
 
 @torch.no_grad()
 def reset_state_(state: Mapping[Tensor, Mapping[str, object]], param: Tensor, where: Tensor) -> None:
-    """Zero ``param``'s per-weight optimizer state (momentum, Adam moments) where ``where`` is True."""
-    for value in param_state(state, param):
-        value.masked_fill_(where, 0)
+    """Zero ``param``'s per-weight optimizer state (momentum, Adam moments) where ``where`` (shaped like the whole
+    parameter) is True; a sharded state is zeroed on this rank's shard."""
+    values = param_state(state, param)
+    if values:
+        where = local_part(where, param)
+    for value in values:
+        local_tensor(value).masked_fill_(where, 0)
 
 
 def pack(mask: Tensor) -> Tensor:
@@ -124,6 +136,11 @@ class MaskSet:
 
     ``True`` keeps a weight, ``False`` prunes it. A parameter without a mask yet is dense. Verbs:
     :meth:`set` a mask, :meth:`apply_` masks to weights, :meth:`mask_grads_`, and read :meth:`density`.
+
+    Sharded parameters (FSDP2 ``DTensor``): each rank stores the mask of its own shard only and masks its shard of
+    the weight, gradient and optimizer state. Masks go in and come out whole (:meth:`set`, :meth:`mask`,
+    :meth:`weight`, :meth:`grad`, :meth:`state_dict`), so the algorithms decide on the whole tensor exactly as
+    unsharded, and a checkpoint is the same whatever the sharding; those verbs gather, so call them on every rank.
     """
 
     def __init__(self, params: Mapping[str, Tensor]) -> None:
@@ -150,35 +167,81 @@ class MaskSet:
         return not self._packed
 
     def mask(self, name: str) -> Tensor:
-        """The boolean mask of ``name`` (all ``True`` while the parameter is dense)."""
+        """The boolean mask of ``name``, whole (all ``True`` while the parameter is dense; gathered if sharded)."""
         param = self.params[name]
         if name not in self._packed:
-            return torch.ones_like(param, dtype=torch.bool)
-        return unpack(self._packed[name], param.shape)
+            return torch.ones(param.shape, dtype=torch.bool, device=param.device)
+        return gather_like(self.local_mask(name), param)
+
+    def local_mask(self, name: str) -> Tensor:
+        """The boolean mask of this rank's shard of ``name`` (the whole mask for a plain parameter)."""
+        local = local_tensor(self.params[name])
+        if name not in self._packed:
+            return torch.ones_like(local, dtype=torch.bool)
+        return unpack(self._packed[name], local.shape)
+
+    def weight(self, name: str) -> Tensor:
+        """The whole weight of ``name``, detached (gathered if sharded): what a pruning decision reads."""
+        return full_tensor(self.params[name].detach())
+
+    def grad(self, name: str) -> Tensor | None:
+        """The whole gradient of ``name`` (gathered if sharded), or None."""
+        grad = self.params[name].grad
+        return None if grad is None else full_tensor(grad)
 
     def set(self, name: str, mask: Tensor) -> None:
-        """Store ``mask`` for ``name`` and zero the pruned weights in place."""
+        """Store ``mask`` (shaped like the whole parameter) for ``name`` and zero the pruned weights in place."""
         param = self.params[name]
         if mask.shape != param.shape or mask.dtype != torch.bool:
             raise ValueError(
                 f"Mask for {name!r} must be a bool tensor of shape {tuple(param.shape)}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        self._packed[name] = pack(mask.to(param.device))
+        local = local_part(mask.to(param.device), param)
+        self._packed[name] = pack(local)
         with torch.no_grad():
-            param.masked_fill_(~mask.to(param.device), 0)
+            local_tensor(param).masked_fill_(~local, 0)
+
+    @torch.no_grad()
+    def fill_(self, name: str, where: Tensor, value: float = 0.0) -> None:
+        """Write ``value`` into parameter ``name`` where ``where`` (shaped like the whole parameter) is True."""
+        param = self.params[name]
+        local_tensor(param).masked_fill_(local_part(where.to(param.device), param), value)
+
+    def rebind(self, params: Mapping[str, Tensor]) -> None:
+        """Point the set at new tensors for the same parameters (``fully_shard`` replaces every parameter by a
+        ``DTensor``), keeping each mask: the whole mask is cut to the new shard, and the new weights are masked."""
+        missing = sorted(set(self.params) - set(params))
+        if missing:
+            raise ValueError(f"Cannot rebind masks: the model no longer has parameters {missing}")
+        changed = [name for name in self.params if params[name] is not self.params[name]]
+        for name in changed:
+            if tuple(params[name].shape) != tuple(self.params[name].shape):
+                raise ValueError(
+                    f"Cannot rebind the mask of {name!r}: the parameter changed shape from "
+                    f"{tuple(self.params[name].shape)} to {tuple(params[name].shape)}"
+                )
+        whole = {name: self.mask(name) for name in changed if name in self._packed}
+        self.params.update({name: params[name] for name in changed})
+        for name, mask in whole.items():
+            self.set(name, mask)
 
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero every pruned weight in place (after an optimizer step may have moved it)."""
         for name, packed in self._packed.items():
-            mask_(self.params[name], packed)
+            mask_(local_tensor(self.params[name]), packed)
 
     @torch.no_grad()
     def mask_tensor_(self, name: str, tensor: Tensor) -> None:
-        """Zero the pruned entries of ``tensor`` (shaped like parameter ``name``), e.g. another callback's copy."""
-        if name in self._packed:
-            mask_(tensor, self._packed[name])
+        """Zero the pruned entries of ``tensor`` (shaped like parameter ``name``, and sharded like it or whole),
+        e.g. another callback's copy."""
+        if name not in self._packed:
+            return
+        if is_sharded(self.params[name]) and not is_sharded(tensor):
+            tensor.masked_fill_(~self.mask(name).to(tensor.device), 0)
+            return
+        mask_(local_tensor(tensor), self._packed[name])
 
     @torch.no_grad()
     def mask_grads_(self, finite: bool = False) -> None:
@@ -191,7 +254,7 @@ class MaskSet:
         for name, packed in self._packed.items():
             grad = self.params[name].grad
             if grad is not None:
-                (multiply_ if finite else mask_)(grad, packed)
+                (multiply_ if finite else mask_)(local_tensor(grad), packed)
 
     @torch.no_grad()
     def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
@@ -203,7 +266,7 @@ class MaskSet:
         """
         for name, packed in self._packed.items():
             for value in param_state(state, self.params[name]):
-                mask_(value, packed)
+                mask_(local_tensor(value), packed)
 
     def numel(self, name: str) -> int:
         return self.params[name].numel()
@@ -212,7 +275,7 @@ class MaskSet:
         """Number of kept weights of ``name`` according to its mask."""
         if name not in self._packed:
             return self.numel(name)
-        return int(self.mask(name).sum())
+        return int(sum_over_shards(self.local_mask(name).sum(), self.params[name]))
 
     def density(self, name: str | None = None) -> float:
         """Fraction of kept weights of one parameter, or of all of them when ``name`` is None."""
@@ -233,15 +296,21 @@ class MaskSet:
         total = 0
         for index, name in enumerate(self.params):
             if name in self._packed:
-                weights = torch.arange(1, self._packed[name].numel() + 1, dtype=torch.int64)
-                total += (index + 1) * int((self._packed[name].cpu().to(torch.int64) * weights).sum())
+                packed = self._whole_packed(name)
+                weights = torch.arange(1, packed.numel() + 1, dtype=torch.int64)
+                total += (index + 1) * int((packed.cpu().to(torch.int64) * weights).sum())
         return total
 
+    def _whole_packed(self, name: str) -> Tensor:
+        """The packed mask of the whole parameter (this rank's one for a plain parameter; gathered if sharded)."""
+        return pack(self.mask(name)) if is_sharded(self.params[name]) else self._packed[name]
+
     def state_dict(self) -> dict[str, dict]:
-        """Packed masks on CPU with the shapes they belong to."""
+        """Packed masks of the whole parameters, on CPU, with the shapes they belong to (the same whatever the
+        sharding, so a sharded run's checkpoint loads unsharded and the reverse)."""
         return {
             "shapes": {name: list(self.params[name].shape) for name in self._packed},
-            "packed": {name: packed.cpu().clone() for name, packed in self._packed.items()},
+            "packed": {name: self._whole_packed(name).cpu().clone() for name in self._packed},
         }
 
     def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
@@ -259,7 +328,10 @@ class MaskSet:
                 raise ValueError(
                     f"Checkpoint mask for {name!r} has shape {list(shape)} but the parameter has shape {expected}"
                 )
-        self._packed = {
-            name: packed[name].to(device=self.params[name].device, dtype=torch.uint8) for name in shapes
-        }
+        loaded = {}
+        for name in shapes:
+            param = self.params[name]
+            whole = packed[name].to(device=param.device, dtype=torch.uint8)
+            loaded[name] = pack(local_part(unpack(whole, param.shape), param)) if is_sharded(param) else whole
+        self._packed = loaded
         self.apply_()

@@ -31,6 +31,7 @@ from torch import Tensor
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.shards import from_local_like, full_tensor, local_part, local_tensor, sharded_like
 
 
 def _score_dtype(param: Tensor) -> torch.dtype:
@@ -44,13 +45,23 @@ class MovementScores:
     State, declared once: ``scores[name]`` (``S``, shaped like the parameter, fp32 or wider), ``latent[name]`` (the
     weights' values at pruned positions, zero where the weight is kept; absent until a weight is pruned) and
     ``steps[name]`` (how many gradients were accumulated). ``w + latent`` is the dense weight the paper scores.
+    For a sharded parameter (FSDP2) scores and latent values are sharded like it; masks are decided on whole scores.
     """
 
     def __init__(self, params: Mapping[str, Tensor]) -> None:
         self.params = dict(params)
-        self.scores = {name: torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device) for name, p in self.params.items()}
+        self.scores = {
+            name: sharded_like(torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device), p) for name, p in self.params.items()
+        }
         self.latent: dict[str, Tensor] = {}
         self.steps = {name: 0 for name in self.params}
+
+    def rebind(self, params: Mapping[str, Tensor]) -> None:
+        """Point the scores at new tensors for the same parameters (``fully_shard`` replaces every parameter by a
+        ``DTensor``); scores and latent values are moved to the new sharding."""
+        self.scores = {name: sharded_like(full_tensor(s), params[name]) for name, s in self.scores.items()}
+        self.latent = {name: sharded_like(full_tensor(v), params[name]) for name, v in self.latent.items()}
+        self.params = {name: params[name] for name in self.params}
 
     @torch.no_grad()
     def accumulate_(self) -> None:
@@ -63,10 +74,10 @@ class MovementScores:
             grad = param.grad
             if grad is None:
                 continue
-            score = self.scores[name]
-            score.addcmul_(param, grad, value=-1)
+            score, grad = local_tensor(self.scores[name]), local_tensor(grad)  # elementwise: shard by shard
+            score.addcmul_(local_tensor(param), grad, value=-1)
             if name in self.latent:
-                score.addcmul_(self.latent[name], grad, value=-1)
+                score.addcmul_(local_tensor(self.latent[name]), grad, value=-1)
             self.steps[name] += 1
 
     def missing(self) -> list[str]:
@@ -77,17 +88,20 @@ class MovementScores:
     def set_mask(self, masks: MaskSet, name: str, mask: Tensor) -> None:
         """Install ``mask`` for ``name``: weights it prunes move into ``latent``, weights it revives come back from it."""
         param = self.params[name]
-        dense = param + self.latent[name] if name in self.latent else param.detach().clone()
+        weight = local_tensor(param)  # this rank's shard (the whole weight when unsharded)
+        kept = local_part(mask.to(param.device), param)
+        dense = weight + local_tensor(self.latent[name]) if name in self.latent else weight.detach().clone()
         masks.set(name, mask)  # zeroes the newly pruned weights
-        param.copy_(torch.where(mask, dense, torch.zeros((), dtype=param.dtype, device=param.device)))
-        self.latent[name] = torch.where(mask, torch.zeros((), dtype=param.dtype, device=param.device), dense)
+        zero = torch.zeros((), dtype=param.dtype, device=param.device)
+        weight.copy_(torch.where(kept, dense, zero))
+        self.latent[name] = from_local_like(torch.where(kept, zero, dense), param)
 
     # ----------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, dict]:
-        """Scores, latent values and step counts, on CPU."""
+        """Scores, latent values and step counts, whole (gathered if sharded) and on CPU."""
         return {
-            "scores": {name: s.cpu().clone() for name, s in self.scores.items()},
-            "latent": {name: v.cpu().clone() for name, v in self.latent.items()},
+            "scores": {name: full_tensor(s).cpu().clone() for name, s in self.scores.items()},
+            "latent": {name: full_tensor(v).cpu().clone() for name, v in self.latent.items()},
             "steps": dict(self.steps),
         }
 
@@ -106,8 +120,11 @@ class MovementScores:
                     f"shape {list(self.params[name].shape)}"
                 )
         for name, tensor in scores.items():
-            self.scores[name].copy_(tensor)
-        self.latent = {name: tensor.to(device=self.params[name].device, dtype=self.params[name].dtype) for name, tensor in latent.items()}
+            local_tensor(self.scores[name]).copy_(local_part(tensor.to(self.params[name].device), self.params[name]))
+        self.latent = {
+            name: sharded_like(tensor.to(device=self.params[name].device, dtype=self.params[name].dtype), self.params[name])
+            for name, tensor in latent.items()
+        }
         self.steps = {name: int(value) for name, value in steps.items()}
 
 
@@ -123,7 +140,8 @@ def prune_by_movement(
     missing = scores.missing()
     if missing:
         raise ValueError(f"movement scores of {missing} were never accumulated (no gradient reached them)")
-    counts = zero_counts(distribution, {name: scores.scores[name] for name in masks}, sparsity)
+    whole = {name: full_tensor(scores.scores[name]) for name in masks}  # gathered when sharded: decided as unsharded
+    counts = zero_counts(distribution, whole, sparsity)
     for name in masks:
-        scores.set_mask(masks, name, exact_mask(scores.scores[name], counts[name]))
+        scores.set_mask(masks, name, exact_mask(whole[name], counts[name]))
     return counts

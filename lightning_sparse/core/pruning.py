@@ -34,12 +34,12 @@ def prune_by_magnitude(
     granularity = granularity or {}
     structured = {name: granularity[name] for name in masks if name in granularity and granularity[name].kind != "unstructured"}
     plain = [name for name in masks if name not in structured]
-    scores = {name: magnitude(masks.params[name], masks.mask(name)) for name in plain}
+    scores = {name: magnitude(masks.weight(name), masks.mask(name)) for name in plain}  # whole tensors, even sharded
     counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale) if scores else {}
     for name, score in scores.items():
         masks.set(name, exact_mask(score, counts[name]))
     for name, kind in structured.items():
-        weight = masks.params[name]
+        weight = masks.weight(name)
         target = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
         if kind.kind == "channel":
             outputs = weight.shape[kind.axis or 0]

@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import non_finite
+from lightning_sparse.core.shards import full_tensor, is_sharded, local_part, local_tensor, sharded_like
 
 SCALES = ("per_channel", "per_tensor")
 GRANULARITIES = SCALES  # the old name of SCALES
@@ -258,6 +259,11 @@ class FakeQuantizer:
     q(w) of one layer is CLIP-Q's pruning of its ``sparsity[name]`` smallest latent weights (Tung & Mori 2018;
     in q(w) only, so they can come back), then the uniform grid or the layer's codebook.
 
+    Sharded parameters (FSDP2 ``DTensor``): the latent weights are sharded like their parameter; q(w) is computed on
+    the whole latent tensor (gathered: the per-tensor scale, codebook and CLIP-Q count are the unsharded ones) and
+    each rank writes its shard, except per-channel uniform grids over whole rows (``Shard(0)``), which each rank
+    computes on its own rows without a gather.
+
     Args:
         params: ``{name: parameter}`` to quantize.
         bits: bits per parameter (2..8).
@@ -312,10 +318,29 @@ class FakeQuantizer:
             )
         self._pruned = {name for mask_set in masks for name in self.params if name in mask_set.params}
         for name, param in self.params.items():
-            param.copy_(self.quantize_layer(name, self.latent[name], refit))
+            if self._rows_are_local(name):  # per-row grids of whole rows: each shard quantized as unsharded, no gather
+                local_tensor(param).copy_(self.quantize_layer(name, local_tensor(self.latent[name]), refit))
+            else:  # a sharded layer is quantized whole (its scale, codebook or CLIP-Q count), then cut to the shard
+                local_tensor(param).copy_(local_part(self.quantize_layer(name, full_tensor(self.latent[name]), refit), param))
         if refit:
             self.codebook_step = step
         self.quantized = True
+
+    def _rows_are_local(self, name: str) -> bool:
+        """True when ``name`` is sharded by whole rows (FSDP2's ``Shard(0)``) and q(w) is a per-row uniform grid
+        (per channel along axis 0, no CLIP-Q), so each rank's rows quantize on their own to the same bits."""
+        param = self.params[name]
+        return (
+            is_sharded(param) and all(p.is_shard(0) for p in param.placements) and param.dim() >= 2
+            and local_tensor(param).numel() > 0 and self.method == "uniform" and self.scale == "per_channel"
+            and not self.sparsity.get(name, 0.0) and not self.axes.get(name, 0)
+        )  # fmt: skip
+
+    def rebind(self, params: Mapping[str, Tensor]) -> None:
+        """Point the quantizer at new tensors for the same parameters (``fully_shard`` replaces every parameter by a
+        ``DTensor``); latent weights kept while quantized are moved to the new sharding."""
+        self.latent = {name: sharded_like(full_tensor(t), params[name]) for name, t in self.latent.items()}
+        self.params = {name: params[name] for name in self.params}
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -349,9 +374,9 @@ class FakeQuantizer:
         """Relative quantization error ``||q(w) - w|| / ||w||`` per layer (while the parameters hold q(w))."""
         result = {}
         for name, param in self.params.items():
-            latent = self.latent[name]
+            latent = full_tensor(self.latent[name])  # whole tensors: the same numbers sharded or not (a gather)
             norm = float(latent.norm())
-            result[name] = float((param.detach() - latent).norm()) / norm if norm else 0.0
+            result[name] = float((full_tensor(param.detach()) - latent).norm()) / norm if norm else 0.0
         return result
 
     def metrics(self, prefix: str = "qat") -> dict[str, float]:
@@ -364,11 +389,12 @@ class FakeQuantizer:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """Codebooks, the last re-fit step and, while the parameters hold q(w), the latent weights (on CPU)."""
+        """Codebooks, the last re-fit step and, while the parameters hold q(w), the whole latent weights (on CPU,
+        gathered if sharded)."""
         state: dict[str, Any] = {"codebook_step": self.codebook_step}
         state["codebooks"] = {name: codebook.cpu().clone() for name, codebook in self.codebooks.items()}
         if self.quantized:  # the parameters (and so a checkpoint's state dict) hold q(w); resuming needs w
-            state["latent"] = {name: latent.cpu().clone() for name, latent in self.latent.items()}
+            state["latent"] = {name: full_tensor(latent).cpu().clone() for name, latent in self.latent.items()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -383,5 +409,8 @@ class FakeQuantizer:
                 )
         self.codebook_step = state.get("codebook_step", -1)
         self.codebooks = {n: c.to(self.params[n].device) for n, c in state.get("codebooks", {}).items()}
-        self.latent = {n: t.to(device=self.params[n].device, dtype=self.params[n].dtype) for n, t in latent.items()}
+        self.latent = {
+            n: sharded_like(t.to(device=self.params[n].device, dtype=self.params[n].dtype), self.params[n])
+            for n, t in latent.items()
+        }  # whole in the checkpoint, sharded like the parameter here
         self.quantized = bool(latent)

@@ -18,6 +18,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from lightning_sparse.core.shards import local_tensor, sum_over_shards
+
 V = TypeVar("V")
 
 #: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not. ``nn.MultiheadAttention``
@@ -307,5 +309,5 @@ def model_sparsity(matrices: Mapping[str, torch.Tensor]) -> float:
     total = sum(t.numel() for t in matrices.values())
     if not total:
         return 0.0
-    zeros = sum(int((t == 0).sum()) for t in matrices.values())
+    zeros = sum(int(sum_over_shards((local_tensor(t) == 0).sum(), t)) for t in matrices.values())  # shards: summed
     return zeros / total

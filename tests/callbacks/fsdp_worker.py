@@ -1,0 +1,193 @@
+"""Run by ``test_fsdp.py``: every compression callback on 2 CPU processes (gloo), once unsharded (``strategy="ddp"``)
+and once FSDP2-sharded (``ModelParallelStrategy`` with ``fully_shard`` applied in ``configure_model``), on the same
+digits and seed; then checkpoints of both kinds resumed across the two.
+
+Every rank writes ``rank<N>.json``: for each run the whole (gathered) final weights' CRC, the whole masks' CRC, the
+per-layer zero counts, the CRC of the masks after every update, and whether the parameters were really sharded.
+"""
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
+from torch import nn
+
+from lightning_sparse import export
+from lightning_sparse import SET, GradualMagnitudePruning, LearningCompression, MovementPruning, QuantizationAwareTraining, RigL
+from lightning_sparse.core.shards import full_tensor, is_sharded
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+EXPORTED = "gmp-global"  # the method whose final models are also exported (compressed files compared by the test)
+BATCHES = 8  # optimizer steps per epoch (per rank: 8 batches of 16)
+
+
+def crc(tensors) -> int:
+    value = 0
+    for tensor in tensors:
+        value = zlib.crc32(tensor.detach().cpu().contiguous().numpy().tobytes(), value)
+    return value
+
+
+class MLP(Classifier):
+    """Digits MLP 64 → 33 → 21 → 10: odd row counts, so FSDP2's shards are uneven (17/16 and 11/10 rows)."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="lenet300", input_shape=(1, 8, 8), lr=0.05)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 33), nn.ReLU(), nn.Linear(33, 21), nn.ReLU(), nn.Linear(21, 10))
+
+
+class ShardedMLP(MLP):
+    """The same model, FSDP2-sharded: each Linear and the whole net are ``fully_shard``-ed over the data-parallel mesh."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+CALLBACKS = {
+    "gmp": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, verbose=False),
+    "gmp-global": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, distribution="global", verbose=False),
+    "movement": lambda: MovementPruning(sparsity=0.8, start=2, end=12, frequency=2, verbose=False),
+    "rigl": lambda: RigL(sparsity=0.8, frequency=2, end=14, verbose=False),
+    "set": lambda: SET(sparsity=0.8, frequency=2, end=14, seed=5, verbose=False),
+    "qat": lambda: QuantizationAwareTraining(bits=4, verbose=False),
+    "qat-kmeans": lambda: QuantizationAwareTraining(bits=3, method="kmeans", frequency=4, sparsity=0.5, verbose=False),
+    "lc": lambda: LearningCompression(sparsity=0.8, lc_steps=4, steps_per_l=3, first_l_steps=2, verbose=False),
+}
+
+
+def masks_of(callback) -> dict:
+    """Whole masks (gathered) of a pruning callback, or the zero pattern of the compressed weights otherwise."""
+    masks = getattr(callback, "masks", None)
+    if masks is not None:
+        return {name: masks.mask(name) for name in masks}
+    return {name: full_tensor(param.detach()) == 0 for name, param in callback.params.items()}
+
+
+class Record(pl.Callback):
+    """The whole masks' CRC after every optimizer step at which they changed (gathered: every rank calls it)."""
+
+    def __init__(self, callback) -> None:
+        self.callback, self.rows = callback, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        value = crc(masks_of(self.callback).values())
+        if not self.rows or self.rows[-1][1] != value:
+            self.rows.append([trainer.global_step, value])
+
+
+class StopAfterFirstEpoch(pl.Callback):
+    """Save a checkpoint at the end of the first epoch of a 2-epoch run (where ``ModelCheckpoint`` would, so its
+    schedules are planned for the whole run) and stop there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+        trainer.should_stop = True
+
+
+def trainer(strategy: str, epochs: int, callbacks: list, distributed_checkpoint: bool = True, **kwargs) -> pl.Trainer:
+    if strategy == "fsdp2":
+        kwargs["strategy"] = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed_checkpoint
+        )
+    else:
+        kwargs["strategy"] = "ddp"
+    return pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=epochs, limit_train_batches=BATCHES, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def model_for(strategy: str) -> MLP:
+    pl.seed_everything(3)
+    return ShardedMLP() if strategy == "fsdp2" else MLP()
+
+
+def summary(model: MLP, callback, record: Record | None = None) -> dict:
+    """What the test compares, from whole (gathered) tensors."""
+    weights = {name: full_tensor(param.detach()) for name, param in model.named_parameters()}
+    masks = masks_of(callback)
+    return {
+        "weights": crc(weights.values()),
+        "masks": crc(masks.values()),
+        "zeros": {name: int((weights[name] == 0).sum()) for name in masks},
+        "numel": {name: weights[name].numel() for name in masks},
+        "sharded": all(is_sharded(param) for param in model.parameters()),
+        "updates": record.rows if record is not None else [],
+    }
+
+
+def straight(method: str, strategy: str, epochs: int = 2) -> dict:
+    model, callback = model_for(strategy), CALLBACKS[method]()
+    record = Record(callback)
+    run = trainer(strategy, epochs, [callback, record])
+    run.fit(model, DigitsDataModule(batch_size=16))
+    if method == EXPORTED:  # every rank saves (the shards are gathered), each to its own file
+        export.save_compressed(model, run.default_root_dir + f"/{method}-{strategy}-rank{run.global_rank}.lsz", verbose=False)
+    return summary(model, callback, record)
+
+
+def resumed(method: str, first: str, second: str, out_dir: Path, distributed_checkpoint: bool = True) -> dict:
+    """One epoch under ``first``, a checkpoint, then the second epoch under ``second`` resumed from it."""
+    model, callback = model_for(first), CALLBACKS[method]()
+    path = out_dir / f"{method}-{first}-{second}-{int(distributed_checkpoint)}.ckpt"
+    run = trainer(first, 2, [callback, StopAfterFirstEpoch(path)], distributed_checkpoint)
+    run.fit(model, DigitsDataModule(batch_size=16))
+    written_sharded = path.is_dir()
+    if written_sharded and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
+        path = consolidate(run, path)
+    model, callback = model_for(second), CALLBACKS[method]()
+    trainer(second, 2, [callback]).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
+    return {**summary(model, callback), "sharded_checkpoint": written_sharded}
+
+
+def consolidate(run: pl.Trainer, path: Path) -> Path:
+    """A distributed checkpoint folder read whole (``load_distributed_checkpoint``) and saved as one file on rank 0."""
+    target = path.with_suffix(".full.ckpt")
+    if run.global_rank == 0:
+        torch.save(export.load_distributed_checkpoint(path, trusted=True), target)
+    run.strategy.barrier()
+    return target
+
+
+#: resume paths: (first strategy, second strategy, sharded checkpoint when the first is fsdp2)
+PATHS = {
+    "sharded": ("fsdp2", "fsdp2", True),  # a distributed (sharded) checkpoint folder, resumed sharded
+    "full": ("fsdp2", "fsdp2", False),  # a full checkpoint file written by the sharded run, resumed sharded
+    "into-sharded": ("ddp", "fsdp2", True),  # an unsharded run's checkpoint resumed sharded
+    "into-unsharded": ("fsdp2", "ddp", True),  # a sharded checkpoint folder, consolidated, resumed unsharded
+}
+
+
+def main(out_dir: Path, methods: list[str], resume: list[str]) -> None:
+    """``methods``: callbacks run straight under both strategies; ``resume``: ``method:path`` entries (:data:`PATHS`)."""
+    torch.set_num_threads(1)
+    result: dict = {"runs": {}}
+    for method in methods:
+        for strategy in ("ddp", "fsdp2"):
+            result["runs"][f"{method}/{strategy}"] = straight(method, strategy)
+    for entry in resume:
+        method, path = entry.split(":")
+        first, second, distributed = PATHS[path]
+        result["runs"][f"{method}/{path}"] = resumed(method, first, second, out_dir, distributed)
+    rank = torch.distributed.get_rank()
+    result["world_size"] = torch.distributed.get_world_size()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), [m for m in sys.argv[2].split(",") if m], [m for m in sys.argv[3].split(",") if m] if len(sys.argv) > 3 else [])
