@@ -4,6 +4,7 @@ their companions (biases, BatchNorm affine entries) with the weights. The algori
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any
 
 import pytorch_lightning as pl
@@ -47,7 +48,9 @@ def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.Light
     inputs = example_input(trainer, pl_module)
     device = next(iter(callback.masks.params.values())).device
     plan = find_groups(pl_module, tuple(x.to(device) for x in inputs) if inputs else None)
-    grouped = GroupedChannels(plan, callback.targets, channel, dict(pl_module.named_parameters()))
+    params = dict(pl_module.named_parameters())
+    excluded = [name for name in params if callback.exclude and any(fnmatchcase(name, p) for p in callback.exclude)]
+    grouped = GroupedChannels(plan, callback.targets, channel, params, excluded)
     if grouped.companions:
         callback.masks = MaskSet({**callback.masks.params, **grouped.companions})
         callback.compressed = {name: frozenset({"zeros"}) for name in callback.masks}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -674,13 +674,15 @@ class GroupedChannels:
 
     A group is pruned when one of its producing weights is a target with ``channel`` granularity: those weights are
     scored (:func:`slot_scores`), and every other member that is not a target of its own (biases, BatchNorm affine
-    entries, depthwise filters) is masked with them as a *companion*, so a pruned channel is exactly zero. Members
+    entries, depthwise filters) is masked with them as a *companion*, so a pruned channel is exactly zero (unless
+    it is in ``excluded``, the names the user's ``exclude`` globs match). Members
     the run does not prune as a group (a weight left out of ``include``, or pruned ``unstructured``) keep the group's
     masks exact but make it not removable. A target in a group whose coupling is not proved stays dense
     (:attr:`unpruned`, with the reason).
     """
 
-    def __init__(self, plan: GroupPlan, targets: Mapping[str, Tensor], channel: Sequence[str], params: Mapping[str, Tensor]) -> None:
+    def __init__(self, plan: GroupPlan, targets: Mapping[str, Tensor], channel: Sequence[str], params: Mapping[str, Tensor],
+                 excluded: Collection[str] = ()) -> None:  # fmt: skip
         self.plan = plan
         self.selected: list[tuple[ChannelGroup, list[str]]] = []
         self.companions: dict[str, Tensor] = {}
@@ -702,6 +704,8 @@ class GroupedChannels:
                     reasons.append(f"{name} is pruned with another granularity")
                 elif member.role in ("weight",) and name.endswith("weight"):
                     reasons.append(f"{name} is not selected (`include`/`exclude`/`sparsity`)")
+                elif name in excluded:
+                    reasons.append(f"{name} is excluded (`exclude`): its pruned channels are constants, not zeros")
                 else:
                     self.companions[name] = params[name]
             if reasons:
