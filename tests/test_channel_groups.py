@@ -307,3 +307,28 @@ def test_one_group_given_two_sparsities_is_refused_before_training(data, tmp_pat
 def test_group_sparsity_that_removes_every_channel_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"would remove every one of the 16 output channels of 'net.stem.0.weight'"):
         make_trainer(tmp_path, [_gmp(sparsity={"net.stem.*": 0.99, "net.layers.0.conv2.*": 0.99})]).fit(digits_model("resnet8"), data)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow (fx cannot trace it) around an nn.Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > float("-inf"):
+            x = self.features(x)
+        return self.head(x.flatten(1))
+
+
+def test_untraceable_model_falls_back_to_the_groups_inside_its_sequentials():
+    plan = find_groups(Untraceable(), torch.zeros(2, 1, 8, 8))
+    assert not plan.traced and "torch.fx could not trace Untraceable" in plan.note
+    inside = plan.group_of("features.0.weight")
+    assert inside.prunable and sorted(inside.members) == ["features.0.bias", "features.0.weight", "features.1.bias", "features.1.weight"]
+    assert list(inside.consumers) == ["features.3"]
+    leaving = plan.group_of("features.3.weight")
+    assert not leaving.prunable and "its channels leave features (nn.Sequential)" in leaving.reason
+    assert plan.group_of("head.weight") is None  # outside every Sequential: nothing proved

@@ -154,7 +154,7 @@ class GradualMagnitudePruning(SparsityCallback):
         fixed = {name: g.final_sparsity for name, g in self._granularity.items() if g.kind == "nm"}
         if not fixed:
             return final
-        return {name: fixed.get(name, final[name] if isinstance(final, dict) else final) for name in self.masks}
+        return {name: fixed.get(name, final[name] if isinstance(final, dict) else final) for name in self._granularity}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
