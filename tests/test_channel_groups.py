@@ -332,3 +332,27 @@ def test_untraceable_model_falls_back_to_the_groups_inside_its_sequentials():
     leaving = plan.group_of("features.3.weight")
     assert not leaving.prunable and "its channels leave features (nn.Sequential)" in leaving.reason
     assert plan.group_of("head.weight") is None  # outside every Sequential: nothing proved
+
+
+def test_groups_prune_from_a_plain_pytorch_loop(data):
+    from lightning_sparse.core.groups import GroupedChannels
+    from lightning_sparse.core.masks import MaskSet
+    from lightning_sparse.core.targets import select_targets
+
+    torch.manual_seed(0)
+    net = Classifier(arch="resnet8", input_shape=(1, 8, 8)).net
+    x, y = data.splits["train"].tensors
+    targets = select_targets(net, exclude=["fc.weight"])
+    grouped = GroupedChannels(find_groups(net, x[:2]), targets, list(targets), dict(net.named_parameters()))
+    masks = MaskSet({**targets, **grouped.companions})
+    grouped.prune(masks, 0.25)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for i in range(0, 640, 64):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x[i : i + 64]), y[i : i + 64]).backward()
+        masks.mask_grads_()
+        optimizer.step()
+    stream = _zero_channels(net.stem[0].weight)
+    assert int(stream.sum()) == 4  # round(0.25 × 16)
+    for tensor in (net.layers[0].conv2.weight, net.stem[1].weight, net.stem[1].bias, net.layers[0].bn2.bias):
+        assert torch.equal(_zero_channels(tensor) if tensor.dim() > 1 else tensor.detach() == 0, stream)
