@@ -326,6 +326,8 @@ def _cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, 
         report.notes.append(f"channel groups not cut: {error}")
         return
     report.groups = [cut.describe() for cut in cuts]
+    if layers:
+        ShapeProp(gm).propagate(*inputs)  # the shapes the per-producer pass reads are the cut model's
     for cut in cuts:
         if not cut.removed or not layers:
             continue
