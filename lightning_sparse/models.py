@@ -1,4 +1,4 @@
-"""Reference models: LeNet-300-100, LeNet-5 and a small CNN under a classifier LightningModule, and CharGPT, a
+"""Reference models: LeNet-300-100, LeNet-5, a small CNN and ResNet-8 under a classifier LightningModule, and CharGPT, a
 nanoGPT-style character-level transformer."""
 
 from __future__ import annotations
@@ -52,10 +52,60 @@ def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Sequential:
     )
 
 
+class BasicBlock(nn.Module):
+    """He et al. 2016's basic residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, the shortcut a
+    1×1 conv + BatchNorm where the block changes the width or the resolution (option B), the identity otherwise."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (He et al. 2016, arXiv 1512.03385, section 4.2): a 3×3 stem, three stages of basic blocks
+    at ``widths`` (the 2nd and 3rd halve the resolution, with 1×1 conv + BN shortcuts), global average pooling and a
+    Linear head. Every layer writing into a stage's residual stream shares its channel index."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64), blocks: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, previous = [], widths[0]
+        for stage, width in enumerate(widths):
+            for index in range(blocks):
+                layers.append(BasicBlock(previous, width, stride=2 if stage > 0 and index == 0 else 1))
+                previous = width
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(previous, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))
+
+
+def resnet8(input_shape: Sequence[int], num_classes: int) -> ResNet:
+    """ResNet-8: stem, one basic block per stage at widths 16-32-64, head (8 weight layers; 78k weights)."""
+    return ResNet(input_shape[0], num_classes, (16, 32, 64), blocks=1)
+
+
 ARCHITECTURES: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "lenet300": lenet_300_100,
     "lenet5": lenet5,
     "cnn": small_cnn,
+    "resnet8": resnet8,
 }
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -67,7 +117,7 @@ class Classifier(pl.LightningModule):
     Logs ``train_loss``, ``val_loss``/``val_acc`` and ``test_loss``/``test_acc``.
 
     Args:
-        arch: ``lenet300``, ``lenet5`` or ``cnn``.
+        arch: ``lenet300``, ``lenet5``, ``cnn`` or ``resnet8`` (residual, with BatchNorm: :func:`resnet8`).
         input_shape: (channels, height, width) of one image: (1, 8, 8) for digits, (1, 28, 28) for MNIST.
         num_classes: output classes.
         optimizer: ``sgd`` (with momentum), ``adam`` or ``adamw``.

@@ -19,6 +19,7 @@ from lightning_sparse.callbacks.base import (
     resolve_step,
     warn_if_run_length_changed,
 )
+from lightning_sparse.callbacks.grouping import setup_channel_groups
 from lightning_sparse.core.allocation import DISTRIBUTIONS
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
@@ -48,7 +49,11 @@ class GradualMagnitudePruning(SparsityCallback):
             granularities need ``uniform`` or a per-layer ``sparsity`` mapping.
         granularity: ``unstructured`` (default), ``channel`` or an ``"N:M"`` string such as ``"2:4"`` (1 <= N < M, M
             dividing the layer's input dimension); or ``{glob: granularity}`` per layer (unmatched layers:
-            ``unstructured``), so a sweep can set it layer by layer.
+            ``unstructured``), so a sweep can set it layer by layer. ``channel`` prunes coupled channel groups
+            (:mod:`lightning_sparse.core.groups`, found at setup from a ``torch.fx`` trace on
+            ``example_input_array`` or the first training batch): every layer writing into one residual stream, with
+            its biases and BatchNorm affine entries, loses the same channels, so ``deploy`` can remove them; a layer
+            whose coupling is not proved stays dense, with the reason printed.
         channel_norm: ``l1`` or ``l2``: the norm that ranks output channels for ``channel`` granularity.
         include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
         exclude: glob patterns of parameter names to leave dense.
@@ -105,6 +110,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self.granularity = dict(granularity) if isinstance(granularity, Mapping) else granularity
         self.channel_norm = channel_norm
         self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
+        self._groups = None  # coupled channel groups (core.groups.GroupedChannels), found in setup
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
@@ -122,6 +128,7 @@ class GradualMagnitudePruning(SparsityCallback):
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
             self._planned_steps = None
             self._granularity = expand_granularity(self.granularity, self.targets)
+            self._groups = setup_channel_groups(self, trainer, pl_module)
             self._check_layers()
 
     def _check_layers(self) -> None:
@@ -138,6 +145,8 @@ class GradualMagnitudePruning(SparsityCallback):
                     f"`initial_sparsity`={self.initial_sparsity} is above the final sparsity {layer_final:.4g} of {name!r} "
                     f"({granularity})"
                 )
+        if self._groups is not None:
+            self._groups.check(final)
 
     def _final_sparsity(self) -> float | dict[str, float]:
         """The target of every layer: :meth:`_target`, with N:M layers at 1 - N/M."""
@@ -145,7 +154,7 @@ class GradualMagnitudePruning(SparsityCallback):
         fixed = {name: g.final_sparsity for name, g in self._granularity.items() if g.kind == "nm"}
         if not fixed:
             return final
-        return {name: fixed.get(name, final[name] if isinstance(final, dict) else final) for name in self.masks}
+        return {name: fixed.get(name, final[name] if isinstance(final, dict) else final) for name in self._granularity}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -181,7 +190,10 @@ class GradualMagnitudePruning(SparsityCallback):
 
     def _prune(self, target: float | dict[str, float]) -> None:
         """Write the masks for ``target`` (one sparsity, or one per parameter): the smallest magnitudes go."""
-        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm)
+        skip = self._groups.names if self._groups is not None else ()
+        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm, skip=skip)
+        if self._groups is not None:
+            self._groups.prune(self.masks, target, self.channel_norm)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps}

@@ -6,7 +6,7 @@ Unstructured layers rank single weights by |w|; ``channel`` layers rank whole ou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from lightning_sparse.core.allocation import round_half_up, zero_counts
 from lightning_sparse.core.criteria import exact_mask, magnitude
@@ -21,6 +21,7 @@ def prune_by_magnitude(
     granularity: Mapping[str, Granularity] | None = None,
     channel_norm: str = "l1",
     power_scale: float = 1.0,
+    skip: Collection[str] = (),
 ) -> dict[str, int]:
     """Prune the masked parameters to ``sparsity`` (or ``{name: sparsity}``); return the zeros written per parameter.
 
@@ -29,11 +30,12 @@ def prune_by_magnitude(
     layer prunes ``round(sparsity × out_channels)`` whole channels; an N:M layer prunes ``round(sparsity × numel)``
     weights, never more than M - N per group. ``distribution`` (``uniform``, ``global``, ``erk``) allocates a single
     ``sparsity`` over the unstructured layers (also ``er``, with ERK's ``power_scale``); structured layers take
-    ``sparsity`` as it is.
+    ``sparsity`` as it is. Parameters in ``skip`` are left as they are (coupled channel groups prune those).
     """
     granularity = granularity or {}
-    structured = {name: granularity[name] for name in masks if name in granularity and granularity[name].kind != "unstructured"}
-    plain = [name for name in masks if name not in structured]
+    names = [name for name in masks if name not in skip]
+    structured = {name: granularity[name] for name in names if name in granularity and granularity[name].kind != "unstructured"}
+    plain = [name for name in names if name not in structured]
     scores = {name: magnitude(masks.weight(name), masks.mask(name)) for name in plain}  # whole tensors, even sharded
     counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale) if scores else {}
     for name, score in scores.items():

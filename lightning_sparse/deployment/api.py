@@ -22,7 +22,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from lightning_sparse.deployment import chains, kernels, memory, thinning
+from lightning_sparse.deployment import chains, kernels, memory, residual, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
@@ -99,6 +99,7 @@ def deploy_model(
     work, traced = _trace(original, inputs, report)
     report.traced = traced
     if traced:
+        _cut_groups(work, inputs, reference, probe, probe_reference, report)
         _thin_all(work, inputs, reference, probe, probe_reference, report)
     else:
         report.notes.append("channels were not removed (that needs the traced graph)")
@@ -310,6 +311,36 @@ def _thin_all(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, pr
                 _explain(consumer, f"input channels of {node.target} removed")
                 if consumer.deployed_as == "dense":
                     consumer.deployed_as = "thinned"
+
+
+def _cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, probe: Any, probe_reference: Any,
+                report: DeployReport) -> None:  # fmt: skip
+    """Remove the coupled channel groups (residual streams, concats) whose channels are zero in every member."""
+
+    def matches() -> bool:
+        return _same(_run(gm, inputs), reference) and (probe is None or _same(_run(gm, probe), probe_reference))
+
+    try:
+        cuts, layers = residual.cut_groups(gm, inputs, matches)
+    except ValueError as error:  # a group whose members disagree in size: leave it to the per-producer pass
+        report.notes.append(f"channel groups not cut: {error}")
+        return
+    report.groups = [cut.describe() for cut in cuts]
+    if layers:
+        ShapeProp(gm).propagate(*inputs)  # the shapes the per-producer pass reads are the cut model's
+    for cut in cuts:
+        if not cut.removed or not layers:
+            continue
+        for name in cut.group.layers:
+            row = _row_or_none(report, name)
+            if row is not None:
+                _explain(row, f"channel group {cut.group.index}: {cut.detail}")
+                row.deployed_as = "thinned"
+        for name in cut.group.consumers:
+            row = _row_or_none(report, name)
+            if row is not None:
+                _explain(row, f"input channels of group {cut.group.index} removed")
+                row.deployed_as = "thinned"
 
 
 def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], nodes: list[fx.Node]) -> dict[fx.Node, Tensor]:

@@ -37,6 +37,7 @@ class DeployReport:
     forward_ms: tuple[float, float] | None = None
     traced: bool = False
     chains: list[str] = field(default_factory=list)  # transposed chains tried: layers, times, used or not
+    groups: list[str] = field(default_factory=list)  # coupled channel groups with zeros: members, consumers, outcome
 
     @property
     def speedup(self) -> float | None:
@@ -83,6 +84,7 @@ def summary_lines(report: DeployReport) -> list[str]:
     if report.forward_ms:
         before, after = report.forward_ms
         lines.append(f"forward on the example input: {before:.4f} ms → {after:.4f} ms ({report.speedup:.2f}× faster; medians of interleaved runs)")
+    lines += [f"{group}" for group in report.groups]
     lines += [f"{chain}" for chain in report.chains]
     lines += [f"note: {note}" for note in report.notes]
     return lines

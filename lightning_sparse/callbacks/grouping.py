@@ -1,0 +1,66 @@
+"""Coupled channel groups for the pruning callbacks: find them once at ``setup`` (on one example input) and mask
+their companions (biases, BatchNorm affine entries) with the weights. The algorithm is
+:mod:`lightning_sparse.core.groups`; this file only finds the example input and wires the result in."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+
+from lightning_sparse.core.groups import GroupedChannels, find_groups
+from lightning_sparse.core.masks import MaskSet
+
+
+def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...] | None:
+    """``pl_module.example_input_array``, else the input of the first training batch (``batch[0]`` of a tuple/list
+    batch, or a tensor batch), read from a fresh iterator with the random state restored (the run is unchanged)."""
+    given = getattr(pl_module, "example_input_array", None)
+    if isinstance(given, torch.Tensor):
+        return (given,)
+    if isinstance(given, (tuple, list)) and given and all(isinstance(x, torch.Tensor) for x in given):
+        return tuple(given)
+    try:
+        source = trainer.fit_loop._data_source
+        loader = source.dataloader() if source.is_defined() else None
+        if loader is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(loader))
+    except Exception:  # noqa: BLE001 - no loader yet, an iterable without len, ...: no example input
+        return None
+    if isinstance(batch, torch.Tensor):
+        return (batch[:2],)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0][:2],)
+    return None
+
+
+def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GroupedChannels | None:
+    """The coupled groups of the callback's ``channel``-granularity targets (``None`` when it has none); their
+    companions join its :class:`MaskSet` (so they are masked, checkpointed and restored like the weights)."""
+    channel = [name for name, g in callback._granularity.items() if g.kind == "channel"]
+    if not channel:
+        return None
+    inputs = example_input(trainer, pl_module)
+    device = next(iter(callback.masks.params.values())).device
+    plan = find_groups(pl_module, tuple(x.to(device) for x in inputs) if inputs else None)
+    params = dict(pl_module.named_parameters())
+    excluded = [name for name in params if callback.exclude and any(fnmatchcase(name, p) for p in callback.exclude)]
+    grouped = GroupedChannels(plan, callback.targets, channel, params, excluded)
+    if grouped.companions:
+        callback.masks = MaskSet({**callback.masks.params, **grouped.companions})
+        callback.compressed = {name: frozenset({"zeros"}) for name in callback.masks}
+        callback._refuse_overlaps(trainer)
+    if callback.verbose:
+        rank_zero_only(print)(f"{type(callback).__name__}: {grouped.summary()}")
+    if grouped.unpruned:
+        rank_zero_warn(
+            f"{type(callback).__name__}: {len(grouped.unpruned)} layer(s) with granularity 'channel' stay dense because "
+            f"their channel coupling is not proved: "
+            + "; ".join(f"{name}: {reason}" for name, reason in grouped.unpruned.items())
+        )
+    return grouped
