@@ -23,7 +23,7 @@ loop::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -112,18 +112,24 @@ class MovementScores:
 
 
 def prune_by_movement(
-    masks: MaskSet, scores: MovementScores, sparsity: float | Mapping[str, float], distribution: str = "uniform"
+    masks: MaskSet, scores: MovementScores, sparsity: float | Mapping[str, float], distribution: str = "uniform",
+    names: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Prune the ``round(sparsity × N)`` lowest-scoring weights (``sparsity`` one number or ``{name: sparsity}``).
 
     ``distribution`` allocates a single ``sparsity`` across layers as for magnitude pruning: ``uniform``, ``global``
     (one threshold on ``S`` over all layers) or ``erk`` (by shape). Masks are recomputed from ``S`` alone, so pruned
-    weights whose score has risen come back (hard movement pruning). Returns the zeros written per parameter.
+    weights whose score has risen come back (hard movement pruning). ``names``: only these parameters (default all;
+    heads/neurons are pruned as groups by :func:`lightning_sparse.core.heads.prune_groups_by_scores`). Returns the zeros
+    written per parameter.
     """
     missing = scores.missing()
     if missing:
         raise ValueError(f"movement scores of {missing} were never accumulated (no gradient reached them)")
-    counts = zero_counts(distribution, {name: scores.scores[name] for name in masks}, sparsity)
-    for name in masks:
+    names = list(masks) if names is None else list(names)
+    if not names:
+        return {}
+    counts = zero_counts(distribution, {name: scores.scores[name] for name in names}, sparsity)
+    for name in names:
         scores.set_mask(masks, name, exact_mask(scores.scores[name], counts[name]))
     return counts

@@ -34,6 +34,7 @@ def prune_by_magnitude(
     granularity = granularity or {}
     structured = {name: granularity[name] for name in masks if name in granularity and granularity[name].kind != "unstructured"}
     plain = [name for name in masks if name not in structured]
+    structured = {name: g for name, g in structured.items() if g.kind not in ("head", "neuron")}  # core/heads.py prunes those
     scores = {name: magnitude(masks.params[name], masks.mask(name)) for name in plain}
     counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale) if scores else {}
     for name, score in scores.items():
