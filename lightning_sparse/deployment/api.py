@@ -260,7 +260,7 @@ def _pattern(weight: Tensor) -> str:
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], report: DeployReport) -> tuple[nn.Module, bool]:
     """A ``torch.fx`` GraphModule of ``model`` with shapes recorded, or a copy of the model where tracing fails."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, groups.LeafTracer().trace(model), type(model).__name__)
         for node in gm.graph.nodes:
             node.type = None  # string annotations ("Tensor") would make the module unpicklable
         gm.recompile()

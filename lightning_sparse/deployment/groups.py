@@ -128,6 +128,14 @@ class HeadPrunedMultiheadAttention(nn.Module):
         return out, weights.squeeze(0) if not batched else weights
 
 
+class LeafTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with the rebuilt attention modules kept as single calls (their forwards branch on input
+    shapes, which a symbolic trace cannot follow) so a model holding them still traces."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (HeadPrunedSelfAttention, HeadPrunedMultiheadAttention)) or super().is_leaf_module(m, module_qualified_name)
+
+
 # ----------------------------------------------------------------------------- slicing
 def _fused_index(layer: GroupLayer, member_index: int, keep: list[int], device: torch.device) -> Tensor:
     """Kept entries of a fused projection in q, k, v order (each block in kept-head order)."""
