@@ -397,3 +397,19 @@ def test_group_members_that_disagree_in_size_are_refused():
 def test_movement_pruning_refuses_channel_granularity():
     with pytest.raises(ValueError, match=r"`granularity` of MovementPruning must be one of \('unstructured', 'head', 'neuron'\)"):
         MovementPruning(0.5, granularity="channel")
+
+
+def test_per_layer_sparsity_sets_each_modules_heads(hamlet):
+    module = text(hamlet)
+    model = tiny_gpt(module.vocab_size)
+    callback = GradualMagnitudePruning({"*.h.0.attn.*": 0.5, "*.h.1.attn.*": 0.25}, start=0, end=4, frequency=2, granularity="head", verbose=False)
+    fit(model, [callback], module, steps=6)
+    assert [int(head_rows(b.attn.c_attn.weight, 4).sum()) for b in model.model.transformer.h] == [2, 1]
+    assert not any(bool((b.mlp.c_fc.weight == 0).any()) for b in model.model.transformer.h)  # not selected: dense
+
+
+def test_group_members_with_different_sparsities_are_refused(hamlet):
+    module = text(hamlet)
+    sparsity = {"*.h.0.attn.c_attn.*": 0.5, "*.h.0.attn.c_proj.*": 0.25}
+    refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(sparsity, granularity="head", verbose=False), module,
+            r"head groups of 'model\.transformer\.h\.0\.attn' are pruned together, but their members are given different sparsities")
