@@ -16,10 +16,11 @@ at 50% of every encoder layer (6 of 12 heads, 768 of 1,536 intermediate units: 5
 magnitude (GMP) and movement pruning, cubic from 10% to 70% of the steps, masks every 10 steps. Accuracy on the test
 lines; speed is the encoder + head forward on one test batch of 32 lines, deployed against dense.
 
-Run from the repository root (one thread; on a busy 2-core machine the CharGPT part takes about 2 × 6 minutes at the
-default 1,000 steps, the MiniLM part about 3 × 4 minutes at 300 steps)::
+Run from the repository root (one thread; on a shared 2-core machine at load ~7 the CharGPT part took 10 minutes at
+the default 2,000 steps (351 s dense, 240 s pruned, then deploy and timing), the MiniLM part about 3 × 5 minutes at
+300 steps; ``--steps 8 --minilm-steps 3 --val-batches 2 --per-play 50 --repeats 3`` checks that it runs)::
 
-    .venv/bin/python -m benchmarks.heads [--part chargpt minilm] [--steps 1000] [--minilm-steps 300]
+    .venv/bin/python -m benchmarks.heads [--part chargpt minilm] [--steps 2000] [--minilm-steps 300]
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def minilm_table(result: dict[str, Any], args: argparse.Namespace) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs="+", choices=("chargpt", "minilm"), default=["chargpt", "minilm"])
-    parser.add_argument("--steps", type=int, default=1000, help="CharGPT optimizer steps (nanoGPT's baby GPT: 2000)")
+    parser.add_argument("--steps", type=int, default=2000, help="CharGPT optimizer steps (nanoGPT's baby GPT: 2000)")
     parser.add_argument("--val-batches", type=int, default=200, help="CharGPT held-out batches of 12 windows for val loss")
     parser.add_argument("--minilm-steps", type=int, default=300, help="MiniLM fine-tuning steps per row")
     parser.add_argument("--minilm-rows", nargs="+", choices=("dense", "gmp", "movement"), default=["dense", "gmp", "movement"])
