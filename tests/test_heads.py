@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sparse import GradualMagnitudePruning, MovementPruning
 from lightning_sparse.core.heads import find_group_layers, zero_groups
 from lightning_sparse.data import DigitsDataModule, ShakespeareDataModule, load_shakespeare_works, shakespeare_archive
-from lightning_sparse.deployment import deploy_model, load_deployed, save_deployed
+from lightning_sparse.deployment import deploy_model, save_deployed
 from lightning_sparse.deployment.groups import HeadPrunedMultiheadAttention, HeadPrunedSelfAttention
 from lightning_sparse.models import Classifier, CharGPT
 
