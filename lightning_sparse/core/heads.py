@@ -319,11 +319,15 @@ def group_masks(groups: GroupSet, keep: Mapping[str, Tensor], like: Mapping[str,
     group layers, e.g. the middle Linear of a Sequential MLP, loses the entries of both)."""
     masks = {name: torch.ones_like(like[name], dtype=torch.bool) for name in groups.params}
     for layer in groups.layers:
-        dropped = (~keep[layer.module]).nonzero().flatten().tolist()
+        dropped = (~keep[layer.module]).nonzero().flatten()
+        if not dropped.numel():
+            continue
         for member in layer.members:
             mask = masks[member.param]
-            for group in dropped:
-                mask.index_fill_(member.axis, member.index(group, layer.width, mask.device), False)
+            within = torch.arange(layer.width, device=mask.device)
+            starts = dropped.to(mask.device) * layer.width
+            index = torch.cat([(o + starts).unsqueeze(1) + within for o in member.offsets]).flatten()
+            mask.index_fill_(member.axis, index, False)  # every dropped group's entries at once
     return masks
 
 
