@@ -21,6 +21,7 @@ from lightning_sparse.callbacks.base import (
 )
 from lightning_sparse.callbacks.grouping import setup_channel_groups
 from lightning_sparse.core.allocation import DISTRIBUTIONS
+from lightning_sparse.core.heads import GroupSet, check_group_sparsity, extend_targets, prune_groups_by_magnitude, select_groups
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
 from lightning_sparse.core.structured import NORMS, Granularity, channels_to_prune, check_shape, expand_granularity, parse_granularity
@@ -47,14 +48,19 @@ class GradualMagnitudePruning(SparsityCallback):
             the most sensitive to pruning).
         distribution: ``uniform`` (same sparsity per layer), ``global`` (one threshold) or ``erk``; structured
             granularities need ``uniform`` or a per-layer ``sparsity`` mapping.
-        granularity: ``unstructured`` (default), ``channel`` or an ``"N:M"`` string such as ``"2:4"`` (1 <= N < M, M
-            dividing the layer's input dimension); or ``{glob: granularity}`` per layer (unmatched layers:
-            ``unstructured``), so a sweep can set it layer by layer. ``channel`` prunes coupled channel groups
+        granularity: ``unstructured`` (default), ``channel``, ``head`` (whole attention heads: q/k/v rows and the
+            output projection's columns), ``neuron`` (whole MLP hidden units: up-projection row and bias, down-projection
+            column) or an ``"N:M"`` string such as ``"2:4"`` (1 <= N < M, M dividing the layer's input dimension); or
+            ``{glob: granularity}`` per layer (unmatched layers: ``unstructured``), so a sweep can set it layer by
+            layer, e.g. ``{"*.attn.*": "head", "*.mlp.*": "neuron"}``. ``channel`` prunes coupled channel groups
             (:mod:`lightning_sparse.core.groups`, found at setup from a ``torch.fx`` trace on
             ``example_input_array`` or the first training batch): every layer writing into one residual stream, with
             its biases and BatchNorm affine entries, loses the same channels, so ``deploy`` can remove them; a layer
-            whose coupling is not proved stays dense, with the reason printed.
-        channel_norm: ``l1`` or ``l2``: the norm that ranks output channels for ``channel`` granularity.
+            whose coupling is not proved stays dense, with the reason printed. For heads and neurons the sparsity is
+            the fraction of heads (neurons) of each module removed, and every member of a group (biases too) is
+            masked; see :mod:`lightning_sparse.core.heads`.
+        channel_norm: ``l1`` or ``l2``: the norm that ranks output channels for ``channel`` granularity, and heads
+            and neurons (the sum of their members' norms).
         include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
         exclude: glob patterns of parameter names to leave dense.
         initial_sparsity: sparsity at ``start``, in [0, ``sparsity``].
@@ -111,6 +117,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self.channel_norm = channel_norm
         self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
         self._groups = None  # coupled channel groups (core.groups.GroupedChannels), found in setup
+        self._heads = GroupSet()  # heads / neurons pruned whole (core/heads.py), found in setup
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
@@ -128,8 +135,24 @@ class GradualMagnitudePruning(SparsityCallback):
             self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
             self._planned_steps = None
             self._granularity = expand_granularity(self.granularity, self.targets)
+            for layer in self._heads.layers:  # every member of a head/neuron group (biases too) follows its group
+                self._granularity.update({name: Granularity(layer.kind) for name in layer.params})
             self._groups = setup_channel_groups(self, trainer, pl_module)
             self._check_layers()
+
+    def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The base's targets, plus every member of the heads/neurons ``granularity`` asks for (biases, output
+        projections), each given its group layer's sparsity."""
+        targets = super()._targets(pl_module)
+        self._heads = select_groups(pl_module, targets, expand_granularity(self.granularity, targets))
+        if not self._heads:
+            return targets
+        if self.layer_sparsity:
+            check_group_sparsity(self._heads, self.layer_sparsity)
+            for layer in self._heads.layers:
+                value = next(self.layer_sparsity[p] for p in layer.params if p in self.layer_sparsity)
+                self.layer_sparsity.update({p: value for p in layer.params})
+        return extend_targets(pl_module, targets, self._heads)
 
     def _check_layers(self) -> None:
         """Refuse, before training, a granularity a layer's shape cannot hold or a channel target removing every channel."""
@@ -140,6 +163,8 @@ class GradualMagnitudePruning(SparsityCallback):
             layer_final = final[name] if isinstance(final, dict) else final
             if granularity.kind == "channel":
                 channels_to_prune(name, layer_final, shape[granularity.axis or 0])
+            if name in self._heads.params:
+                continue  # a head/neuron member: checked with its group below
             if self.initial_sparsity > layer_final:
                 raise ValueError(
                     f"`initial_sparsity`={self.initial_sparsity} is above the final sparsity {layer_final:.4g} of {name!r} "
@@ -147,6 +172,7 @@ class GradualMagnitudePruning(SparsityCallback):
                 )
         if self._groups is not None:
             self._groups.check(final)
+        check_group_sparsity(self._heads, final)
 
     def _final_sparsity(self) -> float | dict[str, float]:
         """The target of every layer: :meth:`_target`, with N:M layers at 1 - N/M."""
@@ -194,6 +220,8 @@ class GradualMagnitudePruning(SparsityCallback):
         prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm, skip=skip)
         if self._groups is not None:
             self._groups.prune(self.masks, target, self.channel_norm)
+        if self._heads:
+            prune_groups_by_magnitude(self.masks, self._heads, target, self.channel_norm)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps}

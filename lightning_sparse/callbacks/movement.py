@@ -8,7 +8,9 @@ import pytorch_lightning as pl
 from torch.optim import Optimizer
 
 from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
+from lightning_sparse.core.heads import GROUP_KINDS, prune_groups_by_scores
 from lightning_sparse.core.movement import MovementScores, prune_by_movement
+from lightning_sparse.core.targets import each_setting
 
 
 class MovementPruning(GradualMagnitudePruning):
@@ -37,6 +39,10 @@ class MovementPruning(GradualMagnitudePruning):
         exclude: glob patterns of parameter names to leave dense.
         initial_sparsity: sparsity at ``start``, in [0, ``sparsity``].
         verbose: print the per-layer table when fitting ends.
+        granularity: ``unstructured`` (default), ``head`` or ``neuron`` (whole attention heads / MLP hidden units,
+            ranked by the sum of ``S`` over all their members' entries, biases included; the sparsity is the fraction
+            of heads or neurons removed per module), or ``{glob: granularity}`` per layer, as for
+            :class:`GradualMagnitudePruning`.
     """
 
     def __init__(
@@ -51,10 +57,14 @@ class MovementPruning(GradualMagnitudePruning):
         exclude: list[str] | None = None,
         initial_sparsity: float = 0.0,
         verbose: bool = True,
+        granularity: str | dict[str, str] = "unstructured",
     ) -> None:
+        for label, value in each_setting("granularity", granularity):
+            if value not in ("unstructured", *GROUP_KINDS):
+                raise ValueError(f"`{label}` of MovementPruning must be one of ('unstructured', 'head', 'neuron'), got {value!r}")
         super().__init__(
             sparsity=sparsity, start=start, end=end, frequency=frequency, schedule=schedule, distribution=distribution,
-            include=include, exclude=exclude, initial_sparsity=initial_sparsity, verbose=verbose,
+            include=include, exclude=exclude, initial_sparsity=initial_sparsity, verbose=verbose, granularity=granularity,
         )  # fmt: skip
         self.scores: MovementScores | None = None
 
@@ -85,7 +95,12 @@ class MovementPruning(GradualMagnitudePruning):
                 f"accumulated and cannot rank its weights (frozen or unused in forward?). Leave it out with "
                 f"`exclude`, or begin later with `start`. Without scores: {missing}"
             )
-        prune_by_movement(self.masks, self.scores, target, self.distribution)
+        grouped = set(self._heads.params)
+        prune_by_movement(self.masks, self.scores, target, self.distribution, [n for n in self.masks if n not in grouped])
+        if self._heads:  # whole heads / neurons by their summed scores; a pruned one may come back, as a weight may
+            masks, _ = prune_groups_by_scores(self._heads, self.scores.scores, target, self.masks.params)
+            for name, mask in masks.items():
+                self.scores.set_mask(self.masks, name, mask)
 
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "movement": self.scores.state_dict()}

@@ -23,7 +23,7 @@ loop::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -129,19 +129,25 @@ class MovementScores:
 
 
 def prune_by_movement(
-    masks: MaskSet, scores: MovementScores, sparsity: float | Mapping[str, float], distribution: str = "uniform"
+    masks: MaskSet, scores: MovementScores, sparsity: float | Mapping[str, float], distribution: str = "uniform",
+    names: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Prune the ``round(sparsity × N)`` lowest-scoring weights (``sparsity`` one number or ``{name: sparsity}``).
 
     ``distribution`` allocates a single ``sparsity`` across layers as for magnitude pruning: ``uniform``, ``global``
     (one threshold on ``S`` over all layers) or ``erk`` (by shape). Masks are recomputed from ``S`` alone, so pruned
-    weights whose score has risen come back (hard movement pruning). Returns the zeros written per parameter.
+    weights whose score has risen come back (hard movement pruning). ``names``: only these parameters (default all;
+    heads/neurons are pruned as groups by :func:`lightning_sparse.core.heads.prune_groups_by_scores`). Returns the zeros
+    written per parameter.
     """
     missing = scores.missing()
     if missing:
         raise ValueError(f"movement scores of {missing} were never accumulated (no gradient reached them)")
-    whole = {name: full_tensor(scores.scores[name]) for name in masks}  # gathered when sharded: decided as unsharded
+    names = list(masks) if names is None else list(names)
+    if not names:
+        return {}
+    whole = {name: full_tensor(scores.scores[name]) for name in names}  # gathered when sharded: decided as unsharded
     counts = zero_counts(distribution, whole, sparsity)
-    for name in masks:
+    for name in names:
         scores.set_mask(masks, name, exact_mask(whole[name], counts[name]))
     return counts

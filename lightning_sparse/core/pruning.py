@@ -36,6 +36,7 @@ def prune_by_magnitude(
     names = [name for name in masks if name not in skip]
     structured = {name: granularity[name] for name in names if name in granularity and granularity[name].kind != "unstructured"}
     plain = [name for name in names if name not in structured]
+    structured = {name: g for name, g in structured.items() if g.kind not in ("head", "neuron")}  # core/heads.py prunes those
     scores = {name: magnitude(masks.weight(name), masks.mask(name)) for name in plain}  # whole tensors, even sharded
     counts = zero_counts(distribution, scores, sparsity, power_scale=power_scale) if scores else {}
     for name, score in scores.items():

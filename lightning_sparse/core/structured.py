@@ -25,7 +25,7 @@ from torch import Tensor
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.targets import per_layer
 
-GRANULARITIES = ("unstructured", "channel", "N:M")
+GRANULARITIES = ("unstructured", "channel", "N:M", "head", "neuron")  # head/neuron: see core/heads.py
 NORMS = ("l1", "l2")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -34,7 +34,7 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 class Granularity:
     """What one mask entry decides: a weight (``unstructured``), a whole output ``channel``, or a place in an N:M group."""
 
-    kind: str  # "unstructured", "channel" or "nm"
+    kind: str  # "unstructured", "channel", "nm", or "head"/"neuron" (groups across layers: core/heads.py)
     n: int = 0
     m: int = 0
     axis: int | None = 0  # the weight's output axis (1 for GPT-2's Conv1D); None: a tensor with no such axes
@@ -52,13 +52,15 @@ UNSTRUCTURED = Granularity("unstructured")
 
 
 def parse_granularity(argument: str, value: object) -> Granularity:
-    """``"unstructured"``, ``"channel"`` or an ``"N:M"`` string with 1 <= N < M; errors name ``argument``."""
-    if value in ("unstructured", "channel"):
+    """``"unstructured"``, ``"channel"``, ``"head"``, ``"neuron"`` or an ``"N:M"`` string with 1 <= N < M; errors
+    name ``argument``."""
+    if value in ("unstructured", "channel", "head", "neuron"):
         return Granularity(str(value))
     match = _NM.match(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError(
-            f"`{argument}` must be 'unstructured', 'channel' or an 'N:M' string such as '2:4', got {value!r}"
+            f"`{argument}` must be 'unstructured', 'channel', 'head', 'neuron' or an 'N:M' string such as '2:4', "
+            f"got {value!r}"
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n < m:
@@ -69,7 +71,7 @@ def parse_granularity(argument: str, value: object) -> Granularity:
 def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> None:
     """Refuse a granularity the parameter's shape cannot hold: channels and N:M need a weight of >= 2 dims with an
     output axis (not an embedding table), and M must divide the input dimension (the product of the other dims)."""
-    if granularity.kind == "unstructured":
+    if granularity.kind in ("unstructured", "head", "neuron"):  # heads/neurons: checked as groups (core/heads.py)
         return
     if len(shape) < 2:
         raise ValueError(

@@ -22,7 +22,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from lightning_sparse.deployment import chains, kernels, memory, residual, thinning
+from lightning_sparse.deployment import chains, groups, kernels, memory, residual, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
@@ -85,7 +85,7 @@ def deploy_model(
     inputs = tuple(x.to(device).clone() for x in inputs)  # own storage: a batch sliced from a data set is not the data set
     report = DeployReport(device=str(device))
     sparse_layers = [name for name, m in model.named_modules() if isinstance(m, LAYERS) and bool((m.weight == 0).any())]
-    if not sparse_layers:
+    if not sparse_layers and not groups.has_zero_groups(model):  # GPT-2's Conv1D heads are not in LAYERS
         check_input(copy.deepcopy(model).to(device).eval(), inputs)  # a copy: training-mode BN would update statistics
         report.notes.append("no Linear/Conv weight has a zero: there is nothing to deploy, the model is returned unchanged")
         return Deployment(model.to(requested) if requested is not None else model, report)
@@ -96,7 +96,7 @@ def deploy_model(
     probe_reference = _run(original, probe) if probe is not None else None
     report.layers = _layer_rows(original)
 
-    work, traced = _trace(original, inputs, report)
+    work, traced = _trace(_remove_groups(original, inputs, reference, probe, probe_reference, report), inputs, report)
     report.traced = traced
     if traced:
         _cut_groups(work, inputs, reference, probe, probe_reference, report)
@@ -261,7 +261,7 @@ def _pattern(weight: Tensor) -> str:
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], report: DeployReport) -> tuple[nn.Module, bool]:
     """A ``torch.fx`` GraphModule of ``model`` with shapes recorded, or a copy of the model where tracing fails."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, groups.LeafTracer().trace(model), type(model).__name__)
         for node in gm.graph.nodes:
             node.type = None  # string annotations ("Tensor") would make the module unpicklable
         gm.recompile()
@@ -341,6 +341,27 @@ def _cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, 
             if row is not None:
                 _explain(row, f"input channels of group {cut.group.index} removed")
                 row.deployed_as = "thinned"
+
+
+def _remove_groups(original: nn.Module, inputs: tuple[Tensor, ...], reference: Any, probe: Any, probe_reference: Any,
+                   report: DeployReport) -> nn.Module:  # fmt: skip
+    """A copy of ``original`` with its all-zero attention heads and MLP neurons removed (:mod:`.groups`), or
+    ``original`` itself when there are none or the rebuilt model's outputs differ."""
+    pruned = copy.deepcopy(original)
+    report.removed_groups = groups.remove_zero_groups(pruned)
+    if not any(row.removed for row in report.removed_groups):
+        return original
+    if not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference)):
+        for row in report.removed_groups:
+            row.reason, row.removed, row.rebuilt_as = "the rebuilt model's outputs differed from the original: kept", [], ""
+        return original
+    for row in report.removed_groups:
+        for member in row.members if row.removed else []:
+            layer = _row_or_none(report, member.rpartition(".")[0])
+            if layer is not None:
+                _explain(layer, f"{len(row.removed)} of the {row.before} {row.kind}s of {row.module} removed")
+                layer.deployed_as = "thinned"
+    return pruned
 
 
 def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], nodes: list[fx.Node]) -> dict[fx.Node, Tensor]:

@@ -38,6 +38,7 @@ class DeployReport:
     traced: bool = False
     chains: list[str] = field(default_factory=list)  # transposed chains tried: layers, times, used or not
     groups: list[str] = field(default_factory=list)  # coupled channel groups with zeros: members, consumers, outcome
+    removed_groups: list = field(default_factory=list)  # attention heads / MLP neurons per module (groups.GroupReport)
 
     @property
     def speedup(self) -> float | None:
@@ -96,5 +97,9 @@ def print_deploy_report(report: DeployReport, console: Console | None = None) ->
         console.width = max(console.width, 180)
     if report.layers:
         console.print(deploy_table(report))
+    if report.removed_groups:
+        from lightning_sparse.deployment.groups import groups_table  # groups imports core; report stays light
+
+        console.print(groups_table(report.removed_groups))
     for line in summary_lines(report):
         console.print(line, highlight=False)

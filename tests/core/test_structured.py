@@ -25,8 +25,8 @@ def _weight(rows: int = 12, cols: int = 16, seed: int = 0) -> torch.Tensor:
         ("4:4", r"`granularity`='4:4': N:M needs 1 <= N < M"),
         ("5:4", r"N:M needs 1 <= N < M .* got N=5, M=4"),
         ("0:4", r"N:M needs 1 <= N < M"),
-        ("rows", r"`granularity` must be 'unstructured', 'channel' or an 'N:M' string such as '2:4', got 'rows'"),
-        (2, r"`granularity` must be 'unstructured', 'channel' or an 'N:M' string"),
+        ("rows", r"`granularity` must be 'unstructured', 'channel', 'head', 'neuron' or an 'N:M' string such as '2:4', got 'rows'"),
+        (2, r"`granularity` must be 'unstructured', 'channel', 'head', 'neuron' or an 'N:M' string"),
     ],
 )
 def test_bad_granularity_names_the_argument_and_allowed_values(value, message):
@@ -120,7 +120,7 @@ def test_gmp_nm_granularity_every_group_exact_and_per_layer(digits_model, make_t
     [
         ({"granularity": "3:3"}, r"`granularity`='3:3': N:M needs 1 <= N < M"),
         ({"granularity": {"net.1.*": "2:2"}}, r"`granularity\['net.1.\*'\]`='2:2': N:M needs 1 <= N < M"),
-        ({"granularity": "filters"}, r"`granularity` must be 'unstructured', 'channel' or an 'N:M' string"),
+        ({"granularity": "filters"}, r"`granularity` must be 'unstructured', 'channel', 'head', 'neuron' or an 'N:M' string"),
         ({"granularity": "channel", "distribution": "global"}, r"`distribution`='global' ranks single weights"),
         ({"channel_norm": "l3"}, r"`channel_norm` must be one of \('l1', 'l2'\)"),
     ],

@@ -1,0 +1,386 @@
+"""Attention heads and MLP neurons as pruning groups: found from the module structure, scored and masked whole.
+
+A **head** of a multi-head attention module is ``head_dim`` rows of each of the query, key and value projections
+(their weights and biases) and the same ``head_dim`` input columns of the output projection. An MLP **neuron** is one
+row of the up-projection (and its bias entry) and the matching input column of the down-projection. Torch-Pruning's
+DepGraph (Fang et al., CVPR 2023) and Hugging Face's nn_pruning remove these units as groups: when every member of a
+group is zero the unit contributes exactly nothing (its value vector, or its activation's outgoing weights, is
+zero), so deploy can drop it from the tensors and the model gets really smaller and faster.
+
+Found here (by structure, without importing transformers):
+
+* ``nn.MultiheadAttention`` (packed ``in_proj_weight`` or separate ``q/k/v_proj_weight``; ``out_proj``),
+* nanoGPT-style attention (``lightning_sparse.models.CausalSelfAttention``: fused ``c_attn`` Linear, ``c_proj``,
+  ``n_head``) and Hugging Face GPT-2 attention (``c_attn``/``c_proj`` ``Conv1D``, weights stored ``(in, out)``),
+* Hugging Face BERT-style attention (``BertAttention``: ``self.query/key/value`` and ``output.dense``),
+* MLPs: ``c_fc``/``c_proj`` (nanoGPT Linear, GPT-2 Conv1D), BERT's ``intermediate.dense``/``output.dense``, and
+  ``Linear → elementwise… → Linear`` inside an ``nn.Sequential``.
+
+Scores (magnitude): a group's score is the sum of its members' norms, ``score_g = Σ_members ||W_member[g]||``
+(``l1`` or ``l2``, the ``channel_norm`` of channel pruning; Li et al. 2017 for a single layer, DepGraph's group
+norm for coupled ones). Movement pruning sums the movement scores ``S`` over every entry of the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sparse.core.allocation import round_half_up
+from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.targets import Targets, parameter_roles
+
+GROUP_KINDS = ("head", "neuron")
+#: Modules between an ``nn.Sequential``'s up- and down-projection that act on each hidden unit alone.
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor of a group layer: group ``g`` holds entries ``[o + g·width, o + (g+1)·width)`` along ``axis`` for
+    each offset ``o`` (three offsets for a fused q/k/v projection, one otherwise)."""
+
+    param: str
+    axis: int
+    offsets: tuple[int, ...] = (0,)
+    role: str = ""  # "q/k/v", "out", "up", "up bias", "down" (for reports)
+
+    def index(self, group: int, width: int, device: torch.device | None = None) -> Tensor:
+        """The indices along :attr:`axis` that group ``group`` occupies in this tensor."""
+        return torch.cat([torch.arange(o + group * width, o + (group + 1) * width, device=device) for o in self.offsets])
+
+
+@dataclass(frozen=True)
+class GroupLayer:
+    """The heads of one attention module or the neurons of one MLP: ``count`` groups of ``width`` entries per offset."""
+
+    kind: str  # "head" or "neuron"
+    module: str  # the module's name in the model
+    module_type: str  # its class name
+    count: int
+    width: int  # head_dim for heads, 1 for neurons
+    members: tuple[Member, ...]
+    style: str = ""  # how deploy rebuilds it: "mha", "nanogpt", "gpt2", "bert", "mlp", "sequential"
+
+    @property
+    def params(self) -> list[str]:
+        return [m.param for m in self.members]
+
+    def describe(self) -> str:
+        unit = f"{self.count} heads of {self.width}" if self.kind == "head" else f"{self.count} neurons"
+        return f"{self.module} ({self.module_type}, {unit}): " + ", ".join(
+            f"{m.param}[{'axis ' + str(m.axis)}]" for m in self.members
+        )
+
+
+@dataclass
+class GroupSet:
+    """The group layers chosen for pruning, and ``{parameter: group layers it belongs to}``."""
+
+    layers: list[GroupLayer] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for layer in self.layers:
+            for name in layer.params:
+                seen.setdefault(name, None)
+        return list(seen)
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+
+# ----------------------------------------------------------------------------- discovery
+def _conv1d_like(module: object) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a 2-D weight stored ``(in, out)`` with ``nf`` outputs."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "nf")
+
+
+def _linear_or_conv1d(module: object) -> bool:
+    return isinstance(module, nn.Linear) or _conv1d_like(module)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _out_axis(module: nn.Module) -> int:
+    return 1 if _conv1d_like(module) else 0
+
+
+def _in_axis(module: nn.Module) -> int:
+    return 0 if _conv1d_like(module) else 1
+
+
+def _projection(prefix: str, module: nn.Module, offsets: tuple[int, ...], role: str) -> list[Member]:
+    """Members for the output units of ``module`` (weight rows, Conv1D columns, bias entries)."""
+    members = [Member(_join(prefix, "weight"), _out_axis(module), offsets, role)]
+    if getattr(module, "bias", None) is not None:
+        members.append(Member(_join(prefix, "bias"), 0, offsets, f"{role} bias"))
+    return members
+
+
+def _attention(name: str, module: nn.Module) -> GroupLayer | None:
+    kind = type(module).__name__
+    if isinstance(module, nn.MultiheadAttention):
+        e, h = module.embed_dim, module.num_heads
+        d = e // h
+        if module._qkv_same_embed_dim:
+            members = [Member(_join(name, "in_proj_weight"), 0, (0, e, 2 * e), "q/k/v")]
+        else:
+            members = [Member(_join(name, f"{p}_proj_weight"), 0, (0,), p) for p in "qkv"]
+        if module.in_proj_bias is not None:
+            members.append(Member(_join(name, "in_proj_bias"), 0, (0, e, 2 * e), "q/k/v bias"))
+        for extra in ("bias_k", "bias_v"):
+            if getattr(module, extra, None) is not None:
+                members.append(Member(_join(name, extra), 2, (0,), extra))
+        members.append(Member(_join(name, "out_proj.weight"), 1, (0,), "out"))
+        return GroupLayer("head", name, kind, h, d, tuple(members), "mha")
+    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    if _linear_or_conv1d(c_attn) and _linear_or_conv1d(c_proj) and getattr(module, "is_cross_attention", False) is False:
+        heads = getattr(module, "n_head", None) or getattr(module, "num_heads", None)
+        if isinstance(heads, int) and heads > 0:
+            fused = c_attn.weight.shape[_out_axis(c_attn)]
+            e = fused // 3
+            style = "gpt2" if _conv1d_like(c_attn) else "nanogpt"
+            members = _projection(_join(name, "c_attn"), c_attn, (0, e, 2 * e), "q/k/v")
+            members.append(Member(_join(name, "c_proj", "weight"), _in_axis(c_proj), (0,), "out"))
+            return GroupLayer("head", name, kind, heads, e // heads, tuple(members), style)
+    inner, output = getattr(module, "self", None), getattr(module, "output", None)
+    if (
+        inner is not None and all(isinstance(getattr(inner, p, None), nn.Linear) for p in ("query", "key", "value"))
+        and isinstance(getattr(inner, "num_attention_heads", None), int)
+        and isinstance(getattr(output, "dense", None), nn.Linear)
+    ):  # fmt: skip
+        members = []
+        for p in ("query", "key", "value"):
+            members += _projection(_join(name, "self", p), getattr(inner, p), (0,), p)
+        members.append(Member(_join(name, "output.dense.weight"), 1, (0,), "out"))
+        return GroupLayer("head", name, kind, inner.num_attention_heads, inner.attention_head_size, tuple(members), "bert")
+    return None
+
+
+def _mlp(name: str, module: nn.Module) -> list[GroupLayer]:
+    kind = type(module).__name__
+    c_fc, c_proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
+    if _linear_or_conv1d(c_fc) and _linear_or_conv1d(c_proj):
+        units = c_fc.weight.shape[_out_axis(c_fc)]
+        members = [*_projection(_join(name, "c_fc"), c_fc, (0,), "up"), Member(_join(name, "c_proj.weight"), _in_axis(c_proj), (0,), "down")]
+        return [GroupLayer("neuron", name, kind, units, 1, tuple(members), "mlp")]
+    up, down = getattr(getattr(module, "intermediate", None), "dense", None), getattr(getattr(module, "output", None), "dense", None)
+    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
+        members = [*_projection(_join(name, "intermediate.dense"), up, (0,), "up"), Member(_join(name, "output.dense.weight"), 1, (0,), "down")]
+        return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "bert")]
+    if isinstance(module, nn.Sequential):
+        layers, children = [], list(module.named_children())
+        for i, (child_name, child) in enumerate(children):
+            if not isinstance(child, nn.Linear):
+                continue
+            j = i + 1
+            while j < len(children) and isinstance(children[j][1], ELEMENTWISE):
+                j += 1
+            if j < len(children) and isinstance(children[j][1], nn.Linear) and children[j][1].in_features == child.out_features:
+                members = [*_projection(_join(name, child_name), child, (0,), "up"), Member(_join(name, children[j][0], "weight"), 1, (0,), "down")]
+                layers.append(GroupLayer("neuron", _join(name, child_name), "Linear", child.out_features, 1, tuple(members), "sequential"))
+        return layers
+    return []
+
+
+def find_group_layers(model: nn.Module) -> list[GroupLayer]:
+    """Every attention module's heads and every MLP's neurons in ``model``, in module order (see the module doc).
+
+    Parameter names are the model's first names (those ``named_parameters()`` gives, tied tensors once).
+    Raises ``ValueError`` for a module whose members disagree in size (naming the module and the member).
+    """
+    first = {alias: name for name, (_, aliases, _) in parameter_roles(model).items() for alias in aliases}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    found = []
+    for name, module in model.named_modules():
+        layers = [layer for layer in [_attention(name, module)] if layer is not None] + _mlp(name, module)
+        for layer in layers:
+            members = []
+            for member in layer.members:
+                tensor = params[member.param]
+                needed = (max(member.offsets) + layer.count * layer.width)
+                if tensor.dim() <= member.axis or tensor.shape[member.axis] < needed or (
+                    len(member.offsets) == 1 and tensor.shape[member.axis] != layer.count * layer.width
+                ):
+                    raise ValueError(
+                        f"The {layer.kind} groups of {layer.module!r} ({layer.module_type}: {layer.count} × {layer.width}) "
+                        f"do not fit member {member.param!r} of shape {list(tensor.shape)} (axis {member.axis} should "
+                        f"hold {needed} entries): its members disagree in size, so it cannot be pruned by {layer.kind}s"
+                    )
+                members.append(Member(first.get(member.param, member.param), member.axis, member.offsets, member.role))
+            found.append(GroupLayer(layer.kind, layer.module, layer.module_type, layer.count, layer.width, tuple(members), layer.style))
+    return found
+
+
+def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, object]) -> GroupSet:
+    """The group layers that ``granularity`` (``{target name: Granularity}``) asks for, with refusals before training.
+
+    A layer is chosen when a target given ``head`` (``neuron``) is a member of its heads (neurons). Refused, with the
+    parameter and the group named: a ``head``/``neuron`` target in no attention module / MLP, and a group member that
+    is a target with another granularity (two rules would write its mask).
+    """
+    wanted = {name: str(g) for name, g in granularity.items() if str(g) in GROUP_KINDS}
+    if not wanted:
+        return GroupSet()
+    layers = find_group_layers(model)
+    chosen: list[GroupLayer] = []
+    for layer in layers:
+        if any(wanted.get(p) == layer.kind for p in layer.params):
+            chosen.append(layer)
+    covered = {(p, layer.kind) for layer in chosen for p in layer.params}
+    for name, kind in wanted.items():
+        if (name, kind) not in covered:
+            found = [f"{layer.module} ({layer.module_type})" for layer in layers if layer.kind == kind]
+            what = "an attention projection (q/k/v or output) of a module with heads" if kind == "head" else "an MLP's up- or down-projection"
+            raise ValueError(
+                f"`granularity`={kind!r} on {name!r}, which is not {what}: it has no {kind}s to prune. "
+                f"{'Attention modules' if kind == 'head' else 'MLPs'} found: {found or 'none'}. Give {name!r} another "
+                f"granularity with a {{glob: granularity}} mapping (e.g. {{'*.attn.*': 'head', '*.mlp.*': 'neuron'}}) "
+                f"or leave it out (`exclude`)"
+            )
+    for layer in chosen:
+        for param in layer.params:
+            if param in granularity and str(granularity[param]) != layer.kind:
+                raise ValueError(
+                    f"{param!r} is a member of the {layer.kind} groups of {layer.module!r} ({layer.module_type}) but is "
+                    f"given granularity {str(granularity[param])!r}: a group's members are pruned together, so give every "
+                    f"member {layer.kind!r} (one glob over the module, e.g. '{layer.module}.*') or exclude it"
+                )
+    return GroupSet(chosen)
+
+
+def extend_targets(model: nn.Module, targets: Targets, groups: GroupSet) -> Targets:
+    """``targets`` with every member of ``groups`` added (biases, output projections), in model order."""
+    roles = parameter_roles(model)
+    names = [name for name in roles if name in targets or name in set(groups.params)]
+    params = {name: roles[name][0] for name in names}
+    aliases = {name: roles[name][1] for name in names}
+    axes = {name: targets.output_axis.get(name, roles[name][2].output_axis) for name in names}
+    kinds = {name: targets.kinds.get(name, roles[name][2].kind) for name in names}
+    return Targets(params, aliases, axes, kinds)
+
+
+def groups_to_prune(layer: GroupLayer, sparsity: float) -> int:
+    """``round(sparsity × count)`` whole heads/neurons; an error naming the layer and the group if that is all of them."""
+    count = round_half_up(sparsity * layer.count)
+    if count >= layer.count:
+        raise ValueError(
+            f"{layer.kind} pruning at sparsity {sparsity:.4g} would remove every one of the {layer.count} {layer.kind}s "
+            f"of {layer.module!r} ({layer.module_type}); lower its `sparsity` (below "
+            f"{(layer.count - 0.5) / layer.count:.4g}) or leave it out"
+        )
+    return count
+
+
+def _entries(tensor: Tensor, member: Member, layer: GroupLayer) -> Tensor:
+    """``(count, entries per group)``: the tensor's values regrouped so row g holds all of group g's entries."""
+    moved = tensor.movedim(member.axis, 0)
+    blocks = [moved[o : o + layer.count * layer.width].reshape(layer.count, layer.width, -1) for o in member.offsets]
+    return torch.cat(blocks, dim=1).reshape(layer.count, -1)
+
+
+def group_scores(layer: GroupLayer, tensors: Mapping[str, Tensor], norm: str = "l1", how: str = "norm") -> Tensor:
+    """One score per group: ``Σ_members ||member[g]||`` (``how="norm"``, ``norm`` l1 or l2) or the plain sum of the
+    entries (``how="sum"``, for movement scores)."""
+    total = None
+    for member in layer.members:
+        values = _entries(tensors[member.param].detach().float(), member, layer)
+        if how == "sum":
+            score = values.sum(1)
+        elif norm == "l1":
+            score = values.abs().sum(1)
+        elif norm == "l2":
+            score = values.pow(2).sum(1).sqrt()
+        else:
+            raise ValueError(f"`channel_norm` must be one of ('l1', 'l2'), got {norm!r}")
+        total = score if total is None else total + score
+    return total
+
+
+def pruned_groups(layer: GroupLayer, masks: MaskSet) -> Tensor:
+    """Bool per group: True where the first member's entries are all pruned already."""
+    member = layer.members[0]
+    return ~_entries(masks.mask(member.param), member, layer).any(1)
+
+
+def group_masks(groups: GroupSet, keep: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Masks of every member tensor: ``False`` at the entries of the groups ``keep[module]`` drops (a tensor in two
+    group layers, e.g. the middle Linear of a Sequential MLP, loses the entries of both)."""
+    masks = {name: torch.ones_like(like[name], dtype=torch.bool) for name in groups.params}
+    for layer in groups.layers:
+        dropped = (~keep[layer.module]).nonzero().flatten()
+        if not dropped.numel():
+            continue
+        for member in layer.members:
+            mask = masks[member.param]
+            within = torch.arange(layer.width, device=mask.device)
+            starts = dropped.to(mask.device) * layer.width
+            index = torch.cat([(o + starts).unsqueeze(1) + within for o in member.offsets]).flatten()
+            mask.index_fill_(member.axis, index, False)  # every dropped group's entries at once
+    return masks
+
+
+def _sparsity_of(layer: GroupLayer, sparsity: float | Mapping[str, float]) -> float:
+    if not isinstance(sparsity, Mapping):
+        return float(sparsity)
+    return float(next(sparsity[p] for p in layer.params if p in sparsity))
+
+
+def prune_groups_by_magnitude(
+    masks: MaskSet, groups: GroupSet, sparsity: float | Mapping[str, float], norm: str = "l1"
+) -> dict[str, int]:
+    """Prune ``round(s × count)`` heads/neurons of each group layer, lowest :func:`group_scores` first; groups already
+    pruned score -1 and stay pruned (ties: lower index first). Returns ``{module: groups pruned}``."""
+    keep, counts = {}, {}
+    for layer in groups.layers:
+        scores = group_scores(layer, masks.params, norm).masked_fill(pruned_groups(layer, masks), -1.0)
+        counts[layer.module] = groups_to_prune(layer, _sparsity_of(layer, sparsity))
+        keep[layer.module] = exact_mask(scores, counts[layer.module])
+    for name, mask in group_masks(groups, keep, masks.params).items():
+        masks.set(name, mask)
+    return counts
+
+
+def prune_groups_by_scores(
+    groups: GroupSet, scores: Mapping[str, Tensor], sparsity: float | Mapping[str, float], like: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Masks keeping the heads/neurons of highest summed ``scores`` (movement pruning: pruned groups may come back)."""
+    keep, counts = {}, {}
+    for layer in groups.layers:
+        counts[layer.module] = groups_to_prune(layer, _sparsity_of(layer, sparsity))
+        keep[layer.module] = exact_mask(group_scores(layer, scores, how="sum"), counts[layer.module])
+    return group_masks(groups, keep, like), counts
+
+
+def zero_groups(layer: GroupLayer, tensors: Mapping[str, Tensor]) -> Tensor:
+    """Bool per group: True where every entry of every member is exactly zero (the group can be removed)."""
+    zero = None
+    for member in layer.members:
+        each = (_entries(tensors[member.param].detach(), member, layer) == 0).all(1)
+        zero = each if zero is None else zero & each
+    return zero
+
+
+def check_group_sparsity(groups: GroupSet, sparsity: float | Mapping[str, float]) -> None:
+    """Before training: each group layer's members share one sparsity, and it leaves at least one group."""
+    for layer in groups.layers:
+        if isinstance(sparsity, Mapping):
+            values = {p: sparsity[p] for p in layer.params if p in sparsity}
+            if len(set(values.values())) > 1:
+                raise ValueError(
+                    f"The {layer.kind} groups of {layer.module!r} are pruned together, but their members are given "
+                    f"different sparsities: {values}; give them one value"
+                )
+        groups_to_prune(layer, _sparsity_of(layer, sparsity))
+

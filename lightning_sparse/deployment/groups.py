@@ -1,0 +1,296 @@
+"""Deploy pruned attention heads and MLP neurons: rebuild each module with only the heads / hidden units it kept.
+
+A head (neuron) whose every member is exactly zero (:mod:`lightning_sparse.core.heads`: its q/k/v rows and biases and
+the output projection's columns; the up-projection row, its bias and the down-projection column) contributes nothing,
+so dropping it changes no output. Modules are rebuilt in place on the model's structure (no trace needed):
+
+* nanoGPT attention (``lightning_sparse.models.CausalSelfAttention``) becomes :class:`HeadPrunedSelfAttention`;
+* ``nn.MultiheadAttention`` becomes :class:`HeadPrunedMultiheadAttention`: ``nn.MultiheadAttention`` cannot hold fewer
+  heads of the same ``head_dim`` (its query input and output width are both ``embed_dim = num_heads × head_dim``);
+* Hugging Face BERT and GPT-2 attention keep their classes, with sliced projections and ``num_attention_heads`` /
+  ``num_heads`` and ``all_head_size`` / ``split_size`` updated (transformers 5 removed ``prune_heads``; this does what it
+  did);
+* MLPs keep their classes with sliced up/down projections (``nn.Linear``, or Hugging Face ``Conv1D``, re-made as its own
+  class).
+
+Each module is kept only where the model's outputs stay equal (checked by the caller, :func:`~lightning_sparse.deploy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import Tensor, nn
+
+from lightning_sparse.core.heads import GroupLayer, Member, find_group_layers, zero_groups
+
+
+@dataclass
+class GroupReport:
+    """One attention module's heads or one MLP's neurons: what was removed, what is left, the members, and why."""
+
+    module: str
+    kind: str  # head / neuron
+    module_type: str
+    before: int
+    removed: list[int] = field(default_factory=list)  # group indices removed
+    members: list[str] = field(default_factory=list)  # "param[axis a]" of every member tensor
+    rebuilt_as: str = ""
+    reason: str = ""
+
+    @property
+    def after(self) -> int:
+        return self.before - len(self.removed)
+
+
+# ----------------------------------------------------------------------------- modules
+class HeadPrunedSelfAttention(nn.Module):
+    """nanoGPT causal self-attention with ``n_head`` heads of ``head_dim`` whatever the model width: ``c_attn`` maps
+    ``n_embd → 3 · n_head · head_dim`` (q, k, v), ``c_proj`` maps ``n_head · head_dim → n_embd``."""
+
+    def __init__(self, c_attn: nn.Linear, c_proj: nn.Linear, n_head: int, head_dim: int, dropout: float, resid_dropout: nn.Module) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj, self.resid_dropout = c_attn, c_proj, resid_dropout
+        self.n_head, self.head_dim, self.dropout = n_head, head_dim, dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, time, _ = x.shape
+        inner = self.n_head * self.head_dim
+        q, k, v = self.c_attn(x).split(inner, dim=2)
+        q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(batch, time, inner)))
+
+
+class HeadPrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s forward with fewer heads of the original ``head_dim``: separate ``q_proj``, ``k_proj``,
+    ``v_proj`` (``embed_dim → heads · head_dim``) and ``out_proj`` (``heads · head_dim → embed_dim``).
+
+    Same arguments and outputs as ``nn.MultiheadAttention.forward`` (``key_padding_mask``, ``attn_mask`` 2-D or 3-D
+    per original head, bool or additive, ``is_causal``, batch-first or not, unbatched inputs). The attention weights
+    returned (``need_weights=True``) cover the kept heads only, and their average is over those heads.
+    """
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear, heads: list[int],
+                 original_heads: int, head_dim: int, dropout: float, batch_first: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.register_buffer("heads", torch.tensor(heads, dtype=torch.long), persistent=False)
+        self.num_heads, self.original_heads, self.head_dim = len(heads), original_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+
+    def _mask(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        if mask is None:
+            return None
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+        return mask.to(dtype)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length, _ = query.shape
+        source = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, length, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, source, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, source, h, d).transpose(1, 2)
+        scores = (q * d**-0.5) @ k.transpose(-2, -1)  # (n, h, length, source)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).triu(1)
+        mask = self._mask(attn_mask, scores.dtype)
+        if mask is not None:
+            if mask.dim() == 3:  # (n · original heads, L, S): keep the kept heads' masks
+                mask = mask.view(n, self.original_heads, length, source).index_select(1, self.heads)
+            scores = scores + mask
+        padding = self._mask(key_padding_mask, scores.dtype)
+        if padding is not None:
+            scores = scores + padding.view(n, 1, 1, source)
+        weights = scores.softmax(-1)
+        attended = F.dropout(weights, self.dropout) if self.training and self.dropout > 0 else weights
+        out = self.out_proj((attended @ v).transpose(1, 2).reshape(n, length, h * d))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        weights = weights.mean(1) if average_attn_weights else weights
+        return out, weights.squeeze(0) if not batched else weights
+
+
+class LeafTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with the rebuilt attention modules kept as single calls (their forwards branch on input
+    shapes, which a symbolic trace cannot follow) so a model holding them still traces."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (HeadPrunedSelfAttention, HeadPrunedMultiheadAttention)) or super().is_leaf_module(m, module_qualified_name)
+
+
+# ----------------------------------------------------------------------------- slicing
+def _fused_index(layer: GroupLayer, member_index: int, keep: list[int], device: torch.device) -> Tensor:
+    """Kept entries of a fused projection in q, k, v order (each block in kept-head order)."""
+    member = layer.members[member_index]
+    w = layer.width
+    return torch.cat([torch.arange(o + g * w, o + (g + 1) * w, device=device) for o in member.offsets for g in keep])
+
+
+def _sliced(module: nn.Module, out_index: Tensor | None = None, in_index: Tensor | None = None) -> nn.Module:
+    """A new Linear / Conv1D with the given output and input entries (the bias follows the outputs)."""
+    weight, bias = module.weight.detach(), None if getattr(module, "bias", None) is None else module.bias.detach()
+    conv1d = not isinstance(module, nn.Linear)  # Hugging Face Conv1D: weight (in, out)
+    out_axis, in_axis = (1, 0) if conv1d else (0, 1)
+    if out_index is not None:
+        weight = weight.index_select(out_axis, out_index)
+        bias = bias.index_select(0, out_index) if bias is not None else None
+    if in_index is not None:
+        weight = weight.index_select(in_axis, in_index)
+    if conv1d:
+        new = type(module)(weight.shape[1], weight.shape[0])
+    else:
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight = nn.Parameter(weight.clone().contiguous(), requires_grad=module.weight.requires_grad)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.clone(), requires_grad=module.bias.requires_grad)
+    return new
+
+
+def _set(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _module_of(param: str) -> str:
+    return param.rpartition(".")[0]
+
+
+def _rebuild(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
+    """Rebuild ``layer``'s module(s) with only the groups ``keep``; return what it became."""
+    module = model.get_submodule(layer.module) if layer.module else model
+    device = next(module.parameters()).device
+    if layer.style == "nanogpt":
+        c_attn = _sliced(module.c_attn, out_index=_fused_index(layer, 0, keep, device))
+        c_proj = _sliced(module.c_proj, in_index=_fused_index(layer, len(layer.members) - 1, keep, device))
+        new = HeadPrunedSelfAttention(c_attn, c_proj, len(keep), layer.width, module.dropout, module.resid_dropout)
+        _set(model, layer.module, new.train(module.training))
+        return type(new).__name__
+    if layer.style == "mha":
+        return _rebuild_mha(model, layer, module, keep, device)
+    if layer.style == "gpt2":
+        module.c_attn = _sliced(module.c_attn, out_index=_fused_index(layer, 0, keep, device))
+        module.c_proj = _sliced(module.c_proj, in_index=_fused_index(layer, len(layer.members) - 1, keep, device))
+        module.num_heads, module.split_size = len(keep), len(keep) * layer.width  # embed_dim stays the model width
+        return f"{type(module).__name__} ({len(keep)} heads)"
+    if layer.style == "bert":
+        if layer.kind == "head":
+            inner = module.self
+            index = _fused_index(layer, 0, keep, device)
+            for p in ("query", "key", "value"):
+                setattr(inner, p, _sliced(getattr(inner, p), out_index=index))
+            inner.num_attention_heads, inner.all_head_size = len(keep), len(keep) * layer.width
+            module.output.dense = _sliced(module.output.dense, in_index=index)
+            return f"{type(module).__name__} ({len(keep)} heads)"
+    # neurons: the up-projection's outputs and the down-projection's inputs, whatever module holds them
+    index = torch.tensor(keep, dtype=torch.long, device=device)
+    for member in layer.members:
+        if member.role == "up":
+            target = _module_of(member.param)
+            _set(model, target, _sliced(model.get_submodule(target), out_index=index))
+        elif member.role == "down":
+            target = _module_of(member.param)
+            _set(model, target, _sliced(model.get_submodule(target), in_index=index))
+    return f"{layer.module_type} ({len(keep)} neurons)"
+
+
+def _rebuild_mha(model: nn.Module, layer: GroupLayer, module: nn.MultiheadAttention, keep: list[int], device: torch.device) -> str:
+    e, d = module.embed_dim, layer.width
+    rows = torch.cat([torch.arange(g * d, (g + 1) * d, device=device) for g in keep])
+    if module._qkv_same_embed_dim:
+        weights = [module.in_proj_weight[o : o + e] for o in (0, e, 2 * e)]
+    else:
+        weights = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    biases = [None] * 3 if module.in_proj_bias is None else [module.in_proj_bias[o : o + e] for o in (0, e, 2 * e)]
+    projections = []
+    for weight, bias in zip(weights, biases):
+        linear = nn.Linear(weight.shape[1], len(rows), bias=bias is not None, device=device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.detach().index_select(0, rows))
+            if bias is not None:
+                linear.bias.copy_(bias.detach().index_select(0, rows))
+        projections.append(linear)
+    out = _sliced(module.out_proj, in_index=rows)
+    new = HeadPrunedMultiheadAttention(*projections, out, keep, module.num_heads, d, module.dropout, module.batch_first)
+    _set(model, layer.module, new.train(module.training))
+    return type(new).__name__
+
+
+def _refusal(module: nn.Module, layer: GroupLayer) -> str | None:
+    if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
+        return "add_bias_kv / add_zero_attn are not rebuilt: heads kept"
+    if layer.kind == "head" and layer.style == "gpt2" and getattr(module, "reorder_and_upcast_attn", False):
+        return "reorder_and_upcast_attn is not rebuilt: heads kept"
+    return None
+
+
+def _describe_member(member: Member, width: int) -> str:
+    """``c_attn.weight axis 0: [0, 128, 256] + 32·g, 32 each`` (where group g's entries lie)."""
+    starts = ", ".join(map(str, member.offsets))
+    return f"{member.param} axis {member.axis}: [{starts}] + {width}·g, {width} each ({member.role})"
+
+
+@torch.no_grad()
+def remove_zero_groups(model: nn.Module) -> list[GroupReport]:
+    """Rebuild, in place, every attention module without its all-zero heads and every MLP without its all-zero neurons
+    (at least one group is kept in each); return one :class:`GroupReport` per module found (removed or not)."""
+    reports = []
+    layers = find_group_layers(model)
+    params = dict(model.named_parameters())
+    zero = {layer.module + "/" + layer.kind: zero_groups(layer, params) for layer in layers}
+    for layer in layers:  # every zero test is made before any module changes (a Sequential's layers share tensors)
+        row = GroupReport(layer.module, layer.kind, layer.module_type, layer.count,
+                          members=[_describe_member(m, layer.width) for m in layer.members])  # fmt: skip
+        reports.append(row)
+        dropped = zero[layer.module + "/" + layer.kind].nonzero().flatten().tolist()
+        if not dropped:
+            row.reason = f"no {layer.kind} has all its members zero"
+            continue
+        if len(dropped) == layer.count:
+            dropped = dropped[1:]  # a module keeps one (zero) group rather than vanish
+        module = model.get_submodule(layer.module) if layer.module else model
+        refusal = _refusal(module, layer)
+        if refusal:
+            row.reason = refusal
+            continue
+        keep = [g for g in range(layer.count) if g not in set(dropped)]
+        row.rebuilt_as = _rebuild(model, layer, keep)
+        row.removed = dropped
+        row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
+    return reports
+
+
+def has_zero_groups(model: nn.Module) -> bool:
+    """True when some attention head or MLP neuron of ``model`` has all its members zero."""
+    params = dict(model.named_parameters())
+    return any(bool(zero_groups(layer, params).any()) for layer in find_group_layers(model))
+
+
+def groups_table(rows: list[GroupReport]) -> Table:
+    """Heads and neurons per module: before → after, the groups removed and the member tensors of every group."""
+    table = Table(title="Deploy: attention heads and MLP neurons", show_lines=False)
+    for column in ("module", "type", "groups", "before", "after", "removed", "members (each group's entries)", "why"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.module, row.rebuilt_as or row.module_type, row.kind, str(row.before), str(row.after),
+                      ", ".join(map(str, row.removed)) or "-", "; ".join(row.members), row.reason)  # fmt: skip
+    return table
