@@ -39,6 +39,8 @@ class MovementPruning(GradualMagnitudePruning):
         verbose: print the per-layer table when fitting ends.
     """
 
+    metric_prefix = "movement"  # its own method: `movement/target_sparsity`, not GMP's `gmp/`
+
     def __init__(
         self,
         sparsity: float | dict[str, float] = 0.9,

@@ -15,10 +15,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from lightning_sparse import export, report, wandb_mode
+from lightning_sparse import wandb_mode
 from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.cli.args import add_flag
 from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
+from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.sweep.overrides import set_value, split_arguments
 
@@ -161,8 +162,7 @@ class SparseCLI(LightningCLI):
 def _global_sparsity(model: Any, names: list[str] | None = None) -> float:
     """Fraction of exact zeros over the sparsified parameters (default: every Linear/Conv weight)."""
     params = dict(model.named_parameters())
-    names = names or prunable_names(model)
-    return report.global_sparsity(report.stats_from_tensors({n: params[n].detach() for n in names}))
+    return global_sparsity(params[n] for n in names or prunable_names(model))
 
 
 @rank_zero_only

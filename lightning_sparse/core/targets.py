@@ -18,6 +18,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from lightning_sparse.core.counting import global_sparsity
+
 V = TypeVar("V")
 
 #: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not. ``nn.MultiheadAttention``
@@ -303,9 +305,5 @@ def weight_matrices(model: nn.Module) -> dict[str, nn.Parameter]:
 @torch.no_grad()
 def model_sparsity(matrices: Mapping[str, torch.Tensor]) -> float:
     """Zeros over all the given weight matrices (:func:`weight_matrices`: dense ones included), counted in the
-    tensors themselves."""
-    total = sum(t.numel() for t in matrices.values())
-    if not total:
-        return 0.0
-    zeros = sum(int((t == 0).sum()) for t in matrices.values())
-    return zeros / total
+    tensors themselves (:func:`~lightning_sparse.core.counting.global_sparsity`)."""
+    return global_sparsity(matrices)
