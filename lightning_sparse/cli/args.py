@@ -7,6 +7,7 @@ the hyphen spelling of a multi-word flag (``--max-trials``) is accepted as the s
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 #: What a bad file or argument raises in the library: the subcommands print it as one line and exit with 2.
@@ -34,6 +35,22 @@ def fail(parser: argparse.ArgumentParser, error: BaseException | str, *paths: st
     if paths and not any(str(path) in text for path in paths):
         text = f"{paths[0]}: {text}"
     parser.exit(2, f"{parser.prog}: error: {text}\n")
+
+
+def checkpoint_parser(command: str, description: str, checkpoint_help: str) -> argparse.ArgumentParser:
+    """The parser of a subcommand that reads a checkpoint: ``lightning-sparse COMMAND CHECKPOINT ... [--trust]``."""
+    parser = argparse.ArgumentParser(prog=f"lightning-sparse {command}", description=description)
+    parser.add_argument("checkpoint", help=checkpoint_help)
+    add_trust_flag(parser)
+    return parser
+
+
+def parse_checkpoint_args(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(args)``, refusing a ``checkpoint`` that is not a file."""
+    parsed = parser.parse_args(args)
+    if not Path(parsed.checkpoint).is_file():
+        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
+    return parsed
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_sparse.cli.args import add_flag, add_trust_flag, at_least_one, fail
+from lightning_sparse.cli.args import add_flag, at_least_one, checkpoint_parser, fail, parse_checkpoint_args
 from lightning_sparse.imports import import_object
 from lightning_sparse.deployment import KERNELS, deploy_model, print_deploy_report, save_deployed
 
@@ -61,14 +61,14 @@ def example_input(parsed: argparse.Namespace, model: Any, parser: argparse.Argum
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lightning-sparse deploy",
-        description="Rebuild a model from a checkpoint, remove its pruned channels, run its sparse Linear layers on "
+    parser = checkpoint_parser(
+        "deploy",
+        "Rebuild a model from a checkpoint, remove its pruned channels, run its sparse Linear layers on "
         "PyTorch's sparse kernels where they are measured faster, print what was done and save the deployed model "
         "(load it with lightning_sparse.deployment.load_deployed(OUT, trusted=True): it is a pickled module, so only "
         "load files you trust). The checkpoint is read weights-only unless --trust.",
+        "a Lightning .ckpt holding hyper_parameters",
     )
-    parser.add_argument("checkpoint", help="a Lightning .ckpt holding hyper_parameters")
     parser.add_argument("output", help="where to save the deployed model")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"class path of the LightningModule (default {DEFAULT_MODEL})")
     parser.add_argument("--data", help="class path of a LightningDataModule; its first test batch is the example input")
@@ -77,16 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device the deployed model runs on (default cpu)")
     parser.add_argument("--kernel", choices=KERNELS, default="auto",
                         help="auto: per layer the form measured fastest; sparse: sparse wherever possible; dense: only remove channels")  # fmt: skip
-    add_trust_flag(parser)
     return parser
 
 
 def main(args: list[str]) -> None:
     """``lightning-sparse deploy CKPT OUT [--model CLASS] [--data CLASS | --input_shape C,H,W] [--batch_size N]``."""
     parser = build_parser()
-    parsed = parser.parse_args(args)
-    if not Path(parsed.checkpoint).is_file():
-        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
+    parsed = parse_checkpoint_args(parser, args)
     output = Path(parsed.output)
     if output.is_dir():
         parser.error(f"output {output} is a directory: give the file to write")

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lightning_sparse import report
-from lightning_sparse.cli.args import INPUT_ERRORS, add_trust_flag, fail
+from lightning_sparse.cli.args import INPUT_ERRORS, checkpoint_parser, fail, parse_checkpoint_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-sparse report", description="Per-layer sparsity of a checkpoint.")
-    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict, or a compressed export)")
+    parser = checkpoint_parser("report", "Per-layer sparsity of a checkpoint.",
+                               "a Lightning .ckpt (or a saved state dict, or a compressed export)")  # fmt: skip
     parser.add_argument("--plot", metavar="FILE.png", help="also draw per-layer sparsity as a bar chart")
-    add_trust_flag(parser)
     return parser
 
 
 def main(args: list[str]) -> None:
     parser = build_parser()
-    parsed = parser.parse_args(args)
-    if not Path(parsed.checkpoint).is_file():
-        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
+    parsed = parse_checkpoint_args(parser, args)
     try:
         stats = report.checkpoint_stats(parsed.checkpoint, trusted=parsed.trust)
     except INPUT_ERRORS as error:
