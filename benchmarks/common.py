@@ -19,6 +19,7 @@ from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.data import DigitsDataModule, MNISTDataModule
 from lightning_sparse.export import save_compressed
 from lightning_sparse.models import Classifier
+from lightning_sparse.core.counting import global_sparsity
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -92,7 +93,7 @@ def lenet300_test_error(
     params = dict(model.named_parameters())
     weights = [params[name].detach() for name in prunable_names(model)]
     result = {
-        "measured_sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),
+        "measured_sparsity": global_sparsity(weights),
         "test_error_pct": 100.0 * (1.0 - accuracy),
         "wall_s": time.perf_counter() - started,
     }

@@ -32,6 +32,7 @@ from benchmarks.common import datamodule, emit, lenet300_parser, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining
 from lightning_sparse.export import load_compressed, save_compressed
 from lightning_sparse.models import Classifier
+from lightning_sparse.core.counting import global_sparsity
 
 TARGET_RATIO, TARGET_POINTS = 100.0, 0.3
 CONFIGS: dict[str, dict[str, Any]] = {  # per-layer GMP targets for LeNet-300-100's three Linear weights
@@ -69,7 +70,7 @@ def run(config: dict[str, Any], dm: pl.LightningDataModule, args: argparse.Names
         raise AssertionError(f"reloaded accuracy {reloaded_accuracy} differs from the trained model's {accuracy}")
     weights = [p.detach() for n, p in model.named_parameters() if n.endswith("weight")]
     return {
-        "weight_sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),
+        "weight_sparsity": global_sparsity(weights),
         "file_bytes": exported.file_bytes,
         "fp32_bytes": exported.fp32_bytes,
         "ratio": exported.ratio,

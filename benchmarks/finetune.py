@@ -30,6 +30,7 @@ from benchmarks.common import emit, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning
 from lightning_sparse.text_models import TextClassifier
 from lightning_sparse.text_tasks import ShakespearePlaysDataModule
+from lightning_sparse.core.counting import global_sparsity
 
 ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90")
 METHODS = {"gmp": GradualMagnitudePruning, "movement": MovementPruning}
@@ -38,7 +39,7 @@ METHODS = {"gmp": GradualMagnitudePruning, "movement": MovementPruning}
 def encoder_sparsity(model: TextClassifier) -> float:
     """Exact zeros over the encoder's Linear weights (what the pruned rows prune)."""
     weights = [m.weight for m in model.backbone.modules() if isinstance(m, torch.nn.Linear)]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return global_sparsity(weights)
 
 
 def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from rich.table import Table
 from benchmarks.common import datamodule, emit, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.targets import prunable_names
+from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.data import ShakespeareDataModule
 from lightning_sparse.models import CharGPT, Classifier
 
@@ -155,7 +156,7 @@ def weight_sparsity(model: torch.nn.Module) -> float:
     """Fraction of exact zeros over the Linear/Conv weights."""
     params = dict(model.named_parameters())
     weights = [params[name].detach() for name in prunable_names(model)]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return global_sparsity(weights)
 
 
 def run(config: str, dm: pl.LightningDataModule, args: argparse.Namespace, exclude: set[int] | None) -> dict[str, Any]:

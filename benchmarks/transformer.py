@@ -47,6 +47,7 @@ from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.data import ShakespeareDataModule
 from lightning_sparse.export import save_compressed
 from lightning_sparse.models import CharGPT
+from lightning_sparse.core.counting import global_sparsity
 
 BABY_GPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, lr=1e-3, min_lr=1e-4, warmup_steps=100)
 SPARSITIES = (0.5, 0.75, 0.9)
@@ -104,7 +105,7 @@ def run(name: str, callbacks: list[pl.Callback], overrides: dict[str, Any], dm: 
     exported = save_compressed(model, path, verbose=False)
     return {
         "val_loss": val_loss,
-        "prunable_sparsity": sum(int((w == 0).sum()) for w in prunable) / sum(w.numel() for w in prunable),
+        "prunable_sparsity": global_sparsity(prunable),
         "nonzeros": nonzeros(model),
         "params": sum(p.numel() for p in model.parameters()),
         "file_bytes": exported.file_bytes,

@@ -74,25 +74,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     Stale temporary files of the same target (from a killed earlier write) are removed first; a ``SIGTERM``
     while writing removes this one before the process ends.
     """
-    path = Path(path)
-    remove_stale_temporaries(path)
-    tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
-    _track(tmp)
-    try:
-        with _removed_on_sigterm(tmp):
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        _untrack(tmp)
-    _fsync_directory(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f  # atomic_path fsyncs the file once it is closed, then renames it
 
 
 @contextlib.contextmanager
@@ -102,7 +85,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     remove_stale_temporaries(path)
     tmp = temporary_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for torch.save
     _track(tmp)
     try:
         with _removed_on_sigterm(tmp):

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from lightning_sparse.core.counting import count_zeros, tensor_key
 from lightning_sparse.core.masks import MaskSet
 
 
@@ -22,6 +23,8 @@ class LayerSparsity:
     shape: tuple[int, ...]
     numel: int
     zeros: int
+    #: The name listed before this one for the same tensor (a tied weight): the global count skips it.
+    tied_to: str | None = None
 
     @property
     def sparsity(self) -> float:
@@ -39,19 +42,27 @@ def stats_from_masks(masks: MaskSet, label: Callable[[str], str] | None = None) 
 
 
 def stats_from_tensors(tensors: Mapping[str, Tensor]) -> list[LayerSparsity]:
-    """Per-layer counts of exact zeros in the given tensors (FSDP2 shards are counted whole: call on every rank)."""
-    from lightning_sparse.core.shards import local_tensor, sum_over_shards
-
-    return [
-        LayerSparsity(name, tuple(t.shape), t.numel(), int(sum_over_shards((local_tensor(t) == 0).sum(), t)))
-        for name, t in tensors.items()
-    ]
+    """Per-layer counts of exact zeros in the given tensors (:func:`~lightning_sparse.core.counting.count_zeros`;
+    FSDP2 shards are counted whole: call on every rank); a second name of a tied tensor gets a row with ``tied_to``
+    set to the first."""
+    first: dict[tuple, str] = {}
+    stats = []
+    for name, t in tensors.items():
+        tied_to = first.setdefault(tensor_key(t), name)
+        stats.append(LayerSparsity(name, tuple(t.shape), t.numel(), count_zeros([t])[0], tied_to if tied_to != name else None))
+    return stats
 
 
 def global_sparsity(stats: Iterable[LayerSparsity]) -> float:
-    stats = list(stats)
-    total = sum(s.numel for s in stats)
-    return sum(s.zeros for s in stats) / total if total else 0.0
+    """Zeros over entries of the counted layers, each tied tensor once (``zeros / total`` of
+    :func:`~lightning_sparse.core.counting.count_zeros` over the same tensors)."""
+    zeros, total = _global_counts(stats)
+    return zeros / total if total else 0.0
+
+
+def _global_counts(stats: Iterable[LayerSparsity]) -> tuple[int, int]:
+    distinct = [s for s in stats if s.tied_to is None]
+    return sum(s.zeros for s in distinct), sum(s.numel for s in distinct)
 
 
 def sparsity_table(stats: list[LayerSparsity], title: str = "Sparsity per layer") -> Table:
@@ -60,9 +71,9 @@ def sparsity_table(stats: list[LayerSparsity], title: str = "Sparsity per layer"
     for column, justify in (("layer", "left"), ("shape", "left"), ("params", "right"), ("non-zero", "right"), ("sparsity", "right")):
         table.add_column(column, justify=justify)
     for s in stats:
-        table.add_row(s.name, "×".join(map(str, s.shape)), f"{s.numel:,}", f"{s.numel - s.zeros:,}", f"{s.sparsity:.2%}")
-    total = sum(s.numel for s in stats)
-    zeros = sum(s.zeros for s in stats)
+        name = s.name if s.tied_to is None else f"{s.name} (= {s.tied_to})"
+        table.add_row(name, "×".join(map(str, s.shape)), f"{s.numel:,}", f"{s.numel - s.zeros:,}", f"{s.sparsity:.2%}")
+    zeros, total = _global_counts(stats)
     table.add_section()
     table.add_row("global", "", f"{total:,}", f"{total - zeros:,}", f"{global_sparsity(stats):.2%}", style="bold")
     return table

@@ -26,3 +26,14 @@ def test_the_sweep_does_not_import_the_cli():
     loaded = _loaded_after("import lightning_sparse.sweep.runner, lightning_sparse.sweep.config, lightning_sparse.sweep.trials")
     assert "lightning_sparse.sweep.runner" in loaded
     assert not {m for m in loaded if m.startswith("lightning_sparse.cli")}, sorted(m for m in loaded if "cli" in m)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["lightning_sparse.sweep", "lightning_sparse.core", "lightning_sparse.export", "lightning_sparse.deployment",
+     "lightning_sparse.callbacks"],
+)  # fmt: skip
+def test_nothing_below_the_cli_imports_it(module):
+    loaded = _loaded_after(f"import {module}")
+    assert module in loaded
+    assert not {m for m in loaded if m.startswith("lightning_sparse.cli")}, sorted(m for m in loaded if "cli" in m)

@@ -227,7 +227,7 @@ class CompressionCallback(*CALLBACK_BASES):
     would overwrite each other's work, so the later one refuses the pair at ``setup``, before any training.
     """
 
-    #: prefix of the metrics this callback logs beside ``sparsity/*`` (``gmp``, ``rigl``, ``set``, ``qat``, ``lc``)
+    #: prefix of the metrics this callback logs beside ``sparsity/*`` (``gmp``, ``rigl``, ``set``, ``qat``, ``lc``, ``movement``)
     metric_prefix = ""
 
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:

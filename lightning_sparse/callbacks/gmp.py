@@ -35,6 +35,10 @@ class GradualMagnitudePruning(SparsityCallback):
     ``s_t = s_f + (s_i - s_f) (1 - (t - start) / (end - start))^3``, masks recomputed every ``frequency``
     steps from ``start`` and at ``end``. Pruned weights and their gradients stay exactly zero.
 
+    Logs at each mask update, to every logger: ``sparsity/global``, ``sparsity/model``, ``sparsity/<parameter>``
+    and ``gmp/target_sparsity`` (the schedule's ``s_t`` at that step; with a per-layer ``sparsity``, the mean of the
+    layers' targets weighted by their sizes, and ``gmp/target_sparsity/<parameter>`` for each).
+
     Args:
         sparsity: final fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer
             (each matched layer pruned to its own target, ``distribution`` unused; unmatched layers stay dense).
@@ -121,6 +125,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
+        self._scheduled: float | dict[str, float] | None = None  # the schedule's target at the last mask update
 
     metric_prefix = "gmp"
 
@@ -212,7 +217,19 @@ class GradualMagnitudePruning(SparsityCallback):
         final = self._final_sparsity()
         target = {name: at(s) for name, s in final.items()} if isinstance(final, dict) else at(final)
         self._prune(target)
+        self._scheduled = target
         return True
+
+    def _update_metrics(self) -> dict[str, float]:
+        """``<prefix>/target_sparsity``: the schedule's target at this update (per layer too when they differ)."""
+        if self._scheduled is None:
+            return {}
+        prefix = self.metric_prefix
+        if not isinstance(self._scheduled, dict):
+            return {f"{prefix}/target_sparsity": float(self._scheduled)}
+        sizes = {name: self.masks.numel(name) for name in self._scheduled}
+        mean = sum(self._scheduled[n] * sizes[n] for n in sizes) / (sum(sizes.values()) or 1)
+        return {f"{prefix}/target_sparsity": mean, **{f"{prefix}/target_sparsity/{n}": float(s) for n, s in self._scheduled.items()}}
 
     def _prune(self, target: float | dict[str, float]) -> None:
         """Write the masks for ``target`` (one sparsity, or one per parameter): the smallest magnitudes go."""

@@ -45,6 +45,8 @@ class MovementPruning(GradualMagnitudePruning):
             :class:`GradualMagnitudePruning`.
     """
 
+    metric_prefix = "movement"  # its own method: `movement/target_sparsity`, not GMP's `gmp/`
+
     def __init__(
         self,
         sparsity: float | dict[str, float] = 0.9,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.core.allocation import zero_counts
+from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import param_state
 from lightning_sparse.core.quantize import kmeans_1d, nearest_codes
@@ -297,10 +298,8 @@ class LearningCompressor:
         delta = {name: full_tensor(d) for name, d in self.delta.items()}
         metrics = {"lc/mu": mu, "lc/c_step": float(self.c_steps_done), "lc/distance": sum(d * d for d in distances.values()) ** 0.5}
         metrics.update({f"lc/distance/{name}": d for name, d in distances.items()})
-        zeros = {name: int((d == 0).sum()) for name, d in delta.items()}
-        total = sum(d.numel() for d in delta.values())
-        metrics["sparsity/global"] = sum(zeros.values()) / total
-        metrics.update({f"sparsity/{name}": zeros[name] / delta[name].numel() for name in zeros})
+        metrics["sparsity/global"] = global_sparsity(delta)
+        metrics.update({f"sparsity/{name}": global_sparsity([d]) for name, d in delta.items()})
         metrics.update({f"lc/distinct/{name}": float(torch.unique(d).numel()) for name, d in delta.items()})
         return metrics
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from lightning_sparse.core.shards import local_tensor, sum_over_shards
+from lightning_sparse.core.counting import global_sparsity
 
 V = TypeVar("V")
 
@@ -305,9 +305,5 @@ def weight_matrices(model: nn.Module) -> dict[str, nn.Parameter]:
 @torch.no_grad()
 def model_sparsity(matrices: Mapping[str, torch.Tensor]) -> float:
     """Zeros over all the given weight matrices (:func:`weight_matrices`: dense ones included), counted in the
-    tensors themselves."""
-    total = sum(t.numel() for t in matrices.values())
-    if not total:
-        return 0.0
-    zeros = sum(int(sum_over_shards((local_tensor(t) == 0).sum(), t)) for t in matrices.values())  # shards: summed
-    return zeros / total
+    tensors themselves (:func:`~lightning_sparse.core.counting.global_sparsity`; FSDP2 shards are counted whole)."""
+    return global_sparsity(matrices)

@@ -22,13 +22,16 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
+from lightning_sparse.core.counting import global_sparsity
+from lightning_sparse.core.targets import DEFAULT_MODULES
 from lightning_sparse.deployment import chains, groups, kernels, memory, residual, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
 from lightning_sparse.files import atomic_writer
 
-LAYERS = (nn.Linear, *thinning.CONVS)
+#: The layers deploy reads: those compression targets by default (Linear, Conv1d/2d/3d).
+LAYERS = DEFAULT_MODULES
 ExampleInput = Tensor | Sequence[Tensor]
 
 
@@ -240,7 +243,7 @@ def _layer_rows(model: nn.Module) -> list[LayerReport]:
     for name, module in model.named_modules():
         if isinstance(module, LAYERS):
             weight = module.weight.detach()
-            sparsity = float((weight == 0).float().mean())
+            sparsity = global_sparsity([weight])
             rows.append(LayerReport(name, type(module).__name__, tuple(weight.shape), sparsity, _pattern(weight)))
     return rows
 

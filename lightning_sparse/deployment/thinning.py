@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from lightning_sparse.core.targets import DEFAULT_MODULES
+
+#: The convolutions among the default compression targets (Conv1d/2d/3d).
+CONVS = tuple(m for m in DEFAULT_MODULES if issubclass(m, nn.modules.conv._ConvNd))
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,

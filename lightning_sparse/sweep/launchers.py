@@ -6,7 +6,6 @@ runs subprocesses on this machine, :class:`RayLauncher` runs each one as a Ray t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from lightning_sparse import files
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "trial.log"
@@ -61,7 +62,7 @@ class Launcher(Protocol):
 def read_metrics(folder: Path) -> dict[str, float] | None:
     """The metrics a finished trial wrote, or None."""
     path = folder / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return files.read_json(path) if path.is_file() else None
 
 
 def kill_stale(folder: Path) -> None:

@@ -12,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_sparse import export, files, report
+from lightning_sparse import export, files
+from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
 
 #: Metrics every trial reports, whatever its model logs.
@@ -22,11 +23,10 @@ MEASURED = ("sparsity", "compressed_bytes", "compression_ratio")
 def measure(module: torch.nn.Module) -> dict[str, float]:
     """Global sparsity of the Linear/Conv weights and the size of the model's compressed export."""
     params = dict(module.named_parameters())
-    stats = report.stats_from_tensors({name: params[name].detach() for name in prunable_names(module)})
     with tempfile.TemporaryDirectory() as folder:
         written = export.save_compressed(module, Path(folder) / "model.lsz", verbose=False)
     return {
-        "sparsity": report.global_sparsity(stats),
+        "sparsity": global_sparsity(params[name] for name in prunable_names(module)),
         "compressed_bytes": float(written.file_bytes),
         "compression_ratio": written.fp32_bytes / written.file_bytes,
     }

@@ -252,7 +252,7 @@ def test_cli_deploy_rebuilds_the_checkpoint_and_saves_a_loadable_model(unstructu
     [
         (["missing.ckpt", "out.pt"], "checkpoint missing.ckpt does not exist"),
         (["CKPT", "out.pt", "--model", "lightning_sparse.models.Nothing"], "--model 'lightning_sparse.models.Nothing' cannot be imported"),
-        (["CKPT", "out.pt", "--input-shape", "1,a,8"], "--input-shape must be positive sizes of one sample"),
+        (["CKPT", "out.pt", "--input_shape", "1,a,8"], "--input_shape must be positive sizes of one sample"),
     ],
 )
 def test_cli_deploy_refusals_name_the_option(unstructured, tmp_path, capsys, args, message):

@@ -1,9 +1,8 @@
-"""``lightning-sparse``: LightningCLI (fit/validate/test/predict with any module and datamodule) plus ``report``,
-``export``, ``sweep`` and ``deploy``."""
+"""``lightning-sparse fit|validate|test|predict``: :class:`SparseCLI`, LightningCLI with ``--compare_dense`` and
+sweep-key overrides, for any module and datamodule of either Lightning package."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -16,9 +15,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from lightning_sparse import export, report, wandb_mode
+from lightning_sparse import wandb_mode
 from lightning_sparse.callbacks import dropped_for_dense_baseline
+from lightning_sparse.cli.args import add_flag
 from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
+from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.sweep.overrides import set_value, split_arguments
 
@@ -27,7 +28,8 @@ DESCRIPTION = (
     "`report CKPT [--plot FILE.png]` (per-layer sparsity of a checkpoint) and "
     "`export CKPT OUT` (the checkpoint's weights as one compressed file) and "
     "`sweep --config SWEEP.yaml` (Ax search for the most compressed model that meets an accuracy constraint) and "
-    "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster)."
+    "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster). "
+    "Our flags are spelled with underscores (--compare_dense, --max_trials); the hyphen spelling is accepted too."
 )
 
 
@@ -82,8 +84,9 @@ class SparseCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--compare_dense",
+        add_flag(
+            parser,
+            "compare_dense",
             type=bool,
             default=False,
             help="After fit: test the compressed model, train and test a dense baseline with the same config "
@@ -159,8 +162,7 @@ class SparseCLI(LightningCLI):
 def _global_sparsity(model: Any, names: list[str] | None = None) -> float:
     """Fraction of exact zeros over the sparsified parameters (default: every Linear/Conv weight)."""
     params = dict(model.named_parameters())
-    names = names or prunable_names(model)
-    return report.global_sparsity(report.stats_from_tensors({n: params[n].detach() for n in names}))
+    return global_sparsity(params[n] for n in names or prunable_names(model))
 
 
 @rank_zero_only
@@ -171,137 +173,3 @@ def _print_comparison(dense: dict[str, float], sparse: dict[str, float]) -> None
     for name in sorted(set(dense) & set(sparse)):
         table.add_row(name, f"{dense[name]:.4f}", f"{sparse[name]:.4f}", f"{sparse[name] - dense[name]:+.4f}")
     Console().print(table)
-
-
-#: What a bad file or argument raises in the library: the subcommands print it as one line and exit with 2.
-_INPUT_ERRORS = (ValueError, TypeError, OSError)
-
-
-def _fail(parser: argparse.ArgumentParser, error: BaseException, *paths: str) -> None:
-    """Exit with code 2 and one line naming the file and what is wrong with it (no traceback)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        text = f"{error.filename}: {error.strerror}"
-    if paths and not any(str(path) in text for path in paths):
-        text = f"{paths[0]}: {text}"
-    parser.exit(2, f"{parser.prog}: error: {text}\n")
-
-
-def _is_checkpoint(path: str) -> bool:
-    """A checkpoint file, or a distributed (sharded, FSDP2) checkpoint folder."""
-    return Path(path).is_file() or (Path(path) / ".metadata").is_file()
-
-
-def _trust_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust", action="store_true",
-        help="unpickle the checkpoint in full, which runs any code it holds: only for files you made or trust "
-        "(default: weights only, which is all a Lightning checkpoint needs)",
-    )  # fmt: skip
-
-
-def report_main(args: list[str]) -> None:
-    """``lightning-sparse report CKPT [--plot FILE.png] [--trust]``."""
-    parser = argparse.ArgumentParser(prog="lightning-sparse report", description="Per-layer sparsity of a checkpoint.")
-    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict, or a compressed export)")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw per-layer sparsity as a bar chart")
-    _trust_argument(parser)
-    parsed = parser.parse_args(args)
-    if not _is_checkpoint(parsed.checkpoint):
-        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
-    try:
-        stats = report.checkpoint_stats(parsed.checkpoint, trusted=parsed.trust)
-    except _INPUT_ERRORS as error:
-        _fail(parser, error, parsed.checkpoint)
-    report.print_table(report.sparsity_table(stats, title=f"Sparsity per layer: {parsed.checkpoint}"))
-    if parsed.plot:
-        try:
-            print(f"Plot saved to {report.plot_sparsity(stats, parsed.plot, title=str(parsed.checkpoint))}")
-        except _INPUT_ERRORS as error:
-            _fail(parser, error, parsed.plot)
-
-
-def export_main(args: list[str]) -> None:
-    """``lightning-sparse export CKPT OUT [--trust]``."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-sparse export",
-        description="Save a checkpoint's weights as one compressed, bit-exact file "
-        "(read it back with lightning_sparse.export.load_compressed).",
-    )
-    parser.add_argument("checkpoint", help="a Lightning .ckpt (or a saved state dict)")
-    parser.add_argument("output", help="the compressed file to write")
-    _trust_argument(parser)
-    parsed = parser.parse_args(args)
-    if not _is_checkpoint(parsed.checkpoint):
-        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
-    try:
-        export.save_compressed(parsed.checkpoint, parsed.output, verbose=True, trusted=parsed.trust)
-    except _INPUT_ERRORS as error:
-        _fail(parser, error, parsed.checkpoint, parsed.output)
-
-
-def sweep_main(args: list[str]) -> None:
-    """``lightning-sparse sweep --config SWEEP.yaml [--max-trials N] [--parallel N] [--output DIR] [--resume]``."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-sparse sweep",
-        description="Search compression settings with Ax (Sobol, then BoTorch): every trial is a `lightning-sparse fit` "
-        "run; finds the best objective (default: smallest compressed export) that meets the constraints "
-        "(default: val_acc >= baseline - 0.005, the baseline from a dense run).",
-    )
-    parser.add_argument("--config", required=True, metavar="FILE", help="the sweep file (see examples/sweep_digits.yaml)")
-    parser.add_argument("--max-trials", type=int, metavar="N", help="trials in all, resumed ones included (default: the file's, else 10)")
-    parser.add_argument("--parallel", type=int, metavar="N", help="trials at once (default: the file's, else 1)")
-    parser.add_argument("--output", metavar="DIR", help="results folder (default: sweeps/<name>)")
-    parser.add_argument("--resume", action="store_true", help="continue the sweep saved in the output folder")
-    parser.add_argument("--launcher", choices=("local", "ray"), default="local", help="where trials run (default: local)")
-    parser.add_argument("--export-wandb", metavar="FILE", help="only write a W&B sweep config for agents, run nothing")
-    parsed = parser.parse_args(args)
-    for name in ("max_trials", "parallel"):
-        if getattr(parsed, name) is not None and getattr(parsed, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(parsed, name)}")
-    import yaml
-
-    from lightning_sparse.sweep.config import load_sweep
-
-    try:
-        sweep = load_sweep(parsed.config, instantiate=not parsed.export_wandb)  # the export builds nothing
-        if parsed.export_wandb:
-            from lightning_sparse.sweep.wandb_sweep import export_wandb_sweep
-
-            print(f"W&B sweep config written to {export_wandb_sweep(sweep, parsed.export_wandb)}")
-            return
-        from lightning_sparse.sweep.runner import run_sweep
-
-        result = run_sweep(sweep, max_trials=parsed.max_trials, parallel=parsed.parallel, output=parsed.output,
-                           resume=parsed.resume, launcher=parsed.launcher)  # fmt: skip
-    except (ValueError, OSError, yaml.YAMLError) as error:
-        _fail(parser, error, parsed.config)
-    if result.best is None:
-        sys.exit(1)
-
-
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-sparse`` command."""
-    command_line = args is None
-    args = sys.argv[1:] if command_line else list(args)
-    wandb_mode.default_to_offline()
-    if args and args[0] == "report":
-        report_main(args[1:])
-        return
-    if args and args[0] == "export":
-        export_main(args[1:])
-        return
-    if args and args[0] == "sweep":
-        sweep_main(args[1:])
-        return
-    if args and args[0] == "deploy":
-        from lightning_sparse.deploy_cli import deploy_main
-
-        deploy_main(args[1:])
-        return
-    cli_args = None if command_line else args  # LightningCLI warns when given both sys.argv and args
-    SparseCLI(model_class=None, datamodule_class=None, args=cli_args, save_config_kwargs={"overwrite": True})
-
-
-if __name__ == "__main__":
-    main()
