@@ -23,6 +23,14 @@ def digits() -> DigitsDataModule:
     return DigitsDataModule(batch_size=64)
 
 
+@pytest.fixture(scope="module")
+def data() -> DigitsDataModule:
+    """Digits, set up once per module (``data.splits["test"]`` holds the test images and labels)."""
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup()
+    return dm
+
+
 @pytest.fixture
 def digits_model():
     """``digits_model(arch="lenet300", **kwargs)``: a :class:`~lightning_sparse.models.Classifier` for 8×8 digits."""

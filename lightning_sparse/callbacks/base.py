@@ -333,6 +333,21 @@ class SparsityCallback(CompressionCallback):
         if self.masks is not None and self.verbose:
             self._print_table()
 
+    def _resolve_schedule(self, trainer: pl.Trainer) -> float | None:
+        """Turn fractional ``start``/``end`` into optimizer steps once, for this run's length (returned, so the
+        subclass can check its own schedule); a resumed run keeps its checkpoint's steps and gets ``None``, with a
+        warning when the run length changed since they were resolved."""
+        if self._start_step is not None:
+            if isinstance(self.start, float) or isinstance(self.end, float):
+                where = f"start step {self._start_step}, end step {self._end_step}"
+                warn_if_run_length_changed(self, trainer, self._planned_steps, where)
+            return None
+        total = trainer.estimated_stepping_batches
+        self._planned_steps = int(total) if math.isfinite(total) else None
+        self._start_step = resolve_step("start", self.start, total)
+        self._end_step = resolve_step("end", self.end, total)
+        return total
+
     # ----------------------------------------------------------------- what
     def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Point the masks at the model's parameters as they are at ``fit`` start (FSDP2 replaced them by sharded

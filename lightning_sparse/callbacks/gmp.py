@@ -16,8 +16,6 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
-    resolve_step,
-    warn_if_run_length_changed,
 )
 from lightning_sparse.callbacks.grouping import setup_channel_groups
 from lightning_sparse.core.allocation import DISTRIBUTIONS
@@ -189,14 +187,8 @@ class GradualMagnitudePruning(SparsityCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self._start_step is not None and (isinstance(self.start, float) or isinstance(self.end, float)):
-            where = f"start step {self._start_step}, end step {self._end_step}"
-            warn_if_run_length_changed(self, trainer, self._planned_steps, where)
-        if self._start_step is None:  # a resumed run keeps the schedule it started with
-            total = trainer.estimated_stepping_batches
-            self._planned_steps = int(total) if math.isfinite(total) else None
-            self._start_step = resolve_step("start", self.start, total)
-            self._end_step = resolve_step("end", self.end, total)
+        total = self._resolve_schedule(trainer)
+        if total is not None:
             if self._end_step < self._start_step:
                 raise ValueError(
                     f"`end` (step {self._end_step}) must not come before `start` (step {self._start_step})"

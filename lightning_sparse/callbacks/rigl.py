@@ -18,8 +18,6 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
     renamed,
-    resolve_step,
-    warn_if_run_length_changed,
 )
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.dynamic import DECAYS, GROW_INITS, is_dynamic_update_step, move_connections, random_masks, update_fraction
@@ -168,14 +166,7 @@ class RigL(SparsityCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self._start_step is not None and (isinstance(self.start, float) or isinstance(self.end, float)):
-            where = f"start step {self._start_step}, end step {self._end_step}"
-            warn_if_run_length_changed(self, trainer, self._planned_steps, where)
-        if self._start_step is None:  # a resumed run keeps the schedule it started with
-            total = trainer.estimated_stepping_batches
-            self._planned_steps = int(total) if math.isfinite(total) else None
-            self._start_step = resolve_step("start", self.start, total)
-            self._end_step = resolve_step("end", self.end, total)
+        if self._resolve_schedule(trainer) is not None:
             _check_first_update(self._start_step, self._end_step, self.frequency)
         for optimizer in trainer.optimizers:
             if type(optimizer) not in RESETTABLE_OPTIMIZERS:

@@ -20,13 +20,6 @@ from lightning_sparse.models import Classifier
 FAST = {"repeats": 3}
 
 
-@pytest.fixture(scope="module")
-def data() -> DigitsDataModule:
-    dm = DigitsDataModule(batch_size=64)
-    dm.setup()
-    return dm
-
-
 def _images(data: DigitsDataModule) -> torch.Tensor:
     return data.splits["test"].tensors[0]
 

@@ -20,13 +20,6 @@ from lightning_sparse.deployment import FoldedConv, SparseLinear, TransposedChai
 FAST = {"repeats": 3}  # timing runs per layer: enough to exercise the choice, not to decide it well
 
 
-@pytest.fixture(scope="module")
-def data() -> DigitsDataModule:
-    dm = DigitsDataModule(batch_size=64)
-    dm.setup()
-    return dm
-
-
 def _test_images(data: DigitsDataModule) -> torch.Tensor:
     return data.splits["test"].tensors[0]
 
