@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_sparse.core.groups import BATCH_NORMS, CONVS, ChannelGroup, find_groups
-from lightning_sparse.deployment.thinning import set_module
+from lightning_sparse.deployment.thinning import set_module, slice_norm
 
 
 @dataclass
@@ -82,20 +82,7 @@ def rebuild(module: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None) 
     """``module`` without the removed output channels / input columns (Linear, Conv, depthwise Conv, BatchNorm,
     per-channel GroupNorm); its parameters and statistics copied, frozen, in eval mode."""
     if type(module) in BATCH_NORMS or type(module) is nn.GroupNorm:
-        keep = out_keep
-        if type(module) is nn.GroupNorm:
-            new = nn.GroupNorm(int(keep.sum()), int(keep.sum()), eps=module.eps, affine=module.affine)
-        else:
-            new = type(module)(int(keep.sum()), eps=module.eps, momentum=module.momentum, affine=module.affine,
-                               track_running_stats=module.track_running_stats)  # fmt: skip
-            if module.track_running_stats:
-                new.running_mean.copy_(module.running_mean[keep])
-                new.running_var.copy_(module.running_var[keep])
-                new.num_batches_tracked.copy_(module.num_batches_tracked)
-        if module.affine:
-            new.weight.copy_(module.weight[keep])
-            new.bias.copy_(module.bias[keep])
-        return new.to(module.weight.device if module.affine else module.running_mean.device).eval().requires_grad_(False)
+        return slice_norm(module, out_keep)
     weight = module.weight
     out_keep = out_keep if out_keep is not None else torch.ones(weight.shape[0], dtype=torch.bool)
     out_keep = out_keep.to(weight.device)

@@ -234,7 +234,7 @@ def thin(gm: fx.GraphModule, flow: Flow, values: dict[fx.Node, Tensor]) -> tuple
     keep = ~removed
     new: dict[str, nn.Module] = {target: _slice_out(producer, keep)}
     for norm in flow.norms:
-        new[str(norm.target)] = _slice_norm(gm.get_submodule(norm.target), keep)
+        new[str(norm.target)] = slice_norm(gm.get_submodule(norm.target), keep)
     folds = []
     for consumer in flow.consumers:
         layer = gm.get_submodule(consumer.node.target)
@@ -317,13 +317,22 @@ def _slice_in(conv: nn.Module, keep: Tensor) -> nn.Module:
     return _conv(conv, conv.weight[:, keep], conv.bias)
 
 
-def _slice_norm(norm: nn.Module, keep: Tensor) -> nn.Module:
-    sliced = type(norm)(int(keep.sum()), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                        track_running_stats=True, device=norm.running_mean.device, dtype=norm.running_mean.dtype)  # fmt: skip
+def slice_norm(norm: nn.Module, keep: Tensor) -> nn.Module:
+    """A BatchNorm (or per-channel GroupNorm) holding only the ``keep`` channels: affine entries and running
+    statistics copied, frozen, in eval mode."""
+    n = int(keep.sum())
+    like = next(iter([*norm.parameters(), *norm.buffers()]), keep.float())  # a norm without state: keep's device
+    where = {"device": like.device, "dtype": like.dtype if like.is_floating_point() else None}
+    if type(norm) is nn.GroupNorm:
+        sliced = nn.GroupNorm(n, n, eps=norm.eps, affine=norm.affine, **where)
+    else:
+        sliced = type(norm)(n, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                            track_running_stats=norm.track_running_stats, **where)  # fmt: skip
     with torch.no_grad():
-        sliced.running_mean.copy_(norm.running_mean[keep])
-        sliced.running_var.copy_(norm.running_var[keep])
-        sliced.num_batches_tracked.copy_(norm.num_batches_tracked)
+        if getattr(norm, "track_running_stats", False):
+            sliced.running_mean.copy_(norm.running_mean[keep])
+            sliced.running_var.copy_(norm.running_var[keep])
+            sliced.num_batches_tracked.copy_(norm.num_batches_tracked)
         if norm.affine:
             sliced.weight.copy_(norm.weight[keep])
             sliced.bias.copy_(norm.bias[keep])
