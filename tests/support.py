@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -83,3 +84,22 @@ def checkpoint_sparsity(root: Path) -> float:
     state = torch.load(path, weights_only=False)["state_dict"]
     weights = [state[f"net.{i}.weight"] for i in (1, 3, 5)]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+_WITHOUT_TRAINING_CODE = """
+import sys, torch
+class Block:  # the training code must not be needed: importing it fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pytorch_lightning" or name in ("lightning_sparse.models", "lightning_sparse.data"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_training_code(script: str) -> str:
+    """Run ``script`` in a fresh Python where Lightning and the library's models and data cannot be imported (what
+    loading a deployed model elsewhere looks like); fails the test on a non-zero exit, returns its stdout."""
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TRAINING_CODE + textwrap.dedent(script)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -1,16 +1,13 @@
 """Coupled channel groups (residual streams, concats, depthwise convs): found from a trace, pruned together by
 GradualMagnitudePruning(granularity="channel") on real digits, removed by deploy with the pruned model's outputs."""
 
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from support import StopAfterEpoch, digits_model, make_trainer
+from support import StopAfterEpoch, digits_model, make_trainer, run_without_training_code
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.groups import GroupError, find_groups
 from lightning_sparse.data import DigitsDataModule
@@ -251,22 +248,14 @@ def test_thinned_resnet_loads_in_a_process_without_the_training_code(resnet, dat
     save_deployed(deploy_model(model, x[:64], **FAST).model, tmp_path / "resnet.pt")
     with torch.inference_mode():
         torch.save({"x": x, "y": model(x)}, tmp_path / "resnet.io")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        class Block:  # the training code must not be needed: importing it fails
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "pytorch_lightning" or name in ("lightning_sparse.models", "lightning_sparse.data"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    stdout = run_without_training_code(f"""
         model = torch.load(r"{tmp_path}/resnet.pt", weights_only=False)
         io = torch.load(r"{tmp_path}/resnet.io")
         with torch.inference_mode():
             torch.testing.assert_close(model(io["x"]), io["y"], rtol=1e-4, atol=1e-5)
         print("stem", tuple(model.net_stem_0.weight.shape))
     """)  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "stem (8, 1, 3, 3)" in result.stdout
+    assert "stem (8, 1, 3, 3)" in stdout
 
 
 # --- what is not proved, and bad input -----------------------------------------------------------------------------
