@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.structured import NORMS
+from lightning_sparse.core.shards import full_tensor
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -623,7 +624,7 @@ def slot_scores(group: ChannelGroup, params: Mapping[str, Tensor], names: Sequen
     scores = None
     for name in names:
         member, slots = group.members[name]
-        weight = params[name].detach()
+        weight = full_tensor(params[name].detach())  # whole (gathered) under FSDP2: groups are decided as unsharded
         rows = weight.movedim(member.axis, 0).reshape(weight.shape[member.axis], -1).float()
         per = rows.abs().sum(1) if norm == "l1" else rows.pow(2).sum(1).sqrt()
         if scores is None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import Targets, parameter_roles
 
 GROUP_KINDS = ("head", "neuron")
@@ -295,7 +296,7 @@ def group_scores(layer: GroupLayer, tensors: Mapping[str, Tensor], norm: str = "
     entries (``how="sum"``, for movement scores)."""
     total = None
     for member in layer.members:
-        values = _entries(tensors[member.param].detach().float(), member, layer)
+        values = _entries(full_tensor(tensors[member.param].detach()).float(), member, layer)  # whole under FSDP2
         if how == "sum":
             score = values.sum(1)
         elif norm == "l1":
@@ -317,7 +318,7 @@ def pruned_groups(layer: GroupLayer, masks: MaskSet) -> Tensor:
 def group_masks(groups: GroupSet, keep: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Masks of every member tensor: ``False`` at the entries of the groups ``keep[module]`` drops (a tensor in two
     group layers, e.g. the middle Linear of a Sequential MLP, loses the entries of both)."""
-    masks = {name: torch.ones_like(like[name], dtype=torch.bool) for name in groups.params}
+    masks = {name: torch.ones(like[name].shape, dtype=torch.bool, device=like[name].device) for name in groups.params}  # whole
     for layer in groups.layers:
         dropped = (~keep[layer.module]).nonzero().flatten()
         if not dropped.numel():
@@ -367,7 +368,7 @@ def zero_groups(layer: GroupLayer, tensors: Mapping[str, Tensor]) -> Tensor:
     """Bool per group: True where every entry of every member is exactly zero (the group can be removed)."""
     zero = None
     for member in layer.members:
-        each = (_entries(tensors[member.param].detach(), member, layer) == 0).all(1)
+        each = (_entries(full_tensor(tensors[member.param].detach()), member, layer) == 0).all(1)
         zero = each if zero is None else zero & each
     return zero
 

@@ -41,17 +41,52 @@ class MLP(Classifier):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 33), nn.ReLU(), nn.Linear(33, 21), nn.ReLU(), nn.Linear(21, 10))
 
 
+class Rows(nn.Module):
+    """An 8x8 digit as 8 tokens (its rows) of 8 pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], 8, 8)
+
+
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` (4 heads of 4) used as self-attention, the way users call it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class AttentionNet(MLP):
+    """Digits rows → Linear 8 → 16 → self-attention (4 heads) → flatten → Linear 128 → 10: for head pruning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(Rows(), nn.Linear(8, 16), SelfAttention(), nn.Flatten(), nn.Linear(128, 10))
+
+
+def shard(model: nn.Module, mesh) -> None:
+    """``fully_shard`` every Linear and attention module, then the whole net, over the data-parallel mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.net:
+        if isinstance(layer, (nn.Linear, SelfAttention)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model.net, mesh=mesh)
+
+
 class ShardedMLP(MLP):
     """The same model, FSDP2-sharded: each Linear and the whole net are ``fully_shard``-ed over the data-parallel mesh."""
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
+        shard(self, self.device_mesh["data_parallel"])
 
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+
+class ShardedAttentionNet(AttentionNet):
+    def configure_model(self) -> None:
+        shard(self, self.device_mesh["data_parallel"])
 
 
 CALLBACKS = {
@@ -63,7 +98,14 @@ CALLBACKS = {
     "qat": lambda: QuantizationAwareTraining(bits=4, verbose=False),
     "qat-kmeans": lambda: QuantizationAwareTraining(bits=3, method="kmeans", frequency=4, sparsity=0.5, verbose=False),
     "lc": lambda: LearningCompression(sparsity=0.8, lc_steps=4, steps_per_l=3, first_l_steps=2, verbose=False),
+    "gmp-erk": lambda: GradualMagnitudePruning(sparsity=0.8, start=2, end=12, frequency=2, distribution="erk", verbose=False),
+    "gmp-nm": lambda: GradualMagnitudePruning(sparsity=0.6, start=2, end=12, frequency=2, granularity={"net.1.weight": "2:4"}, verbose=False),
+    "gmp-channel": lambda: GradualMagnitudePruning(sparsity=0.5, start=2, end=12, frequency=2, granularity="channel", verbose=False),
+    "gmp-neuron": lambda: GradualMagnitudePruning(sparsity=0.5, start=2, end=12, frequency=2, granularity="neuron", verbose=False),
+    "gmp-head": lambda: GradualMagnitudePruning(sparsity=0.5, start=2, end=12, frequency=2, granularity={"net.2.*": "head"}, verbose=False),
+    "movement-head": lambda: MovementPruning(sparsity=0.5, start=2, end=12, frequency=2, granularity={"net.2.*": "head"}, verbose=False),
 }
+ATTENTION = ("gmp-head", "movement-head")  # methods run on :class:`AttentionNet`
 
 
 def masks_of(callback) -> dict:
@@ -112,8 +154,10 @@ def trainer(strategy: str, epochs: int, callbacks: list, distributed_checkpoint:
     )  # fmt: skip
 
 
-def model_for(strategy: str) -> MLP:
+def model_for(strategy: str, method: str) -> MLP:
     pl.seed_everything(3)
+    if method in ATTENTION:
+        return ShardedAttentionNet() if strategy == "fsdp2" else AttentionNet()
     return ShardedMLP() if strategy == "fsdp2" else MLP()
 
 
@@ -132,7 +176,7 @@ def summary(model: MLP, callback, record: Record | None = None) -> dict:
 
 
 def straight(method: str, strategy: str, epochs: int = 2) -> dict:
-    model, callback = model_for(strategy), CALLBACKS[method]()
+    model, callback = model_for(strategy, method), CALLBACKS[method]()
     record = Record(callback)
     run = trainer(strategy, epochs, [callback, record])
     run.fit(model, DigitsDataModule(batch_size=16))
@@ -143,14 +187,14 @@ def straight(method: str, strategy: str, epochs: int = 2) -> dict:
 
 def resumed(method: str, first: str, second: str, out_dir: Path, distributed_checkpoint: bool = True) -> dict:
     """One epoch under ``first``, a checkpoint, then the second epoch under ``second`` resumed from it."""
-    model, callback = model_for(first), CALLBACKS[method]()
+    model, callback = model_for(first, method), CALLBACKS[method]()
     path = out_dir / f"{method}-{first}-{second}-{int(distributed_checkpoint)}.ckpt"
     run = trainer(first, 2, [callback, StopAfterFirstEpoch(path)], distributed_checkpoint)
     run.fit(model, DigitsDataModule(batch_size=16))
     written_sharded = path.is_dir()
     if written_sharded and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
         path = consolidate(run, path)
-    model, callback = model_for(second), CALLBACKS[method]()
+    model, callback = model_for(second, method), CALLBACKS[method]()
     trainer(second, 2, [callback]).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
     return {**summary(model, callback), "sharded_checkpoint": written_sharded}
 

@@ -1,8 +1,10 @@
 """FSDP2-sharded training (``ModelParallelStrategy`` + ``fully_shard``, 2 CPU processes, gloo) against the unsharded
 run (``strategy="ddp"``, same processes, data and seed): masks, zero counts and final weights identical after the
-gather, for every callback; checkpoints of both kinds resumed bit-exactly, across the two layouts.
+gather, for every callback (GMP uniform, global, ERK, N:M, coupled channel groups, neurons and attention heads;
+movement pruning by weight and by head; RigL; SET; QAT; L-C); checkpoints of both kinds resumed bit-exactly, across
+the two layouts.
 
-One spawned job runs everything (``fsdp_worker.py``, about 30 s on 2 cores); the tests read its per-rank JSON and
+One spawned job runs everything (``fsdp_worker.py``, about 45 s on 2 cores); the tests read its per-rank JSON and
 files. FSDP1 cannot be tested here: Lightning's ``FSDPStrategy`` refuses the CPU ("The strategy `fsdp` requires a GPU
 accelerator") and so does torch's ``FullyShardedDataParallel`` ("FSDP needs a non-CPU accelerator device");
 ``benchmarks/gpu.py`` checks on a GPU that the callbacks refuse it.
@@ -17,10 +19,14 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-METHODS = ["gmp", "gmp-global", "movement", "rigl", "set", "qat", "qat-kmeans", "lc"]
+METHODS = [
+    "gmp", "gmp-global", "gmp-erk", "gmp-nm", "gmp-channel", "gmp-neuron", "gmp-head", "movement", "movement-head",
+    "rigl", "set", "qat", "qat-kmeans", "lc",
+]  # fmt: skip
 RESUMES = [
     "gmp-global:full", "gmp-global:into-sharded", "rigl:sharded", "rigl:into-unsharded",
     "movement:sharded", "qat-kmeans:sharded", "qat-kmeans:into-sharded", "lc:into-unsharded", "lc:full",
+    "gmp-channel:into-unsharded", "gmp-head:sharded",
 ]  # fmt: skip
 SPARSITY = {"gmp": 0.8}  # uniform: every layer at exactly round(0.8 · N) zeros
 
