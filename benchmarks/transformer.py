@@ -9,8 +9,10 @@ out), so the numbers are not tinyshakespeare's. Every row uses the same seed, da
 callback differs:
 
 * ``dense``: no callback;
-* ``GMP s``: ``GradualMagnitudePruning(s, start=0.1, end=0.75, frequency=50)`` (Zhu & Gupta's cubic ramp;
-  shorter ``--steps`` update every ``steps // 40``);
+* ``GMP s``: ``GradualMagnitudePruning(s, start=0.5, end=0.9, frequency=50)`` (Zhu & Gupta's cubic ramp over the
+  second half of training: in a 2,000-step budget the dense first half learns fastest, and pruning from 10% to 75%
+  cost GMP 50% +0.041 (seed 0) and +0.033 (seed 1) against +0.004 this way; shorter ``--steps`` update every
+  ``steps // 40``);
 * ``RigL s``: ``RigL(s, frequency=50, end=0.75)`` (ERK, sparse from the first step);
 * ``Movement s``: ``MovementPruning`` with GMP's arguments (rows skipped when it is not installed);
 * ``QAT b``: ``QuantizationAwareTraining(bits=b)`` (per-channel uniform, from step 0);
@@ -64,7 +66,7 @@ def movement_pruning() -> type | None:
 
 def rows(movement: type | None, every: int) -> dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]]:
     """Row name -> (callbacks factory, CharGPT overrides); masks change every ``every`` steps."""
-    gmp = dict(start=0.1, end=0.75, frequency=every, verbose=False)
+    gmp = dict(start=0.5, end=0.9, frequency=every, verbose=False)
     table: dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]] = {"dense": (lambda: [], {})}
     for s in SPARSITIES:
         table[f"GMP {s:.0%}"] = (lambda s=s: [GradualMagnitudePruning(s, **gmp)], {})
@@ -167,7 +169,7 @@ def main() -> None:
                       f"{r['wall_s']:.0f}", target, met)  # fmt: skip
     table.caption = (
         "AdamW lr 1e-3 (100 warm-up steps, cosine to 1e-4), betas 0.9/0.99, weight decay 0.1 on Linear weights, batch 12, "
-        f"block 64, clip 1.0. GMP/Movement: cubic 0.1..0.75 every {every} steps, uniform; RigL: ERK, ΔT {every}, end 0.75. "
+        f"block 64, clip 1.0. GMP/Movement: cubic 0.5..0.9 every {every} steps, uniform; RigL: ERK, ΔT {every}, end 0.75. "
         f"{'' if movement is not None else 'MovementPruning rows skipped: lightning_sparse.MovementPruning is not in this checkout. '}"
         f"Wall time {wall:.0f} s."
     )

@@ -63,6 +63,10 @@ class GradualMagnitudePruning(SparsityCallback):
             masked; see :mod:`lightning_sparse.core.heads`.
         channel_norm: ``l1`` or ``l2``: the norm that ranks output channels for ``channel`` granularity, and heads
             and neurons (the sum of their members' norms).
+        channel_multiple: with ``channel`` granularity, every layer (or coupled group) keeps a multiple of this many
+            channels (the kept count rounded to the nearest multiple, at least one multiple), so the deployed widths
+            suit the kernels: 16 for oneDNN on AVX-512 CPUs, 8 for GPU tensor cores. ``1`` (default): exactly
+            ``round(s × channels)`` are pruned.
         include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
         exclude: glob patterns of parameter names to leave dense.
         initial_sparsity: sparsity at ``start``, in [0, ``sparsity``].
@@ -83,6 +87,7 @@ class GradualMagnitudePruning(SparsityCallback):
         verbose: bool = True,
         granularity: str | dict[str, str] = "unstructured",
         channel_norm: str = "l1",
+        channel_multiple: int = 1,
         power: float = 3.0,
         dense_first_layer: bool = False,
     ) -> None:
@@ -107,6 +112,8 @@ class GradualMagnitudePruning(SparsityCallback):
         check_choice("distribution", distribution, DISTRIBUTIONS)
         _check_granularity(granularity, distribution, sparsity)
         check_choice("channel_norm", channel_norm, NORMS)
+        if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+            raise ValueError(f"`channel_multiple` must be an int >= 1 (1: no rounding), got {channel_multiple!r}")
         self.sparsity = as_sparsity(sparsity)
         self.start, self.end = start, end
         self.frequency = frequency
@@ -117,6 +124,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self.initial_sparsity = float(initial_sparsity)
         self.granularity = dict(granularity) if isinstance(granularity, Mapping) else granularity
         self.channel_norm = channel_norm
+        self.channel_multiple = channel_multiple
         self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
         self._groups = None  # coupled channel groups (core.groups.GroupedChannels), found in setup
         self._heads = GroupSet()  # heads / neurons pruned whole (core/heads.py), found in setup
@@ -165,7 +173,7 @@ class GradualMagnitudePruning(SparsityCallback):
             check_shape(name, shape, granularity)
             layer_final = final[name] if isinstance(final, dict) else final
             if granularity.kind == "channel":
-                channels_to_prune(name, layer_final, shape[granularity.axis or 0])
+                channels_to_prune(name, layer_final, shape[granularity.axis or 0], self.channel_multiple)
             if name in self._heads.params:
                 continue  # a head/neuron member: checked with its group below
             if self.initial_sparsity > layer_final:
@@ -174,7 +182,7 @@ class GradualMagnitudePruning(SparsityCallback):
                     f"({granularity})"
                 )
         if self._groups is not None:
-            self._groups.check(final)
+            self._groups.check(final, self.channel_multiple)
         check_group_sparsity(self._heads, final)
 
     def _final_sparsity(self) -> float | dict[str, float]:
@@ -226,9 +234,10 @@ class GradualMagnitudePruning(SparsityCallback):
     def _prune(self, target: float | dict[str, float]) -> None:
         """Write the masks for ``target`` (one sparsity, or one per parameter): the smallest magnitudes go."""
         skip = self._groups.names if self._groups is not None else ()
-        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm, skip=skip)
+        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm, skip=skip,
+                           channel_multiple=self.channel_multiple)  # fmt: skip
         if self._groups is not None:
-            self._groups.prune(self.masks, target, self.channel_norm)
+            self._groups.prune(self.masks, target, self.channel_norm, self.channel_multiple)
         if self._heads:
             prune_groups_by_magnitude(self.masks, self._heads, target, self.channel_norm)
 

@@ -736,21 +736,22 @@ class GroupedChannels:
             )
         return next(iter(values.values()))
 
-    def check(self, sparsity: float | Mapping[str, float]) -> None:
+    def check(self, sparsity: float | Mapping[str, float], multiple: int = 1) -> None:
         """Refuse, before training, groups given several sparsities or a sparsity that removes every channel."""
         from lightning_sparse.core.structured import channels_to_prune
 
         for group, names in self.selected:
-            channels_to_prune(f"channel group {group.index} ({', '.join(names)})", self.sparsity_of(group, names, sparsity), group.channels)
+            channels_to_prune(f"channel group {group.index} ({', '.join(names)})", self.sparsity_of(group, names, sparsity), group.channels, multiple)
 
-    def prune(self, masks: Any, sparsity: float | Mapping[str, float], norm: str = "l1") -> dict[str, int]:
-        """Prune every selected group to ``sparsity`` (one value, or one per parameter); zeros written per member."""
+    def prune(self, masks: Any, sparsity: float | Mapping[str, float], norm: str = "l1", multiple: int = 1) -> dict[str, int]:
+        """Prune every selected group to ``sparsity`` (one value, or one per parameter), keeping a multiple of
+        ``multiple`` channels in each; zeros written per member."""
         from lightning_sparse.core.structured import channels_to_prune
 
         counts = {}
         for group, names in self.selected:
             target = self.sparsity_of(group, names, sparsity)
-            prune_group(masks, group, names, channels_to_prune(f"channel group {group.index}", target, group.channels), norm)
+            prune_group(masks, group, names, channels_to_prune(f"channel group {group.index}", target, group.channels, multiple), norm)
             counts.update({name: masks.numel(name) - masks.nonzeros(name) for name in group.members if name in masks})
         return counts
 

@@ -22,6 +22,7 @@ def prune_by_magnitude(
     channel_norm: str = "l1",
     power_scale: float = 1.0,
     skip: Collection[str] = (),
+    channel_multiple: int = 1,
 ) -> dict[str, int]:
     """Prune the masked parameters to ``sparsity`` (or ``{name: sparsity}``); return the zeros written per parameter.
 
@@ -31,6 +32,7 @@ def prune_by_magnitude(
     weights, never more than M - N per group. ``distribution`` (``uniform``, ``global``, ``erk``) allocates a single
     ``sparsity`` over the unstructured layers (also ``er``, with ERK's ``power_scale``); structured layers take
     ``sparsity`` as it is. Parameters in ``skip`` are left as they are (coupled channel groups prune those).
+    ``channel_multiple``: channel layers keep a multiple of it (:func:`~lightning_sparse.core.structured.channels_to_prune`).
     """
     granularity = granularity or {}
     names = [name for name in masks if name not in skip]
@@ -46,7 +48,7 @@ def prune_by_magnitude(
         target = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
         if kind.kind == "channel":
             outputs = weight.shape[kind.axis or 0]
-            mask = channel_mask(weight, channels_to_prune(name, target, outputs), channel_norm, masks.mask(name), kind.axis or 0)
+            mask = channel_mask(weight, channels_to_prune(name, target, outputs, channel_multiple), channel_norm, masks.mask(name), kind.axis or 0)
         else:
             limit = weight.numel() // kind.m * (kind.m - kind.n)
             mask = nm_mask(weight, kind.n, kind.m, min(round_half_up(target * weight.numel()), limit), masks.mask(name), kind.axis or 0)

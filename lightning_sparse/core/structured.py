@@ -94,8 +94,14 @@ def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> No
         )
 
 
-def channels_to_prune(name: str, sparsity: float, out_channels: int) -> int:
-    """``round(sparsity × out_channels)`` whole channels; an error naming the layer if that is all of them."""
+def channels_to_prune(name: str, sparsity: float, out_channels: int, multiple: int = 1) -> int:
+    """``round(sparsity × out_channels)`` whole channels; an error naming the layer if that is all of them.
+
+    ``multiple`` > 1 rounds the channels *kept* to the nearest multiple of it (halves up, at least ``multiple``, at
+    most all of them), so a deployed layer has a width its kernels vectorise: oneDNN's AVX-512 convolutions work in
+    blocks of 16 channels, GPU tensor cores in 8s (Torch-Pruning's ``round_to``). The sparsity then moves in steps of
+    ``multiple`` channels and can differ from ``sparsity`` by up to half a step.
+    """
     count = int(sparsity * out_channels + 0.5 + 1e-9)  # halves up, as allocation.round_half_up
     if count >= out_channels:
         raise ValueError(
@@ -103,6 +109,9 @@ def channels_to_prune(name: str, sparsity: float, out_channels: int) -> int:
             f"of {name!r}; lower its `sparsity` (below {(out_channels - 0.5) / out_channels:.4g}) or leave it out "
             f"(`exclude`, or a per-layer `sparsity` mapping)"
         )
+    if multiple > 1 and count:
+        kept = int((out_channels - count) / multiple + 0.5 + 1e-9) * multiple
+        count = out_channels - min(max(kept, multiple), out_channels)
     return count
 
 

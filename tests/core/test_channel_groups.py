@@ -222,6 +222,41 @@ def test_resnet_residual_streams_are_thinned_with_equal_outputs(resnet, data):
     assert result.report.layer("net.layers.1.shortcut.0").deployed_as == "thinned"
 
 
+@pytest.mark.parametrize(
+    ("sparsity", "channels", "multiple", "pruned"),
+    [(0.3, 16, 1, 5), (0.3, 16, 8, 8), (0.3, 16, 16, 0), (0.3, 64, 16, 16), (0.3, 45, 8, 13), (0.05, 64, 16, 0),
+     (0.9, 64, 16, 48), (0.3, 6, 8, 0)],
+)  # fmt: skip
+def test_channel_multiple_rounds_the_kept_channels_to_a_multiple(sparsity, channels, multiple, pruned):
+    from lightning_sparse.core.structured import channels_to_prune
+
+    # 16 at 0.3: 11 kept -> 8 (multiple 8) or 16 (multiple 16, nothing pruned); 64: 45 -> 48; 45: 31 -> 32
+    assert channels_to_prune("layer", sparsity, channels, multiple) == pruned
+
+
+def test_resnet_pruned_with_a_channel_multiple_deploys_at_widths_of_that_multiple(digits_model, data, tmp_path):
+    model = digits_model("resnet8")
+    callback = _gmp(sparsity=0.3, channel_multiple=8, exclude=["net.fc.weight"])
+    model = _train(model, callback, data, tmp_path, epochs=2)
+    widths = {}
+    for group, _ in callback._groups.selected:
+        name = group.weights[0]
+        kept = int((~_zero_channels(dict(model.named_parameters())[name])).sum())
+        widths[name] = kept
+    # 16-channel groups keep 8 (11 rounded), 32 keep 24 (22.4), 64 keep 48 (44.8): multiples of 8, not round(0.7 x C)
+    assert sorted(set(widths.values())) == [8, 24, 48], widths
+    thin = deploy_model(model, _images(data)[:64], kernel="dense", **FAST).model
+    convs = [m for m in thin.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.out_channels % 8 == 0 for m in convs), [m.out_channels for m in convs]
+    _assert_same(thin, model, _images(data))
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "16"])
+def test_channel_multiple_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=r"`channel_multiple` must be an int >= 1 \(1: no rounding\), got"):
+        _gmp(channel_multiple=bad)
+
+
 def test_concat_groups_are_thinned_with_equal_outputs(data, tmp_path):
     model = _train(_module(Concat()), _gmp(exclude=["net.head.3.weight"]), data, tmp_path)
     result = deploy_model(model, _images(data)[:64], kernel="dense", **FAST)

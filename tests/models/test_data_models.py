@@ -36,7 +36,7 @@ def test_architectures_accept_digits_and_mnist_shapes(arch, shape):
 
 
 def test_bad_model_arguments_name_the_choices():
-    with pytest.raises(ValueError, match=r"`arch` must be one of \('lenet300', 'lenet5', 'cnn', 'resnet8'\)"):
+    with pytest.raises(ValueError, match=r"`arch` must be one of \('lenet300', 'lenet5', 'cnn', 'resnet8', 'resnet8x2'\)"):
         Classifier(arch="resnet")
     with pytest.raises(ValueError, match=r"`optimizer` must be one of"):
         Classifier(optimizer="lbfgs")
