@@ -129,7 +129,8 @@ def main() -> None:
     options = dict(arch=args.arch, input_shape=dm.input_shape, optimizer="sgd", momentum=0.9, weight_decay=5e-4, lr_schedule="cosine")
     dense = fit(Classifier(lr=0.05, **options), [], dm, args.dense_epochs, args.train_batches)
     dense_acc = accuracy(dense, images, labels)[0]
-    rows: dict[str, dict] = {"dense": {"accuracy": dense_acc, "macs": macs(dense, x), "params": params(dense)}}
+    rows: dict[str, dict] = {"dense": {"accuracy": dense_acc, "macs": macs(dense, x), "params": params(dense),
+                                       "widths": [m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)]}}
     models: dict[str, nn.Module] = {"dense": dense}
     for config in args.configs:
         pl.seed_everything(args.seed, verbose=False)
@@ -162,7 +163,7 @@ def main() -> None:
         pruned_text = f"{row['pruned_accuracy']:.2f} / {row['accuracy']:.2f}" if name != "dense" else f"{row['accuracy']:.2f} (dense)"
         table.add_row(
             name, pruned_text, f"{row['accuracy'] - base['accuracy']:+.2f}", f"{row['macs'] / 1e6:.1f}M",
-            f"{row['macs'] / base['macs']:.3f}", f"{row['params']:,}", "-".join(map(str, row.get("widths", []))) or "16-…-64 (dense)",
+            f"{row['macs'] / base['macs']:.3f}", f"{row['params']:,}", "-".join(map(str, row["widths"])),
             f"{row['forward_ms']:.2f} ({row['forward_min_ms']:.2f})",
             f"{base['forward_ms'] / row['forward_ms']:.2f}× ({base['forward_min_ms'] / row['forward_min_ms']:.2f}×)",
         )  # fmt: skip
