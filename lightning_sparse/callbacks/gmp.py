@@ -112,8 +112,7 @@ class GradualMagnitudePruning(SparsityCallback):
         check_choice("distribution", distribution, DISTRIBUTIONS)
         _check_granularity(granularity, distribution, sparsity)
         check_choice("channel_norm", channel_norm, NORMS)
-        if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
-            raise ValueError(f"`channel_multiple` must be an int >= 1 (1: no rounding), got {channel_multiple!r}")
+        check_steps("channel_multiple", channel_multiple, unit="1: no rounding")
         self.sparsity = as_sparsity(sparsity)
         self.start, self.end = start, end
         self.frequency = frequency

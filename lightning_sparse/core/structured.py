@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.targets import per_layer
 
@@ -102,7 +103,7 @@ def channels_to_prune(name: str, sparsity: float, out_channels: int, multiple: i
     blocks of 16 channels, GPU tensor cores in 8s (Torch-Pruning's ``round_to``). The sparsity then moves in steps of
     ``multiple`` channels and can differ from ``sparsity`` by up to half a step.
     """
-    count = int(sparsity * out_channels + 0.5 + 1e-9)  # halves up, as allocation.round_half_up
+    count = round_half_up(sparsity * out_channels)
     if count >= out_channels:
         raise ValueError(
             f"channel pruning at sparsity {sparsity:.4g} would remove every one of the {out_channels} output channels "
@@ -110,7 +111,7 @@ def channels_to_prune(name: str, sparsity: float, out_channels: int, multiple: i
             f"(`exclude`, or a per-layer `sparsity` mapping)"
         )
     if multiple > 1 and count:
-        kept = int((out_channels - count) / multiple + 0.5 + 1e-9) * multiple
+        kept = round_half_up((out_channels - count) / multiple) * multiple
         count = out_channels - min(max(kept, multiple), out_channels)
     return count
 

@@ -251,6 +251,23 @@ def test_resnet_pruned_with_a_channel_multiple_deploys_at_widths_of_that_multipl
     _assert_same(thin, model, _images(data))
 
 
+def test_channel_multiple_on_a_users_sequential_convnet(digits_model, data, tmp_path):
+    """A convnet written inline, as users write one (no library model): widths 12 and 20 at 0.4 keep 7 and 12
+    channels, rounded to 8 and 12 with ``channel_multiple=4``; deploy cuts them and gives the same outputs."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 20, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(80, 10),
+    )  # fmt: skip
+    model = digits_model()
+    model.net = net
+    model = _train(model, _gmp(sparsity=0.4, channel_multiple=4, exclude=["net.6.weight"]), data, tmp_path, epochs=2)
+    kept = [int((~_zero_channels(model.net[i].weight)).sum()) for i in (0, 2)]
+    assert kept == [8, 12]  # round(0.6 x 12) = 7 -> 8; round(0.6 x 20) = 12 stays
+    thin = deploy_model(model, _images(data)[:64], kernel="dense", **FAST).model
+    assert sorted(m.out_channels for m in thin.modules() if isinstance(m, nn.Conv2d)) == [8, 12]
+    _assert_same(thin, model, _images(data))
+
+
 @pytest.mark.parametrize("bad", [0, -8, 2.5, True, "16"])
 def test_channel_multiple_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match=r"`channel_multiple` must be an int >= 1 \(1: no rounding\), got"):

@@ -352,7 +352,7 @@ def test_gpt2_deploys_with_fewer_heads_and_neurons(tmp_path, hamlet):
 
 
 # ----------------------------------------------------------------------------- bad input, before training
-def refused(model, callback, data, match):
+def assert_refused(model, callback, data, match):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=match):
         fit(model, [callback], data, steps=2)
@@ -361,26 +361,26 @@ def refused(model, callback, data, match):
 
 def test_head_on_a_layer_that_is_not_attention_is_refused():
     model = Classifier(arch="lenet300", input_shape=(1, 8, 8), num_classes=10)
-    refused(model, GradualMagnitudePruning(0.5, granularity="head", verbose=False), DigitsDataModule(batch_size=32),
+    assert_refused(model, GradualMagnitudePruning(0.5, granularity="head", verbose=False), DigitsDataModule(batch_size=32),
             r"`granularity`='head' on 'net\.1\.weight'.*not an attention projection.*Attention modules found: none")
 
 
 def test_neuron_on_an_attention_projection_is_refused(hamlet):
     module = text(hamlet)
-    refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(0.5, granularity="neuron", verbose=False), module,
+    assert_refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(0.5, granularity="neuron", verbose=False), module,
             r"'neuron' on 'model\.transformer\.h\.0\.attn\.c_attn\.weight'.*not an MLP")
 
 
 def test_head_count_pruned_to_zero_is_refused(hamlet):
     module = text(hamlet)
-    refused(tiny_gpt(module.vocab_size, n_head=2), GradualMagnitudePruning(0.8, granularity=GROUPS, verbose=False), module,
+    assert_refused(tiny_gpt(module.vocab_size, n_head=2), GradualMagnitudePruning(0.8, granularity=GROUPS, verbose=False), module,
             r"head pruning at sparsity 0\.8 would remove every one of the 2 heads of 'model\.transformer\.h\.0\.attn'")
 
 
 def test_group_members_with_another_granularity_are_refused(hamlet):
     module = text(hamlet)
     granularity = {"*.attn.c_attn.*": "head", "*.attn.c_proj.*": "channel", "*.mlp.*": "neuron"}
-    refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(0.5, granularity=granularity, verbose=False), module,
+    assert_refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(0.5, granularity=granularity, verbose=False), module,
             r"'model\.transformer\.h\.0\.attn\.c_proj\.weight' is a member of the head groups of 'model\.transformer\.h\.0\.attn'")
 
 
@@ -411,5 +411,5 @@ def test_per_layer_sparsity_sets_each_modules_heads(hamlet):
 def test_group_members_with_different_sparsities_are_refused(hamlet):
     module = text(hamlet)
     sparsity = {"*.h.0.attn.c_attn.*": 0.5, "*.h.0.attn.c_proj.*": 0.25}
-    refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(sparsity, granularity="head", verbose=False), module,
+    assert_refused(tiny_gpt(module.vocab_size), GradualMagnitudePruning(sparsity, granularity="head", verbose=False), module,
             r"head groups of 'model\.transformer\.h\.0\.attn' are pruned together, but their members are given different sparsities")
