@@ -204,6 +204,21 @@ class Classifier(pl.LightningModule):
 
 
 # ----------------------------------------------------------------------------- CharGPT (nanoGPT-style decoder)
+def fused_adam(module: pl.LightningModule) -> bool:
+    """Whether ``module``'s Adam/AdamW should run torch's fused kernel (``fused=True``: CPU and CUDA in torch >= 2.4).
+
+    Fused is about 3× faster on a CPU and avoids a cost that only sparse training pays with the default (for-each)
+    Adam: torch's CPU ``sqrt`` takes about 9× as long on a zero as on any other value, and every pruned weight has a
+    zero second moment, so the for-each step over a 90%-sparse CharGPT took 4.4 ms against 2.0 ms dense (one thread).
+    Not fused when the Trainer clips gradients under mixed precision: Lightning refuses clipping with an optimizer that
+    unscales gradients itself, as the fused ones do.
+    """
+    trainer = module._trainer
+    if trainer is None:
+        return True
+    return not (bool(trainer.gradient_clip_val) and str(trainer.precision).endswith("-mixed"))
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused q/k/v projection (``c_attn``) and an output projection."""
 
@@ -403,7 +418,7 @@ class CharGPT(pl.LightningModule):
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return types
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), fused=fused_adam(self))
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
         warmup, floor = hp.warmup_steps, hp.min_lr / hp.lr
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_sparse.models import fused_adam
 from lightning_sparse.text_tasks import resolve_pretrained
 
 #: Parameters AdamW does not decay: biases and norm weights (the usual BERT fine-tuning groups).
@@ -105,7 +106,8 @@ class TextClassifier(pl.LightningModule):
             if param.requires_grad:
                 (no_decay if name.endswith(NO_DECAY) else decay).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr,
+            fused=fused_adam(self),
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(hp.warmup * total)

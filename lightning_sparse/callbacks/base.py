@@ -99,13 +99,18 @@ def resolve_step(name: str, value: int | float, total_steps: float) -> int:
     return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
 
 
+def grads_are_scaled(trainer: pl.Trainer) -> bool:
+    """True under a gradient scaler (fp16 AMP): its gradients may be infinite, and it skips those steps itself."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
 def check_finite(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor], step: int) -> bool:
     """Raise ``FloatingPointError`` naming the layers and the step when a compressed weight or its gradient holds a
     NaN or an infinity, instead of pruning, growing or quantizing by it (one sum per tensor, one sync per step).
     Gradients are not checked under a gradient scaler (fp16 AMP): it skips such steps itself. Returns whether the
     gradients were checked (and so are finite)."""
     tensors: dict[str, torch.Tensor | None] = {f"{name} (weight)": p for name, p in params.items()}
-    scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+    scaled = grads_are_scaled(trainer)
     if not scaled:
         tensors.update({f"{name} (gradient)": p.grad for name, p in params.items()})
     bad = non_finite(tensors)
@@ -302,16 +307,30 @@ class SparsityCallback(CompressionCallback):
         if self.masks is None:
             return
         step = trainer.global_step
-        finite = False  # gradients checked just now may be masked by a (faster) product
-        if step != self._decided_step:  # once per step, even with several optimizers
-            self._decided_step = step
-            finite = check_finite(self, trainer, self.masks.params, step)
-            if self._update_masks(trainer, pl_module, step):
-                self._sync_masks(trainer)
-                for each in trainer.optimizers:  # stale momentum must not push pruned weights
-                    self.masks.mask_state_(each.state)
-                self._log_sparsity(trainer)
-        self.masks.mask_grads_(finite=finite)
+        if step == self._decided_step:  # a second optimizer step within one step: its gradients only need masking
+            self.masks.mask_grads_()
+            return
+        self._decided_step = step
+        if self._decides(step) or grads_are_scaled(trainer):
+            self._decide(trainer, pl_module, step)
+        elif not self.masks.mask_grads_and_check_():  # the steps between decisions: one pass masks and checks
+            check_finite(self, trainer, self.masks.params, step)  # names the tensors (or clears an overflowing sum)
+
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Check weights and gradients, update the masks if ``step`` is an update step, then mask the gradients."""
+        finite = check_finite(self, trainer, self.masks.params, step)
+        if self._update_masks(trainer, pl_module, step):
+            self._sync_masks(trainer)
+            for each in trainer.optimizers:  # stale momentum must not push pruned weights
+                self.masks.mask_state_(each.state)
+            self._log_sparsity(trainer)
+        self.masks.mask_grads_(finite=finite)  # checked just now: the faster product is safe
+
+    def _decides(self, step: int) -> bool:
+        """Whether optimizer ``step`` may change the masks, so that weights and gradients must be checked before
+        anything is decided by them (subclasses say when; between such steps only the gradients are checked, in the
+        masking pass, and a NaN weight shows in the next step's gradients)."""
+        return True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None:

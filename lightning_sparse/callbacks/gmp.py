@@ -206,8 +206,11 @@ class GradualMagnitudePruning(SparsityCallback):
                     f"optimizer steps; sparsity {self.sparsity} will not be reached"
                 )
 
+    def _decides(self, step: int) -> bool:
+        return is_update_step(step, self._start_step, self._end_step, self.frequency)
+
     def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        if not is_update_step(step, self._start_step, self._end_step, self.frequency):
+        if not self._decides(step):
             return False
         def at(final: float) -> float:
             schedule = "polynomial" if self.schedule == "cubic" else self.schedule

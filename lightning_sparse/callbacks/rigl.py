@@ -177,15 +177,18 @@ class RigL(SparsityCallback):
                 )
 
     # ----------------------------------------------------------------- what
-    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+    def _decides(self, step: int) -> bool:
         if self.masks.is_empty:  # dense until `start`, then keep the largest magnitudes
-            if step < self._start_step:
-                return False
+            return step >= self._start_step
+        return is_dynamic_update_step(step, self._start_step, self._end_step, self.frequency)
+
+    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        if not self._decides(step):
+            return False
+        if self.masks.is_empty:
             prune_by_magnitude(self.masks, self._target(), self.distribution, power_scale=self.erk_power_scale)
             self._record_initial()
             return True
-        if not is_dynamic_update_step(step, self._start_step, self._end_step, self.frequency):
-            return False
         if self.grow == "gradient":
             missing = [name for name, param in self.masks.params.items() if param.grad is None]
             if missing and not self._warned_no_grad:

@@ -257,6 +257,33 @@ class MaskSet:
                 (multiply_ if finite else mask_)(local_tensor(grad), packed)
 
     @torch.no_grad()
+    def mask_grads_and_check_(self) -> bool:
+        """Zero the gradients of pruned weights by a product and return whether every gradient of the set is finite.
+
+        The per-step path when no decision reads the gradients: one pass per gradient instead of a check and then a
+        mask (each gradient is summed right after it is masked, while it is still in cache). A NaN or an infinity
+        anywhere survives the product (NaN·0 and inf·0 are NaN), so ``False`` covers the pruned positions too; the
+        caller must then not step (:func:`non_finite` names the tensors). A finite sum proves a tensor finite; an
+        infinite one may be an overflow of finite values, which :func:`non_finite` decides. Sharded gradients are
+        summed shard by shard and the verdict is taken over every rank.
+        """
+        sums, grads = [], []
+        for name, param in self.params.items():
+            grad = param.grad
+            if grad is None:
+                continue
+            local = local_tensor(grad)
+            if name in self._packed:
+                multiply_(local, self._packed[name])
+            sums.append(local.sum().float())
+            grads.append(grad)
+        if not sums:
+            return True
+        device = sums[0].device
+        finite = torch.isfinite(torch.stack([s.to(device) for s in sums])).all().to(torch.uint8)
+        return bool(all_ranks_min(finite, grads))
+
+    @torch.no_grad()
     def mask_state_(self, state: Mapping[Tensor, Mapping[str, object]]) -> None:
         """Zero an optimizer's per-weight state (momentum, Adam moments) at pruned positions.
 

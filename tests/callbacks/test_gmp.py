@@ -275,6 +275,18 @@ def test_a_nan_weight_is_an_error_naming_the_layer_and_the_step(digits_model, ma
         make_trainer(tmp_path, [callback, PoisonWeight(7)], max_epochs=1).fit(digits_model(), digits)
 
 
+def test_a_nan_gradient_between_mask_updates_is_an_error_naming_the_layer_and_the_step(digits_model, make_trainer, tmp_path, digits):
+    # between updates the gradients are checked in the masking pass: a NaN must still stop training at its own step
+    class PoisonGradient(pl.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            if trainer.global_step == 7:
+                pl_module.get_parameter("net.1.weight").grad[0, :] = float("nan")
+
+    callback = GradualMagnitudePruning(sparsity=0.5, start=0, end=15, frequency=5)
+    with pytest.raises(FloatingPointError, match=r"GradualMagnitudePruning: NaN or infinite values in net.1.weight \(gradient\) at optimizer step 7"):
+        make_trainer(tmp_path, [callback, PoisonGradient()], max_epochs=1).fit(digits_model(), digits)
+
+
 @pytest.mark.parametrize("other", ["gmp", "rigl"])
 def test_two_pruning_callbacks_on_the_same_layers_are_refused(digits_model, make_trainer, tmp_path, digits, other):
     # GMP reported 0.5 while 0.891 of the weights were zero

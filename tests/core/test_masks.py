@@ -162,6 +162,28 @@ def test_masking_gradients_and_state_is_a_select_so_nan_cannot_survive_at_pruned
     assert torch.all(state[layer.weight]["exp_avg"][~mask] == 0)
 
 
+@pytest.mark.parametrize("poison", [None, "kept", "pruned", "inf", "dense layer"])
+def test_mask_grads_and_check_masks_in_one_pass_and_sees_every_non_finite_gradient(poison):
+    layer, masks, mask = _layer_masks()
+    other = nn.Linear(4, 3)  # a selected parameter without a mask yet: checked, not masked
+    masks = MaskSet({"weight": layer.weight, "other": other.weight})
+    masks.set("weight", mask)
+    grad = torch.randn(10, 20)
+    other.weight.grad = torch.randn(3, 4)
+    if poison == "kept":
+        grad[mask.nonzero()[0].tolist()] = float("nan")
+    elif poison == "pruned":  # NaN · 0 = NaN: the product keeps it, so the verdict sees it
+        grad[(~mask).nonzero()[0].tolist()] = float("nan")
+    elif poison == "inf":
+        grad[(~mask).nonzero()[0].tolist()] = float("inf")
+    elif poison == "dense layer":
+        other.weight.grad[1, 2] = float("nan")
+    layer.weight.grad = grad.clone()
+    assert masks.mask_grads_and_check_() is (poison is None)
+    if poison is None:
+        assert torch.equal(layer.weight.grad, torch.where(mask, grad, torch.zeros(())))
+
+
 def test_non_finite_names_exactly_the_tensors_with_nan_or_inf():
     from lightning_sparse.core.masks import non_finite
 
