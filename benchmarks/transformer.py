@@ -14,7 +14,7 @@ callback differs:
   cost GMP 50% +0.041 (seed 0) and +0.033 (seed 1) against +0.004 this way; shorter ``--steps`` update every
   ``steps // 40``);
 * ``RigL s``: ``RigL(s, frequency=50, end=0.75)`` (ERK, sparse from the first step);
-* ``Movement s``: ``MovementPruning`` with GMP's arguments (rows skipped when it is not installed);
+* ``Movement s``: ``MovementPruning`` with GMP's arguments;
 * ``QAT b``: ``QuantizationAwareTraining(bits=b)`` (per-channel uniform, from step 0);
 * ``GMP 75% + QAT 4``: both, with the ratio of ``save_compressed``'s file to the fp32 dense model;
 * ``small dense``: a dense CharGPT whose ``n_embd`` makes its non-zero weights closest to GMP 90%'s (Zhu & Gupta's
@@ -36,7 +36,6 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import pytorch_lightning as pl
 from rich.table import Table
 
 from benchmarks.common import emit, quiet, trainer
-from lightning_sparse import GradualMagnitudePruning, QuantizationAwareTraining, RigL
+from lightning_sparse import GradualMagnitudePruning, MovementPruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.data import ShakespeareDataModule
 from lightning_sparse.export import save_compressed
@@ -56,23 +55,14 @@ SPARSITIES = (0.5, 0.75, 0.9)
 TARGETS = {"GMP 50%": 0.02, "GMP 75%": 0.06}  # allowed val loss above dense
 
 
-def movement_pruning() -> type | None:
-    """``lightning_sparse.MovementPruning`` when this checkout has it (it arrives from another branch)."""
-    try:
-        return getattr(import_module("lightning_sparse"), "MovementPruning")
-    except AttributeError:
-        return None
-
-
-def rows(movement: type | None, every: int) -> dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]]:
+def rows(every: int) -> dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]]:
     """Row name -> (callbacks factory, CharGPT overrides); masks change every ``every`` steps."""
     gmp = dict(start=0.5, end=0.9, frequency=every, verbose=False)
     table: dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]] = {"dense": (lambda: [], {})}
     for s in SPARSITIES:
         table[f"GMP {s:.0%}"] = (lambda s=s: [GradualMagnitudePruning(s, **gmp)], {})
         table[f"RigL {s:.0%}"] = (lambda s=s: [RigL(s, frequency=every, end=0.75, verbose=False)], {})
-        if movement is not None:
-            table[f"Movement {s:.0%}"] = (lambda s=s: [movement(s, **gmp)], {})
+        table[f"Movement {s:.0%}"] = (lambda s=s: [MovementPruning(s, **gmp)], {})
     for bits in (8, 4):
         table[f"QAT {bits}"] = (lambda bits=bits: [QuantizationAwareTraining(bits=bits, verbose=False)], {})
     table["GMP 75% + QAT 4"] = (lambda: [GradualMagnitudePruning(0.75, **gmp), QuantizationAwareTraining(bits=4, verbose=False)], {})
@@ -125,9 +115,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", help="only these rows (names as in the table); 'small dense' needs 'GMP 90%%'")
     args = parser.parse_args()
     quiet()
-    movement = movement_pruning()
     every = max(1, min(50, args.steps // 40))  # 50 for the 2000 steps; a short check still updates masks
-    table_rows = rows(movement, every)
+    table_rows = rows(every)
     chosen = args.rows or [*table_rows, "small dense"]
     unknown = [r for r in chosen if r not in table_rows and r != "small dense"]
     if unknown:
@@ -170,11 +159,9 @@ def main() -> None:
     table.caption = (
         "AdamW lr 1e-3 (100 warm-up steps, cosine to 1e-4), betas 0.9/0.99, weight decay 0.1 on Linear weights, batch 12, "
         f"block 64, clip 1.0. GMP/Movement: cubic 0.5..0.9 every {every} steps, uniform; RigL: ERK, ΔT {every}, end 0.75. "
-        f"{'' if movement is not None else 'MovementPruning rows skipped: lightning_sparse.MovementPruning is not in this checkout. '}"
         f"Wall time {wall:.0f} s."
     )
-    emit("transformer", table, {"args": vars(args), "wall_s": wall, "results": results, "targets_met": checks,
-                                "movement_pruning": movement is not None})  # fmt: skip
+    emit("transformer", table, {"args": vars(args), "wall_s": wall, "results": results, "targets_met": checks})
 
 
 if __name__ == "__main__":
