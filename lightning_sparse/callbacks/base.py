@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_sparse import report
@@ -153,6 +153,20 @@ def warn_if_no_steps(callback: Callback, trainer: pl.Trainer) -> None:
         rank_zero_warn(
             f"{type(callback).__name__}: this run has 0 optimizer steps (empty train dataloader, or "
             f"`limit_train_batches`/`max_steps` of 0), so it compresses nothing"
+        )
+
+
+def hint_fused_adam(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor]) -> None:
+    """Say once when pruned CPU weights are stepped by a for-each Adam/AdamW: every pruned weight has a zero second
+    moment, torch's CPU ``sqrt`` takes about 9x as long on a zero as on other values, and so the optimizer step of a
+    90%-sparse model takes about twice the dense one's; ``fused=True`` has no such cost."""
+    on_cpu = any(param.device.type == "cpu" for param in params.values())
+    slow = [type(o).__name__ for o in trainer.optimizers if type(o) in (torch.optim.Adam, torch.optim.AdamW) and not o.defaults.get("fused")]
+    if on_cpu and slow:
+        rank_zero_info(
+            f"{type(callback).__name__}: {slow[0]} steps the pruned weights on the CPU without `fused=True`; their zero "
+            f"second moments make its step about twice as slow at 90% sparsity (torch's CPU sqrt is slow on zeros). "
+            f"`{slow[0]}(..., fused=True)` avoids it"
         )
 
 
@@ -342,6 +356,8 @@ class SparsityCallback(CompressionCallback):
             self, trainer, pl_module, "masks decided at one optimizer's step would use another network's stale gradients"
         )
         warn_if_no_steps(self, trainer)
+        if self.masks is not None:
+            hint_fused_adam(self, trainer, self.masks.params)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.masks is not None and self._reapply and trainer.global_step != self._masked_step:

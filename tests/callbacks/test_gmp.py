@@ -354,3 +354,14 @@ def test_power_and_dense_first_layer(digits_model, make_trainer, tmp_path, digit
     rows = _read_sparsity_log(Path(logger.log_dir))
     by_step = {int(r["step"]): r["sparsity/global"] for r in rows}
     assert by_step[20] == pytest.approx(0.4, abs=2e-3)  # power 1: linear, half way at half the ramp (cubic: 0.7)
+
+
+@pytest.mark.parametrize(("optimizer", "hinted"), [("adam", True), ("adam-fused", False), ("sgd", False)])
+def test_a_for_each_adam_on_the_cpu_gets_a_hint_to_fuse_it(digits_model, make_trainer, tmp_path, digits, caplog, optimizer, hinted):
+    # for-each Adam takes sqrt of every pruned weight's zero second moment the slow way: twice the dense step time
+    model = digits_model(optimizer="adam", lr=1e-3) if optimizer.startswith("adam") else digits_model()
+    if optimizer == "adam-fused":
+        model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, [GradualMagnitudePruning(sparsity=0.5, verbose=False)], max_steps=2).fit(model, digits)
+    assert ("Adam steps the pruned weights on the CPU without `fused=True`" in caplog.text) is hinted
