@@ -66,7 +66,11 @@ def multiply_(tensor: Tensor, packed: Tensor) -> None:
     if not tensor.is_contiguous():
         tensor.mul_(unpack(packed, tensor.shape))
         return
-    _by_chunks(tensor, packed, _kept_table(packed.device, tensor.dtype), lambda rows, kept: rows.mul_(kept))
+    table = _kept_table(packed.device, tensor.dtype)
+    if tensor.numel() % 8 == 0 and packed.numel() <= _CHUNK_BYTES:  # one chunk: the per-step case, in three ops
+        tensor.view(-1, 8).mul_(table.index_select(0, packed.long()))
+        return
+    _by_chunks(tensor, packed, table, lambda rows, kept: rows.mul_(kept))
 
 
 def non_finite(tensors: Mapping[str, Tensor | None]) -> list[str]:
@@ -275,12 +279,12 @@ class MaskSet:
             local = local_tensor(grad)
             if name in self._packed:
                 multiply_(local, self._packed[name])
-            sums.append(local.sum().float())
+            sums.append(local.sum())
             grads.append(grad)
         if not sums:
             return True
         device = sums[0].device
-        finite = torch.isfinite(torch.stack([s.to(device) for s in sums])).all().to(torch.uint8)
+        finite = torch.isfinite(torch.stack([s.to(device=device, dtype=torch.float32) for s in sums])).all().to(torch.uint8)
         return bool(all_ranks_min(finite, grads))
 
     @torch.no_grad()
