@@ -47,7 +47,7 @@ def main() -> None:
     callbacks = []
     if args.method != "dense":
         method = MovementPruning if args.method == "movement" else GradualMagnitudePruning
-        callbacks.append(method(sparsity=args.sparsity, start=0.1, end=0.7, frequency=10, exclude=["head.*"]))
+        callbacks.append(method(sparsity=args.sparsity, start=0.1, end=0.8, frequency=10, exclude=["head.*"]))
     logger = False
     if args.wandb:
         from pytorch_lightning.loggers import WandbLogger
