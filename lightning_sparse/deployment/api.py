@@ -115,7 +115,7 @@ def deploy_model(
         work = flat_graph_module(work)  # layers as direct attributes: no per-call lookups through the hierarchy
 
     if not _same(_run(work, inputs), reference) or (probe is not None and not _same(_run(work, probe), probe_reference)):
-        report.notes.append("the deployed model's outputs differed from the original: the original is returned")
+        report.notes.append(_differed("the deployed model's", reference) + ": the original is returned")
         return Deployment(original, report)
     report.changed = True
     report.param_bytes = (memory.parameter_bytes(original), memory.parameter_bytes(work))
@@ -222,17 +222,53 @@ def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
         return model(*inputs)
 
 
+_PLAIN = (Tensor, int, float, bool, complex, str, bytes, type(None), torch.device, torch.dtype)
+
+
+def _leaves(value: Any, depth: int = 3) -> list[Any]:
+    """The pytree leaves of a model's output, with objects pytree does not know opened into their attributes.
+
+    A Hugging Face decoder with ``use_cache=True`` returns a ``DynamicCache`` beside its logits; two caches holding
+    equal key/value tensors are different objects, so they are compared by type and by the leaves of their attributes
+    (``layers`` → each layer's ``keys`` and ``values``), ``depth`` objects deep.
+    """
+    leaves: list[Any] = []
+    for leaf in tree_flatten(value)[0]:
+        if isinstance(leaf, _PLAIN) or depth == 0 or not hasattr(leaf, "__dict__"):
+            leaves.append(leaf)
+        else:
+            leaves.append(type(leaf))
+            leaves.extend(_leaves(sorted(vars(leaf).items()), depth - 1))
+    return leaves
+
+
+def _opened(output: Any) -> list[str]:
+    """Type names of the objects in ``output`` that :func:`_leaves` opens (a cache), for the reason a check failed."""
+    return sorted({type(leaf).__name__ for leaf in tree_flatten(output)[0] if not isinstance(leaf, _PLAIN) and hasattr(leaf, "__dict__")})
+
+
 def _same(got: Any, want: Any) -> bool:
-    got_leaves, want_leaves = tree_flatten(got)[0], tree_flatten(want)[0]
+    got_leaves, want_leaves = _leaves(got), _leaves(want)
     if len(got_leaves) != len(want_leaves):
         return False
     for a, b in zip(got_leaves, want_leaves):
         if isinstance(b, Tensor):
-            if not isinstance(a, Tensor) or not outputs_match(a, b):
+            if not isinstance(a, Tensor) or a.shape != b.shape or not outputs_match(a, b):
                 return False
         elif a != b:
             return False
     return True
+
+
+def _differed(what: str, reference: Any) -> str:
+    """Why a rebuilt model was not kept; names a cache in the outputs, whose tensors shrink when heads are removed."""
+    caches = _opened(reference)
+    if not caches:
+        return f"{what} outputs differed from the original"
+    return (
+        f"{what} outputs differed from the original (they include {', '.join(caches)}: a key/value cache holds a slice per "
+        f"attention head, so removing heads changes its shape; deploy with the cache off, e.g. `model.config.use_cache = False`)"
+    )
 
 
 # --- steps ----------------------------------------------------------------------------------------------------
@@ -356,7 +392,7 @@ def _remove_groups(original: nn.Module, inputs: tuple[Tensor, ...], reference: A
         return original
     if not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference)):
         for row in report.removed_groups:
-            row.reason, row.removed, row.rebuilt_as = "the rebuilt model's outputs differed from the original: kept", [], ""
+            row.reason, row.removed, row.rebuilt_as = _differed("the rebuilt model's", reference) + ": kept", [], ""
         return original
     for row in report.removed_groups:
         for member in row.members if row.removed else []:

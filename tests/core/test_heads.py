@@ -105,10 +105,9 @@ def tiny_bert():
     return transformers.BertForSequenceClassification(config)
 
 
-def tiny_gpt2(vocab_size):
+def tiny_gpt2(vocab_size, use_cache=False):
     config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)  # fmt: skip
-    # use_cache=False: deploy compares outputs leaf by leaf, and a DynamicCache object never equals another
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=use_cache)  # fmt: skip
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config)
 
@@ -349,6 +348,47 @@ def test_gpt2_deploys_with_fewer_heads_and_neurons(tmp_path, hamlet):
         expected = gpt2(input_ids=x).logits
         assert torch.allclose(result.model(input_ids=x).logits, expected, atol=1e-5)
     assert "ok" in loads_elsewhere(tmp_path, result.model, x, expected)
+
+
+def test_gpt2_with_its_cache_on_keeps_its_heads_and_says_why_until_the_cache_is_off(hamlet):
+    module = text(hamlet)
+    model = HFLanguageModel(tiny_gpt2(module.vocab_size, use_cache=True))
+    fit(model, [GradualMagnitudePruning(0.5, start=0, end=8, frequency=2, granularity=GROUPS, verbose=False)], module)
+    gpt2 = model.model.eval()
+    x = next(iter(module.val_dataloader()))[0]
+    assert type(gpt2(input_ids=x).past_key_values).__name__ == "DynamicCache"
+
+    kept = deploy_model(gpt2, x, repeats=1)  # the cache has a slice per head: with fewer heads it cannot be equal
+    assert all(block.attn.num_heads == 4 for block in kept.model.transformer.h)
+    rows = kept.report.removed_groups
+    assert rows and all(not row.removed for row in rows)
+    assert all("DynamicCache" in row.reason and "use_cache = False" in row.reason for row in rows)
+
+    gpt2.config.use_cache = False
+    removed = deploy_model(gpt2, x, repeats=1)
+    assert all(block.attn.num_heads == 2 for block in removed.model.transformer.h)
+
+
+def test_gpt2_with_its_cache_on_loses_mlp_neurons_as_the_cache_stays_the_same(hamlet):
+    module = text(hamlet)
+    model = HFLanguageModel(tiny_gpt2(module.vocab_size, use_cache=True))
+    callback = GradualMagnitudePruning(0.5, start=0, end=8, frequency=2, granularity={"*.mlp.*": "neuron"},
+                                       exclude=["*.attn.*"], verbose=False)  # fmt: skip
+    fit(model, [callback], module)
+    gpt2 = model.model.eval()
+    x = next(iter(module.val_dataloader()))[0]
+    result = deploy_model(gpt2, x, repeats=1)  # deploy compares the key/value tensors inside the two caches
+    assert all(block.mlp.c_fc.weight.shape == (32, 64) for block in result.model.transformer.h)
+    with torch.no_grad():
+        got, want = result.model(input_ids=x), gpt2(input_ids=x)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    assert torch.allclose(got.past_key_values.layers[1].values, want.past_key_values.layers[1].values, atol=1e-5)
+
+    from lightning_sparse.deployment.api import _same  # and a cache that differs in one value does not compare equal
+
+    assert _same(got, want)
+    want.past_key_values.layers[1].values[0, 0, 0, 0] += 1.0
+    assert not _same(got, want)
 
 
 # ----------------------------------------------------------------------------- bad input, before training
