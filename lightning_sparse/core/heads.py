@@ -13,8 +13,9 @@ Found here (by structure, without importing transformers):
 * nanoGPT-style attention (``lightning_sparse.models.CausalSelfAttention``: fused ``c_attn`` Linear, ``c_proj``,
   ``n_head``) and Hugging Face GPT-2 attention (``c_attn``/``c_proj`` ``Conv1D``, weights stored ``(in, out)``),
 * Hugging Face BERT-style attention (``BertAttention``: ``self.query/key/value`` and ``output.dense``),
-* MLPs: ``c_fc``/``c_proj`` (nanoGPT Linear, GPT-2 Conv1D), BERT's ``intermediate.dense``/``output.dense``, and
-  ``Linear → elementwise… → Linear`` inside an ``nn.Sequential``.
+* MLPs: ``c_fc``/``c_proj`` (nanoGPT Linear, GPT-2 Conv1D), BERT's ``intermediate.dense``/``output.dense``,
+  ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer`` (with an elementwise
+  ``activation``), and ``Linear → elementwise… → Linear`` inside an ``nn.Sequential``.
 
 Scores (magnitude): a group's score is the sum of its members' norms, ``score_g = Σ_members ||W_member[g]||``
 (``l1`` or ``l2``, the ``channel_norm`` of channel pruning; Li et al. 2017 for a single layer, DepGraph's group
@@ -169,6 +170,12 @@ def _attention(name: str, module: nn.Module) -> GroupLayer | None:
     return None
 
 
+def _elementwise(activation: object) -> bool:
+    """``nn.Transformer*Layer``'s ``activation``: a module of :data:`ELEMENTWISE` or torch's relu/gelu (the two its
+    ``activation="relu"|"gelu"`` set); any other callable may mix units, so that layer's MLP is not offered."""
+    return isinstance(activation, ELEMENTWISE) or activation in (nn.functional.relu, nn.functional.gelu, torch.relu)
+
+
 def _mlp(name: str, module: nn.Module) -> list[GroupLayer]:
     kind = type(module).__name__
     c_fc, c_proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
@@ -180,6 +187,10 @@ def _mlp(name: str, module: nn.Module) -> list[GroupLayer]:
     if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
         members = [*_projection(_join(name, "intermediate.dense"), up, (0,), "up"), Member(_join(name, "output.dense.weight"), 1, (0,), "down")]
         return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "bert")]
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and _elementwise(module.activation):
+        up, down = module.linear1, module.linear2  # linear1 → activation → dropout → linear2
+        members = [*_projection(_join(name, "linear1"), up, (0,), "up"), Member(_join(name, "linear2.weight"), 1, (0,), "down")]
+        return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "mlp")]
     if isinstance(module, nn.Sequential):
         layers, children = [], list(module.named_children())
         for i, (child_name, child) in enumerate(children):

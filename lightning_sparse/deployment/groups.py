@@ -74,6 +74,11 @@ class HeadPrunedMultiheadAttention(nn.Module):
     returned (``need_weights=True``) cover the kept heads only, and their average is over those heads.
     """
 
+    # nn.TransformerEncoderLayer reads these of its ``self_attn`` to choose torch's fused encoder kernel, which needs
+    # the packed projections; None sends it down its regular path, which calls this module's forward
+    in_proj_weight = in_proj_bias = None
+    _qkv_same_embed_dim = False
+
     def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear, heads: list[int],
                  original_heads: int, head_dim: int, dropout: float, batch_first: bool) -> None:  # fmt: skip
         super().__init__()
@@ -276,6 +281,11 @@ def remove_zero_groups(model: nn.Module) -> list[GroupReport]:
         row.rebuilt_as = _rebuild(model, layer, keep)
         row.removed = dropped
         row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
+    for module in model.modules():  # its nested-tensor path runs the layers' fused kernel on the packed projections
+        if isinstance(module, nn.TransformerEncoder) and any(
+            isinstance(layer.self_attn, HeadPrunedMultiheadAttention) for layer in module.layers
+        ):
+            module.use_nested_tensor = False
     return reports
 
 

@@ -97,6 +97,28 @@ def digits_tokens(batch_size=32):
     return DataLoader(TensorDataset(ids, labels), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
+class DigitsEncoder(pl.LightningModule):
+    """A user's encoder: token embedding, two nn.TransformerEncoderLayer (batch-first, GELU), mean pooling, a head."""
+
+    def __init__(self, activation="gelu", nested=False):
+        super().__init__()
+        self.embed = nn.Embedding(17, 32)
+        layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True,
+                                           activation=activation)  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=nested)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        return nn.functional.cross_entropy(self(ids), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=2e-3)
+
+
 def tiny_bert():
     config = transformers.BertConfig(vocab_size=17, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64, num_labels=10,
@@ -389,6 +411,51 @@ def test_gpt2_with_its_cache_on_loses_mlp_neurons_as_the_cache_stays_the_same(ha
     assert _same(got, want)
     want.past_key_values.layers[1].values[0, 0, 0, 0] += 1.0
     assert not _same(got, want)
+
+
+def test_transformer_encoder_layers_deploy_with_fewer_heads_and_neurons(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsEncoder()
+    found = {g.module: (g.kind, g.count) for g in find_group_layers(model)}
+    assert found["encoder.layers.1"] == ("neuron", 64) and found["encoder.layers.1.self_attn"] == ("head", 4)
+    granularity = {"*.self_attn.*": "head", "*.linear?.*": "neuron"}
+    fit(model, [GradualMagnitudePruning(0.5, start=0, end=8, frequency=2, granularity=granularity, exclude=["head.*"],
+                                        verbose=False)], digits_tokens())  # fmt: skip
+    model.eval()
+    ids = next(iter(digits_tokens(16)))[0]
+    result = deploy_model(model, ids, repeats=1)
+    for layer in result.model.encoder.layers:  # torch's fused encoder kernel needs all heads: the regular path runs
+        assert isinstance(layer.self_attn, HeadPrunedMultiheadAttention) and layer.self_attn.num_heads == 2
+        assert layer.linear1.out_features == 32 and layer.linear2.in_features == 32
+    with torch.no_grad():
+        expected = model(ids)
+        assert torch.allclose(result.model(ids), expected, atol=1e-5)
+    assert "ok" in loads_elsewhere(tmp_path, result.model, ids, expected)
+
+
+def test_a_deployed_encoder_with_nested_tensors_still_takes_a_padding_mask():
+    torch.manual_seed(0)
+    model = DigitsEncoder(nested=True)
+    assert model.encoder.use_nested_tensor  # torch packs padded batches into nested tensors in eval
+    fit(model, [GradualMagnitudePruning(0.5, start=0, end=8, frequency=2, granularity={"*.self_attn.*": "head"},
+                                        exclude=["head.*", "*.linear?.*"], verbose=False)], digits_tokens())  # fmt: skip
+    model.eval()
+    ids = next(iter(digits_tokens(16)))[0]
+    deployed = deploy_model(model, ids, repeats=1).model
+    assert all(layer.self_attn.num_heads == 2 for layer in deployed.encoder.layers)
+    padding = torch.zeros(ids.shape, dtype=torch.bool)
+    padding[:, 40:] = True  # the last 24 positions of every row are padding (left-aligned, as the nested path needs)
+    with torch.no_grad():
+        x = model.embed(ids)
+        want = model.encoder(x, src_key_padding_mask=padding)
+        got = deployed.encoder(x, src_key_padding_mask=padding)  # the regular path: no nested tensors without all heads
+    assert torch.allclose(got[:, :40], want[:, :40], atol=1e-5)  # padded positions are not outputs (nested: zeros)
+
+
+def test_a_transformer_layer_with_a_callable_activation_offers_no_neurons():
+    model = DigitsEncoder(activation=lambda x: x * torch.sigmoid(x))  # elementwise, but a callable could mix units
+    kinds = {g.module: g.kind for g in find_group_layers(model)}
+    assert "encoder.layers.0" not in kinds and kinds["encoder.layers.0.self_attn"] == "head"
 
 
 # ----------------------------------------------------------------------------- bad input, before training
