@@ -12,6 +12,9 @@ final sparsity last), masks recomputed every 10 steps, the same sparsity in ever
 model at the end is tested once on the 1,200 test lines. Target (Sanh, Wolf & Rush 2020): movement >= magnitude
 at 90%.
 
+Control rows ``random-50`` / ``random-90`` (not run by default) prune on the same schedule by scores drawn once at
+random: what a ranking carrying no information gives here.
+
 Movement rows also report how much signal their scores hold (:class:`ScoreNoise`): the median over all weights of
 ``|S| / sqrt(Σ (w·g)²)``, 0.674 for scores that are minibatch noise, at the first and the last mask update.
 
@@ -37,8 +40,22 @@ from lightning_sparse.text_models import TextClassifier
 from lightning_sparse.text_tasks import ShakespearePlaysDataModule
 from lightning_sparse.core.counting import global_sparsity
 
-ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90")
-METHODS = {"gmp": GradualMagnitudePruning, "movement": MovementPruning}
+
+class RandomPruning(MovementPruning):
+    """Control: the same schedule and masks machinery, ranking by scores drawn once at random (uniform, seed 0)
+    instead of movement. Masks are then nested as the sparsity rises, as for magnitude pruning: gradual random pruning."""
+
+    def _prune(self, target: float | dict[str, float]) -> None:
+        if not hasattr(self, "_random"):
+            generator = torch.Generator().manual_seed(0)
+            self._random = {name: torch.rand(s.shape, generator=generator).to(s) for name, s in self.scores.scores.items()}
+        for name, score in self.scores.scores.items():
+            score.copy_(self._random[name])
+        super()._prune(target)
+
+
+ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90", "random-50", "random-90")
+METHODS = {"gmp": GradualMagnitudePruning, "movement": MovementPruning, "random": RandomPruning}
 NOISE_MEDIAN = 0.674  # median |t| of scores that are pure minibatch noise (t ~ N(0, 1)): the median of |N(0, 1)|
 
 
@@ -106,7 +123,7 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps, every row (3000: 10 epochs)")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS[:5]), help="random-*: gradual random pruning, a control")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     parser.add_argument("--batch-size", type=int, default=32)
