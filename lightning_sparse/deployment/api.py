@@ -225,6 +225,11 @@ def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
 _PLAIN = (Tensor, int, float, bool, complex, str, bytes, type(None), torch.device, torch.dtype)
 
 
+def _opens(leaf: Any) -> bool:
+    """Whether an output leaf is an object to compare by its attributes (a cache) rather than by ``==``."""
+    return not isinstance(leaf, _PLAIN) and hasattr(leaf, "__dict__")
+
+
 def _leaves(value: Any, depth: int = 3) -> list[Any]:
     """The pytree leaves of a model's output, with objects pytree does not know opened into their attributes.
 
@@ -234,7 +239,7 @@ def _leaves(value: Any, depth: int = 3) -> list[Any]:
     """
     leaves: list[Any] = []
     for leaf in tree_flatten(value)[0]:
-        if isinstance(leaf, _PLAIN) or depth == 0 or not hasattr(leaf, "__dict__"):
+        if depth == 0 or not _opens(leaf):
             leaves.append(leaf)
         else:
             leaves.append(type(leaf))
@@ -244,7 +249,7 @@ def _leaves(value: Any, depth: int = 3) -> list[Any]:
 
 def _opened(output: Any) -> list[str]:
     """Type names of the objects in ``output`` that :func:`_leaves` opens (a cache), for the reason a check failed."""
-    return sorted({type(leaf).__name__ for leaf in tree_flatten(output)[0] if not isinstance(leaf, _PLAIN) and hasattr(leaf, "__dict__")})
+    return sorted({type(leaf).__name__ for leaf in tree_flatten(output)[0] if _opens(leaf)})
 
 
 def _same(got: Any, want: Any) -> bool:
