@@ -392,7 +392,7 @@ class SparsityCallback(CompressionCallback):
             return
         self.masks.rebind(current)
         old = self.targets
-        self.targets = Targets({n: current[n] for n in old}, old.aliases, old.output_axis, old.kinds)
+        self.targets = old.rebound(current)
         self._matrices = weight_matrices(pl_module)
 
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
