@@ -256,7 +256,7 @@ class CompressionCallback(*CALLBACK_BASES):
         self.compressed: dict[str, frozenset[str]] = {}
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The parameters ``include``/``exclude`` select (default: weights of Linear and Conv layers)."""
+        """The parameters ``include``/``exclude`` select (default: every weight that does a matrix product)."""
         return select_targets(pl_module, self.include, self.exclude)
 
     def _refuse_overlaps(self, trainer: pl.Trainer) -> None:

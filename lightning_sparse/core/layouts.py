@@ -18,9 +18,11 @@ layer                       weight shape                output axis     inputs o
 HF ``Conv1D`` (GPT-2)       ``(in, out)``               1               ``in``
 ==========================  ==========================  ==============  ===========================================
 
-Unstructured pruning does not care about axes; channel pruning (an output unit whole), N:M groups (M consecutive
-inputs of one unit), per-channel quantization scales and ERK's fan-in/fan-out do, so they all read a
-:class:`Layout` from here (through :class:`~lightning_sparse.core.targets.Targets`). A user's own module kind is added
+Unstructured pruning, L-C, RigL's drop-and-grow and the export format do not depend on the axes; channel pruning (an
+output unit whole), N:M groups (M consecutive inputs of one unit) and per-channel quantization scales do, so they read
+a :class:`Layout` from here (through :class:`~lightning_sparse.core.targets.Targets`). ERK's density
+``Σ dims / Π dims`` is symmetric in the axes, so a ConvTranspose weight ``(in, out, k…)`` gets the density of the Conv
+``(out, in, k…)`` with the same fan-in and fan-out. A user's own module kind is added
 with :func:`register_layout`, as Torch-Pruning registers a customized layer.
 """
 
@@ -59,18 +61,6 @@ class Layout:
     def fan_in(self, shape: Sequence[int]) -> int:
         """Inputs (times kernel positions) one output unit sums over."""
         return math.prod(shape) // shape[self.output] // self.blocks
-
-    def fan_out(self, shape: Sequence[int]) -> int:
-        """Output units of the weight (all of a grouped ``ConvTranspose``'s ``out`` channels)."""
-        return shape[self.output] * self.blocks
-
-    def erk_dims(self, shape: Sequence[int]) -> tuple[int, ...]:
-        """``(n_out, n_in, k…)`` for ERK's density ``Σ dims / Π dims`` (Evci et al. 2020): output units, the inputs
-        as one fan-in (a Bilinear's ``in1 × in2`` pairs), and the kernel sizes. For a Linear/Conv this is the weight's
-        own shape, as the reference ``sparse_utils`` uses."""
-        kernel = tuple(shape[axis] for axis in self.kernel)
-        n_in = math.prod(shape[axis] for axis in self.inputs(len(shape)))
-        return (shape[self.output], n_in, *kernel)
 
 
 #: ``(kind, layout)`` of ``module.<attribute>``, or ``None`` when that parameter does no matrix product.

@@ -36,7 +36,8 @@ def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symm
     Symmetric: ``2**bits - 1`` levels centred on 0 with ``scale = max|w| / (2**(bits-1) - 1)``. Asymmetric: the
     range ``[min(w, 0), max(w, 0)]`` in ``2**bits`` levels with an integer zero point, so 0 is on the grid.
     Per channel means one scale per output channel (along ``axis``: 0, or 1 for GPT-2's ``Conv1D`` weight stored
-    ``(in, out)``); 0-d and 1-d tensors use one scale.
+    ``(in, out)`` and a ``ConvTranspose`` weight stored ``(in, out/groups, k…)``, whose grouped form shares a scale
+    between the channels at the same place of each group); 0-d and 1-d tensors use one scale.
     """
     if axis and scale == "per_channel" and weight.dim() >= 2:
         moved = uniform_quantize(weight.detach().movedim(axis, 0).contiguous(), bits, scale, symmetric)
@@ -284,7 +285,8 @@ class FakeQuantizer:
         symmetric: symmetric grid centred on 0, or asymmetric with a zero point.
         sparsity: CLIP-Q's fraction of zeros per parameter (missing names: none).
         frequency: optimizer steps between k-means re-fits.
-        axes: the output-channel axis of each parameter for per-channel scales (default 0; 1 for GPT-2's ``Conv1D``).
+        axes: the output-channel axis of each parameter for per-channel scales (default 0; 1 for GPT-2's ``Conv1D``
+            and a ``ConvTranspose``: :class:`~lightning_sparse.core.targets.Targets` ``output_axis``).
     """
 
     def __init__(

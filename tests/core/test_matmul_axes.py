@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_sparse.callbacks import GradualMagnitudePruning, QuantizationAwareTraining, RigL
+from lightning_sparse.callbacks import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
+from lightning_sparse.core.layouts import Layout, register_layout
 from lightning_sparse.core.allocation import erk_sparsities, zero_counts
 from lightning_sparse.core.masks import MaskSet, unpack
 from lightning_sparse.core.pruning import prune_by_magnitude
@@ -253,12 +254,27 @@ def test_rigl_moves_connections_of_an_lstm_and_export_round_trips_it(tmp_path, s
     assert path.stat().st_size < 0.6 * sum(p.numel() * 4 for p in model.parameters())
 
 
+def test_lc_prunes_every_matmul_weight_of_a_gru_language_model(tmp_path, sonnets):
+    torch.manual_seed(0)
+    data = text_data(sonnets)
+    model = CharRNN(len(data.chars), "GRU")
+    callback = LearningCompression(sparsity=0.8, distribution="uniform", lc_steps=3, steps_per_l=4, verbose=False)
+    trainer(tmp_path, [callback], steps=12).fit(model, data)
+    params = dict(model.named_parameters())
+    assert list(callback.params) == RECURRENT["GRU"] + ["head.weight"]
+    for name in callback.params:
+        assert int((params[name] == 0).sum()) == round(0.8 * params[name].numel()), name
+
+
 def test_erk_counts_a_conv_transpose_by_its_real_fan_in_and_fan_out():
     shapes = {"transposed": (16, 8, 4, 4), "conv": (8, 16, 4, 4), "linear": (10, 64)}  # ConvT(16→8), Conv(16→8)
     sparsities = erk_sparsities(shapes, 0.8)
     assert sparsities["transposed"] == pytest.approx(sparsities["conv"])
     density = {name: 1 - s for name, s in sparsities.items()}
     assert density["transposed"] / density["linear"] == pytest.approx(((16 + 8 + 4 + 4) / (16 * 8 * 16)) / ((10 + 64) / 640))
+    er = erk_sparsities(shapes, 0.8, kernel=False)  # Erdős–Rényi: channels only, n_in = 16 and n_out = 8 either way
+    assert er["transposed"] == pytest.approx(er["conv"])
+    assert (1 - er["transposed"]) / (1 - er["linear"]) == pytest.approx(((16 + 8) / (16 * 8)) / ((10 + 64) / 640))
 
 
 # ----------------------------------------------------------------------------------------------- summary, bad input
@@ -291,6 +307,29 @@ def test_layouts_give_each_weight_its_real_axes():
     assert targets.output_axis["up.weight"] == 1 and targets.layouts["up.weight"].fan_in((8, 4, 3)) == 24
     assert targets.layouts["lstm.weight_ih_l0"].gates == 4 and targets.layouts["gru.weight_hh_l0"].gates == 3
     assert targets.layouts["pairs.weight"].inputs(3) == (1, 2)
+
+
+class LowRank(nn.Module):
+    """A user's own layer: ``x @ (u @ v)ᵀ`` with two factor matrices stored ``(out, rank)`` and ``(in, rank)``."""
+
+    def __init__(self, inputs: int, outputs: int, rank: int) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(outputs, rank))
+        self.v = nn.Parameter(torch.randn(inputs, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.v @ self.u.T
+
+
+def test_a_registered_module_kind_becomes_a_default_target_on_its_axes():
+    model = nn.Sequential(LowRank(8, 6, 4), nn.Linear(6, 2))
+    assert list(select_targets(model)) == ["1.weight"]  # unknown: "other", left dense
+    # v maps 8 inputs to 4 ranks: its outputs (ranks) are axis 1, as GPT-2's Conv1D
+    register_layout(LowRank, lambda module, attribute: {"u": ("LowRank", Layout(0)), "v": ("LowRank", Layout(1))}.get(attribute))
+    targets = select_targets(model)
+    assert list(targets) == ["0.u", "0.v", "1.weight"] and targets.output_axis["0.v"] == 1
+    prune_by_magnitude(MaskSet(targets), 0.5, granularity=expand_granularity("2:4", targets))
+    assert (group_counts(model[0].v.detach().T, 4) == 2).all()  # groups of 4 of v's 8 inputs, per rank
 
 
 @pytest.mark.parametrize(
