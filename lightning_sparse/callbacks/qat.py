@@ -137,7 +137,8 @@ class QuantizationAwareTraining(CompressionCallback):
             print_targets(type(self).__name__, pl_module, params)
         if stage == "fit" or self.quantizer is None:
             self.quantizer = FakeQuantizer(params, layer_bits, self.method, self.scale, self.symmetric, layer_sparsity,
-                                           self.frequency, getattr(params, "output_axis", None))  # fmt: skip
+                                           self.frequency, getattr(params, "output_axis", None),
+                                           getattr(params, "layouts", None))  # fmt: skip
             self._start_step, self._stepped = None, -1
         self.compressed = {name: frozenset({"values", "zeros"} if layer_sparsity.get(name) else {"values"}) for name in params}
         self._refuse_overlaps(trainer)

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,24 @@ class Layout:
     def fan_in(self, shape: Sequence[int]) -> int:
         """Inputs (times kernel positions) one output unit sums over."""
         return math.prod(shape) // shape[self.output] // self.blocks
+
+    def units(self, weight: Tensor) -> Tensor:
+        """``weight`` as a ``(output units, fan-in)`` matrix, one row per real output unit (a copy when the output
+        axis is not first). For a grouped ``ConvTranspose`` ``(in, out/groups, k…)``, row ``g·out/groups + j`` is
+        output channel ``g·out/groups + j``: ``weight[g·in/groups : (g+1)·in/groups, j]``."""
+        moved = weight.movedim(self.output, 0)
+        if self.blocks == 1:
+            return moved.reshape(moved.shape[0], -1)
+        split = moved.unflatten(1, (self.blocks, -1))  # the inputs (axis 0 before the move) split into the groups
+        return split.movedim(1, 0).reshape(self.blocks * moved.shape[0], -1)
+
+    def from_units(self, units: Tensor, shape: Sequence[int]) -> Tensor:
+        """The inverse of :meth:`units`: a tensor of the weight's ``shape``."""
+        moved = [shape[self.output], *(size for axis, size in enumerate(shape) if axis != self.output)]
+        if self.blocks == 1:
+            return units.reshape(moved).movedim(0, self.output)
+        split = units.reshape(self.blocks, moved[0], moved[1] // self.blocks, *moved[2:])
+        return split.movedim(0, 1).reshape(moved).movedim(0, self.output)
 
 
 #: ``(kind, layout)`` of ``module.<attribute>``, or ``None`` when that parameter does no matrix product.

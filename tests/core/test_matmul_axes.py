@@ -217,18 +217,34 @@ def test_bilinear_channel_pruning_removes_whole_outputs():
 
 
 # ----------------------------------------------------------------------------------------------- QAT, RigL, export, ERK
-def test_qat_scales_are_per_real_output_channel_of_a_conv_transpose(tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_qat_scales_are_per_real_output_channel_of_a_conv_transpose(tmp_path, groups):
     torch.manual_seed(0)
-    model = DigitsAutoencoder()
+    model = DigitsAutoencoder(groups)
+    with torch.no_grad():  # the second half of the inputs (group 2 of 2) on a smaller range: one shared scale shows
+        model.decoder[0].weight[8:] *= 0.3
     callback = QuantizationAwareTraining(bits=4, include=["decoder.0.weight"], verbose=False)
     trainer(tmp_path, [callback], steps=4).fit(model, DigitsDataModule(batch_size=64))
-    weight = model.decoder[0].weight.detach()  # (in 16, out 8, 3, 3), holding q(w) after fit
-    for out in range(weight.shape[1]):  # each output channel on its own symmetric 4-bit grid: max |w| = 7 steps
-        channel = weight[:, out]
+    weight = model.decoder[0].weight.detach()  # (in 16, out 8 / groups, 3, 3), holding q(w) after fit
+    channels = convtranspose_fan_in(weight, groups)
+    assert channels.shape == (8, 16 // groups * 9)
+    for out, channel in enumerate(channels):  # each output channel on its own symmetric 4-bit grid: max |w| = 7 steps
         codes = channel / (channel.abs().max() / 7)
         assert torch.allclose(codes, codes.round(), atol=1e-4), out
     per_input = weight[0] / (weight[0].abs().max() / 7)  # the wrong axis: an input's weights are on no common grid
     assert not torch.allclose(per_input, per_input.round(), atol=1e-4)
+
+
+def test_layout_units_are_the_real_output_channels_and_invert():
+    layer = nn.ConvTranspose2d(6, 4, 3, groups=2)  # weight (6, 2, 3, 3)
+    layout = select_targets(nn.Sequential(layer)).layouts["0.weight"]
+    weight = torch.randn(layer.weight.shape)
+    units = layout.units(weight)
+    assert torch.equal(units, convtranspose_fan_in(weight, 2)) and layout.fan_in(weight.shape) == units.shape[1] == 27
+    assert torch.equal(layout.from_units(units, weight.shape), weight)
+    lstm = select_targets(nn.LSTM(5, 3)).layouts["weight_ih_l0"]
+    w = torch.randn(12, 5)
+    assert torch.equal(lstm.units(w), w) and torch.equal(lstm.from_units(w, w.shape), w)
 
 
 def test_rigl_moves_connections_of_an_lstm_and_export_round_trips_it(tmp_path, sonnets):
