@@ -165,6 +165,11 @@ for _types, _finder in (((nn.Linear,), _linear), (_CONVS, _conv), (_TRANSPOSED, 
         _REGISTRY.append((_type, _finder))
 
 
+#: The end of a state-dict name that may be a matrix-product weight, for files read without their model (``*weight``,
+#: and the recurrent ``*weight_ih_l0``, ``*weight_hh_l1_reverse``, ``*weight_hr_l0``, cells' ``*weight_ih``).
+WEIGHT_NAME = re.compile(r"weight(_(ih|hh|hr)(_l\d+(_reverse)?)?)?$")
+
+
 def _hf_conv1d() -> type[nn.Module] | None:
     """Hugging Face ``transformers.pytorch_utils.Conv1D`` if transformers is already imported (a model holding one
     must have imported it): core never imports transformers itself."""

@@ -379,3 +379,15 @@ def test_lstm_bias_opted_in_is_named_in_the_summary_and_pruned_unstructured(tmp_
     trainer(tmp_path, [callback]).fit(model, data)
     assert "LSTM bias ×2" in capsys.readouterr().out.split("left dense")[0]
     assert int((model.rnn.bias_ih_l0 == 0).sum()) == 64
+
+
+def test_report_of_a_plain_state_dict_lists_the_recurrent_weights(tmp_path):
+    from lightning_sparse.report import checkpoint_stats
+
+    model = CharRNN(20, "GRU")
+    with torch.no_grad():
+        model.rnn.weight_hh_l1_reverse[:, :16] = 0
+    torch.save(model.state_dict(), tmp_path / "gru.pt")
+    stats = {row.name: row for row in checkpoint_stats(tmp_path / "gru.pt")}
+    assert set(RECURRENT["GRU"]) | {"embed.weight", "head.weight"} == set(stats)
+    assert stats["rnn.weight_hh_l1_reverse"].sparsity == pytest.approx(0.5)
