@@ -98,7 +98,7 @@ def run(row: str, data: ShakespeareDataModule, args: argparse.Namespace, hidden:
     pl.seed_everything(seed, verbose=False)
     model = CharLSTM(len(data.chars), hidden)
     every = max(steps // 40, 1)
-    gmp = dict(start=args.start, end=args.end, frequency=every, verbose=seed == 0)
+    gmp = {"start": args.start, "end": args.end, "frequency": every, "verbose": seed == 0}
     callbacks = [GradualMagnitudePruning(0.9, **gmp)] if row == "GMP 90%" else []
     started = time.perf_counter()
     trainer(callbacks, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0).fit(model, data)

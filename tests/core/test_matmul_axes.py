@@ -10,14 +10,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_sparse.callbacks import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
-from lightning_sparse.core.layouts import Layout, register_layout
+from lightning_sparse.callbacks import (
+    GradualMagnitudePruning,
+    LearningCompression,
+    QuantizationAwareTraining,
+    RigL,
+)
 from lightning_sparse.core.allocation import erk_sparsities, zero_counts
+from lightning_sparse.core.layouts import Layout, register_layout
 from lightning_sparse.core.masks import MaskSet, unpack
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.structured import check_shape, expand_granularity
-from lightning_sparse.core.targets import describe_targets, format_targets, select_targets
-from lightning_sparse.data import DigitsDataModule, ShakespeareDataModule, load_shakespeare_works
+from lightning_sparse.core.targets import (
+    describe_targets,
+    format_targets,
+    select_targets,
+)
+from lightning_sparse.data import (
+    DigitsDataModule,
+    ShakespeareDataModule,
+    load_shakespeare_works,
+)
 from lightning_sparse.export import load_compressed, save_compressed
 
 
@@ -183,7 +196,7 @@ def test_recurrent_language_model_is_pruned_exactly_on_every_matmul_weight_by_de
         assert int((weight == 0).sum()) == round(0.9 * weight.numel()), name
     assert not bool((model.embed.weight == 0).any()) and not bool((model.rnn.bias_ih_l0 == 0).any())
     summary = capsys.readouterr().out
-    assert f"GradualMagnitudePruning compresses" in summary and f"{kind} ×{len(RECURRENT[kind])}" in summary
+    assert "GradualMagnitudePruning compresses" in summary and f"{kind} ×{len(RECURRENT[kind])}" in summary
     assert "other" not in summary
 
 
