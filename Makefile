@@ -43,6 +43,7 @@ bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.lc
 	$(BIN)/python -m benchmarks.sweep
 	$(BIN)/python -m benchmarks.deploy
+	$(BIN)/python -m benchmarks.lstm
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache site

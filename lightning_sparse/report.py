@@ -12,6 +12,7 @@ from rich.table import Table
 from torch import Tensor
 
 from lightning_sparse.core.counting import count_zeros, tensor_key
+from lightning_sparse.core.layouts import WEIGHT_NAME
 from lightning_sparse.core.masks import MaskSet
 
 
@@ -105,7 +106,8 @@ def checkpoint_stats(path: str | Path, *, trusted: bool = False) -> list[LayerSp
     plain state dict file or a compressed export (``.lsz``).
 
     The layers are those a sparsity callback masked, when its state is in the checkpoint; otherwise every
-    floating-point tensor named ``*weight`` with at least two dimensions (Linear/Conv weights). A checkpoint is
+    floating-point tensor named ``*weight`` (or a recurrent ``*weight_ih_l0``, ``*weight_hh_l0``, …) with at least two
+    dimensions (Linear/Conv/LSTM weights). A checkpoint is
     read with ``weights_only=True`` (:func:`lightning_sparse.export.load_checkpoint`): a pickle in it cannot run
     code unless ``trusted``. Anything that is not such a file is refused with a ``ValueError`` naming it.
     """
@@ -127,7 +129,7 @@ def checkpoint_stats(path: str | Path, *, trusted: bool = False) -> list[LayerSp
     if not names:
         names = [
             n for n, t in state_dict.items()
-            if isinstance(t, Tensor) and t.is_floating_point() and t.ndim >= 2 and str(n).endswith("weight")
+            if isinstance(t, Tensor) and t.is_floating_point() and t.ndim >= 2 and WEIGHT_NAME.search(str(n))
         ]
     if not names:
         raise ValueError(f"{path} holds no Linear/Conv weights to report on")

@@ -256,7 +256,7 @@ class CompressionCallback(*CALLBACK_BASES):
         self.compressed: dict[str, frozenset[str]] = {}
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The parameters ``include``/``exclude`` select (default: weights of Linear and Conv layers)."""
+        """The parameters ``include``/``exclude`` select (default: every weight that does a matrix product)."""
         return select_targets(pl_module, self.include, self.exclude)
 
     def _refuse_overlaps(self, trainer: pl.Trainer) -> None:
@@ -392,7 +392,7 @@ class SparsityCallback(CompressionCallback):
             return
         self.masks.rebind(current)
         old = self.targets
-        self.targets = Targets({n: current[n] for n in old}, old.aliases, old.output_axis, old.kinds)
+        self.targets = old.rebound(current)
         self._matrices = weight_matrices(pl_module)
 
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class GradualMagnitudePruning(SparsityCallback):
             channels (the kept count rounded to the nearest multiple, at least one multiple), so the deployed widths
             suit the kernels: 16 for oneDNN on AVX-512 CPUs, 8 for GPU tensor cores. ``1`` (default): exactly
             ``round(s × channels)`` are pruned.
-        include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
+        include: glob patterns of parameter names to prune (default: every weight that does a matrix product).
         exclude: glob patterns of parameter names to leave dense.
         initial_sparsity: sparsity at ``start``, in [0, ``sparsity``].
         verbose: print the per-layer table when fitting ends.

@@ -97,7 +97,7 @@ class LearningCompression(CompressionCallback):
         l_step_lr_decay: factor in (0, 1] applied to ``l_step_lr`` per L step (the published code uses 0.98).
         l_step_schedule: the learning rate within an L step with ``l_step_lr``: ``cosine`` (annealed to 0) or
             ``constant`` (held, as in the published code).
-        include: glob patterns of parameter names to compress (default: weights of Linear and Conv layers).
+        include: glob patterns of parameter names to compress (default: every weight that does a matrix product).
         exclude: glob patterns of parameter names to leave uncompressed.
         verbose: print the per-layer table when fitting ends.
     """

@@ -44,7 +44,7 @@ class QuantizationAwareTraining(CompressionCallback):
         scale: ``per_channel`` (one scale per output channel) or ``per_tensor``; uniform method only.
         symmetric: symmetric grid centred on 0 (``2**bits - 1`` levels) or an asymmetric one with a zero point.
         start: when fake quantization switches on: fraction of the optimizer steps (float) or a step (int).
-        include: glob patterns of parameter names to quantize (default: weights of Linear and Conv layers).
+        include: glob patterns of parameter names to quantize (default: every weight that does a matrix product).
         exclude: glob patterns of parameter names to keep in full precision.
         activations: bits for the inputs of the quantized layers (per-tensor, asymmetric, dynamic range), or None.
         method: ``uniform`` grid, or ``kmeans``: a codebook of ``2**bits`` values per layer (k-means on the
@@ -137,7 +137,8 @@ class QuantizationAwareTraining(CompressionCallback):
             print_targets(type(self).__name__, pl_module, params)
         if stage == "fit" or self.quantizer is None:
             self.quantizer = FakeQuantizer(params, layer_bits, self.method, self.scale, self.symmetric, layer_sparsity,
-                                           self.frequency, getattr(params, "output_axis", None))  # fmt: skip
+                                           self.frequency, getattr(params, "output_axis", None),
+                                           getattr(params, "layouts", None))  # fmt: skip
             self._start_step, self._stepped = None, -1
         self.compressed = {name: frozenset({"values", "zeros"} if layer_sparsity.get(name) else {"values"}) for name in params}
         self._refuse_overlaps(trainer)

@@ -56,7 +56,7 @@ class RigL(SparsityCallback):
         end: last update before this point (T_end): fraction of the optimizer steps (float) or a step (int).
         grow: ``gradient`` (RigL) or ``random`` (SET).
         start: when the network becomes sparse, same convention as ``end`` (default 0: from the first step).
-        include: glob patterns of parameter names to sparsify (default: weights of Linear and Conv layers).
+        include: glob patterns of parameter names to sparsify (default: every weight that does a matrix product).
         exclude: glob patterns of parameter names to leave dense.
         seed: seed of the random start mask and of random growth (the same on every rank, so masks agree).
         verbose: print the per-layer table when fitting ends.

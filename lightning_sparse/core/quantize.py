@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.layouts import Layout
 from lightning_sparse.core.masks import non_finite
 from lightning_sparse.core.shards import full_tensor, is_sharded, local_part, local_tensor, sharded_like
 
@@ -36,7 +37,9 @@ def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symm
     Symmetric: ``2**bits - 1`` levels centred on 0 with ``scale = max|w| / (2**(bits-1) - 1)``. Asymmetric: the
     range ``[min(w, 0), max(w, 0)]`` in ``2**bits`` levels with an integer zero point, so 0 is on the grid.
     Per channel means one scale per output channel (along ``axis``: 0, or 1 for GPT-2's ``Conv1D`` weight stored
-    ``(in, out)``); 0-d and 1-d tensors use one scale.
+    ``(in, out)`` and a ``ConvTranspose`` weight stored ``(in, out/groups, k…)``; a grouped ``ConvTranspose`` is
+    quantized by :class:`FakeQuantizer` through its layout's rows, one per real channel); 0-d and 1-d tensors use one
+    scale.
     """
     if axis and scale == "per_channel" and weight.dim() >= 2:
         moved = uniform_quantize(weight.detach().movedim(axis, 0).contiguous(), bits, scale, symmetric)
@@ -284,7 +287,11 @@ class FakeQuantizer:
         symmetric: symmetric grid centred on 0, or asymmetric with a zero point.
         sparsity: CLIP-Q's fraction of zeros per parameter (missing names: none).
         frequency: optimizer steps between k-means re-fits.
-        axes: the output-channel axis of each parameter for per-channel scales (default 0; 1 for GPT-2's ``Conv1D``).
+        axes: the output-channel axis of each parameter for per-channel scales (default 0; 1 for GPT-2's ``Conv1D``
+            and a ``ConvTranspose``: :class:`~lightning_sparse.core.targets.Targets` ``output_axis``).
+        layouts: each parameter's :class:`~lightning_sparse.core.layouts.Layout` (``Targets.layouts``); where one
+            slice of the output axis holds several output units (a grouped ``ConvTranspose``), per-channel scales are
+            taken over its real units.
     """
 
     def __init__(
@@ -297,9 +304,11 @@ class FakeQuantizer:
         sparsity: Mapping[str, float] | None = None,
         frequency: int = 100,
         axes: Mapping[str, int | None] | None = None,
+        layouts: Mapping[str, Layout | None] | None = None,
     ) -> None:
         self.params = dict(params)
         self.axes = {name: axis for name, axis in (axes or {}).items() if axis}
+        self.blocked = {name: layout for name, layout in (layouts or {}).items() if layout is not None and layout.blocks > 1}
         self.bits = {name: bits[name] for name in self.params}
         self.method, self.scale, self.symmetric = method, scale, symmetric
         self.sparsity = dict(sparsity or {})
@@ -376,6 +385,9 @@ class FakeQuantizer:
         if self.method == "uniform":
             if fraction:
                 return interval_means_quantize(weight, 2**bits - 1)
+            layout = self.blocked.get(name)
+            if layout is not None and self.scale == "per_channel":  # one scale per real output unit
+                return layout.from_units(uniform_quantize(layout.units(weight), bits, self.scale, self.symmetric), weight.shape)
             return uniform_quantize(weight, bits, self.scale, self.symmetric, self.axes.get(name, 0))
         if refit or name not in self.codebooks:
             pruned = bool(fraction) or name in self._pruned or bool((weight == 0).any())

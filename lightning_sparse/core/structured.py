@@ -6,8 +6,10 @@ norm of their weights and pruned whole (Condensa's FilterPrune / NeuronPrune; Li
 ``(out_channels, -1)``) keeps at most N, the largest magnitudes (Mishra et al. 2021, arXiv 2104.08378), the
 pattern NVIDIA's sparse tensor cores run as 2:4.
 
-Both follow the layer's real output axis: 0 for Linear/Conv/attention weights, 1 for Hugging Face's GPT-2 ``Conv1D``
-(weight stored ``(in, out)``), so a "channel" is always an output unit and N:M groups always run along the inputs.
+Both follow the layer's real output axis (its :class:`~lightning_sparse.core.layouts.Layout`): 0 for Linear, Conv,
+attention, LSTM/GRU/RNN and Bilinear weights, 1 for Hugging Face's GPT-2 ``Conv1D`` (weight stored ``(in, out)``) and
+for a ``ConvTranspose`` (weight stored ``(in, out/groups, k…)``), so a "channel" is always an output unit and N:M
+groups always run along the inputs of one output unit.
 
 Masks are plain boolean tensors shaped like the weight, so they live in :class:`~lightning_sparse.core.masks.MaskSet`
 like any other mask.
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
+from lightning_sparse.core.layouts import Layout
 from lightning_sparse.core.targets import per_layer
 
 GRANULARITIES = ("unstructured", "channel", "N:M", "head", "neuron")  # head/neuron: see core/heads.py
@@ -38,7 +41,8 @@ class Granularity:
     kind: str  # "unstructured", "channel", "nm", or "head"/"neuron" (groups across layers: core/heads.py)
     n: int = 0
     m: int = 0
-    axis: int | None = 0  # the weight's output axis (1 for GPT-2's Conv1D); None: a tensor with no such axes
+    axis: int | None = 0  # the weight's output axis (1 for GPT-2's Conv1D, a ConvTranspose); None: no such axes
+    layout: Layout | None = field(default=None, compare=False)  # the whole layout, where the targets know it
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
@@ -71,7 +75,9 @@ def parse_granularity(argument: str, value: object) -> Granularity:
 
 def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> None:
     """Refuse a granularity the parameter's shape cannot hold: channels and N:M need a weight of >= 2 dims with an
-    output axis (not an embedding table), and M must divide the input dimension (the product of the other dims)."""
+    output axis (not an embedding table), channels a layer whose output units can be pruned whole (not a recurrent
+    layer's gate rows), and M must divide the inputs of one output unit (the product of the other dims; a grouped
+    ``ConvTranspose``: of one group's)."""
     if granularity.kind in ("unstructured", "head", "neuron"):  # heads/neurons: checked as groups (core/heads.py)
         return
     if len(shape) < 2:
@@ -85,9 +91,18 @@ def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> No
             f"(shape {list(shape)}) is an embedding table, whose rows are looked up, not multiplied: prune it "
             f"'unstructured' (a `{{glob: granularity}}` mapping) or leave it out of `include`"
         )
-    fan_in = 1
-    for axis, size in enumerate(shape):
-        fan_in *= 1 if axis == granularity.axis else size
+    layout = granularity.layout
+    if granularity.kind == "channel" and layout is not None and layout.no_channels:
+        raise ValueError(
+            f"`granularity`='channel' cannot prune {name!r} (shape {list(shape)}): {layout.no_channels}. Prune it "
+            f"'unstructured' or 'N:M' (a `{{glob: granularity}}` mapping) or leave it out (`exclude`)"
+        )
+    if layout is not None and layout.output == granularity.axis:
+        fan_in = layout.fan_in(shape)
+    else:
+        fan_in = 1
+        for axis, size in enumerate(shape):
+            fan_in *= 1 if axis == granularity.axis else size
     if granularity.kind == "nm" and fan_in % granularity.m:
         raise ValueError(
             f"`granularity`={str(granularity)!r}: M={granularity.m} does not divide the input dimension {fan_in} of "
@@ -184,11 +199,15 @@ def nm_counts(weight: Tensor, m: int, axis: int = 0) -> Tensor:
 def expand_granularity(value: str | Mapping[str, str], names: Sequence[str]) -> dict[str, Granularity]:
     """``{name: Granularity}`` for every name: one value for all, or ``{glob: value}`` (first match wins) with the
     names no glob matches pruned ``unstructured``. A glob matching no name is an error. With
-    :class:`~lightning_sparse.core.targets.Targets`, globs match every alias and each layer gets its output axis."""
+    :class:`~lightning_sparse.core.targets.Targets`, globs match every alias and each layer gets its output axis and
+    layout."""
     chosen = per_layer("granularity", value, names)
     axes = getattr(names, "output_axis", {})
+    layouts = getattr(names, "layouts", {})
     result = {}
     for name in names:
         granularity = parse_granularity("granularity", chosen[name]) if name in chosen else UNSTRUCTURED
-        result[name] = replace(granularity, axis=axes[name]) if name in axes and granularity.kind != "unstructured" else granularity
+        if name in axes and granularity.kind != "unstructured":
+            granularity = replace(granularity, axis=axes[name], layout=layouts.get(name))
+        result[name] = granularity
     return result

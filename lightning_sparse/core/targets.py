@@ -1,5 +1,6 @@
-"""Which parameters are compressed: the weights of Linear, Conv, attention and GPT-2 Conv1D layers by default, glob
-patterns to adjust, every name of a tied tensor accepted.
+"""Which parameters are compressed: every weight that does a matrix product by default (Linear, Conv, ConvTranspose,
+attention, LSTM/GRU/RNN, Bilinear, GPT-2 Conv1D: see :mod:`~lightning_sparse.core.layouts`), glob patterns to adjust,
+every name of a tied tensor accepted.
 
 A model's parameters as they really are: one tensor may be reached by several names (tied input/output embeddings,
 ``head.weight = tok.weight`` in GPT-2 and nanoGPT). ``model.named_parameters()`` yields it once, under its first name,
@@ -9,7 +10,6 @@ one ``named_parameters()`` gives), and every alias may be used in ``include``/``
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -19,57 +19,56 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.counting import global_sparsity
+from lightning_sparse.core.layouts import RECURRENT_KINDS, Layout, matmul_layout
 
 V = TypeVar("V")
 
-#: Module types whose ``weight`` is pruned by default. Biases, norms and embeddings are not. ``nn.MultiheadAttention``
-#: (its projection weights) and Hugging Face's ``Conv1D`` are targeted too (see :func:`parameter_roles`).
+#: The layers whose ``weight`` deploy's sparse kernels take (Linear, Conv). The default targets are wider: every weight
+#: that does a matrix product (:func:`~lightning_sparse.core.layouts.matmul_layout`: also ConvTranspose, attention,
+#: LSTM/GRU/RNN, Bilinear and Hugging Face's ``Conv1D``). Biases, norms and embeddings are not pruned by default.
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: ``nn.MultiheadAttention``'s projection weights: one packed ``in_proj_weight`` or separate q/k/v (``out_proj`` is a
-#: Linear of its own).
-ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 NORM_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm,
 )  # fmt: skip
-
-
-def _hf_conv1d() -> type[nn.Module] | None:
-    """Hugging Face ``transformers.pytorch_utils.Conv1D`` if transformers is already imported (a model holding one
-    must have imported it): core never imports transformers itself."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
 
 
 @dataclass(frozen=True)
 class Role:
     """What one parameter is to the module holding it.
 
-    ``kind`` names the layer type (``Linear``, ``Conv2d``, ``MultiheadAttention``, ``Conv1D``, ``Embedding``, ``norm``,
-    ``bias``, ``other``); ``default`` says whether it is compressed without ``include``; ``output_axis`` is the weight's
-    output-channel axis (0, or 1 for GPT-2's Conv1D, stored (in, out)), ``None`` for a table with no input/output
-    axes (an embedding), a bias or a norm.
+    ``kind`` names the layer type (``Linear``, ``Conv2d``, ``ConvTranspose2d``, ``MultiheadAttention``, ``LSTM``,
+    ``GRU``, ``Bilinear``, ``Conv1D``, ``Embedding``, ``norm``, ``bias``, ``other``); ``default`` says whether it is
+    compressed without ``include``; ``output_axis`` is the weight's output-channel axis (0; 1 for GPT-2's Conv1D,
+    stored (in, out), and a ConvTranspose, stored (in, out/groups, k…)), ``None`` for a table with no input/output
+    axes (an embedding), a bias or a norm; ``layout`` is the whole :class:`~lightning_sparse.core.layouts.Layout` of a
+    weight that does a matrix product (``None`` otherwise).
     """
 
     kind: str
     default: bool
     output_axis: int | None
+    layout: Layout | None = None
 
 
 def _role(module: nn.Module, attribute: str, param: nn.Parameter) -> Role:
-    conv1d = _hf_conv1d()
-    if attribute == "weight" and isinstance(module, DEFAULT_MODULES):
-        return Role(next(t.__name__ for t in DEFAULT_MODULES if isinstance(module, t)), True, 0)
-    if isinstance(module, nn.MultiheadAttention) and attribute in ATTENTION_WEIGHTS:
-        return Role("MultiheadAttention", True, 0)
-    if conv1d is not None and isinstance(module, conv1d) and attribute == "weight":
-        return Role("Conv1D", True, 1)
+    found = matmul_layout(module, attribute)
+    if found is not None:
+        kind, layout = found
+        return Role(kind, True, layout.output, layout)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and attribute == "weight":
         return Role("Embedding", False, None)
     if isinstance(module, NORM_MODULES):
         return Role("norm", False, None)
     if "bias" in attribute:
-        return Role("bias", False, None)
+        return Role(_bias_kind(module), False, None)
     return Role("other", False, 0 if param.dim() >= 2 else None)
+
+
+def _bias_kind(module: nn.Module) -> str:
+    """``bias``, or ``LSTM bias`` (``GRU bias``, …) for a recurrent layer's ``bias_ih``/``bias_hh``, so the set-up
+    summary names what an ``include`` glob such as ``"lstm.*"`` opted in."""
+    found = next((matmul_layout(module, name) for name, _ in module.named_parameters(recurse=False)), None)
+    return f"{found[0]} bias" if found is not None and found[0] in RECURRENT_KINDS else "bias"
 
 
 def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, tuple[str, ...], Role]]:
@@ -107,25 +106,35 @@ def _merge(roles: list[Role]) -> Role:
     kinds = {r.kind for r in roles}
     matrix = next((r for r in roles if r.default), None)
     if "Embedding" in kinds:  # tied input/output embeddings: an embedding, unless included
-        return Role("Embedding", False, matrix.output_axis if matrix else None)
+        return Role("Embedding", False, matrix.output_axis if matrix else None, matrix.layout if matrix else None)
     return matrix or roles[0]
 
 
 class Targets(dict):
-    """``{name: parameter}`` selected for compression (first names, in model order), with every alias of each tensor
-    and its output axis: what :func:`per_layer` matches globs against and what tables print."""
+    """``{name: parameter}`` selected for compression (first names, in model order), with every alias of each tensor,
+    its output axis and its :class:`~lightning_sparse.core.layouts.Layout` (``None`` for a tensor that does no matrix
+    product): what :func:`per_layer` matches globs against, what tables print and what structure follows."""
 
     def __init__(self, params: Mapping[str, nn.Parameter], aliases: Mapping[str, Sequence[str]], axes: Mapping[str, int | None],
-                 kinds: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 kinds: Mapping[str, str] | None = None, layouts: Mapping[str, Layout | None] | None = None) -> None:  # fmt: skip
         super().__init__(params)
         self.aliases = {name: tuple(aliases.get(name, (name,))) for name in params}
         self.output_axis = {name: axes.get(name, 0) for name in params}
         self.kinds = {name: (kinds or {}).get(name, "other") for name in params}
+        given = layouts or {}  # without one: the plain layout on the output axis (a tensor with no axes: none)
+        self.layouts = {
+            name: given[name] if name in given else (None if self.output_axis[name] is None else Layout(self.output_axis[name]))
+            for name in params
+        }
 
     def subset(self, names: Iterable[str]) -> Targets:
         """The targets named in ``names``, in this order (aliases and axes kept)."""
         names = list(names)
-        return Targets({n: self[n] for n in names}, self.aliases, self.output_axis, self.kinds)
+        return Targets({n: self[n] for n in names}, self.aliases, self.output_axis, self.kinds, self.layouts)
+
+    def rebound(self, params: Mapping[str, nn.Parameter]) -> Targets:
+        """The same targets over new tensors for the same names (a sharding strategy replaced them)."""
+        return Targets({n: params[n] for n in self}, self.aliases, self.output_axis, self.kinds, self.layouts)
 
     def label(self, name: str) -> str:
         """``"tok.weight (= head.weight)"`` for a tied tensor, the name alone otherwise."""
@@ -150,8 +159,10 @@ def _matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
 
 
 def prunable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters compressed by default: the weights of every Linear, Conv1d/2d/3d,
-    ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``) and Hugging Face ``Conv1D``.
+    """Names of the parameters compressed by default: every weight that does a matrix product (Linear, Conv1d/2d/3d,
+    ConvTranspose1d/2d/3d, ``nn.MultiheadAttention``'s ``in_proj_weight`` or ``q/k/v_proj_weight``, LSTM/GRU/RNN and
+    their cells' ``weight_ih``/``weight_hh``/``weight_hr``, Bilinear, Hugging Face ``Conv1D``, and kinds added by
+    :func:`~lightning_sparse.core.layouts.register_layout`).
     A tied tensor is listed once, under its first name; one that is also an embedding's table is not listed."""
     return [name for name, (_, _, role) in parameter_roles(model).items() if role.default]
 
@@ -203,6 +214,7 @@ def select_targets(
         {name: roles[name][1] for name in names},
         {name: roles[name][2].output_axis for name in names},
         {name: roles[name][2].kind for name in names},
+        {name: roles[name][2].layout for name in names},
     )
 
 

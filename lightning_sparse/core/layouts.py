@@ -1,0 +1,190 @@
+"""Which weights do a matrix product, and on which axes: the one place every consumer asks.
+
+A weight that multiplies its input has output units (what it computes) and inputs (what each unit sums over). Where
+they sit depends on the layer, not on the tensor:
+
+==========================  ==========================  ==============  ===========================================
+layer                       weight shape                output axis     inputs of one output unit
+==========================  ==========================  ==============  ===========================================
+``nn.Linear``               ``(out, in)``               0               ``in``
+``nn.Conv1d/2d/3d``         ``(out, in/groups, k…)``    0               ``in/groups × k…``
+``nn.ConvTranspose1d/2d/3d``  ``(in, out/groups, k…)``  1               ``in/groups × k…`` (each row holds
+                                                                        ``groups`` units' inputs side by side)
+``nn.MultiheadAttention``   ``(3·E, E)`` / ``(E, kdim)``  0             ``E`` / ``kdim``
+``nn.LSTM/GRU/RNN``         ``weight_ih_l*`` ``(G·h, in)``, ``weight_hh_l*`` ``(G·h, h)`` (``_reverse`` too),
+                            ``weight_hr_l*`` ``(proj, h)``: output axis 0, gate blocks (G = 4, 3, 1) stacked on it
+``nn.LSTMCell/GRUCell/RNNCell``  ``weight_ih`` / ``weight_hh`` as above
+``nn.Bilinear``             ``(out, in1, in2)``         0               ``in1 × in2``
+HF ``Conv1D`` (GPT-2)       ``(in, out)``               1               ``in``
+==========================  ==========================  ==============  ===========================================
+
+Unstructured pruning, L-C, RigL's drop-and-grow and the export format do not depend on the axes; channel pruning (an
+output unit whole), N:M groups (M consecutive inputs of one unit) and per-channel quantization scales do, so they read
+a :class:`Layout` from here (through :class:`~lightning_sparse.core.targets.Targets`). ERK's density
+``Σ dims / Π dims`` is symmetric in the axes, so a ConvTranspose weight ``(in, out, k…)`` gets the density of the Conv
+``(out, in, k…)`` with the same fan-in and fan-out. A user's own module kind is added
+with :func:`register_layout`, as Torch-Pruning registers a customized layer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The axes of one weight that does a matrix product.
+
+    ``output``: the axis of its output units. ``kernel``: spatial kernel axes (convolutions); every other axis is an
+    input axis. ``blocks``: how many output units' inputs one slice along ``output`` holds side by side (a grouped
+    ``ConvTranspose``: slice ``j`` of its weight ``(in, out/groups, k…)`` feeds outputs ``j, j + out/groups, …``; 1
+    elsewhere). ``gates``: blocks stacked on the output axis (LSTM 4: i, f, g, o; GRU 3: r, z, n; 1 elsewhere).
+    ``no_channels``: why whole output units of this weight cannot be pruned as channels (``None``: they can).
+    """
+
+    output: int = 0
+    kernel: tuple[int, ...] = ()
+    blocks: int = 1
+    gates: int = 1
+    no_channels: str | None = None
+
+    def inputs(self, ndim: int) -> tuple[int, ...]:
+        """The input axes of a weight with ``ndim`` dimensions."""
+        return tuple(axis for axis in range(ndim) if axis != self.output and axis not in self.kernel)
+
+    def fan_in(self, shape: Sequence[int]) -> int:
+        """Inputs (times kernel positions) one output unit sums over."""
+        return math.prod(shape) // shape[self.output] // self.blocks
+
+    def units(self, weight: Tensor) -> Tensor:
+        """``weight`` as a ``(output units, fan-in)`` matrix, one row per real output unit (a copy when the output
+        axis is not first). For a grouped ``ConvTranspose`` ``(in, out/groups, k…)``, row ``g·out/groups + j`` is
+        output channel ``g·out/groups + j``: ``weight[g·in/groups : (g+1)·in/groups, j]``."""
+        moved = weight.movedim(self.output, 0)
+        if self.blocks == 1:
+            return moved.reshape(moved.shape[0], -1)
+        split = moved.unflatten(1, (self.blocks, -1))  # the inputs (axis 0 before the move) split into the groups
+        return split.movedim(1, 0).reshape(self.blocks * moved.shape[0], -1)
+
+    def from_units(self, units: Tensor, shape: Sequence[int]) -> Tensor:
+        """The inverse of :meth:`units`: a tensor of the weight's ``shape``."""
+        moved = [shape[self.output], *(size for axis, size in enumerate(shape) if axis != self.output)]
+        if self.blocks == 1:
+            return units.reshape(moved).movedim(0, self.output)
+        split = units.reshape(self.blocks, moved[0], moved[1] // self.blocks, *moved[2:])
+        return split.movedim(0, 1).reshape(moved).movedim(0, self.output)
+
+
+#: ``(kind, layout)`` of ``module.<attribute>``, or ``None`` when that parameter does no matrix product.
+Finder = Callable[[nn.Module, str], "tuple[str, Layout] | None"]
+_REGISTRY: list[tuple[type[nn.Module], Finder]] = []
+
+
+def register_layout(module_type: type[nn.Module], finder: Finder) -> None:
+    """Teach the library a module kind: ``finder(module, attribute)`` gives ``(kind, Layout)`` for each parameter of
+    a ``module_type`` module that does a matrix product (``None`` for the others). Those parameters then become
+    default targets on their real axes. Later registrations are asked first, so a subclass may override."""
+    _REGISTRY.insert(0, (module_type, finder))
+
+
+def _base_name(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str:
+    return next(base.__name__ for base in bases if isinstance(module, base))
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+_CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+#: The kinds whose rows are gates of hidden units (their biases are named ``"<kind> bias"`` in the set-up summary).
+RECURRENT_KINDS = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_RECURRENT_WEIGHT = re.compile(r"^weight_(ih|hh|hr)_l\d+(_reverse)?$")
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _no_unit_channels(kind: str) -> str:
+    return (
+        f"a row of an {kind} weight is one gate of one hidden unit, and its hidden units (their rows in every gate, "
+        f"their column of weight_hh and the inputs that read them) are not yet pruned as channels"
+    )
+
+
+def _linear(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    return ("Linear", Layout()) if attribute == "weight" else None
+
+
+def _conv(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    if attribute != "weight":
+        return None
+    dims = len(module.kernel_size)
+    return _base_name(module, _CONVS), Layout(0, tuple(range(2, 2 + dims)))
+
+
+def _transposed(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    if attribute != "weight":  # (in, out/groups, k…): the inputs on axis 0, the outputs on axis 1
+        return None
+    dims = len(module.kernel_size)
+    return _base_name(module, _TRANSPOSED), Layout(1, tuple(range(2, 2 + dims)), blocks=module.groups)
+
+
+def _attention(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    return ("MultiheadAttention", Layout()) if attribute in ATTENTION_WEIGHTS else None
+
+
+def _recurrent(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    match = _RECURRENT_WEIGHT.match(attribute)
+    if match is None:
+        return None
+    kind = _base_name(module, _RECURRENT)
+    if match.group(1) == "hr":  # LSTM's projection (proj_size): (proj, h), one block
+        return kind, Layout(no_channels=_no_unit_channels(kind))
+    return kind, Layout(gates=_GATES.get(getattr(module, "mode", kind), 1), no_channels=_no_unit_channels(kind))
+
+
+def _cell(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    if attribute not in ("weight_ih", "weight_hh"):
+        return None
+    kind = _base_name(module, _CELLS)
+    return kind, Layout(gates={"LSTMCell": 4, "GRUCell": 3}.get(kind, 1), no_channels=_no_unit_channels(kind))
+
+
+def _bilinear(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    return ("Bilinear", Layout()) if attribute == "weight" else None  # (out, in1, in2)
+
+
+for _types, _finder in (((nn.Linear,), _linear), (_CONVS, _conv), (_TRANSPOSED, _transposed),
+                        ((nn.MultiheadAttention,), _attention), (_RECURRENT, _recurrent), (_CELLS, _cell),
+                        ((nn.Bilinear,), _bilinear)):  # fmt: skip
+    for _type in _types:
+        _REGISTRY.append((_type, _finder))
+
+
+#: The end of a state-dict name that may be a matrix-product weight, for files read without their model (``*weight``,
+#: and the recurrent ``*weight_ih_l0``, ``*weight_hh_l1_reverse``, ``*weight_hr_l0``, cells' ``*weight_ih``).
+WEIGHT_NAME = re.compile(r"weight(_(ih|hh|hr)(_l\d+(_reverse)?)?)?$")
+
+
+def _hf_conv1d() -> type[nn.Module] | None:
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` if transformers is already imported (a model holding one
+    must have imported it): core never imports transformers itself."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def matmul_layout(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    """``(kind, Layout)`` of parameter ``attribute`` of ``module`` if it does a matrix product, else ``None``."""
+    for module_type, finder in _REGISTRY:
+        if isinstance(module, module_type):
+            found = finder(module, attribute)
+            if found is not None:
+                return found
+    conv1d = _hf_conv1d()
+    if conv1d is not None and isinstance(module, conv1d) and attribute == "weight":
+        return "Conv1D", Layout(1)  # GPT-2's Conv1D stores its weight (in, out)
+    return None
