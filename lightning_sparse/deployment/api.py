@@ -175,6 +175,7 @@ def _returned(original: nn.Module, work: nn.Module, structural: nn.Module | None
     samples = fallback.measure(variants, inputs, repeats, inputs[0].device, kernel)
     decision = fallback.decide(samples, kernel)
     report.variant_ms = {name: statistics.median(values) for name, values in samples.items()}
+    report.variant_runs = samples
     report.returned, report.decision = decision.variant, decision.reason
     chosen = variants[decision.variant]
     if decision.variant == "dense layers":
@@ -366,6 +367,7 @@ def _pattern(weight: Tensor) -> str:
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], report: DeployReport) -> tuple[nn.Module, bool]:
     """A ``torch.fx`` GraphModule of ``model`` with shapes recorded, or a copy of the model where tracing fails."""
     try:
+        model = copy.deepcopy(model)  # the graph module shares the modules it calls whole: swapping a layer inside one must not touch the original
         gm = fx.GraphModule(model, groups.LeafTracer().trace(model), type(model).__name__)
         for node in gm.graph.nodes:
             node.type = None  # string annotations ("Tensor") would make the module unpicklable

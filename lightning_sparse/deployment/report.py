@@ -42,6 +42,7 @@ class DeployReport:
     returned: str = "input"  # which variant deploy returned: input, dense layers or deployed (fallback.decide)
     decision: str = ""  # why, with the whole-model times
     variant_ms: dict[str, float] = field(default_factory=dict)  # median whole-model ms of each variant timed
+    variant_runs: dict[str, list[float]] = field(default_factory=dict)  # every interleaved run (ms) behind them
 
     @property
     def speedup(self) -> float | None:
