@@ -24,6 +24,9 @@ from lightning_sparse.deployment.kernels import MARGIN, MIN_ROUNDS, timings, ver
 
 MODES = ("autograd off", "autograd on")
 VARIANTS = ("input", "dense layers", "deployed")
+#: Whole-model runs of each variant before a comparison counts as clear (more than for one layer: a wrong call
+#: here undoes a whole deployment, and a whole forward is noisier than one product).
+ROUNDS = 2 * MIN_ROUNDS
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,10 @@ def decide(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> Deci
     1. The sparse kernels stay only if the whole model is faster with them: median ``deployed`` <
        :data:`~lightning_sparse.deployment.kernels.MARGIN` × median ``dense layers`` (the rule each layer passed
        alone; what is faster alone can be slower in the model, e.g. from the layout of its outputs).
-    2. The input model is returned if it is measurably faster than the chosen one (its interquartile range below
-       ``MARGIN`` × the other's: :func:`~lightning_sparse.deployment.kernels.verdict`). Removed heads and channels
-       are otherwise kept: they were asked for by training, and save memory where the times tie.
+    2. The input model is returned if it is measurably faster than the chosen one: at least :data:`ROUNDS` runs
+       each, its interquartile range below ``MARGIN`` × the other's
+       (:func:`~lightning_sparse.deployment.kernels.verdict`). Removed heads and channels are otherwise kept: they
+       were asked for by training, and save memory where the times tie.
 
     ``kernel="sparse"`` and ``kernel="dense"`` are explicit requests (memory, or structure only): the deployed model
     is returned, and the reason says when it is slower.
@@ -123,7 +127,7 @@ def decide(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> Deci
     deployed = samples["deployed"]
     compared = f"{_ms(deployed):.4f} ms vs {_ms(samples['input']):.4f} ms for the input model"
     if kernel != "auto":
-        slower = verdict(samples["input"], deployed) is True
+        slower = verdict(samples["input"], deployed, min_runs=ROUNDS) is True
         return Decision("deployed", f"kernel={kernel!r} asked for: deployed {compared}" + (" (slower)" if slower else ""))
     chosen, why = "deployed", []
     if "dense layers" in samples:
@@ -135,7 +139,7 @@ def decide(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> Deci
             chosen = "dense layers"
             why.append(f"sparse kernels dropped, every layer dense: the whole model runs {_ms(deployed):.4f} ms with them vs "
                        f"{_ms(dense):.4f} ms without ({ratio:.2f}×, not {1 / MARGIN:.2f}× faster), though each was faster alone")  # fmt: skip
-    if verdict(samples["input"], samples[chosen]) is True:
+    if verdict(samples["input"], samples[chosen], min_runs=ROUNDS) is True:
         return Decision("input", "; ".join(why + [
             f"the input model is returned: it is measurably faster ({_ms(samples['input']):.4f} ms vs {_ms(samples[chosen]):.4f} ms "
             f"for the {'deployed model' if chosen == 'deployed' else 'deployed model with dense layers'})"]))  # fmt: skip
@@ -145,25 +149,25 @@ def decide(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> Deci
 
 
 def settled(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> bool:
-    """Whether more runs would hardly change :func:`decide`'s answer: every comparison it makes is clear
-    (:func:`~lightning_sparse.deployment.kernels.verdict`), or, after ``2 × MIN_ROUNDS`` rounds, a tie (medians
-    within half the margin, which the rule treats alike either way)."""
+    """Whether more runs would hardly change :func:`decide`'s answer: every comparison it makes is clear on at
+    least :data:`ROUNDS` runs (:func:`~lightning_sparse.deployment.kernels.verdict`), or a tie (medians within half
+    the margin, which the rule treats alike either way)."""
     if kernel != "auto":
         return True
     pairs = [("input", "deployed")]
     if "dense layers" in samples:
         pairs += [("deployed", "dense layers"), ("input", "dense layers")]
-    return all(verdict(samples[a], samples[b]) is not None or _tie(samples[a], samples[b]) for a, b in pairs)
+    return all(verdict(samples[a], samples[b], min_runs=ROUNDS) is not None or _tie(samples[a], samples[b]) for a, b in pairs)
 
 
 def _tie(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) >= 2 * MIN_ROUNDS and abs(_ms(a) / _ms(b) - 1) < (1 - MARGIN) / 2
+    return len(a) >= ROUNDS and abs(_ms(a) / _ms(b) - 1) < (1 - MARGIN) / 2
 
 
 def measure(variants: Mapping[str, nn.Module], inputs: Sequence[Tensor], repeats: int, device: torch.device,
             kernel: str = "auto") -> dict[str, list[float]]:  # fmt: skip
     """Interleaved whole-model times of each variant on ``inputs`` (inference mode), ``repeats`` rounds at most,
-    fewer once :func:`settled`."""
+    from :data:`ROUNDS` on fewer once :func:`settled`."""
     functions: dict[str, Any] = {name: (lambda m=model: m(*inputs)) for name, model in variants.items()}
     with torch.inference_mode():
-        return timings(functions, repeats, device, warmup=1, settled=lambda t: settled(t, kernel))
+        return timings(functions, repeats, device, warmup=1, settled=lambda t: settled(t, kernel), min_rounds=ROUNDS)

@@ -50,10 +50,10 @@ MIN_ROUNDS = 5
 
 
 def timings(functions: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3,
-            settled: Callable[[dict[str, list[float]]], bool] | None = None) -> dict[str, list[float]]:  # fmt: skip
+            settled: Callable[[dict[str, list[float]]], bool] | None = None, min_rounds: int = MIN_ROUNDS) -> dict[str, list[float]]:  # fmt: skip
     """Milliseconds of each run of each function, run in turns (interleaved) so machine noise hits all alike.
 
-    ``repeats`` rounds at most; with ``settled``, the timing stops after any round from :data:`MIN_ROUNDS` on where
+    ``repeats`` rounds at most; with ``settled``, the timing stops after any round from ``min_rounds`` on where
     ``settled(samples)`` holds (the comparison it serves is already clear: no need for more runs).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -68,7 +68,7 @@ def timings(functions: dict[str, Callable[[], object]], repeats: int, device: to
             function()
             sync()
             times[name].append(1e3 * (time.perf_counter() - start))
-        if settled is not None and round_ + 1 >= MIN_ROUNDS and settled(times):
+        if settled is not None and round_ + 1 >= min_rounds and settled(times):
             break
     return times
 
@@ -87,11 +87,14 @@ def quartiles(values: Sequence[float]) -> tuple[float, float]:
     return q1, q3
 
 
-def verdict(a: Sequence[float], b: Sequence[float], margin: float | None = None) -> bool | None:
+def verdict(a: Sequence[float], b: Sequence[float], margin: float | None = None, min_runs: int = MIN_ROUNDS) -> bool | None:
     """Is ``a`` faster than ``b`` by the margin (median ``a`` < ``margin`` · median ``b``)? ``True`` / ``False``
     when the interquartile ranges agree (``a``'s third quartile below ``margin`` · ``b``'s first, or ``a``'s first
-    at or above ``margin`` · ``b``'s third), ``None`` while the samples overlap too much to say."""
+    at or above ``margin`` · ``b``'s third), ``None`` while the samples overlap too much to say or either has fewer
+    than ``min_runs`` runs."""
     margin = MARGIN if margin is None else margin
+    if min(len(a), len(b)) < min_runs:
+        return None
     (a1, a3), (b1, b3) = quartiles(a), quartiles(b)
     if a3 < margin * b1:
         return True

@@ -170,10 +170,12 @@ def test_sparse_kernels_that_make_the_whole_model_faster_are_kept():
 
 
 def test_input_model_is_returned_when_measurably_faster():
-    samples = {"input": [5.0, 5.1, 5.0, 4.9, 5.0], "deployed": [11.0, 11.2, 10.9, 11.1, 11.0], "dense layers": [9.0, 9.1, 9.0, 8.9, 9.0]}
+    samples = {"input": [5.0, 5.1, 5.0, 4.9, 5.0] * 2, "deployed": [11.0, 11.2, 10.9, 11.1, 11.0] * 2, "dense layers": [9.0, 9.1, 9.0, 8.9, 9.0] * 2}
     decision = decide(samples)
     assert decision.variant == "input" and "the input model is returned: it is measurably faster" in decision.reason
     assert decide({"input": samples["input"], "deployed": samples["dense layers"]}).variant == "input"
+    # five runs each are not enough to undo a deployment: the deployed model stays, with dense layers
+    assert decide({name: values[:5] for name, values in samples.items()}).variant == "dense layers"
 
 
 def test_a_tie_with_the_input_keeps_the_smaller_deployed_model():
@@ -184,7 +186,7 @@ def test_a_tie_with_the_input_keeps_the_smaller_deployed_model():
 
 
 def test_explicit_kernel_requests_are_kept_and_a_slower_result_is_said():
-    samples = {"input": [5.0, 5.1, 5.0, 4.9, 5.0], "deployed": [11.0, 11.2, 10.9, 11.1, 11.0]}
+    samples = {"input": [5.0, 5.1, 5.0, 4.9, 5.0] * 2, "deployed": [11.0, 11.2, 10.9, 11.1, 11.0] * 2}
     decision = decide(samples, kernel="sparse")
     assert decision.variant == "deployed" and decision.reason.startswith("kernel='sparse' asked for") and decision.reason.endswith("(slower)")
 
@@ -196,9 +198,11 @@ def test_timing_stops_early_once_the_comparison_is_settled():
     assert verdict([1.0, 1.1, 1.0, 0.9, 1.0], [2.0, 2.1, 2.0, 1.9, 2.0]) is True
     assert verdict([2.0, 2.1, 2.0, 1.9, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0]) is False
     assert verdict([1.0, 2.0, 1.0, 2.0, 1.5], [1.2, 1.9, 1.1, 2.1, 1.5]) is None
-    overlapping = {"input": [1.0, 2.0, 1.0, 2.0, 1.5], "deployed": [1.2, 1.9, 1.1, 2.1, 1.5]}
-    assert not settled(overlapping)  # could go either way: more runs
-    assert settled({name: values * 2 for name, values in overlapping.items()})  # 10 runs, medians within 2.5%: a tie
+    assert verdict([1.0, 1.1, 1.0], [2.0, 2.1, 2.0]) is None  # three runs: too few to say
+    overlapping = {"input": [1.0, 2.0, 1.0, 2.0, 1.5] * 2, "deployed": [1.2, 1.9, 1.1, 2.1, 1.5] * 2}
+    assert not settled({name: values[:5] for name, values in overlapping.items()})  # could go either way: more runs
+    assert settled(overlapping)  # 10 runs each, medians within 2.5%: a tie
+    assert settled({"input": [2.0, 2.1, 2.0, 1.9, 2.0] * 2, "deployed": [1.0, 1.1, 1.0, 0.9, 1.0] * 2})  # clear
 
 
 # --- end to end: invariants, whatever the clock says -------------------------------------------------------------
