@@ -127,6 +127,12 @@ def deploy_model(
     return Deployment(_returned(original, work, structural, inputs, kernel, repeats, rows, report), report)
 
 
+def _restructured(report: DeployReport) -> bool:
+    """Whether deploy changed the model's structure (traced into a graph, channels or heads removed), so that the
+    deployed model with dense layers is not simply the input model."""
+    return report.traced or any(row.deployed_as == "thinned" for row in report.layers) or any(row.removed for row in report.removed_groups)
+
+
 def _keep_running(work: nn.Module, structural: nn.Module, swapped: dict[str, nn.Module], original: nn.Module,
                   inputs: tuple[Tensor, ...], rows: list[LayerReport], report: DeployReport) -> nn.Module:  # fmt: skip
     """``work``, runnable wherever ``original`` runs (:func:`.fallback.failure`: autograd off and on): a module
@@ -172,7 +178,8 @@ def _returned(original: nn.Module, work: nn.Module, structural: nn.Module | None
     """Time the input, the deployed model and (where it has sparse kernels) the deployed model with dense layers on
     the example input, return the one :func:`.fallback.decide` picks, and fill in the report's measurements."""
     variants = {"input": original, "deployed": work} | ({"dense layers": structural} if structural is not None else {})
-    samples = fallback.measure(variants, inputs, repeats, inputs[0].device, kernel)
+    same = {"dense layers": "input"} if structural is not None and not _restructured(report) else {}
+    samples = fallback.measure(variants, inputs, repeats, inputs[0].device, kernel, same)
     decision = fallback.decide(samples, kernel)
     report.variant_ms = {name: statistics.median(values) for name, values in samples.items()}
     report.variant_runs = samples

@@ -150,8 +150,8 @@ def decide(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> Deci
 
 def settled(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> bool:
     """Whether more runs would hardly change :func:`decide`'s answer: every comparison it makes is clear on at
-    least :data:`ROUNDS` runs (:func:`~lightning_sparse.deployment.kernels.verdict`), or a tie (medians within half
-    the margin, which the rule treats alike either way)."""
+    least :data:`ROUNDS` runs (:func:`~lightning_sparse.deployment.kernels.verdict`), or a tie (medians within the
+    margin: quartiles a margin apart, which the input rule needs, are then out of reach)."""
     if kernel != "auto":
         return True
     pairs = [("input", "deployed")]
@@ -161,13 +161,20 @@ def settled(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> boo
 
 
 def _tie(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) >= ROUNDS and abs(_ms(a) / _ms(b) - 1) < (1 - MARGIN) / 2
+    return len(a) >= ROUNDS and MARGIN < _ms(a) / _ms(b) < 1 / MARGIN
 
 
 def measure(variants: Mapping[str, nn.Module], inputs: Sequence[Tensor], repeats: int, device: torch.device,
-            kernel: str = "auto") -> dict[str, list[float]]:  # fmt: skip
+            kernel: str = "auto", same: Mapping[str, str] | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Interleaved whole-model times of each variant on ``inputs`` (inference mode), ``repeats`` rounds at most,
-    from :data:`ROUNDS` on fewer once :func:`settled`."""
-    functions: dict[str, Any] = {name: (lambda m=model: m(*inputs)) for name, model in variants.items()}
+    from :data:`ROUNDS` on fewer once :func:`settled`. ``same``: variants that are the same model as another
+    (``{"dense layers": "input"}`` when deploy changed nothing but kernels), timed once and reported under both."""
+    same = dict(same or {})
+    functions: dict[str, Any] = {name: (lambda m=model: m(*inputs)) for name, model in variants.items() if name not in same}
+
+    def complete(samples: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {**samples, **{name: samples[twin] for name, twin in same.items()}}
+
     with torch.inference_mode():
-        return timings(functions, repeats, device, warmup=1, settled=lambda t: settled(t, kernel), min_rounds=ROUNDS)
+        samples = timings(functions, repeats, device, warmup=1, settled=lambda t: settled(complete(t), kernel), min_rounds=ROUNDS)
+    return complete(samples)

@@ -201,7 +201,7 @@ def test_timing_stops_early_once_the_comparison_is_settled():
     assert verdict([1.0, 1.1, 1.0], [2.0, 2.1, 2.0]) is None  # three runs: too few to say
     overlapping = {"input": [1.0, 2.0, 1.0, 2.0, 1.5] * 2, "deployed": [1.2, 1.9, 1.1, 2.1, 1.5] * 2}
     assert not settled({name: values[:5] for name, values in overlapping.items()})  # could go either way: more runs
-    assert settled(overlapping)  # 10 runs each, medians within 2.5%: a tie
+    assert settled(overlapping)  # 10 runs each, medians within the 5% margin: a tie
     assert settled({"input": [2.0, 2.1, 2.0, 1.9, 2.0] * 2, "deployed": [1.0, 1.1, 1.0, 0.9, 1.0] * 2})  # clear
 
 
