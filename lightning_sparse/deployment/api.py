@@ -107,13 +107,16 @@ def deploy_model(
         _thin_all(work, inputs, reference, probe, probe_reference, report)
     else:
         report.notes.append("channels were not removed (that needs the traced graph)")
-    structural, rows = copy.deepcopy(work), copy.deepcopy(report.layers)  # the "dense layers" variant, as reported
+    structural = copy.deepcopy(work) if kernel != "dense" else work  # the "dense layers" variant (before kernels)
+    rows = copy.deepcopy(report.layers)  # and its report rows
     swapped: dict[str, nn.Module] = {}
     if kernel != "dense":
         swapped = _choose_kernels(work, inputs, kernel, repeats, report)
         if traced and kernel == "auto":
             swapped.update(_transpose_chains(work, inputs, kernel, repeats, report))
     work = _keep_running(work, structural, swapped, original, inputs, rows, report)
+    if work is None:
+        return Deployment(original, report)
     if not swapped:
         structural = None  # nothing but dense layers: the variant is the deployed model itself
     _describe_unchanged(work, report)
@@ -134,26 +137,32 @@ def _restructured(report: DeployReport) -> bool:
 
 
 def _keep_running(work: nn.Module, structural: nn.Module, swapped: dict[str, nn.Module], original: nn.Module,
-                  inputs: tuple[Tensor, ...], rows: list[LayerReport], report: DeployReport) -> nn.Module:  # fmt: skip
-    """``work``, runnable wherever ``original`` runs (:func:`.fallback.failure`: autograd off and on): a module
-    that fails with sparse layers inside it (torch's fused ``TransformerEncoderLayer`` path reads their weights
-    itself) gets those layers back dense, one failure at a time; if the failure is not inside a module with sparse
-    layers, every layer goes back to dense (``structural``). ``swapped``: sparse layer name → its dense module."""
+                  inputs: tuple[Tensor, ...], rows: list[LayerReport], report: DeployReport) -> nn.Module | None:  # fmt: skip
+    """``work``, runnable wherever ``original`` runs (:func:`.fallback.failure`: autograd off and on), or ``None``.
+
+    A module that fails with sparse layers inside it (torch's fused ``TransformerEncoderLayer`` path reads their
+    weights itself) gets those layers back dense, one failure at a time; a failure not inside such a module sends
+    every layer back to dense (``structural``, the model before kernels were chosen); if that fails too, ``None``
+    (the input model is returned). ``swapped``: sparse layer or chain name → its dense module (``None``: a chain).
+    """
     modes = [mode for mode in fallback.MODES if fallback.failure(original, inputs, [mode]) is None]
-    while swapped:
+    while True:
         failed = fallback.failure(work, inputs, modes)
         if failed is None:
             return work
+        if not swapped:
+            report.notes.append(f"the deployed model: {failed.describe()}; the input model is returned")
+            return None
         names = [name for name in swapped if fallback.covers(failed.module, name)]
         if not names or not all(_is_linear_name(work, name) for name in names):
             report.notes.append(f"the deployed model: {failed.describe()}; every layer is dense again")
             _restore_rows(report, rows, list(swapped), f"dense again: {failed.describe()}")
             swapped.clear()
-            return structural
+            work = structural
+            continue
         for name in names:
             thinning.set_module(work, name, swapped.pop(name))
         _restore_rows(report, rows, names, f"kept dense: {failed.describe()}")
-    return work
 
 
 def _is_linear_name(model: nn.Module, name: str) -> bool:
