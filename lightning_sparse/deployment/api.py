@@ -145,7 +145,8 @@ def _keep_running(work: nn.Module, structural: nn.Module, swapped: dict[str, nn.
     every layer back to dense (``structural``, the model before kernels were chosen); if that fails too, ``None``
     (the input model is returned). ``swapped``: sparse layer or chain name → its dense module (``None``: a chain).
     """
-    modes = [mode for mode in fallback.MODES if fallback.failure(original, inputs, [mode]) is None]
+    # the input ran with autograd off already (check_input, under inference mode: the same fused paths)
+    modes = ["autograd off"] + (["autograd on"] if fallback.failure(original, inputs, ["autograd on"]) is None else [])
     while True:
         failed = fallback.failure(work, inputs, modes)
         if failed is None:
