@@ -107,10 +107,11 @@ def deploy_model(
         _thin_all(work, inputs, reference, probe, probe_reference, report)
     else:
         report.notes.append("channels were not removed (that needs the traced graph)")
-    structural = copy.deepcopy(work) if kernel != "dense" else work  # the "dense layers" variant (before kernels)
+    sparse_linear = kernel != "dense" and any(type(m) is nn.Linear and bool((m.weight == 0).any()) for m in work.modules())
+    structural = copy.deepcopy(work) if sparse_linear else work  # the "dense layers" variant (before kernels)
     rows = copy.deepcopy(report.layers)  # and its report rows
     swapped: dict[str, nn.Module] = {}
-    if kernel != "dense":
+    if sparse_linear:
         swapped = _choose_kernels(work, inputs, kernel, repeats, report)
         if traced and kernel == "auto":
             swapped.update(_transpose_chains(work, inputs, kernel, repeats, report))
@@ -178,7 +179,7 @@ def _restore_rows(report: DeployReport, rows: list[LayerReport], names: list[str
     before = {row.name: row for row in rows}
     for row in report.layers:
         old = before.get(row.name)
-        if old is not None and row.deployed_as != old.deployed_as and any(fallback.covers(name, row.name) or name == row.name for name in names):
+        if old is not None and row.deployed_as != old.deployed_as and any(fallback.covers(name, row.name) for name in names):
             row.deployed_as, row.deployed_shape = old.deployed_as, old.deployed_shape
             _explain(row, why)
 
@@ -207,7 +208,6 @@ def _returned(original: nn.Module, work: nn.Module, structural: nn.Module | None
     report.peak_forward_bytes = (memory.peak_forward_bytes(original, inputs), memory.peak_forward_bytes(chosen, inputs))
     report.forward_ms = (report.variant_ms["input"], report.variant_ms[decision.variant])
     return chosen
-    return Deployment(work, report)
 
 
 def save_deployed(model: nn.Module, path: str | os.PathLike) -> Path:
