@@ -149,25 +149,35 @@ def decide(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> Deci
 
 
 def settled(samples: Mapping[str, Sequence[float]], kernel: str = "auto") -> bool:
-    """Whether more runs would hardly change :func:`decide`'s answer: every comparison it makes is clear on at
-    least :data:`ROUNDS` runs (:func:`~lightning_sparse.deployment.kernels.verdict`), or a tie (medians within the
-    margin: quartiles a margin apart, which the input rule needs, are then out of reach)."""
+    """Whether more runs would hardly change :func:`decide`'s answer.
+
+    Each comparison it makes must be clear (:func:`~lightning_sparse.deployment.kernels.verdict`, on
+    :data:`~lightning_sparse.deployment.kernels.MIN_ROUNDS` runs) or a tie (medians within the margin): first the
+    deployed model against the same with dense layers, then the input against the one that rule keeps. "The input is
+    faster" undoes the deployment, so it is only settled on :data:`ROUNDS` runs, as :func:`decide` requires.
+    """
     if kernel != "auto":
         return True
-    pairs = [("input", "deployed")]
+    chosen = "deployed"
     if "dense layers" in samples:
-        pairs += [("deployed", "dense layers"), ("input", "dense layers")]
-    return all(verdict(samples[a], samples[b], min_runs=ROUNDS) is not None or _tie(samples[a], samples[b]) for a, b in pairs)
+        deployed, dense = samples["deployed"], samples["dense layers"]
+        if verdict(deployed, dense) is None and not _tie(deployed, dense):
+            return False
+        chosen = "deployed" if _ms(deployed) < MARGIN * _ms(dense) else "dense layers"
+    faster = verdict(samples["input"], samples[chosen])
+    if faster is True:
+        return len(samples["input"]) >= ROUNDS
+    return faster is False or _tie(samples["input"], samples[chosen])
 
 
 def _tie(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) >= ROUNDS and MARGIN < _ms(a) / _ms(b) < 1 / MARGIN
+    return len(a) >= MIN_ROUNDS and MARGIN < _ms(a) / _ms(b) < 1 / MARGIN
 
 
 def measure(variants: Mapping[str, nn.Module], inputs: Sequence[Tensor], repeats: int, device: torch.device,
             kernel: str = "auto", same: Mapping[str, str] | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Interleaved whole-model times of each variant on ``inputs`` (inference mode), ``repeats`` rounds at most,
-    from :data:`ROUNDS` on fewer once :func:`settled`. ``same``: variants that are the same model as another
+    fewer once :func:`settled`. ``same``: variants that are the same model as another
     (``{"dense layers": "input"}`` when deploy changed nothing but kernels), timed once and reported under both."""
     same = dict(same or {})
     functions: dict[str, Any] = {name: (lambda m=model: m(*inputs)) for name, model in variants.items() if name not in same}
@@ -176,5 +186,5 @@ def measure(variants: Mapping[str, nn.Module], inputs: Sequence[Tensor], repeats
         return {**samples, **{name: samples[twin] for name, twin in same.items()}}
 
     with torch.inference_mode():
-        samples = timings(functions, repeats, device, warmup=1, settled=lambda t: settled(complete(t), kernel), min_rounds=ROUNDS)
+        samples = timings(functions, repeats, device, warmup=1, settled=lambda t: settled(complete(t), kernel))
     return complete(samples)

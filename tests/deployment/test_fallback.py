@@ -199,10 +199,16 @@ def test_timing_stops_early_once_the_comparison_is_settled():
     assert verdict([2.0, 2.1, 2.0, 1.9, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0]) is False
     assert verdict([1.0, 2.0, 1.0, 2.0, 1.5], [1.2, 1.9, 1.1, 2.1, 1.5]) is None
     assert verdict([1.0, 1.1, 1.0], [2.0, 2.1, 2.0]) is None  # three runs: too few to say
-    overlapping = {"input": [1.0, 2.0, 1.0, 2.0, 1.5] * 2, "deployed": [1.2, 1.9, 1.1, 2.1, 1.5] * 2}
-    assert not settled({name: values[:5] for name, values in overlapping.items()})  # could go either way: more runs
-    assert settled(overlapping)  # 10 runs each, medians within the 5% margin: a tie
-    assert settled({"input": [2.0, 2.1, 2.0, 1.9, 2.0] * 2, "deployed": [1.0, 1.1, 1.0, 0.9, 1.0] * 2})  # clear
+    tie = {"input": [1.0, 2.0, 1.0, 2.0, 1.5], "deployed": [1.2, 1.9, 1.1, 2.1, 1.5]}
+    assert settled(tie)  # medians within the 5% margin: the rule keeps the deployed model either way
+    unclear = {"input": [1.0, 2.0, 1.0, 2.0, 1.5], "deployed": [1.2, 1.9, 1.1, 2.1, 1.7]}
+    assert not settled(unclear)  # 12% apart, overlapping: more runs
+    slower = {"input": [2.0, 2.1, 2.0, 1.9, 2.0], "deployed": [1.0, 1.1, 1.0, 0.9, 1.0]}
+    assert settled(slower)  # the input is clearly slower: keep the deployed model
+    faster = {"input": [1.0, 1.1, 1.0, 0.9, 1.0], "deployed": [2.0, 2.1, 2.0, 1.9, 2.0]}
+    assert not settled(faster) and settled({name: values * 2 for name, values in faster.items()})  # undoing takes 10 runs
+    kernels_lose = {**slower, "dense layers": [0.5, 0.55, 0.5, 0.45, 0.5]}
+    assert settled(kernels_lose) and decide(kernels_lose).variant == "dense layers"
 
 
 # --- end to end: invariants, whatever the clock says -------------------------------------------------------------
