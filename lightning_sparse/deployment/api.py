@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import DEFAULT_MODULES
-from lightning_sparse.deployment import chains, groups, kernels, memory, residual, thinning
+from lightning_sparse.deployment import chains, fallback, groups, kernels, memory, residual, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
@@ -106,29 +107,107 @@ def deploy_model(
         _thin_all(work, inputs, reference, probe, probe_reference, report)
     else:
         report.notes.append("channels were not removed (that needs the traced graph)")
-    if kernel != "dense":
-        _choose_kernels(work, inputs, kernel, repeats, report)
+    sparse_linear = kernel != "dense" and any(type(m) is nn.Linear and bool((m.weight == 0).any()) for m in work.modules())
+    structural = copy.deepcopy(work) if sparse_linear else work  # the "dense layers" variant (before kernels)
+    rows = copy.deepcopy(report.layers)  # and its report rows
+    swapped: dict[str, nn.Module] = {}
+    if sparse_linear:
+        swapped = _choose_kernels(work, inputs, kernel, repeats, report)
         if traced and kernel == "auto":
-            _transpose_chains(work, inputs, kernel, repeats, report)
+            swapped.update(_transpose_chains(work, inputs, kernel, repeats, report))
+    work = _keep_running(work, structural, swapped, original, inputs, rows, report)
+    if work is None:
+        return Deployment(original, report)
+    if not swapped:
+        structural = None  # nothing but dense layers: the variant is the deployed model itself
     _describe_unchanged(work, report)
     if traced:
         work = flat_graph_module(work)  # layers as direct attributes: no per-call lookups through the hierarchy
+        structural = flat_graph_module(structural) if structural is not None else None
 
     if not _same(_run(work, inputs), reference) or (probe is not None and not _same(_run(work, probe), probe_reference)):
         report.notes.append(_differed("the deployed model's", reference) + ": the original is returned")
         return Deployment(original, report)
-    report.changed = True
-    report.param_bytes = (memory.parameter_bytes(original), memory.parameter_bytes(work))
-    report.peak_forward_bytes = (memory.peak_forward_bytes(original, inputs), memory.peak_forward_bytes(work, inputs))
-    with torch.inference_mode():
-        times = kernels.median_ms({"before": lambda: original(*inputs), "after": lambda: work(*inputs)}, repeats, device)
-    report.forward_ms = (times["before"], times["after"])
-    if times["after"] >= times["before"]:
-        report.notes.append(
-            f"the deployed model is not faster on this example input (batch {inputs[0].shape[0]}): "
-            f"{times['before']:.4f} ms → {times['after']:.4f} ms; what it saves here is memory"
-        )
-    return Deployment(work, report)
+    return Deployment(_returned(original, work, structural, inputs, kernel, repeats, rows, report), report)
+
+
+def _restructured(report: DeployReport) -> bool:
+    """Whether deploy changed the model's structure (traced into a graph, channels or heads removed), so that the
+    deployed model with dense layers is not simply the input model."""
+    return report.traced or any(row.deployed_as == "thinned" for row in report.layers) or any(row.removed for row in report.removed_groups)
+
+
+def _keep_running(work: nn.Module, structural: nn.Module, swapped: dict[str, nn.Module], original: nn.Module,
+                  inputs: tuple[Tensor, ...], rows: list[LayerReport], report: DeployReport) -> nn.Module | None:  # fmt: skip
+    """``work``, runnable wherever ``original`` runs (:func:`.fallback.failure`: autograd off and on), or ``None``.
+
+    A module that fails with sparse layers inside it (torch's fused ``TransformerEncoderLayer`` path reads their
+    weights itself) gets those layers back dense, one failure at a time; a failure not inside such a module sends
+    every layer back to dense (``structural``, the model before kernels were chosen); if that fails too, ``None``
+    (the input model is returned). ``swapped``: sparse layer or chain name → its dense module (``None``: a chain).
+    """
+    # the input ran with autograd off already (check_input, under inference mode: the same fused paths)
+    modes = ["autograd off"] + (["autograd on"] if fallback.failure(original, inputs, ["autograd on"]) is None else [])
+    while True:
+        failed = fallback.failure(work, inputs, modes)
+        if failed is None:
+            return work
+        if not swapped:
+            report.notes.append(f"the deployed model: {failed.describe()}; the input model is returned")
+            return None
+        names = [name for name in swapped if fallback.covers(failed.module, name)]
+        if not names or not all(_is_linear_name(work, name) for name in names):
+            report.notes.append(f"the deployed model: {failed.describe()}; every layer is dense again")
+            _restore_rows(report, rows, list(swapped), f"dense again: {failed.describe()}")
+            swapped.clear()
+            work = structural
+            continue
+        for name in names:
+            thinning.set_module(work, name, swapped.pop(name))
+        _restore_rows(report, rows, names, f"kept dense: {failed.describe()}")
+
+
+def _is_linear_name(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), (SparseLinear, SemiStructuredLinear))
+    except AttributeError:
+        return False
+
+
+def _restore_rows(report: DeployReport, rows: list[LayerReport], names: list[str], why: str) -> None:
+    """Rows of layers put back to what they were before kernels were chosen (times and reasons kept), with ``why``."""
+    before = {row.name: row for row in rows}
+    for row in report.layers:
+        old = before.get(row.name)
+        if old is not None and row.deployed_as != old.deployed_as and any(fallback.covers(name, row.name) for name in names):
+            row.deployed_as, row.deployed_shape = old.deployed_as, old.deployed_shape
+            _explain(row, why)
+
+
+def _returned(original: nn.Module, work: nn.Module, structural: nn.Module | None, inputs: tuple[Tensor, ...], kernel: str,
+              repeats: int, rows: list[LayerReport], report: DeployReport) -> nn.Module:  # fmt: skip
+    """Time the input, the deployed model and (where it has sparse kernels) the deployed model with dense layers on
+    the example input, return the one :func:`.fallback.decide` picks, and fill in the report's measurements."""
+    variants = {"input": original, "deployed": work} | ({"dense layers": structural} if structural is not None else {})
+    same = {"dense layers": "input"} if structural is not None and not _restructured(report) else {}
+    samples = fallback.measure(variants, inputs, repeats, inputs[0].device, kernel, same)
+    decision = fallback.decide(samples, kernel)
+    report.variant_ms = {name: statistics.median(values) for name, values in samples.items()}
+    report.variant_runs = samples
+    report.returned, report.decision = decision.variant, decision.reason
+    chosen = variants[decision.variant]
+    if decision.variant == "dense layers":
+        _restore_rows(report, rows, [""], "dense again: the whole model was not faster with the sparse kernels")
+        report.chains = [f"{chain} (dropped with the other sparse kernels)" for chain in report.chains]
+    elif decision.variant == "input":
+        for row in report.layers:
+            row.deployed_as, row.deployed_shape = "dense", row.shape
+            _explain(row, "the input model is returned: it is measurably faster")
+    report.changed = decision.variant != "input"
+    report.param_bytes = (memory.parameter_bytes(original), memory.parameter_bytes(chosen))
+    report.peak_forward_bytes = (memory.peak_forward_bytes(original, inputs), memory.peak_forward_bytes(chosen, inputs))
+    report.forward_ms = (report.variant_ms["input"], report.variant_ms[decision.variant])
+    return chosen
 
 
 def save_deployed(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -305,6 +384,7 @@ def _pattern(weight: Tensor) -> str:
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], report: DeployReport) -> tuple[nn.Module, bool]:
     """A ``torch.fx`` GraphModule of ``model`` with shapes recorded, or a copy of the model where tracing fails."""
     try:
+        model = copy.deepcopy(model)  # the graph module shares the modules it calls whole: swapping a layer inside one must not touch the original
         gm = fx.GraphModule(model, groups.LeafTracer().trace(model), type(model).__name__)
         for node in gm.graph.nodes:
             node.type = None  # string annotations ("Tensor") would make the module unpicklable
@@ -425,24 +505,56 @@ def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], nodes: list[fx.Node]
     return values
 
 
-def _choose_kernels(model: nn.Module, inputs: tuple[Tensor, ...], kernel: str, repeats: int, report: DeployReport) -> None:
-    """For each Linear with zeros, in execution order: time dense vs sparse on its real input, keep the faster."""
-    for name in _execution_order(model, inputs):
-        layer = model.get_submodule(name)
-        if type(layer) is not nn.Linear or not bool((layer.weight == 0).any()):
-            continue
-        x = _input_of(model, layer, inputs)
-        choice = kernels.choose(layer, x, kernel, repeats)
-        row = _row(report, name)
-        row.dense_ms, row.sparse_ms = choice.dense_ms, choice.sparse_ms
-        _explain(row, choice.reason)
-        if choice.form != "dense":
-            thinning.set_module(model, name, choice.module)
-            row.deployed_as = choice.form
+def _choose_kernels(model: nn.Module, inputs: tuple[Tensor, ...], kernel: str, repeats: int, report: DeployReport) -> dict[str, nn.Module]:
+    """Give each Linear with zeros the faster of dense and sparse as timed on its real input, all in one forward.
+
+    At a layer's first call (a forward hook), its forms are timed on the input it got (:func:`.kernels.choose`,
+    sharing times between layers of the same shape, input and non-zeros), the chosen module replaces it, and the
+    forward goes on with the chosen module's output, so the next layers are timed on what they will really get
+    (a sparse layer's output is a transposed view). Returns ``{name: the dense layer}`` of the layers made sparse.
+    """
+    names = {module: name for name, module in model.named_modules() if type(module) is nn.Linear and bool((module.weight == 0).any())}
+    chosen: dict[str, nn.Module] = {}
+    swapped: dict[str, nn.Module] = {}
+    shared: dict[tuple, list[kernels.Timed]] = {}
+
+    timing: list[nn.Module] = []  # the layer being timed: its own calls while timing pass through
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        name = names[module]
+        if timing or not args or not isinstance(args[0], Tensor):
+            return output
+        if name not in chosen:
+            timing.append(module)
+            try:
+                choice = kernels.choose(module, args[0], kernel, repeats, shared, name)
+            finally:
+                timing.clear()
+            chosen[name] = choice.module
+            row = _row_or_none(report, name)
+            if row is not None:
+                row.dense_ms, row.sparse_ms = choice.dense_ms, choice.sparse_ms
+                _explain(row, choice.reason)
+            if choice.form != "dense":
+                thinning.set_module(model, name, choice.module)
+                swapped[name] = module
+                if row is not None:
+                    row.deployed_as = choice.form
+        return output if chosen[name] is module else chosen[name](args[0])
+
+    handles = [module.register_forward_hook(hook) for module in names]
+    try:
+        _run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return swapped
 
 
-def _transpose_chains(gm: fx.GraphModule, inputs: tuple[Tensor, ...], kernel: str, repeats: int, report: DeployReport) -> None:
-    """Run each chain Linear → elementwise* → Linear … on transposed activations where that is measured faster."""
+def _transpose_chains(gm: fx.GraphModule, inputs: tuple[Tensor, ...], kernel: str, repeats: int, report: DeployReport) -> dict[str, None]:
+    """Run each chain Linear → elementwise* → Linear … on transposed activations where that is measured faster;
+    returns the names of the chains put in (``{name: None}``: there is no single dense module to put back)."""
+    used: dict[str, None] = {}
     for path in chains.find_chains(gm):
         x = _record(gm, inputs, [path[0].args[0]])[path[0].args[0]]
         if not isinstance(x, Tensor) or x.dim() < 1:
@@ -460,34 +572,8 @@ def _transpose_chains(gm: fx.GraphModule, inputs: tuple[Tensor, ...], kernel: st
             row.dense_ms, row.sparse_ms = choice.dense_ms, choice.sparse_ms
             row.deployed_shape = tuple(getattr(result.module, f"weight{result.layers.index(choice)}").shape)
             _explain(row, f"in {' → '.join(result.names)}, run on transposed activations: {choice.reason}")
-        chains.replace(gm, path, result.module)
-
-
-def _execution_order(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[str]:
-    """Names of the Linear modules in the order the forward first calls them."""
-    order: list[str] = []
-    names = {module: name for name, module in model.named_modules()}
-    handles = [
-        m.register_forward_pre_hook(lambda module, args: order.append(names[module]) if names[module] not in order else None)
-        for m in model.modules() if type(m) is nn.Linear
-    ]  # fmt: skip
-    try:
-        _run(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
-def _input_of(model: nn.Module, layer: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
-    """The tensor ``layer`` receives (first call) when the current model runs on ``inputs``."""
-    seen: list[Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]) if not seen else None)
-    try:
-        _run(model, inputs)
-    finally:
-        handle.remove()
-    return seen[0]
+        used[chains.replace(gm, path, result.module)] = None
+    return used
 
 
 def _describe_unchanged(model: nn.Module, report: DeployReport) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_sparse.deployment import kernels
-from lightning_sparse.deployment.kernels import MARGIN, outputs_match
+from lightning_sparse.deployment.kernels import MARGIN, outputs_match, verdict
 from lightning_sparse.deployment.modules import ELEMENTWISE, SparseLinear, TransposedChain
 
 
@@ -45,10 +45,10 @@ class ChainResult:
 
     def describe(self) -> str:
         path = " → ".join(self.names)
-        verdict = "used" if self.used else f"not used (not {1 / MARGIN:.2f}× faster)"
+        outcome = "used" if self.used else f"not used (not {1 / MARGIN:.2f}× faster)"
         return (
             f"transposed chain {path}: {self.chain_ms:.4f} ms vs {self.layers_ms:.4f} ms as separate layers "
-            f"({self.layers_ms / self.chain_ms:.2f}×), {verdict}; input: {self.gather}; layers: "
+            f"({self.layers_ms / self.chain_ms:.2f}×), {outcome}; input: {self.gather}; layers: "
             + ", ".join(f"{c.name} {c.form}" for c in self.layers)
         )
 
@@ -142,7 +142,8 @@ def build(gm: fx.GraphModule, path: list[fx.Node], x: Tensor, kernel: str, repea
     keep = read.nonzero().flatten() if not bool(read.all()) else None
     gather = "transposed whole"
     if keep is not None:
-        times = kernels.median_ms({"gather": lambda: flat.t()[keep], "transpose": lambda: flat.t().contiguous()}, repeats, device)
+        times = kernels.median_ms({"gather": lambda: flat.t()[keep], "transpose": lambda: flat.t().contiguous()}, repeats, device,
+                                  settled=lambda t: verdict(t["gather"], t["transpose"], 1.0) is not None)
         if times["gather"] < times["transpose"]:
             gather = (f"only the {keep.numel()} of {flat.shape[1]} columns the first weight reads, gathered "
                       f"({times['gather']:.4f} ms vs {times['transpose']:.4f} ms to transpose all)")  # fmt: skip
@@ -176,7 +177,7 @@ def build(gm: fx.GraphModule, path: list[fx.Node], x: Tensor, kernel: str, repea
                     layer["notes"].append(f"{form} unavailable: {str(error).splitlines()[0][:120]}")
         functions = {"dense": lambda w=weight, c=column, h=h: _product(w, c, h)}
         functions.update({f: (lambda s=s, c=column, h=h: _product(s, c, h)) for f, s in forms.items()})
-        times = kernels.median_ms(functions, repeats, device)
+        times = kernels.median_ms(functions, repeats, device, settled=lambda t, forms=forms: all(verdict(t[f], t["dense"], MARGIN) is not None for f in forms))
         layer["alone"] = times
         if forms:
             best = min(forms, key=lambda f: times[f])
@@ -208,7 +209,8 @@ def build(gm: fx.GraphModule, path: list[fx.Node], x: Tensor, kernel: str, repea
             continue
         form = layer["sparse"][0]
         with_dense, with_sparse = make([u if i != index else False for i, u in enumerate(use)]), make([u if i != index else True for i, u in enumerate(use)])
-        times = kernels.median_ms({"dense": lambda c=with_dense: c(x), form: lambda c=with_sparse: c(x)}, repeats, device)
+        times = kernels.median_ms({"dense": lambda c=with_dense: c(x), form: lambda c=with_sparse: c(x)}, repeats, device,
+                                  settled=lambda t, form=form: verdict(t[form], t["dense"], MARGIN) is not None)
         faster = times[form] < MARGIN * times["dense"]
         use[index] = faster or kernel == "sparse"
         measured = (f"whole chain with it {form} {times[form]:.4f} ms vs dense {times['dense']:.4f} ms "
@@ -221,7 +223,8 @@ def build(gm: fx.GraphModule, path: list[fx.Node], x: Tensor, kernel: str, repea
     names = [c.name for c in choices]
     if not outputs_match(chain(x), want):
         return ChainResult(names, chain, choices, float("nan"), float("nan"), False, gather)
-    times = kernels.median_ms({"chain": lambda: chain(x), "layers": original}, repeats, device)
+    times = kernels.median_ms({"chain": lambda: chain(x), "layers": original}, repeats, device,
+                              settled=lambda t: verdict(t["chain"], t["layers"], MARGIN) is not None)
     used = times["chain"] < MARGIN * times["layers"]
     return ChainResult(names, chain, choices, times["chain"], times["layers"], used, gather)
 

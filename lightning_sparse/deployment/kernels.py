@@ -45,21 +45,62 @@ def outputs_match(got: Tensor, want: Tensor) -> bool:
     return torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5 * scale)
 
 
-def median_ms(functions: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each function, run in turns (interleaved) so machine noise hits all alike."""
+#: Interleaved rounds timed before a comparison may stop early (:func:`settled`).
+MIN_ROUNDS = 5
+
+
+def timings(functions: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3,
+            settled: Callable[[dict[str, list[float]]], bool] | None = None, min_rounds: int = MIN_ROUNDS) -> dict[str, list[float]]:  # fmt: skip
+    """Milliseconds of each run of each function, run in turns (interleaved) so machine noise hits all alike.
+
+    ``repeats`` rounds at most; with ``settled``, the timing stops after any round from ``min_rounds`` on where
+    ``settled(samples)`` holds (the comparison it serves is already clear: no need for more runs).
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for function in functions.values():
         for _ in range(warmup):
             function()
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for name, function in functions.items():
             sync()
             start = time.perf_counter()
             function()
             sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - start))
+        if settled is not None and round_ + 1 >= min_rounds and settled(times):
+            break
+    return times
+
+
+def median_ms(functions: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3,
+              settled: Callable[[dict[str, list[float]]], bool] | None = None) -> dict[str, float]:  # fmt: skip
+    """Median milliseconds of each function over :func:`timings`' interleaved runs."""
+    return {name: statistics.median(values) for name, values in timings(functions, repeats, device, warmup, settled).items()}
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (the ``inclusive`` method: defined from two values on)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def verdict(a: Sequence[float], b: Sequence[float], margin: float | None = None, min_runs: int = MIN_ROUNDS) -> bool | None:
+    """Is ``a`` faster than ``b`` by the margin (median ``a`` < ``margin`` · median ``b``)? ``True`` / ``False``
+    when the interquartile ranges agree (``a``'s third quartile below ``margin`` · ``b``'s first, or ``a``'s first
+    at or above ``margin`` · ``b``'s third), ``None`` while the samples overlap too much to say or either has fewer
+    than ``min_runs`` runs."""
+    margin = MARGIN if margin is None else margin
+    if min(len(a), len(b)) < min_runs:
+        return None
+    (a1, a3), (b1, b3) = quartiles(a), quartiles(b)
+    if a3 < margin * b1:
+        return True
+    if a1 >= margin * b3:
+        return False
+    return None
 
 
 def nm_pattern(weight: Tensor, ms: Sequence[int] = (4, 8)) -> tuple[int, int] | None:
@@ -98,31 +139,63 @@ def _candidates(layer: nn.Linear, device: torch.device) -> tuple[dict[str, Calla
     return forms, notes
 
 
+@dataclass(frozen=True)
+class Timed:
+    """Times measured for one layer, which a later layer of the same shape, input and non-zeros may reuse."""
+
+    name: str
+    nnz: int
+    times: dict[str, float]
+
+
+#: Layers whose weights' non-zeros differ by at most this fraction share timings (same shape, input and forms).
+SHARE_NNZ = 0.02
+
+
+def _shared(shared: dict[tuple, list[Timed]], key: tuple, nnz: int) -> Timed | None:
+    return next((entry for entry in shared.get(key, []) if abs(entry.nnz - nnz) <= SHARE_NNZ * max(entry.nnz, 1)), None)
+
+
 @torch.inference_mode()
-def choose(layer: nn.Linear, x: Tensor, kernel: str = "auto", repeats: int = 30) -> Choice:
+def choose(layer: nn.Linear, x: Tensor, kernel: str = "auto", repeats: int = 30, shared: dict[tuple, list[Timed]] | None = None,
+           name: str = "") -> Choice:  # fmt: skip
     """Time ``layer`` dense and in each sparse form on its real input ``x``; return the fastest that is correct.
 
-    ``kernel="sparse"`` takes the fastest sparse form even when dense is faster (e.g. to save memory).
+    ``kernel="sparse"`` takes the fastest sparse form even when dense is faster (e.g. to save memory). The forms run
+    in interleaved rounds, ``repeats`` at most, stopping from :data:`MIN_ROUNDS` on once every sparse form is
+    clearly faster or clearly not (:func:`verdict`). With ``shared`` (a dict kept across calls), a layer with the
+    same weight shape, input shape and layout, bias and working forms as one timed before (``name``), and non-zeros
+    within :data:`SHARE_NNZ`, takes that layer's times instead of being timed again (a transformer's blocks).
     """
     device = layer.weight.device
     want = layer(x)
     forms, notes = _candidates(layer, device)
     built: dict[str, nn.Module] = {}
-    for name, make in forms.items():
+    for form, make in forms.items():
         try:
             module = make()
             if outputs_match(module(x), want):
-                built[name] = module
+                built[form] = module
             else:
-                notes.append(f"{name} output differs from dense: not used")
+                notes.append(f"{form} output differs from dense: not used")
         except Exception as error:  # noqa: BLE001 - a kernel missing for this dtype/device/shape, whatever it raises
-            notes.append(f"{name} unavailable: {str(error).splitlines()[0][:120]}")
+            notes.append(f"{form} unavailable: {str(error).splitlines()[0][:120]}")
     if not built:
         return Choice("dense", layer, None, None, "; ".join(notes) or "no sparse kernel applies")
-    times = median_ms({"dense": lambda: layer(x), **{name: (lambda m=m: m(x)) for name, m in built.items()}}, repeats, device)
-    best = min(built, key=lambda name: times[name])
+    key = (tuple(layer.weight.shape), tuple(x.shape), x.stride(), x.dtype, str(device), layer.bias is not None, tuple(sorted(built)))
+    nnz = int(layer.weight.count_nonzero())
+    reused = _shared(shared, key, nnz) if shared is not None else None
+    if reused is not None:
+        times, source = reused.times, f"; times shared with {reused.name} (same shape and input, non-zeros within {SHARE_NNZ:.0%})"
+    else:
+        functions = {"dense": lambda: layer(x), **{form: (lambda m=m: m(x)) for form, m in built.items()}}
+        samples = timings(functions, repeats, device, settled=lambda t: all(verdict(t[form], t["dense"]) is not None for form in built))
+        times, source = {form: statistics.median(values) for form, values in samples.items()}, ""
+        if shared is not None:
+            shared.setdefault(key, []).append(Timed(name, nnz, times))
+    best = min(built, key=lambda form: times[form])
     dense_ms, sparse_ms = times["dense"], times[best]
-    measured = f"{best} {sparse_ms:.4f} ms vs dense {dense_ms:.4f} ms ({dense_ms / sparse_ms:.2f}×)"
+    measured = f"{best} {sparse_ms:.4f} ms vs dense {dense_ms:.4f} ms ({dense_ms / sparse_ms:.2f}×){source}"
     notes = [measured] + notes
     if kernel == "sparse" or sparse_ms < MARGIN * dense_ms:
         why = "faster" if sparse_ms < MARGIN * dense_ms else "kernel='sparse'"

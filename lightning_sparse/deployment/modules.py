@@ -21,6 +21,9 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class SparseLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` held as a sparse CSR or BSR tensor (PyTorch's own sparse kernels).
 
+    ``W`` and ``b`` are buffers, fixed: the layer runs with autograd on and passes gradients to its input (the
+    product's backward is ``Wᵀ @ grad``), but has no parameters to train.
+
     Computed as ``(W @ xᵀ)ᵀ``: the sparse matrix on the left is the form PyTorch's CPU (MKL) and CUDA (cuSPARSE)
     kernels run fast. The result is returned as a transposed view of a contiguous ``(out, batch)`` tensor, so a
     following ``SparseLinear`` (elementwise activations keep the layout) gets a contiguous ``xᵀ`` without a copy.
@@ -32,12 +35,14 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.layout = layout
-        dense = weight.detach()
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": said once per layer otherwise
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        # plain tensors even when built under inference mode (deploy times its layers there): an inference tensor in
+        # a module fails the first call with autograd on ("Inference tensors cannot be saved for backward")
+        with torch.inference_mode(False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # said once per layer otherwise
+            dense = weight.detach().clone()
             sparse = dense.to_sparse_csr() if layout == "csr" else dense.to_sparse_bsr((blocksize, blocksize))
-        self.register_buffer("weight", int32_indices(sparse))
-        self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1, 1).clone())
+            self.register_buffer("weight", int32_indices(sparse))
+            self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1, 1).clone())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, layout: str = "csr", blocksize: int | None = None) -> SparseLinear:
@@ -48,12 +53,36 @@ class SparseLinear(nn.Module):
         xt = x.reshape(-1, self.in_features).t()
         if not xt.is_contiguous():
             xt = xt.contiguous()
-        out = torch.addmm(self.bias, self.weight, xt) if self.bias is not None else torch.mm(self.weight, xt)
-        return out.t().reshape(*leading, self.out_features)
+        return sparse_product(self.weight, self.bias, xt).t().reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
         nnz = self.weight.values().count_nonzero().item()
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, nnz={nnz}"
+
+
+def sparse_product(weight: Tensor, bias: Tensor | None, h: Tensor) -> Tensor:
+    """``weight @ h + bias`` (``bias`` a column) for a fixed weight, dense or sparse; differentiable in ``h``.
+
+    PyTorch differentiates the CSR product itself (its backward multiplies by the CSR transpose); a BSR weight's
+    transpose is BSC, which PyTorch's CPU kernels cannot multiply, so its backward goes through :class:`_BlockProduct`.
+    """
+    if torch.is_grad_enabled() and h.requires_grad and weight.layout == torch.sparse_bsr:
+        return _BlockProduct.apply(weight, bias, h)
+    return torch.mm(weight, h) if bias is None else torch.addmm(bias, weight, h)
+
+
+class _BlockProduct(torch.autograd.Function):
+    """``W h + b`` with a fixed BSR ``W``: forward on the sparse kernel, backward ``∂h = Wᵀ g`` with ``W`` densified
+    (a deployed model's backward is for input gradients, not its speed)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, bias: Tensor | None, h: Tensor) -> Tensor:
+        ctx.weight = weight
+        return torch.mm(weight, h) if bias is None else torch.addmm(bias, weight, h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor]:
+        return None, None, torch.mm(ctx.weight.to_dense().t(), grad)
 
 
 def int32_indices(sparse: Tensor) -> Tensor:
@@ -78,8 +107,9 @@ class SemiStructuredLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        with torch.inference_mode(False):  # plain tensors, as in SparseLinear: the layer also runs with autograd on
+            self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.compressed = False
         self.compress()
 
@@ -89,7 +119,8 @@ class SemiStructuredLinear(nn.Module):
             return
         from torch.sparse import to_sparse_semi_structured
 
-        self.weight = nn.Parameter(to_sparse_semi_structured(self.weight.detach()), requires_grad=False)
+        with torch.inference_mode(False):
+            self.weight = nn.Parameter(to_sparse_semi_structured(self.weight.detach()), requires_grad=False)
         self.compressed = True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,9 +163,10 @@ class FoldedConv(nn.Module):
         """The removed channels' contribution for inputs of ``x``'s spatial size, device and dtype."""
         key = (tuple(x.shape[2:]), x.device, x.dtype)
         if key not in self._cache:
-            ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
-            conv = self.conv
-            self._cache[key] = _CONV[ones.dim() - 2](ones, self.folded.to(x.dtype), None, conv.stride, conv.padding, conv.dilation)
+            with torch.inference_mode(False):  # a plain tensor: the cache outlives the (inference-mode) call filling it
+                ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
+                conv = self.conv
+                self._cache[key] = _CONV[ones.dim() - 2](ones, self.folded.to(x.dtype), None, conv.stride, conv.padding, conv.dilation)
         return self._cache[key]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,7 +273,7 @@ class TransposedChain(nn.Module):
         h = x.reshape(-1, self.in_features).t()
         h = h[keep] if keep is not None else h.contiguous()
         for weight, bias, ops in steps:
-            h = torch.mm(weight, h) if bias is None else torch.addmm(bias, weight, h)
+            h = sparse_product(weight, bias, h)
             for op in ops:
                 h = op(h)
         return h.t().contiguous().reshape(*leading, self.out_features)

@@ -39,6 +39,10 @@ class DeployReport:
     chains: list[str] = field(default_factory=list)  # transposed chains tried: layers, times, used or not
     groups: list[str] = field(default_factory=list)  # coupled channel groups with zeros: members, consumers, outcome
     removed_groups: list = field(default_factory=list)  # attention heads / MLP neurons per module (groups.GroupReport)
+    returned: str = "input"  # which variant deploy returned: input, dense layers or deployed (fallback.decide)
+    decision: str = ""  # why, with the whole-model times
+    variant_ms: dict[str, float] = field(default_factory=dict)  # median whole-model ms of each variant timed
+    variant_runs: dict[str, list[float]] = field(default_factory=dict)  # every interleaved run (ms) behind them
 
     @property
     def speedup(self) -> float | None:
@@ -85,6 +89,8 @@ def summary_lines(report: DeployReport) -> list[str]:
     if report.forward_ms:
         before, after = report.forward_ms
         lines.append(f"forward on the example input: {before:.4f} ms → {after:.4f} ms ({report.speedup:.2f}× faster; medians of interleaved runs)")
+    if report.decision:
+        lines.append(f"returned: {report.returned} ({report.decision})")
     lines += [f"{group}" for group in report.groups]
     lines += [f"{chain}" for chain in report.chains]
     lines += [f"note: {note}" for note in report.notes]
