@@ -81,8 +81,10 @@ class InputStatistics:
 
     @property
     def squared_norms(self) -> Tensor:
-        """``‖X_j‖₂² / n`` (Wanda's ``scaler_row``, up to the reference's constant factor)."""
-        return self.sums / self.count
+        """``‖X_j‖₂² / n`` (Wanda's ``scaler_row``, up to the reference's constant factor): XᵀX's diagonal for
+        ``kind="hessian"``."""
+        sums = self.sums if self.kind == "norms" else torch.diagonal(self.sums)
+        return sums / self.count
 
     @property
     def hessian(self) -> Tensor:

@@ -14,7 +14,7 @@ pruned in sequence) is :mod:`lightning_sparse.core.calibration`.
   columns (``W_:,j: -= err · U_j,j:``) and then onto the remaining columns, so the kept weights compensate.
 - **OWL** (Yin et al. 2024, arXiv 2310.05175, ``luuyin/OWL`` ``prune_wanda_outlier``): per block the outlier ratio
   ``D_l`` = share of its Wanda scores above ``M ×`` their mean; densities ``(D_l - min D) / (max D - min D) · 2λ``
-  shifted to average ``1 - s``; sparsity ``1 - density`` lies in ``[s - λ, s + λ]``.
+  shifted to average ``1 - s``; the sparsities ``1 - density`` span ``2λ`` and average ``s``.
 """
 
 from __future__ import annotations
@@ -94,18 +94,22 @@ def sparsegpt_prune(
     damp = dampening * torch.mean(torch.diag(H))
     diagonal = torch.arange(columns, device=W.device)
     H[diagonal, diagonal] += damp
-    try:
-        H = torch.linalg.cholesky(H)
-        H = torch.cholesky_inverse(H)
-        Hinv = torch.linalg.cholesky(H, upper=True)
-    except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
+    L, info = torch.linalg.cholesky_ex(H)
+    # a pivot at rounding level is a singular H that fp32 happened to factor: its inverse would be noise
+    tiny = torch.finfo(torch.float32).eps * columns * torch.diag(H).abs().max()
+    if int(info) != 0 or not torch.isfinite(L).all() or bool((torch.diag(L) ** 2 <= tiny).any()):
         raise ValueError(
             f"SparseGPT cannot prune {name!r}: the Hessian of its calibration inputs (2XᵀX/n) is not positive definite "
             f"after damping {dampening} × its mean diagonal (linearly dependent or non-finite inputs). Raise "
-            f"`dampening`, give more `calibration_batches`, or prune it with method='wanda' ({error})"
-        ) from None
+            f"`dampening`, give more `calibration_batches`, or prune it with method='wanda'"
+        )
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     if not torch.isfinite(Hinv).all():
-        raise ValueError(f"SparseGPT cannot prune {name!r}: its calibration inputs hold NaN or infinite values")
+        raise ValueError(
+            f"SparseGPT cannot prune {name!r}: the inverse of the Hessian of its calibration inputs is not finite (the "
+            f"Hessian is not positive definite after damping {dampening} × its mean diagonal, or the inputs hold NaN "
+            f"or infinite values); raise `dampening` or check the calibration data"
+        )
     mask = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -150,7 +154,7 @@ def owl_sparsities(
 ) -> list[float]:
     """OWL's per-block sparsities from the outlier ratios ``D_l`` (Yin et al. 2024, the reference's
     ``prune_wanda_outlier``): ``r_l = (D_l - min D) / (max D - min D) · 2λ``, densities ``r_l - mean(r) + (1 - s)``,
-    sparsity ``1 - density``: blocks with more outliers are pruned less, in ``[s - λ, s + λ]``, averaging ``s``.
+    sparsity ``1 - density``: blocks with more outliers are pruned less; the sparsities span ``2λ`` and average ``s``.
 
     ``sizes`` (weights per block) weight the mean, so that blocks of different sizes still total sparsity ``s``
     (equal sizes, as a transformer's decoder layers: the paper's plain mean). All ratios equal: uniform ``s``.
