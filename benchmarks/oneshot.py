@@ -104,7 +104,7 @@ def run(callbacks: list[pl.Callback], state: dict[str, torch.Tensor], dm: Shakes
         "oneshot_val_loss": after.loss,
         "val_loss": val_loss(model, val),
         "sparsity": global_sparsity([params[n].detach() for n in prunable_names(model)]),
-        "oneshot_s": oneshot._seconds if oneshot is not None else None,
+        "oneshot_s": oneshot.seconds if oneshot is not None else None,
     }
 
 

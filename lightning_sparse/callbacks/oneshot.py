@@ -143,6 +143,11 @@ class OneShotPruning(SparsityCallback):
     def state_key(self) -> str:
         return self._generate_state_key(sparsity=self.sparsity, method=self.method, include=self.include, exclude=self.exclude)
 
+    @property
+    def seconds(self) -> float | None:
+        """Wall time of the calibration and pruning (``None`` until pruning happened in this process)."""
+        return self._seconds
+
     def _calibrated(self) -> bool:
         return self.method in CALIBRATED or (self.method == "magnitude" and self.distribution == "owl")
 

@@ -1,6 +1,5 @@
 """The one-shot preset with distillation from the command line, as a user runs it."""
 
-import pytest
 import torch
 
 from support import DIGITS, ROOT, run_cli
