@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
-from lightning_sparse import OneShotPruning
+from lightning_sparse import Distillation, OneShotPruning
 from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
@@ -59,26 +59,29 @@ class SaveBatches(pl.Callback):
 def run(out: Path, strategy: str, method: str) -> None:
     pl.seed_everything(3)
     model = ShardedMLP() if strategy == "fsdp2" else MLP()
+    distill = method.endswith("+kd")  # with distillation from the dense model (the teacher copied on every rank)
+    method = method.removesuffix("+kd")
     callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
-    callbacks = [callback]
-    if strategy == "ddp":
+    callbacks = [callback, Distillation(alpha=0.5)] if distill else [callback]
+    if strategy == "ddp" and not distill:
         callbacks.append(SaveBatches(out, method))
     kwargs = {"strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)} if strategy == "fsdp2" else {"strategy": "ddp"}
-    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=3 if distill else 1, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, **kwargs)  # fmt: skip
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit(model, DigitsDataModule(batch_size=16))
     rank = trainer.global_rank
-    if strategy == "ddp" and rank == 0:
+    run_name = f"{strategy}-{method}{'+kd' if distill else ''}"
+    if strategy == "ddp" and rank == 0 and not distill:
         torch.save(initial, out / f"initial-{method}.pt")
     masks = {name: callback.masks.mask(name) for name in callback.masks}
     weights = {name: full_tensor(p.detach()) for name, p in callback.masks.params.items()}
     result = {"masks": crc(masks.values()), "weights": crc(weights.values()),
               "sparsity": {name: float((~m).float().mean()) for name, m in masks.items()}}  # fmt: skip
     if rank == 0:
-        torch.save({"masks": masks, "weights": weights}, out / f"{strategy}-{method}-final.pt")
-    (out / f"{strategy}-{method}-rank{rank}.json").write_text(json.dumps(result))
+        torch.save({"masks": masks, "weights": weights}, out / f"{run_name}-final.pt")
+    (out / f"{run_name}-rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

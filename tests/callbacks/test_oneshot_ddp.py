@@ -1,6 +1,7 @@
 """OneShotPruning under real multi-process DDP and FSDP2 (2 CPU processes, gloo; one launch, ``oneshot_ddp_worker.py``):
 every rank holds the same masks and weights, FSDP2 gives bit for bit what DDP gives, and the masks are those of
-calibrating in one process on both ranks' batches together (the statistics are summed over the ranks)."""
+calibrating in one process on both ranks' batches together (the statistics are summed over the ranks); with
+Distillation under DDP (Lightning redirects ``training_step`` through DDP's forward) the ranks stay identical."""
 
 import json
 import subprocess
@@ -16,7 +17,7 @@ from lightning_sparse.core.oneshot import prune_one_shot
 from oneshot_ddp_worker import MLP
 
 WORKER = Path(__file__).with_name("oneshot_ddp_worker.py")
-JOBS = ["ddp:sparsegpt", "ddp:wanda", "fsdp2:sparsegpt"]
+JOBS = ["ddp:sparsegpt", "ddp:wanda", "fsdp2:sparsegpt", "ddp:sparsegpt+kd"]
 
 
 @pytest.fixture(scope="module")
