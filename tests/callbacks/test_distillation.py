@@ -163,3 +163,21 @@ def test_a_teacher_with_other_output_shapes_is_refused(tmp_path):
 def test_bad_arguments_are_refused_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Distillation(**kwargs)
+
+
+def test_oneshot_and_distillation_in_the_unified_lightning_trainer(tmp_path):
+    import lightning
+
+    from unified_modules import UnifiedClassifier, UnifiedDigits
+
+    torch.manual_seed(0)
+    model = UnifiedClassifier()
+    oneshot = OneShotPruning(0.5, "wanda", calibration_batches=2, verbose=False)
+    distill = Distillation(alpha=0.5)
+    trainer = lightning.Trainer(max_epochs=1, callbacks=[oneshot, distill], logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", devices=1)  # fmt: skip
+    trainer.fit(model, UnifiedDigits())
+    assert oneshot.masks.sparsity() == 0.5
+    assert float((distill.teacher.net[1].weight == 0).float().mean()) == 0.0  # the teacher stayed dense
+    (path,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    assert torch.load(path, weights_only=True)["state_dict"].keys() == model.state_dict().keys()
