@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=100, help="held-out batches of 12 windows for val loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", nargs="+", help="only these rows (names as in the table)")
+    parser.add_argument("--name", default="oneshot", help="results file benchmarks/results/<name>.json")
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(1)
@@ -176,7 +177,7 @@ def main() -> None:
         + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items())
         + f". Dense model {dense_wall:.0f} s (0 if cached); total {wall:.0f} s."
     )
-    emit("oneshot", table, {"args": vars(args), "dense_val_loss": dense_before, "wall_s": wall, "results": results,
+    emit(args.name, table, {"args": vars(args), "dense_val_loss": dense_before, "wall_s": wall, "results": results,
                             "targets_met": checks})  # fmt: skip
 
 
