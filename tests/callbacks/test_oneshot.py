@@ -205,3 +205,37 @@ def test_a_layer_never_called_in_forward_is_named(tmp_path):
     trainer = make_trainer(tmp_path, [OneShotPruning(method="wanda", calibration_batches=2, exclude="spare.weight", verbose=False)], max_steps=2)
     trainer.fit(model := WithUnusedLayer(), DigitsDataModule())
     assert float((model.body[1].weight == 0).float().mean()) == 0.5
+
+
+def test_a_per_layer_mapping_prunes_the_layers_it_names_and_leaves_the_rest_dense(tmp_path):
+    torch.manual_seed(0)
+    model = digits_model()
+    callback = OneShotPruning({"net.1.*": 0.75, "net.3.*": 0.5}, "sparsegpt", calibration_batches=2, verbose=False)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(model, DigitsDataModule())
+    assert float(zeros(model, "net.1.weight").float().mean()) == 0.75
+    assert float(zeros(model, "net.3.weight").float().mean()) == 0.5
+    assert "net.5.weight" not in callback.masks and int(zeros(model, "net.5.weight").sum()) == 0
+
+
+class Manual(WithUnusedLayer):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        del self.spare
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.body(x), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_needs_a_calibrate_function(tmp_path):
+    with pytest.raises(ValueError, match="manual optimization.*`calibrate=lambda module, batch"):
+        make_trainer(tmp_path, [OneShotPruning(calibration_batches=2, verbose=False)], max_steps=2).fit(Manual(), DigitsDataModule())
+    model = Manual()
+    callback = OneShotPruning(calibration_batches=2, calibrate=lambda module, batch: module.body(batch[0]), verbose=False)
+    make_trainer(tmp_path, [callback], max_steps=2).fit(model, DigitsDataModule())
+    assert float((model.body[1].weight == 0).float().mean()) == 0.5
