@@ -141,7 +141,8 @@ class OneShotPruning(SparsityCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sparsity=self.sparsity, method=self.method, include=self.include, exclude=self.exclude)
+        extra = {} if self.granularity == "unstructured" else {"granularity": self.granularity}
+        return self._generate_state_key(sparsity=self.sparsity, method=self.method, include=self.include, exclude=self.exclude, **extra)
 
     @property
     def seconds(self) -> float | None:
