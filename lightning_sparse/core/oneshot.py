@@ -146,7 +146,7 @@ def outlier_ratio(scores: Sequence[Tensor], threshold: float = 5.0) -> float:
     """OWL's ``D``: the share of the scores (one block's Wanda scores, all its layers together) above ``threshold ×``
     their mean (the reference's ``check_outlier_mean``, as a fraction instead of a percentage)."""
     flat = torch.cat([s.reshape(-1).float() for s in scores])
-    return float((flat > flat.mean() * threshold).float().mean())
+    return int((flat > flat.mean() * threshold).sum()) / flat.numel()
 
 
 def owl_sparsities(
