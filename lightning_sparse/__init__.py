@@ -12,16 +12,18 @@ from typing import Any
 __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
+    "Distillation": "lightning_sparse.callbacks",
     "GradualMagnitudePruning": "lightning_sparse.callbacks",
     "LearningCompression": "lightning_sparse.callbacks",
     "MovementPruning": "lightning_sparse.callbacks",
+    "OneShotPruning": "lightning_sparse.callbacks",
     "QuantizationAwareTraining": "lightning_sparse.callbacks",
     "RigL": "lightning_sparse.callbacks",
     "SET": "lightning_sparse.callbacks",
     "deploy": "lightning_sparse.deployment",
 }
 
-__all__ = ["GradualMagnitudePruning", "LearningCompression", "MovementPruning", "QuantizationAwareTraining", "RigL", "SET", "__version__", "deploy"]
+__all__ = ["Distillation", "GradualMagnitudePruning", "LearningCompression", "MovementPruning", "OneShotPruning", "QuantizationAwareTraining", "RigL", "SET", "__version__", "deploy"]
 
 
 def __getattr__(name: str) -> Any:

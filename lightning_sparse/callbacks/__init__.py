@@ -3,9 +3,11 @@
 from typing import Any
 
 from lightning_sparse.callbacks.base import CompressionCallback, SparsityCallback
+from lightning_sparse.callbacks.distillation import Distillation
 from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
 from lightning_sparse.callbacks.lc import LearningCompression
 from lightning_sparse.callbacks.movement import MovementPruning
+from lightning_sparse.callbacks.oneshot import OneShotPruning
 from lightning_sparse.callbacks.qat import QuantizationAwareTraining
 from lightning_sparse.callbacks.rigl import SET, RigL
 from lightning_sparse.imports import import_object
@@ -31,4 +33,4 @@ def dropped_for_dense_baseline(callback_config: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, (*COMPRESSION_CALLBACKS, ModelCheckpoint))
 
 
-__all__ = ["GradualMagnitudePruning", "LearningCompression", "MovementPruning", "QuantizationAwareTraining", "RigL", "SET", "SparsityCallback", "CompressionCallback", "dropped_for_dense_baseline"]
+__all__ = ["Distillation", "GradualMagnitudePruning", "LearningCompression", "MovementPruning", "OneShotPruning", "QuantizationAwareTraining", "RigL", "SET", "SparsityCallback", "CompressionCallback", "dropped_for_dense_baseline"]

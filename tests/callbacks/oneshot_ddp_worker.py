@@ -1,0 +1,90 @@
+"""Run by ``test_oneshot_ddp.py``: OneShotPruning on 2 CPU processes (gloo), under DDP and FSDP2 (``fully_shard``), on
+the same digits and seed. Runs ``strategy:method`` jobs in one launch. Every rank writes ``<strategy>-<method>-rank<N>.json`` with its whole (gathered) final
+masks and weights' CRCs; under DDP rank 0 also saves the initial weights and every rank its calibration batches, so the
+test can prune the same model in one process on both ranks' batches together."""
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
+from torch import nn
+
+from lightning_sparse import Distillation, OneShotPruning
+from lightning_sparse.core.shards import full_tensor
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.models import Classifier
+
+CALIBRATION = 3
+
+
+def crc(tensors) -> int:
+    value = 0
+    for tensor in tensors:
+        value = zlib.crc32(tensor.detach().cpu().contiguous().numpy().tobytes(), value)
+    return value
+
+
+class MLP(Classifier):
+    """Digits MLP 64 → 32 → 24 → 10 (N:M-friendly inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="lenet300", input_shape=(1, 8, 8), lr=0.05)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
+
+
+class ShardedMLP(MLP):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+class SaveBatches(pl.Callback):
+    def __init__(self, out: Path, method: str) -> None:
+        self.out, self.method = out, method
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        batches = [b for _, b in zip(range(CALIBRATION), trainer.train_dataloader)]
+        torch.save(batches, self.out / f"batches-{self.method}-{trainer.global_rank}.pt")
+
+
+def run(out: Path, strategy: str, method: str) -> None:
+    pl.seed_everything(3)
+    model = ShardedMLP() if strategy == "fsdp2" else MLP()
+    distill = method.endswith("+kd")  # with distillation from the dense model (the teacher copied on every rank)
+    method = method.removesuffix("+kd")
+    callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
+    callbacks = [callback, Distillation(alpha=0.5)] if distill else [callback]
+    if strategy == "ddp" and not distill:
+        callbacks.append(SaveBatches(out, method))
+    kwargs = {"strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)} if strategy == "fsdp2" else {"strategy": "ddp"}
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=3 if distill else 1, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **kwargs)  # fmt: skip
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    rank = trainer.global_rank
+    run_name = f"{strategy}-{method}{'+kd' if distill else ''}"
+    if strategy == "ddp" and rank == 0 and not distill:
+        torch.save(initial, out / f"initial-{method}.pt")
+    masks = {name: callback.masks.mask(name) for name in callback.masks}
+    weights = {name: full_tensor(p.detach()) for name, p in callback.masks.params.items()}
+    result = {"masks": crc(masks.values()), "weights": crc(weights.values()),
+              "sparsity": {name: float((~m).float().mean()) for name, m in masks.items()}}  # fmt: skip
+    if rank == 0:
+        torch.save({"masks": masks, "weights": weights}, out / f"{run_name}-final.pt")
+    (out / f"{run_name}-rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for job in sys.argv[2].split(","):  # one launch for every run: the processes are started once
+        run(Path(sys.argv[1]), *job.split(":"))
