@@ -434,19 +434,20 @@ def reference_owl_wanda(model: TinyLM, samples, sparsity_ratio: float, Lamda: fl
             pass
     model.layers[0] = model.layers[0].module
     first = torch.cat(inps)
+
+    def add_batch(wrapped, name):
+        def tmp(_, inp, out):
+            wrapped[name].add_batch(inp[0].data, out.data)
+
+        return tmp
+
     all_layer_ratio = []
     with torch.no_grad():
         inps, outs = first.clone(), torch.zeros_like(first)
         for layer in model.layers:  # pass 1: outlier ratios of the dense model
             subset = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
             wrapped = {name: WrappedGPT(subset[name]) for name in subset}
-
-            def add_batch(name):
-                def tmp(_, inp, out):
-                    wrapped[name].add_batch(inp[0].data, out.data)
-                return tmp
-
-            handles = [subset[name].register_forward_hook(add_batch(name)) for name in wrapped]
+            handles = [subset[name].register_forward_hook(add_batch(wrapped, name)) for name in wrapped]
             for j in range(len(inps)):
                 outs[j] = layer(inps[j].unsqueeze(0))[0]
             for h in handles:
@@ -464,7 +465,7 @@ def reference_owl_wanda(model: TinyLM, samples, sparsity_ratio: float, Lamda: fl
         for i, layer in enumerate(model.layers):  # pass 2: Wanda, block i at 1 - all_layer_ratio[i]
             subset = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
             wrapped = {name: WrappedGPT(subset[name]) for name in subset}
-            handles = [subset[name].register_forward_hook(add_batch(name)) for name in wrapped]
+            handles = [subset[name].register_forward_hook(add_batch(wrapped, name)) for name in wrapped]
             for j in range(len(inps)):
                 outs[j] = layer(inps[j].unsqueeze(0))[0]
             for h in handles:
