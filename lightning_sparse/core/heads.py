@@ -25,7 +25,7 @@ norm for coupled ones). Movement pruning sums the movement scores ``S`` over eve
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -46,17 +46,25 @@ ELEMENTWISE = (
 
 @dataclass(frozen=True)
 class Member:
-    """One tensor of a group layer: group ``g`` holds entries ``[o + g·width, o + (g+1)·width)`` along ``axis`` for
-    each offset ``o`` (three offsets for a fused q/k/v projection, one otherwise)."""
+    """One tensor of a group layer: group ``g`` holds entries ``[o + g·w, o + (g+1)·w)`` along ``axis`` for each
+    offset ``o`` (three offsets for a fused q/k/v projection, one otherwise), with ``w`` the member's own
+    :attr:`width` or, where that is 0, the layer's. A member's own width is what makes a key/value group one unit:
+    with ``G`` query heads per KV head of ``head_dim`` d, the unit holds ``G·d`` query rows and ``d`` key rows."""
 
     param: str
     axis: int
     offsets: tuple[int, ...] = (0,)
     role: str = ""  # "q/k/v", "out", "up", "up bias", "down" (for reports)
+    width: int = 0  # entries per group and offset; 0: the layer's width
+
+    def span(self, layer_width: int) -> int:
+        """Entries per group and offset."""
+        return self.width or layer_width
 
     def index(self, group: int, width: int, device: torch.device | None = None) -> Tensor:
         """The indices along :attr:`axis` that group ``group`` occupies in this tensor."""
-        return torch.cat([torch.arange(o + group * width, o + (group + 1) * width, device=device) for o in self.offsets])
+        w = self.span(width)
+        return torch.cat([torch.arange(o + group * w, o + (group + 1) * w, device=device) for o in self.offsets])
 
 
 @dataclass(frozen=True)
@@ -69,14 +77,19 @@ class GroupLayer:
     count: int
     width: int  # head_dim for heads, 1 for neurons
     members: tuple[Member, ...]
-    style: str = ""  # how deploy rebuilds it: "mha", "nanogpt", "gpt2", "bert", "mlp", "sequential"
+    style: str = ""  # how deploy rebuilds it: "mha", "nanogpt", "gpt2", "bert", "mlp", "sequential", "pattern"
+    pattern: str = ""  # the structure registry's pattern that found it (style "pattern")
+    query_heads: int = 1  # query heads per unit (a KV group: num_attention_heads / num_key_value_heads)
 
     @property
     def params(self) -> list[str]:
         return [m.param for m in self.members]
 
     def describe(self) -> str:
-        unit = f"{self.count} heads of {self.width}" if self.kind == "head" else f"{self.count} neurons"
+        if self.kind == "head" and self.query_heads > 1:
+            unit = f"{self.count} KV groups of {self.query_heads} query heads of {self.width}"
+        else:
+            unit = f"{self.count} heads of {self.width}" if self.kind == "head" else f"{self.count} neurons"
         return f"{self.module} ({self.module_type}, {unit}): " + ", ".join(
             f"{m.param}[{'axis ' + str(m.axis)}]" for m in self.members
         )
@@ -212,27 +225,40 @@ def find_group_layers(model: nn.Module) -> list[GroupLayer]:
     Parameter names are the model's first names (those ``named_parameters()`` gives, tied tensors once).
     Raises ``ValueError`` for a module whose members disagree in size (naming the module and the member).
     """
+    return _find(model)[0]
+
+
+def _find(model: nn.Module) -> tuple[list[GroupLayer], list[tuple[str, str]]]:
+    """:func:`find_group_layers`, and ``(module, "kept dense because …")`` for the modules the structure registry
+    recognised as attention or an MLP but could not split into units."""
+    from lightning_sparse.structure.patterns import match_patterns  # the registry imports this module
+
     first = {alias: name for name, (_, aliases, _) in parameter_roles(model).items() for alias in aliases}
     params = dict(model.named_parameters(remove_duplicate=False))
-    found = []
+    found, dense = [], []
     for name, module in model.named_modules():
         layers = [layer for layer in [_attention(name, module)] if layer is not None] + _mlp(name, module)
+        if not layers:
+            layers, reasons = match_patterns(name, module)
+            dense += reasons
         for layer in layers:
             members = []
             for member in layer.members:
                 tensor = params[member.param]
-                needed = (max(member.offsets) + layer.count * layer.width)
+                span = member.span(layer.width)
+                needed = (max(member.offsets) + layer.count * span)
                 if tensor.dim() <= member.axis or tensor.shape[member.axis] < needed or (
-                    len(member.offsets) == 1 and tensor.shape[member.axis] != layer.count * layer.width
+                    len(member.offsets) == 1 and sum(m.param == member.param for m in layer.members) == 1
+                    and tensor.shape[member.axis] != layer.count * span
                 ):
                     raise ValueError(
                         f"The {layer.kind} groups of {layer.module!r} ({layer.module_type}: {layer.count} × {layer.width}) "
                         f"do not fit member {member.param!r} of shape {list(tensor.shape)} (axis {member.axis} should "
                         f"hold {needed} entries): its members disagree in size, so it cannot be pruned by {layer.kind}s"
                     )
-                members.append(Member(first.get(member.param, member.param), member.axis, member.offsets, member.role))
-            found.append(GroupLayer(layer.kind, layer.module, layer.module_type, layer.count, layer.width, tuple(members), layer.style))
-    return found
+                members.append(Member(first.get(member.param, member.param), member.axis, member.offsets, member.role, member.width))
+            found.append(replace(layer, members=tuple(members)))
+    return found, dense
 
 
 def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, object]) -> GroupSet:
@@ -245,7 +271,7 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
     wanted = {name: str(g) for name, g in granularity.items() if str(g) in GROUP_KINDS}
     if not wanted:
         return GroupSet()
-    layers = find_group_layers(model)
+    layers, dense = _find(model)
     chosen: list[GroupLayer] = []
     for layer in layers:
         if any(wanted.get(p) == layer.kind for p in layer.params):
@@ -255,11 +281,14 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
         if (name, kind) not in covered:
             found = [f"{layer.module} ({layer.module_type})" for layer in layers if layer.kind == kind]
             what = "an attention projection (q/k/v or output) of a module with heads" if kind == "head" else "an MLP's up- or down-projection"
+            why = [reason for module, reason in dense if name.startswith(module + ".") or not module]
             raise ValueError(
                 f"`granularity`={kind!r} on {name!r}, which is not {what}: it has no {kind}s to prune. "
-                f"{'Attention modules' if kind == 'head' else 'MLPs'} found: {found or 'none'}. Give {name!r} another "
-                f"granularity with a {{glob: granularity}} mapping (e.g. {{'*.attn.*': 'head', '*.mlp.*': 'neuron'}}) "
-                f"or leave it out (`exclude`)"
+                f"{'Attention modules' if kind == 'head' else 'MLPs'} found: {found or 'none'}. "
+                + (f"Kept dense: {'; '.join(why[:3])}. " if why else "")
+                + f"Give {name!r} another granularity with a {{glob: granularity}} mapping (e.g. {{'*.attn.*': 'head', "
+                f"'*.mlp.*': 'neuron'}}) or leave it out (`exclude`); a module of your own is taught with "
+                f"`lightning_sparse.structure.register_attention` / `register_mlp`"
             )
     for layer in chosen:
         for param in layer.params:
@@ -298,7 +327,8 @@ def groups_to_prune(layer: GroupLayer, sparsity: float) -> int:
 def _entries(tensor: Tensor, member: Member, layer: GroupLayer) -> Tensor:
     """``(count, entries per group)``: the tensor's values regrouped so row g holds all of group g's entries."""
     moved = tensor.movedim(member.axis, 0)
-    blocks = [moved[o : o + layer.count * layer.width].reshape(layer.count, layer.width, -1) for o in member.offsets]
+    w = member.span(layer.width)
+    blocks = [moved[o : o + layer.count * w].reshape(layer.count, w, -1) for o in member.offsets]
     return torch.cat(blocks, dim=1).reshape(layer.count, -1)
 
 
@@ -336,8 +366,9 @@ def group_masks(groups: GroupSet, keep: Mapping[str, Tensor], like: Mapping[str,
             continue
         for member in layer.members:
             mask = masks[member.param]
-            within = torch.arange(layer.width, device=mask.device)
-            starts = dropped.to(mask.device) * layer.width
+            w = member.span(layer.width)
+            within = torch.arange(w, device=mask.device)
+            starts = dropped.to(mask.device) * w
             index = torch.cat([(o + starts).unsqueeze(1) + within for o in member.offsets]).flatten()
             mask.index_fill_(member.axis, index, False)  # every dropped group's entries at once
     return masks

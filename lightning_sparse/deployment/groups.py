@@ -26,6 +26,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from lightning_sparse.core.heads import GroupLayer, Member, find_group_layers, zero_groups
+from lightning_sparse.structure.hf_config import Resized, update_configs
+from lightning_sparse.structure.surgery import remove_units
 
 
 @dataclass
@@ -40,6 +42,9 @@ class GroupReport:
     members: list[str] = field(default_factory=list)  # "param[axis a]" of every member tensor
     rebuilt_as: str = ""
     reason: str = ""
+    params: list[str] = field(default_factory=list)  # the member tensors' names
+    query_heads: int = 1  # query heads per unit (KV groups)
+    width: int = 1  # head_dim for heads
 
     @property
     def after(self) -> int:
@@ -182,6 +187,8 @@ def _module_of(param: str) -> str:
 
 def _rebuild(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
     """Rebuild ``layer``'s module(s) with only the groups ``keep``; return what it became."""
+    if layer.style == "pattern":  # found by the structure registry: the generic surgery
+        return remove_units(model, layer, keep)
     module = model.get_submodule(layer.module) if layer.module else model
     device = next(module.parameters()).device
     if layer.style == "nanogpt":
@@ -250,21 +257,25 @@ def _refusal(module: nn.Module, layer: GroupLayer) -> str | None:
 
 def _describe_member(member: Member, width: int) -> str:
     """``c_attn.weight axis 0: [0, 128, 256] + 32·g, 32 each`` (where group g's entries lie)."""
-    starts = ", ".join(map(str, member.offsets))
+    starts, width = ", ".join(map(str, member.offsets)), member.span(width)
     return f"{member.param} axis {member.axis}: [{starts}] + {width}·g, {width} each ({member.role})"
 
 
 @torch.no_grad()
-def remove_zero_groups(model: nn.Module) -> list[GroupReport]:
+def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list[GroupReport]:
     """Rebuild, in place, every attention module without its all-zero heads and every MLP without its all-zero neurons
-    (at least one group is kept in each); return one :class:`GroupReport` per module found (removed or not)."""
+    (at least one group is kept in each); return one :class:`GroupReport` per module found (removed or not).
+
+    A Hugging Face model's config is then rewritten to describe the smaller model where it can
+    (:func:`lightning_sparse.structure.hf_config.update_configs`); what it says is appended to ``notes``."""
     reports = []
     layers = find_group_layers(model)
     params = dict(model.named_parameters())
     zero = {layer.module + "/" + layer.kind: zero_groups(layer, params) for layer in layers}
     for layer in layers:  # every zero test is made before any module changes (a Sequential's layers share tensors)
         row = GroupReport(layer.module, layer.kind, layer.module_type, layer.count,
-                          members=[_describe_member(m, layer.width) for m in layer.members])  # fmt: skip
+                          members=[_describe_member(m, layer.width) for m in layer.members], params=layer.params,
+                          query_heads=layer.query_heads, width=layer.width)  # fmt: skip
         reports.append(row)
         dropped = zero[layer.module + "/" + layer.kind].nonzero().flatten().tolist()
         if not dropped:
@@ -281,6 +292,10 @@ def remove_zero_groups(model: nn.Module) -> list[GroupReport]:
         row.rebuilt_as = _rebuild(model, layer, keep)
         row.removed = dropped
         row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
+    resized = [Resized(r.module, r.kind, r.before, r.after, r.query_heads, r.width, tuple(r.params)) for r in reports if r.removed]
+    config_notes = update_configs(model, resized) if resized else []
+    if notes is not None:
+        notes += config_notes
     for module in model.modules():  # its nested-tensor path runs the layers' fused kernel on the packed projections
         if isinstance(module, nn.TransformerEncoder) and any(
             isinstance(layer.self_attn, HeadPrunedMultiheadAttention) for layer in module.layers
