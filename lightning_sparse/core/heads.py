@@ -7,15 +7,10 @@ DepGraph (Fang et al., CVPR 2023) and Hugging Face's nn_pruning remove these uni
 group is zero the unit contributes exactly nothing (its value vector, or its activation's outgoing weights, is
 zero), so deploy can drop it from the tensors and the model gets really smaller and faster.
 
-Found here (by structure, without importing transformers):
-
-* ``nn.MultiheadAttention`` (packed ``in_proj_weight`` or separate ``q/k/v_proj_weight``; ``out_proj``),
-* nanoGPT-style attention (``lightning_sparse.models.CausalSelfAttention``: fused ``c_attn`` Linear, ``c_proj``,
-  ``n_head``) and Hugging Face GPT-2 attention (``c_attn``/``c_proj`` ``Conv1D``, weights stored ``(in, out)``),
-* Hugging Face BERT-style attention (``BertAttention``: ``self.query/key/value`` and ``output.dense``),
-* MLPs: ``c_fc``/``c_proj`` (nanoGPT Linear, GPT-2 Conv1D), BERT's ``intermediate.dense``/``output.dense``,
-  ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer`` (with an elementwise
-  ``activation``), and ``Linear → elementwise… → Linear`` inside an ``nn.Sequential``.
+Where they are is the structure registry's business (:mod:`lightning_sparse.structure.patterns`: a pattern per module
+layout, keyed by what a module holds; users register their own). With grouped-query attention a unit is one key/value
+head with its query heads (:attr:`GroupLayer.query_heads`), so the members have their own widths
+(:attr:`Member.width`).
 
 Scores (magnitude): a group's score is the sum of its members' norms, ``score_g = Σ_members ||W_member[g]||``
 (``l1`` or ``l2``, the ``channel_norm`` of channel pruning; Li et al. 2017 for a single layer, DepGraph's group
@@ -37,11 +32,6 @@ from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import Targets, parameter_roles
 
 GROUP_KINDS = ("head", "neuron")
-#: Modules between an ``nn.Sequential``'s up- and down-projection that act on each hidden unit alone.
-ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,8 +67,7 @@ class GroupLayer:
     count: int
     width: int  # head_dim for heads, 1 for neurons
     members: tuple[Member, ...]
-    style: str = ""  # how deploy rebuilds it: "mha", "nanogpt", "gpt2", "bert", "mlp", "sequential", "pattern"
-    pattern: str = ""  # the structure registry's pattern that found it (style "pattern")
+    pattern: str = ""  # the structure registry's pattern that found it (deploy's surgery is keyed by it)
     query_heads: int = 1  # query heads per unit (a KV group: num_attention_heads / num_key_value_heads)
 
     @property
@@ -114,111 +103,6 @@ class GroupSet:
 
 
 # ----------------------------------------------------------------------------- discovery
-def _conv1d_like(module: object) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a 2-D weight stored ``(in, out)`` with ``nf`` outputs."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "nf")
-
-
-def _linear_or_conv1d(module: object) -> bool:
-    return isinstance(module, nn.Linear) or _conv1d_like(module)
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def _out_axis(module: nn.Module) -> int:
-    return 1 if _conv1d_like(module) else 0
-
-
-def _in_axis(module: nn.Module) -> int:
-    return 0 if _conv1d_like(module) else 1
-
-
-def _projection(prefix: str, module: nn.Module, offsets: tuple[int, ...], role: str) -> list[Member]:
-    """Members for the output units of ``module`` (weight rows, Conv1D columns, bias entries)."""
-    members = [Member(_join(prefix, "weight"), _out_axis(module), offsets, role)]
-    if getattr(module, "bias", None) is not None:
-        members.append(Member(_join(prefix, "bias"), 0, offsets, f"{role} bias"))
-    return members
-
-
-def _attention(name: str, module: nn.Module) -> GroupLayer | None:
-    kind = type(module).__name__
-    if isinstance(module, nn.MultiheadAttention):
-        e, h = module.embed_dim, module.num_heads
-        d = e // h
-        if module._qkv_same_embed_dim:
-            members = [Member(_join(name, "in_proj_weight"), 0, (0, e, 2 * e), "q/k/v")]
-        else:
-            members = [Member(_join(name, f"{p}_proj_weight"), 0, (0,), p) for p in "qkv"]
-        if module.in_proj_bias is not None:
-            members.append(Member(_join(name, "in_proj_bias"), 0, (0, e, 2 * e), "q/k/v bias"))
-        for extra in ("bias_k", "bias_v"):
-            if getattr(module, extra, None) is not None:
-                members.append(Member(_join(name, extra), 2, (0,), extra))
-        members.append(Member(_join(name, "out_proj.weight"), 1, (0,), "out"))
-        return GroupLayer("head", name, kind, h, d, tuple(members), "mha")
-    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
-    if _linear_or_conv1d(c_attn) and _linear_or_conv1d(c_proj) and getattr(module, "is_cross_attention", False) is False:
-        heads = getattr(module, "n_head", None) or getattr(module, "num_heads", None)
-        if isinstance(heads, int) and heads > 0:
-            fused = c_attn.weight.shape[_out_axis(c_attn)]
-            e = fused // 3
-            style = "gpt2" if _conv1d_like(c_attn) else "nanogpt"
-            members = _projection(_join(name, "c_attn"), c_attn, (0, e, 2 * e), "q/k/v")
-            members.append(Member(_join(name, "c_proj", "weight"), _in_axis(c_proj), (0,), "out"))
-            return GroupLayer("head", name, kind, heads, e // heads, tuple(members), style)
-    inner, output = getattr(module, "self", None), getattr(module, "output", None)
-    if (
-        inner is not None and all(isinstance(getattr(inner, p, None), nn.Linear) for p in ("query", "key", "value"))
-        and isinstance(getattr(inner, "num_attention_heads", None), int)
-        and isinstance(getattr(output, "dense", None), nn.Linear)
-    ):  # fmt: skip
-        members = []
-        for p in ("query", "key", "value"):
-            members += _projection(_join(name, "self", p), getattr(inner, p), (0,), p)
-        members.append(Member(_join(name, "output.dense.weight"), 1, (0,), "out"))
-        return GroupLayer("head", name, kind, inner.num_attention_heads, inner.attention_head_size, tuple(members), "bert")
-    return None
-
-
-def _elementwise(activation: object) -> bool:
-    """``nn.Transformer*Layer``'s ``activation``: a module of :data:`ELEMENTWISE` or torch's relu/gelu (the two its
-    ``activation="relu"|"gelu"`` set); any other callable may mix units, so that layer's MLP is not offered."""
-    return isinstance(activation, ELEMENTWISE) or activation in (nn.functional.relu, nn.functional.gelu, torch.relu)
-
-
-def _mlp(name: str, module: nn.Module) -> list[GroupLayer]:
-    kind = type(module).__name__
-    c_fc, c_proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
-    if _linear_or_conv1d(c_fc) and _linear_or_conv1d(c_proj):
-        units = c_fc.weight.shape[_out_axis(c_fc)]
-        members = [*_projection(_join(name, "c_fc"), c_fc, (0,), "up"), Member(_join(name, "c_proj.weight"), _in_axis(c_proj), (0,), "down")]
-        return [GroupLayer("neuron", name, kind, units, 1, tuple(members), "mlp")]
-    up, down = getattr(getattr(module, "intermediate", None), "dense", None), getattr(getattr(module, "output", None), "dense", None)
-    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
-        members = [*_projection(_join(name, "intermediate.dense"), up, (0,), "up"), Member(_join(name, "output.dense.weight"), 1, (0,), "down")]
-        return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "bert")]
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and _elementwise(module.activation):
-        up, down = module.linear1, module.linear2  # linear1 → activation → dropout → linear2
-        members = [*_projection(_join(name, "linear1"), up, (0,), "up"), Member(_join(name, "linear2.weight"), 1, (0,), "down")]
-        return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "mlp")]
-    if isinstance(module, nn.Sequential):
-        layers, children = [], list(module.named_children())
-        for i, (child_name, child) in enumerate(children):
-            if not isinstance(child, nn.Linear):
-                continue
-            j = i + 1
-            while j < len(children) and isinstance(children[j][1], ELEMENTWISE):
-                j += 1
-            if j < len(children) and isinstance(children[j][1], nn.Linear) and children[j][1].in_features == child.out_features:
-                members = [*_projection(_join(name, child_name), child, (0,), "up"), Member(_join(name, children[j][0], "weight"), 1, (0,), "down")]
-                layers.append(GroupLayer("neuron", _join(name, child_name), "Linear", child.out_features, 1, tuple(members), "sequential"))
-        return layers
-    return []
-
-
 def find_group_layers(model: nn.Module) -> list[GroupLayer]:
     """Every attention module's heads and every MLP's neurons in ``model``, in module order (see the module doc).
 
@@ -237,10 +121,8 @@ def _find(model: nn.Module) -> tuple[list[GroupLayer], list[tuple[str, str]]]:
     params = dict(model.named_parameters(remove_duplicate=False))
     found, dense = [], []
     for name, module in model.named_modules():
-        layers = [layer for layer in [_attention(name, module)] if layer is not None] + _mlp(name, module)
-        if not layers:
-            layers, reasons = match_patterns(name, module)
-            dense += reasons
+        layers, reasons = match_patterns(name, module)
+        dense += reasons
         for layer in layers:
             members = []
             for member in layer.members:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lightning_sparse.core.heads import GroupLayer, Member
@@ -47,8 +48,13 @@ QKVO_NAMES: list[tuple[str, str, str, str]] = [
 GATED_NAMES: list[tuple[str, str, str]] = [("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo")]
 #: ``(up, down)`` child names of two-layer MLPs (``down(act(up(x)))``) held by one module.
 TWO_LAYER_NAMES: list[tuple[str, str]] = [
-    ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"), ("wi", "wo"), ("ffn", "ffn_output"),
+    ("c_fc", "c_proj"), ("intermediate.dense", "output.dense"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"), ("wi", "wo"), ("ffn", "ffn_output"),
 ]  # fmt: skip
+#: Modules between an ``nn.Sequential``'s up- and down-projection that act on each hidden unit alone.
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
+)  # fmt: skip
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
 DIM_ATTRS = ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim")
@@ -179,10 +185,62 @@ def attention_units(name: str, module: nn.Module, *, q: nn.Module, k: nn.Module,
 
 def _layer(kind: str, name: str, module: nn.Module, count: int, width: int, members: list[Member], pattern: str,
            query_heads: int = 1) -> GroupLayer:  # fmt: skip
-    return GroupLayer(kind, name, type(module).__name__, count, width, tuple(members), "pattern", pattern, query_heads)
+    return GroupLayer(kind, name, type(module).__name__, count, width, tuple(members), pattern, query_heads)
 
 
 # ----------------------------------------------------------------------------- attention
+@_builtin("attention:multihead")
+def _multihead(name: str, module: nn.Module) -> Match | None:
+    """``nn.MultiheadAttention``: packed ``in_proj_weight`` (q, k, v blocks of ``embed_dim`` rows) or separate
+    ``q/k/v_proj_weight``; ``bias_k``/``bias_v`` (``add_bias_kv``) hold ``head_dim`` entries per head; ``out_proj``."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    e, h = module.embed_dim, module.num_heads
+    if module._qkv_same_embed_dim:
+        members = [Member(_join(name, "in_proj_weight"), 0, (0, e, 2 * e), "q/k/v")]
+    else:
+        members = [Member(_join(name, f"{p}_proj_weight"), 0, (0,), p) for p in "qkv"]
+    if module.in_proj_bias is not None:
+        members.append(Member(_join(name, "in_proj_bias"), 0, (0, e, 2 * e), "q/k/v bias"))
+    for extra in ("bias_k", "bias_v"):
+        if getattr(module, extra, None) is not None:
+            members.append(Member(_join(name, extra), 2, (0,), extra))
+    members.append(Member(_join(name, "out_proj.weight"), 1, (0,), "out"))
+    return Match([_layer("head", name, module, h, e // h, members, "attention:multihead")])
+
+
+@_builtin("attention:fused-blocks")
+def _fused_blocks(name: str, module: nn.Module) -> Match | None:
+    """One projection whose outputs are ``[q (H·d) | k (KV·d) | v (KV·d)]`` and an output projection from ``H·d``:
+    Phi-3 ``qkv_proj``/``o_proj``, nanoGPT (``c_attn`` Linear) and GPT-2 (``c_attn`` Conv1D, not cross-attention)
+    ``c_attn``/``c_proj``."""
+    for fused, out in (("qkv_proj", "o_proj"), ("c_attn", "c_proj")):
+        qkv, proj = getattr(module, fused, None), getattr(module, out, None)
+        if _linear(qkv) and _linear(proj):
+            break
+    else:
+        return None
+    if getattr(module, "is_cross_attention", False) is not False:
+        return Match(dense=f"kept dense because {name!r} ({type(module).__name__}) is cross-attention with a separate "
+                           f"query projection; its heads are not split")  # fmt: skip
+    heads = _read(module, HEAD_ATTRS)
+    kv = _read(module, KV_ATTRS) or heads
+    rows = _outputs(qkv)
+    d = _read(module, ("head_dim",)) if fused == "qkv_proj" else (rows // 3 // heads if heads else None)
+    if heads is None or d is None or heads % kv or rows != (heads + 2 * kv) * d:
+        return Match(dense=f"kept dense because {name!r} ({type(module).__name__}): its fused {fused} of {rows} rows is "
+                           f"not [q | k | v] blocks of the stated heads ({heads}), KV heads ({kv}) and head_dim ({d}); "
+                           f"register its layout with `lightning_sparse.structure.register_pattern`")  # fmt: skip
+    group, path = heads // kv, _join(name, fused)
+    if group == 1:  # one member per tensor, q/k/v at three offsets
+        members = _rows(path, qkv, "q/k/v", d, (0, heads * d, 2 * heads * d))
+    else:
+        members = _rows(path, qkv, "q", group * d) + _rows(path, qkv, "k", d, (heads * d,))
+        members += _rows(path, qkv, "v", d, ((heads + kv) * d,))
+    members.append(_columns(_join(name, out), proj, "out", group * d))
+    return Match([_layer("head", name, module, kv, d, members, "attention:fused-blocks", group)])
+
+
 def _holder(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
     """Where the q/k/v projections live: the module itself, or its ``self``/``attention`` child."""
     for prefix in ("", "self", "attention"):
@@ -258,12 +316,11 @@ def _separate_projections(name: str, module: nn.Module) -> Match | None:
         if found is None:
             continue
         prefix, holder = found
-        out_path = o if _linear(getattr(module, o, None)) else "output.dense" if o != "dense" else ""
-        if out_path == "output.dense" and not _linear(getattr(getattr(module, "output", None), "dense", None)):
-            out_path = ""
-        if prefix and out_path == o and not _linear(getattr(holder, o, None)):
-            out_path = ""
-        if not out_path:
+        if _linear(getattr(module, o, None)):
+            out_path = o
+        elif _linear(getattr(getattr(module, "output", None), "dense", None)):
+            out_path = "output.dense"  # BERT: BertAttention holds self.query/key/value and output.dense
+        else:
             continue  # q/k/v without an output projection here (BERT's self-attention: its parent holds the output)
         if hasattr(holder, "has_relative_attention_bias") or hasattr(holder, "relative_position_bias_table"):
             return Match(dense=f"kept dense because {name!r} ({type(module).__name__}) adds a per-head relative position "
@@ -275,23 +332,6 @@ def _separate_projections(name: str, module: nn.Module) -> Match | None:
                          _read(holder, ("head_dim",)) if isinstance(getattr(holder, "head_dim", None), int) else None,
                          "attention:separate")  # fmt: skip
     return None
-
-
-@_builtin("attention:fused-blocks")
-def _fused_blocks(name: str, module: nn.Module) -> Match | None:
-    """Phi-3: ``qkv_proj`` rows are ``[q (H·d) | k (KV·d) | v (KV·d)]``, ``o_proj`` maps ``H·d`` back."""
-    qkv, out = getattr(module, "qkv_proj", None), getattr(module, "o_proj", None)
-    if not (_linear(qkv) and _linear(out)):
-        return None
-    heads, d = _read(module, ("num_attention_heads", "num_heads")), _read(module, ("head_dim",))
-    kv = _read(module, KV_ATTRS) or heads
-    if heads is None or d is None or heads % kv or _outputs(qkv) != (heads + 2 * kv) * d:
-        return Match(dense=f"kept dense because {name!r} ({type(module).__name__}): its fused qkv_proj of {_outputs(qkv)} "
-                           f"rows is not [q | k | v] blocks of the stated heads ({heads}), KV heads ({kv}) and head_dim ({d})")  # fmt: skip
-    group, path = heads // kv, _join(name, "qkv_proj")
-    members = _rows(path, qkv, "q", group * d) + _rows(path, qkv, "k", d, (heads * d,)) + _rows(path, qkv, "v", d, ((heads + kv) * d,))
-    members.append(_columns(_join(name, "o_proj"), out, "out", group * d))
-    return Match([_layer("head", name, module, kv, d, members, "attention:fused-blocks", group)])
 
 
 @_builtin("attention:interleaved")
@@ -336,6 +376,8 @@ def _mlp(name: str, module: nn.Module, ups: list[str], down: str, pattern: str) 
         down_module = module.get_submodule(down)
     except AttributeError:
         return None
+    if any(isinstance(m, nn.Sequential) for m in [*up_modules, down_module]):
+        return None
     if not all(_linear(m) for m in [*up_modules, down_module]):
         return None
     units = _outputs(up_modules[0])
@@ -346,6 +388,42 @@ def _mlp(name: str, module: nn.Module, ups: list[str], down: str, pattern: str) 
         members += _rows(_join(name, path), m, "up", 1)
     members.append(_columns(_join(name, down), down_module, "down", 1))
     return Match([_layer("neuron", name, module, units, 1, members, pattern)])
+
+
+def _elementwise(activation: object) -> bool:
+    """``nn.Transformer*Layer``'s ``activation``: a module of :data:`ELEMENTWISE` or torch's relu/gelu (the two its
+    ``activation="relu"|"gelu"`` set); any other callable may mix units, so that layer's MLP is not offered."""
+    return isinstance(activation, ELEMENTWISE) or activation in (nn.functional.relu, nn.functional.gelu, torch.relu)
+
+
+@_builtin("mlp:torch-transformer-layer")
+def _torch_layer(name: str, module: nn.Module) -> Match | None:
+    """``nn.TransformerEncoderLayer`` / ``DecoderLayer``: ``linear1 → activation → dropout → linear2``."""
+    if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return None
+    if not _elementwise(module.activation):
+        return Match(dense=f"kept dense because {name!r}'s activation {module.activation!r} is a callable that could mix "
+                           f"hidden units; give it an activation module (e.g. nn.GELU()) or register the MLP")  # fmt: skip
+    return _mlp(name, module, ["linear1"], "linear2", "mlp:torch-transformer-layer")
+
+
+@_builtin("mlp:sequential")
+def _sequential(name: str, module: nn.Module) -> Match | None:
+    """``Linear → elementwise… → Linear`` inside an ``nn.Sequential`` (one group layer per such pair)."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers, children = [], list(module.named_children())
+    for i, (child_name, child) in enumerate(children):
+        if not isinstance(child, nn.Linear):
+            continue
+        j = i + 1
+        while j < len(children) and isinstance(children[j][1], ELEMENTWISE):
+            j += 1
+        if j < len(children) and isinstance(children[j][1], nn.Linear) and children[j][1].in_features == child.out_features:
+            members = [*_rows(_join(name, child_name), child, "up", 1), _columns(_join(name, children[j][0]), children[j][1], "down", 1)]
+            layer = _layer("neuron", _join(name, child_name), child, child.out_features, 1, members, "mlp:sequential")
+            layers.append(layer)
+    return Match(layers) if layers else None
 
 
 @_builtin("mlp:gated")

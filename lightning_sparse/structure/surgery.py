@@ -24,8 +24,21 @@ from lightning_sparse.core.heads import GroupLayer
 
 Slicer = Callable[[nn.Module], None]
 Resizer = Callable[[nn.Module, GroupLayer, int], None]
+Rebuild = Callable[[nn.Module, GroupLayer, "list[int]"], str]
 _SLICERS: dict[type, Slicer] = {}
 _RESIZERS: dict[type, Resizer] = {}
+_REBUILDS: dict[str, Rebuild] = {}
+
+
+class KeptDense(Exception):
+    """Raised by a rebuild (before it changes anything) to keep a module's units: the message says why."""
+
+
+def register_rebuild(pattern: str, rebuild: Rebuild) -> None:
+    """Units found by ``pattern`` are removed by ``rebuild(model, layer, keep) -> description`` instead of the generic
+    slicing: for modules whose class cannot hold fewer heads (``nn.MultiheadAttention``'s query width is its
+    ``embed_dim``) and must be replaced. It may call :func:`slice_units` and raise :class:`KeptDense`."""
+    _REBUILDS[pattern] = rebuild
 
 
 def register_slicer(cls: type, slicer: Slicer) -> None:
@@ -93,7 +106,16 @@ def default_resize(module: nn.Module, layer: GroupLayer, kept: int) -> None:
 
 @torch.no_grad()
 def remove_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
-    """Remove from ``model``, in place, every unit of ``layer`` not in ``keep``; return what the module became."""
+    """Remove from ``model``, in place, every unit of ``layer`` not in ``keep`` (by the rebuild registered for its
+    pattern, else :func:`slice_units`); return what the module became. Raises :class:`KeptDense` to keep them."""
+    rebuild = _REBUILDS.get(layer.pattern)
+    return rebuild(model, layer, keep) if rebuild is not None else slice_units(model, layer, keep)
+
+
+@torch.no_grad()
+def slice_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
+    """The generic surgery (module doc): delete the dropped units' entries of every member, re-read the owners'
+    shape attributes, and resize the module that holds the units."""
     dropped = [g for g in range(layer.count) if g not in set(keep)]
     by_tensor: dict[tuple[str, int], list] = {}
     for member in layer.members:
