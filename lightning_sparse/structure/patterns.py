@@ -71,6 +71,9 @@ class Match:
 
 
 Pattern = Callable[[str, nn.Module], "Match | None"]
+#: ``{pattern: {"heads": attrs, "kv": attrs}}``: attribute names a registered module states its counts under, which
+#: deploy's surgery rewrites besides :data:`HEAD_ATTRS` / :data:`KV_ATTRS`.
+STATED_ATTRS: dict[str, dict[str, tuple[str, ...]]] = {}
 _PATTERNS: list[tuple[str, Pattern]] = []  # built-in ones, in order
 _USER: list[tuple[str, Pattern]] = []  # registered by users, tried first
 
@@ -92,6 +95,7 @@ def register_pattern(name: str, pattern: Pattern) -> None:
 def unregister_pattern(name: str) -> None:
     """Forget a pattern registered with :func:`register_pattern` (or the helpers below)."""
     _USER[:] = [(n, p) for n, p in _USER if n != name]
+    STATED_ATTRS.pop(name, None)
 
 
 def _builtin(name: str) -> Callable[[Pattern], Pattern]:
@@ -296,6 +300,9 @@ def register_attention(match: type | Callable[[nn.Module], bool], *, q: str, k: 
                          value(module, head_dim, DIM_ATTRS) if head_dim else None, f"attention:{label}")  # fmt: skip
 
     register_pattern(f"attention:{label}", pattern)
+    STATED_ATTRS[f"attention:{label}"] = {
+        "heads": (heads,) if isinstance(heads, str) else (), "kv": (kv_heads,) if isinstance(kv_heads, str) else ()
+    }
 
 
 def _separate(name: str, module: nn.Module, parts: dict[str, nn.Module], paths: list[str], heads: int | None,

@@ -87,17 +87,20 @@ def removed_index(layer: GroupLayer, size: int, axis_members: list, dropped: lis
 
 
 def default_resize(module: nn.Module, layer: GroupLayer, kept: int) -> None:
-    """Rewrite the head counts ``module`` (and its ``self``/``attention`` child) hold: query heads, KV heads and the
+    """Rewrite the head counts ``module`` (and its ``self``/``attention`` child) hold: query heads, KV heads (the
+    attribute names of :data:`HEAD_ATTRS`/:data:`KV_ATTRS`, and those a :func:`register_attention` named) and the
     inner width, each only where it held the old value."""
-    from lightning_sparse.structure.patterns import HEAD_ATTRS, KV_ATTRS
+    from lightning_sparse.structure.patterns import HEAD_ATTRS, KV_ATTRS, STATED_ATTRS
 
     if layer.kind != "head":
         return
+    stated = STATED_ATTRS.get(layer.pattern, {})
     g, d = layer.query_heads, layer.width
     old = {"heads": layer.count * g, "kv": layer.count, "inner": layer.count * g * d}
     new = {"heads": kept * g, "kv": kept, "inner": kept * g * d}
     for holder in [module, *(getattr(module, c) for c in ("self", "attention") if isinstance(getattr(module, c, None), nn.Module))]:
-        for attrs, key in ((HEAD_ATTRS, "heads"), (KV_ATTRS, "kv"), (("all_head_size", "inner_dim", "split_size"), "inner")):
+        for attrs, key in ((HEAD_ATTRS + stated.get("heads", ()), "heads"), (KV_ATTRS + stated.get("kv", ()), "kv"),
+                           (("all_head_size", "inner_dim", "split_size"), "inner")):
             for attr in attrs:
                 value = holder.__dict__.get(attr)
                 if isinstance(value, int) and not isinstance(value, bool) and value == old[key]:
