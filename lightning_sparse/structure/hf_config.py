@@ -3,8 +3,8 @@
 
 Per kind of unit, the config keys that state it (as the architectures name them): heads ``num_attention_heads`` (and
 ``num_heads``, ``n_head``, ``n_heads``), key/value heads ``num_key_value_heads``, ``head_dim``; MLP width
-``intermediate_size``, ``ffn_dim``, ``encoder_ffn_dim``, ``decoder_ffn_dim``, ``n_inner``, ``hidden_dim``,
-``d_ff``. A key is rewritten only where it held the layers' original count and every layer it describes kept the
+``intermediate_size``, ``moe_intermediate_size``, ``shared_expert_intermediate_size``, ``ffn_dim``,
+``encoder_ffn_dim``, ``decoder_ffn_dim``, ``n_inner``, ``hidden_dim``, ``d_ff``. A key is rewritten only where it held the layers' original count and every layer it describes kept the
 same number of units (``distribution="uniform"``). Then the claim is **checked**: the model class is built from the
 new config on the meta device (no memory, no weights) and every tensor of the changed layers must have the shape the
 deployed model holds. Where it does not (GPT-2, OPT, BERT and GPT-NeoX derive ``head_dim`` from ``hidden / heads``,
@@ -22,7 +22,8 @@ from torch import nn
 
 HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
 KV_KEYS = ("num_key_value_heads",)
-MLP_KEYS = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "hidden_dim", "d_ff")
+MLP_KEYS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_dim", "encoder_ffn_dim",
+            "decoder_ffn_dim", "n_inner", "hidden_dim", "d_ff")
 
 
 @dataclass(frozen=True)

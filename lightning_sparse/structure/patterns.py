@@ -17,6 +17,8 @@ Built in:
 * **interleaved q/k/v per head** (GPT-NeoX ``query_key_value``: rows ``[3d·h, 3d·(h+1))`` are head h's q, k, v),
 * **gated MLPs** (SwiGLU/GeGLU ``gate_proj/up_proj/down_proj``; T5 ``wi_0/wi_1/wo``; Phi-3's fused
   ``gate_up_proj``: gate rows then up rows),
+* **mixture of experts** as 3-D parameters (``gate_up_proj``/``down_proj`` of Mixtral and Qwen2-MoE experts: a neuron
+  is one hidden unit of every expert together; the router stays dense),
 * **two-layer MLPs** (``fc1/fc2`` of OPT/BART, ``dense_h_to_4h/dense_4h_to_h`` of GPT-NeoX, ``lin1/lin2`` of
   DistilBERT, ``wi/wo`` of T5, ``ffn/ffn_output`` of ALBERT).
 
@@ -265,8 +267,10 @@ def register_attention(match: type | Callable[[nn.Module], bool], *, q: str, k: 
 
     Args:
         match: the module class (instances of it match) or a predicate on a module.
-        q, k, v, o: paths of its query, key, value and output projections (``nn.Linear``), relative to the module
-            (e.g. ``"attn.wq"``).
+        q: path of its query projection (``nn.Linear``), relative to the module (e.g. ``"attn.wq"``).
+        k: path of its key projection.
+        v: path of its value projection.
+        o: path of its output projection.
         heads: its number of query heads, or the name of the attribute holding it (default: read from the module /
             its ``config`` as for built-in layouts).
         kv_heads: key/value heads (grouped-query attention), an int or an attribute name; default from the shapes.
@@ -448,6 +452,25 @@ def _gated(name: str, module: nn.Module) -> Match | None:
         members.append(_columns(_join(name, "down_proj"), down, "down", 1))
         return Match([_layer("neuron", name, module, units, 1, members, "mlp:gated")])
     return None
+
+
+@_builtin("mlp:experts")
+def _experts(name: str, module: nn.Module) -> Match | None:
+    """Mixture of experts stored as 3-D parameters (transformers 5: ``MixtralExperts``, ``Qwen2MoeExperts``):
+    ``gate_up_proj`` ``(experts, 2·I, hidden)`` used as ``linear(x, w[e]).chunk(2)`` (gate rows, then up rows) and
+    ``down_proj`` ``(experts, hidden, I)``. Neuron ``i`` is gate row ``i``, up row ``I + i`` and down column ``i`` of
+    **every** expert together (so all experts keep one width, as the 3-D tensors and the config's one
+    ``intermediate_size`` require); the router stays dense."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3 and down.dim() == 3):
+        return None
+    experts, rows, hidden = gate_up.shape
+    if down.shape[0] != experts or down.shape[1] != hidden or rows != 2 * down.shape[2]:
+        return Match(dense=f"kept dense because {name!r} ({type(module).__name__}): gate_up_proj {list(gate_up.shape)} and "
+                           f"down_proj {list(down.shape)} are not (experts, 2·I, hidden) and (experts, hidden, I)")  # fmt: skip
+    units = down.shape[2]
+    members = [Member(_join(name, "gate_up_proj"), 1, (0, units), "up", 1), Member(_join(name, "down_proj"), 2, (0,), "down", 1)]
+    return Match([_layer("neuron", name, module, units, 1, members, "mlp:experts")])
 
 
 @_builtin("mlp:two-layer")

@@ -93,6 +93,9 @@ def default_resize(module: nn.Module, layer: GroupLayer, kept: int) -> None:
     from lightning_sparse.structure.patterns import HEAD_ATTRS, KV_ATTRS, STATED_ATTRS
 
     if layer.kind != "head":
+        for attr in ("intermediate_size", "intermediate_dim", "moe_intermediate_size"):  # an MLP that states its width
+            if module.__dict__.get(attr) == layer.count:
+                setattr(module, attr, kept)
         return
     stated = STATED_ATTRS.get(layer.pattern, {})
     g, d = layer.query_heads, layer.width

@@ -161,3 +161,43 @@ def test_layers_keeping_different_counts_deploy_but_the_config_says_it_cannot_ex
     assert [layer.mlp.up_proj.out_features for layer in deployed.model.layers] == [24, 36]
     assert deployed.config.intermediate_size == 48
     assert any("kept different numbers of units ([24, 36])" in note for note in report.notes), report.notes
+
+
+# mixture of experts: 3-D expert parameters; a neuron is one hidden unit of every expert; the router stays dense
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_expert_neurons_and_kv_groups_deploy_and_reload_with_stock_from_pretrained(kind, hamlet, tmp_path):
+    torch.manual_seed(0)
+    common = dict(vocab_size=hamlet.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=32, use_cache=False, pad_token_id=0, bos_token_id=0,
+                  eos_token_id=0)  # fmt: skip
+    if kind == "mixtral":
+        config, key = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common), "intermediate_size"
+    else:
+        config = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+                                             num_experts=4, num_experts_per_tok=2, **common)  # fmt: skip
+        key = "moe_intermediate_size"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    inner = getattr(config, key)
+    experts = {layer.module: layer for layer in find_group_layers(model) if layer.pattern == "mlp:experts"}
+    assert set(experts) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    router = model.model.layers[0].mlp.gate.weight.detach().clone()
+
+    granularity = {"*.self_attn.*": "head", "*.experts.*": "neuron"}
+    gmp = GradualMagnitudePruning(0.5, start=0, end=4, frequency=2, granularity=granularity,
+                                  include=["*.self_attn.*", "*.experts.*"], verbose=False)  # fmt: skip
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[gmp])  # fmt: skip
+    trainer.fit(CausalLM(model), hamlet)
+    model.eval()
+    gate_up = model.model.layers[0].mlp.experts.gate_up_proj
+    zero_rows = (gate_up == 0).all(2).all(0)  # rows zero in every expert
+    assert int(zero_rows[:inner].sum()) == inner // 2 and torch.equal(zero_rows[:inner], zero_rows[inner:])
+    assert bool((model.model.layers[0].mlp.gate.weight != 0).all()) and not torch.equal(router, model.model.layers[0].mlp.gate.weight)
+
+    x = next(iter(hamlet.train_dataloader()))[0]
+    deployed, report = deploy_and_reload(model, x, tmp_path)
+    assert getattr(deployed.config, key) == inner // 2 and deployed.config.num_key_value_heads == 1
+    assert tuple(deployed.model.layers[0].mlp.experts.down_proj.shape) == (4, 32, inner // 2)
+    deployed.save_pretrained(tmp_path / kind)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / kind).eval()
+    assert (logits(reloaded, x) - logits(deployed, x)).abs().max() <= 1e-5
