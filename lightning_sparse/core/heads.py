@@ -197,6 +197,14 @@ def extend_targets(model: nn.Module, targets: Targets, groups: GroupSet) -> Targ
 def groups_to_prune(layer: GroupLayer, sparsity: float) -> int:
     """``round(sparsity × count)`` whole heads/neurons; an error naming the layer and the group if that is all of them."""
     count = round_half_up(sparsity * layer.count)
+    if count >= layer.count and layer.kind == "head" and layer.query_heads > 1:
+        raise ValueError(
+            f"head pruning at sparsity {sparsity:.4g} would remove every one of the {layer.count} key/value groups of "
+            f"{layer.module!r} ({layer.module_type}: grouped-query attention, {layer.query_heads} query heads per KV head): "
+            f"a unit is a KV head with its query heads, so the pruned model keeps the group size its config states; "
+            f"the sparsity is the fraction of KV groups removed, so lower it (below "
+            f"{(layer.count - 0.5) / layer.count:.4g}) or leave the module out"
+        )
     if count >= layer.count:
         raise ValueError(
             f"{layer.kind} pruning at sparsity {sparsity:.4g} would remove every one of the {layer.count} {layer.kind}s "

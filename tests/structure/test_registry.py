@@ -152,3 +152,11 @@ def test_register_pattern_checks_its_arguments():
         register_pattern("mine", lambda name, module: None)
     with pytest.raises(TypeError, match=r"`pattern` must be callable"):
         register_pattern("attention:mine", "not a function")
+
+
+def test_gqa_asked_to_remove_every_kv_group_is_refused_saying_what_a_unit_is(registered, loader):
+    with pytest.raises(ValueError, match=r"remove every one of the 2 key/value groups of 'attn' \(MyAttention: grouped-query "
+                                         r"attention, 4 query heads per KV head\).*fraction of KV groups"):
+        gmp = GradualMagnitudePruning(0.75, granularity={"attn.*": "head"}, include=["attn.*.weight"], verbose=False)
+        pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[gmp]).fit(RowTransformer(), loader)
