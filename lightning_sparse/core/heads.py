@@ -69,6 +69,8 @@ class GroupLayer:
     members: tuple[Member, ...]
     pattern: str = ""  # the structure registry's pattern that found it (deploy's surgery is keyed by it)
     query_heads: int = 1  # query heads per unit (a KV group: num_attention_heads / num_key_value_heads)
+    kv_heads: int = 0  # query-slot units (multi-query attention): unit j is query head j of each of these KV heads
+    shared: tuple[str, ...] = ()  # the module's projections no unit holds (the one K/V head of multi-query attention)
 
     @property
     def params(self) -> list[str]:
@@ -77,6 +79,8 @@ class GroupLayer:
     def describe(self) -> str:
         if self.kind == "head" and self.query_heads > 1:
             unit = f"{self.count} KV groups of {self.query_heads} query heads of {self.width}"
+        elif self.kind == "head" and self.kv_heads:
+            unit = f"{self.count} query heads of {self.width} per KV head ({self.kv_heads} KV heads kept)"
         else:
             unit = f"{self.count} heads of {self.width}" if self.kind == "head" else f"{self.count} neurons"
         return f"{self.module} ({self.module_type}, {unit}): " + ", ".join(
@@ -89,6 +93,7 @@ class GroupSet:
     """The group layers chosen for pruning, and ``{parameter: group layers it belongs to}``."""
 
     layers: list[GroupLayer] = field(default_factory=list)
+    kept_dense: list[str] = field(default_factory=list)  # head targets no unit holds (multi-query K/V): left dense
 
     @property
     def params(self) -> list[str]:
@@ -139,7 +144,7 @@ def _find(model: nn.Module) -> tuple[list[GroupLayer], list[tuple[str, str]]]:
                         f"hold {needed} entries): its members disagree in size, so it cannot be pruned by {layer.kind}s"
                     )
                 members.append(Member(first.get(member.param, member.param), member.axis, member.offsets, member.role, member.width))
-            found.append(replace(layer, members=tuple(members)))
+            found.append(replace(layer, members=tuple(members), shared=tuple(first.get(p, p) for p in layer.shared)))
     return found, dense
 
 
@@ -158,7 +163,7 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
     for layer in layers:
         if any(wanted.get(p) == layer.kind for p in layer.params):
             chosen.append(layer)
-    covered = {(p, layer.kind) for layer in chosen for p in layer.params}
+    covered = {(p, layer.kind) for layer in chosen for p in (*layer.params, *layer.shared)}
     for name, kind in wanted.items():
         if (name, kind) not in covered:
             found = [f"{layer.module} ({layer.module_type})" for layer in layers if layer.kind == kind]
@@ -180,13 +185,15 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
                     f"given granularity {str(granularity[param])!r}: a group's members are pruned together, so give every "
                     f"member {layer.kind!r} (one glob over the module, e.g. '{layer.module}.*') or exclude it"
                 )
-    return GroupSet(chosen)
+    shared = [p for layer in chosen for p in layer.shared if wanted.get(p) == layer.kind]
+    return GroupSet(chosen, shared)
 
 
 def extend_targets(model: nn.Module, targets: Targets, groups: GroupSet) -> Targets:
-    """``targets`` with every member of ``groups`` added (biases, output projections), in model order."""
+    """``targets`` with every member of ``groups`` added (biases, output projections), in model order, less the
+    projections no unit holds (the key/value head of multi-query attention stays dense)."""
     roles = parameter_roles(model)
-    names = [name for name in roles if name in targets or name in set(groups.params)]
+    names = [name for name in roles if (name in targets and name not in groups.kept_dense) or name in set(groups.params)]
     params = {name: roles[name][0] for name in names}
     aliases = {name: roles[name][1] for name in names}
     axes = {name: targets.output_axis.get(name, roles[name][2].output_axis) for name in names}

@@ -44,6 +44,7 @@ class GroupReport:
     reason: str = ""
     params: list[str] = field(default_factory=list)  # the member tensors' names
     query_heads: int = 1  # query heads per unit (KV groups)
+    kv_heads: int = 0  # query-slot units: the KV heads kept whole
     width: int = 1  # head_dim for heads
 
     @property
@@ -235,7 +236,7 @@ def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list
     for layer in layers:  # every zero test is made before any module changes (a Sequential's layers share tensors)
         row = GroupReport(layer.module, layer.kind, layer.module_type, layer.count,
                           members=[_describe_member(m, layer.width) for m in layer.members], params=layer.params,
-                          query_heads=layer.query_heads, width=layer.width)  # fmt: skip
+                          query_heads=layer.query_heads, width=layer.width, kv_heads=layer.kv_heads)  # fmt: skip
         reports.append(row)
         dropped = zero[layer.module + "/" + layer.kind].nonzero().flatten().tolist()
         if not dropped:
@@ -251,7 +252,8 @@ def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list
             continue
         row.removed = dropped
         row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
-    resized = [Resized(r.module, r.kind, r.before, r.after, r.query_heads, r.width, tuple(r.params)) for r in reports if r.removed]
+    resized = [Resized(r.module, r.kind, r.before, r.after, r.query_heads, r.width, tuple(r.params), r.kv_heads)
+               for r in reports if r.removed]  # fmt: skip
     config_notes = update_configs(model, resized) if resized else []
     if notes is not None:
         notes += config_notes

@@ -37,6 +37,7 @@ class Resized:
     query_heads: int = 1
     width: int = 1
     params: tuple[str, ...] = ()
+    kv_heads: int = 0  # query-slot units: the KV heads all kept
 
 
 def _config_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -63,7 +64,9 @@ def _changes(config: object, rows: Sequence[Resized]) -> tuple[dict[str, int], l
     wanted: dict[str, set[int]] = {}
     problems = []
     for row in rows:
-        if row.kind == "head":
+        if row.kind == "head" and row.kv_heads:
+            pairs = [(k, row.before * row.kv_heads, row.after * row.kv_heads) for k in HEAD_KEYS]
+        elif row.kind == "head":
             pairs = [(k, row.before * row.query_heads, row.after * row.query_heads) for k in HEAD_KEYS]
             pairs += [(k, row.before, row.after) for k in KV_KEYS]
         else:

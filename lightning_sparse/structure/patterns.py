@@ -26,7 +26,8 @@ Built in:
 with its ``G`` query heads: ``G·d`` query rows, ``d`` key and ``d`` value rows, ``G·d`` output-projection columns
 (grouped-query attention, Ainslie et al. 2023: query head h reads KV head ``h // G``). Removing whole units keeps
 ``G`` an integer, so the pruned model is still valid GQA with the config's group size; with ``KV = H`` a unit is a
-head. Counts are read from the module (``num_heads``, ``num_attention_heads``, ``n_heads``, ``n_head``,
+head. With one KV head (multi-query attention) a unit is a query head, and the key/value projections stay. Counts
+are read from the module (``num_heads``, ``num_attention_heads``, ``n_heads``, ``n_head``,
 ``num_key_value_heads``, ``head_dim``) or its ``config`` and checked against the projections' shapes.
 """
 
@@ -316,6 +317,10 @@ def _separate(name: str, module: nn.Module, parts: dict[str, nn.Module], paths: 
     if isinstance(units, str):
         return Match(dense=units)
     kv, group, d = units
+    if kv == 1 and group > 1:  # multi-query: one KV head, so a unit is a query head (K/V stay)
+        members = _rows(paths[0], parts["q"], "q", d) + [_columns(paths[3], parts["o"], "out", d)]
+        shared = tuple(f"{paths[i]}.{p}" for i in (1, 2) for p in ("weight", "bias") if getattr(parts["kv"[i - 1]], p, None) is not None)
+        return Match([GroupLayer("head", name, type(module).__name__, group, d, tuple(members), pattern, 1, kv, shared)])
     members = _rows(paths[0], parts["q"], "q", group * d)
     members += _rows(paths[1], parts["k"], "k", d) + _rows(paths[2], parts["v"], "v", d)
     members.append(_columns(paths[3], parts["o"], "out", group * d))

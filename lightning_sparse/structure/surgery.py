@@ -98,12 +98,18 @@ def default_resize(module: nn.Module, layer: GroupLayer, kept: int) -> None:
                 setattr(module, attr, kept)
         return
     stated = STATED_ATTRS.get(layer.pattern, {})
-    g, d = layer.query_heads, layer.width
-    old = {"heads": layer.count * g, "kv": layer.count, "inner": layer.count * g * d}
-    new = {"heads": kept * g, "kv": kept, "inner": kept * g * d}
+    g, d, kv = layer.query_heads, layer.width, layer.kv_heads
+    if kv:  # query-slot units: KV heads stay, the group size shrinks
+        old = {"heads": layer.count * kv, "groups": layer.count, "inner": layer.count * kv * d}
+        new = {"heads": kept * kv, "groups": kept, "inner": kept * kv * d}
+    else:
+        old = {"heads": layer.count * g, "kv": layer.count, "inner": layer.count * g * d}
+        new = {"heads": kept * g, "kv": kept, "inner": kept * g * d}
     for holder in [module, *(getattr(module, c) for c in ("self", "attention") if isinstance(getattr(module, c, None), nn.Module))]:
         for attrs, key in ((HEAD_ATTRS + stated.get("heads", ()), "heads"), (KV_ATTRS + stated.get("kv", ()), "kv"),
-                           (("all_head_size", "inner_dim", "split_size"), "inner")):
+                           (("num_key_value_groups",), "groups"), (("all_head_size", "inner_dim", "split_size"), "inner")):
+            if key not in old:
+                continue
             for attr in attrs:
                 value = holder.__dict__.get(attr)
                 if isinstance(value, int) and not isinstance(value, bool) and value == old[key]:
@@ -146,4 +152,6 @@ def slice_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
         default_resize(module, layer, len(keep))
     if layer.kind == "head" and layer.query_heads > 1:
         return f"{layer.module_type} ({len(keep)} KV groups × {layer.query_heads} query heads)"
+    if layer.kind == "head" and layer.kv_heads:
+        return f"{layer.module_type} ({len(keep)} query heads per KV head × {layer.kv_heads})"
     return f"{layer.module_type} ({len(keep)} {layer.kind}s)"

@@ -201,3 +201,19 @@ def test_moe_expert_neurons_and_kv_groups_deploy_and_reload_with_stock_from_pret
     deployed.save_pretrained(tmp_path / kind)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / kind).eval()
     assert (logits(reloaded, x) - logits(deployed, x)).abs().max() <= 1e-5
+
+
+def test_multi_query_attention_loses_query_heads_and_keeps_its_one_kv_head(hamlet, tmp_path):
+    model = small("gemma", hamlet.vocab_size, num_key_value_heads=1)  # 8 query heads of 16 share one KV head
+    model = transformers.AutoModelForCausalLM.from_config(model.config)
+    attention = {layer.module: layer for layer in find_group_layers(model)}["model.layers.0.self_attn"]
+    assert (attention.count, attention.width, attention.kv_heads) == (8, 16, 1)  # a unit is a query head
+    fit(model, hamlet, DECODER)
+    x = next(iter(hamlet.train_dataloader()))[0]
+    deployed, report = deploy_and_reload(model, x, tmp_path)
+    assert (deployed.config.num_attention_heads, deployed.config.num_key_value_heads) == (4, 1)
+    attn = deployed.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features, attn.num_key_value_groups) == (64, 16, 64, 4)
+    deployed.save_pretrained(tmp_path / "mqa")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mqa").eval()
+    assert (logits(reloaded, x) - logits(deployed, x)).abs().max() <= 1e-5
