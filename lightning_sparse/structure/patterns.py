@@ -319,7 +319,8 @@ def _separate(name: str, module: nn.Module, parts: dict[str, nn.Module], paths: 
     kv, group, d = units
     if kv == 1 and group > 1:  # multi-query: one KV head, so a unit is a query head (K/V stay)
         members = _rows(paths[0], parts["q"], "q", d) + [_columns(paths[3], parts["o"], "out", d)]
-        shared = tuple(f"{paths[i]}.{p}" for i in (1, 2) for p in ("weight", "bias") if getattr(parts["kv"[i - 1]], p, None) is not None)
+        shared = tuple(f"{path}.{p}" for path, role in ((paths[1], "k"), (paths[2], "v")) for p in ("weight", "bias")
+                       if getattr(parts[role], p, None) is not None)  # fmt: skip
         return Match([GroupLayer("head", name, type(module).__name__, group, d, tuple(members), pattern, 1, kv, shared)])
     members = _rows(paths[0], parts["q"], "q", group * d)
     members += _rows(paths[1], parts["k"], "k", d) + _rows(paths[2], parts["v"], "v", d)
