@@ -12,7 +12,8 @@ Built in:
 * **separate projections**: a module holding q/k/v/o Linears under one of the names of :data:`QKVO_NAMES`
   (Llama, Qwen2, Qwen3 with ``q_norm``/``k_norm``, Mistral, Gemma, ViT: ``q_proj/k_proj/v_proj/o_proj``; OPT, BART:
   ``…/out_proj``; DistilBERT ``q_lin/…/out_lin``; ALBERT ``query/key/value/dense``; BERT ``self.query/…`` with
-  ``output.dense``; T5 ``q/k/v/o``, kept dense for now: its relative position bias is computed once and shared),
+  ``output.dense``; Swin with its per-head relative position bias table; T5 ``q/k/v/o``, kept dense for now: its
+  relative position bias is computed once and shared),
 * **fused q|k|v blocks** (Phi-3 ``qkv_proj``: ``H·d`` query rows, then ``KV·d`` key rows, then ``KV·d`` value rows),
 * **interleaved q/k/v per head** (GPT-NeoX ``query_key_value``: rows ``[3d·h, 3d·(h+1))`` are head h's q, k, v),
 * **gated MLPs** (SwiGLU/GeGLU ``gate_proj/up_proj/down_proj``; T5 ``wi_0/wi_1/wo``; Phi-3's fused
@@ -325,7 +326,18 @@ def _separate(name: str, module: nn.Module, parts: dict[str, nn.Module], paths: 
     members = _rows(paths[0], parts["q"], "q", group * d)
     members += _rows(paths[1], parts["k"], "k", d) + _rows(paths[2], parts["v"], "v", d)
     members.append(_columns(paths[3], parts["o"], "out", group * d))
+    members += _per_head_tables(name, module, kv * group, group)
     return Match([_layer("head", name, module, kv, d, members, pattern, group)])
+
+
+def _per_head_tables(name: str, module: nn.Module, heads: int, group: int) -> list[Member]:
+    """Swin's relative position bias table ``(positions, heads)`` (a column per query head, read with ``-1`` heads):
+    a member of every unit, ``group`` columns each."""
+    members = []
+    for path, param in module.named_parameters():
+        if path.rpartition(".")[2] == "relative_position_bias_table" and param.dim() == 2 and param.shape[1] == heads:
+            members.append(Member(_join(name, path), 1, (0,), "relative position bias", group))
+    return members
 
 
 @_builtin("attention:separate")
@@ -341,9 +353,9 @@ def _separate_projections(name: str, module: nn.Module) -> Match | None:
             out_path = "output.dense"  # BERT: BertAttention holds self.query/key/value and output.dense
         else:
             continue  # q/k/v without an output projection here (BERT's self-attention: its parent holds the output)
-        if hasattr(holder, "has_relative_attention_bias") or hasattr(holder, "relative_position_bias_table"):
+        if hasattr(holder, "has_relative_attention_bias"):
             return Match(dense=f"kept dense because {name!r} ({type(module).__name__}) adds a per-head relative position "
-                               f"bias that other layers share or that is indexed per head; its heads are not split yet")  # fmt: skip
+                               f"bias that the first layer computes and the others share; its heads are not split yet")  # fmt: skip
         parts = {"q": getattr(holder, q), "k": getattr(holder, k), "v": getattr(holder, v), "o": module.get_submodule(out_path)}
         heads = _read(holder, HEAD_ATTRS) or _read(module, HEAD_ATTRS)
         return _separate(name, module, parts, [_join(name, prefix, q), _join(name, prefix, k), _join(name, prefix, v),

@@ -75,6 +75,10 @@ def build(kind):
     if kind == "albert":
         config = t.AlbertConfig(vocab_size=17, embedding_size=16, max_position_embeddings=64, num_labels=10, **common())
         return Wrapped(t.AlbertForSequenceClassification(config)), t.AutoModelForSequenceClassification
+    if kind == "swin":
+        config = t.SwinConfig(image_size=8, patch_size=2, num_channels=1, embed_dim=16, depths=[1, 1], num_heads=[4, 4],
+                              window_size=2, mlp_ratio=3.0, num_labels=10)  # fmt: skip
+        return Wrapped(t.SwinForImageClassification(config), image=True), t.AutoModelForImageClassification
     if kind == "bart":
         config = t.BartConfig(vocab_size=17, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                               decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
@@ -119,7 +123,7 @@ def test_encoder_heads_and_neurons_deploy_and_the_config_follows(kind, digits, t
     inner = getattr(config, mlp_key)
     heads = [layer for layer in find_group_layers(net) if layer.kind == "head"]
     assert heads and all(layer.count == 4 for layer in heads)
-    data = (digits[1],) if kind == "vit" else (digits[0],)
+    data = (digits[1],) if kind in ("vit", "swin") else (digits[0],)
     fit(net, (*data, digits[2]), granularity)
     x = data[0][:16]
     result = deploy_model(net, x, kernel="dense", repeats=1)
@@ -167,3 +171,20 @@ def test_t5_gated_mlp_neurons_deploy_and_reload_and_its_attention_is_kept_dense_
     deployed.model.save_pretrained(tmp_path / "t5")
     reloaded = Wrapped(auto.from_pretrained(tmp_path / "t5"), seq2seq=True).eval()
     assert (outputs(reloaded, x) - outputs(deployed, x)).abs().max() <= 1e-5
+
+
+def test_swin_heads_with_their_relative_position_table_and_neurons_deploy(digits):
+    net, _ = build("swin")
+    attention = {layer.module: layer for layer in find_group_layers(net)}["model.swin.encoder.layers.0.blocks.0.attention"]
+    assert attention.members[-1].param.endswith("relative_position_bias.relative_position_bias_table")  # a column per head
+    fit(net, (digits[1], digits[2]), {"*.attention.*": "head", "*.mlp.*": "neuron"})
+    table = net.model.swin.encoder.layers[0].blocks[0].attention.relative_position_bias.relative_position_bias_table
+    assert int((table == 0).all(0).sum()) == 2  # the pruned heads' bias columns
+    x = digits[1][:16]
+    result = deploy_model(net, x, kernel="dense", repeats=1)
+    assert result.report.changed, result.report.notes
+    assert torch.allclose(outputs(result.model, x), outputs(net, x), atol=1e-5)
+    rows = [row for row in result.report.removed_groups if row.removed]
+    assert {(row.kind, row.after) for row in rows} == {("head", 2), ("neuron", 24), ("neuron", 48)}
+    # Swin states its MLP width as mlp_ratio × the stage width and its heads per stage: no count-valued key to rewrite
+    assert any("cannot express" in note for note in result.report.notes), result.report.notes
