@@ -472,7 +472,7 @@ def _remove_groups(original: nn.Module, inputs: tuple[Tensor, ...], reference: A
     """A copy of ``original`` with its all-zero attention heads and MLP neurons removed (:mod:`.groups`), or
     ``original`` itself when there are none or the rebuilt model's outputs differ."""
     pruned = copy.deepcopy(original)
-    report.removed_groups = groups.remove_zero_groups(pruned)
+    report.removed_groups = groups.remove_zero_groups(pruned, report.notes)
     if not any(row.removed for row in report.removed_groups):
         return original
     if not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference)):
