@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sparse.core.targets import _hf_conv1d
+from lightning_sparse.core.layouts import _hf_conv1d
 
 Reduce = Callable[[Tensor], Tensor]
 
