@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.optim import Optimizer
 
 from lightning_sparse import report
+from lightning_sparse.compat import logged_step
 from lightning_sparse.core.masks import MaskSet, non_finite
 from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import (
@@ -282,7 +283,7 @@ class CompressionCallback(*CALLBACK_BASES):
     def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
         """Send ``metrics`` to every logger of the Trainer, at the step of the last optimizer step."""
         for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            logger.log_metrics(dict(metrics), step=logged_step(trainer))
 
 
 class SparsityCallback(CompressionCallback):

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
+from lightning_sparse.compat import train_dataloader
 from lightning_sparse.core.groups import GroupedChannels, find_groups
 from lightning_sparse.core.masks import MaskSet
 
@@ -24,8 +25,7 @@ def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[t
     if isinstance(given, (tuple, list)) and given and all(isinstance(x, torch.Tensor) for x in given):
         return tuple(given)
     try:
-        source = trainer.fit_loop._data_source
-        loader = source.dataloader() if source.is_defined() else None
+        loader = train_dataloader(trainer, pl_module)
         if loader is None:
             return None
         with torch.random.fork_rng(devices=[]):
