@@ -171,16 +171,6 @@ def hint_fused_adam(callback: Callback, trainer: pl.Trainer, params: Mapping[str
         )
 
 
-def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
-    """The value of argument ``new``, also accepted under its old name ``old`` for one release (with a warning)."""
-    if old_value is None:
-        return new_value
-    warnings.warn(f"{owner}(`{old}`) is renamed `{new}`; `{old}` will be removed in the next release", DeprecationWarning, stacklevel=3)
-    if new_value != default and new_value != old_value:
-        raise ValueError(f"{owner}: give `{new}` or its old name `{old}`, not both (got {new_value!r} and {old_value!r})")
-    return old_value
-
-
 def refuse_fsdp1(callback: Callback, trainer: pl.Trainer) -> None:
     """FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) keeps each rank's part of a layer as a flat
     1-D view that does not have the layer's shape, so no mask, grid or projection can be applied to it: refused,

@@ -100,6 +100,7 @@ class SparseCLI(LightningCLI):
             super().parse_arguments(parser, args)
             return
         plain, overrides = split_arguments(sys.argv[1:] if args is None else list(args))
+        plain = replace_callbacks_whole(plain)
         if not overrides:
             self.config = parser.parse_args(plain)
             return
@@ -157,6 +158,23 @@ class SparseCLI(LightningCLI):
             elif isinstance(callback, LearningCompression):
                 names += [n for n in callback.params if n not in names]
         return names
+
+
+def replace_callbacks_whole(args: list[str]) -> list[str]:
+    """Put ``--trainer.callbacks=[]`` before every ``--trainer.callbacks=VALUE`` (a preset file or a class path) that
+    replaces the list: jsonargparse otherwise keeps the earlier callback's arguments at the same position when the new
+    class accepts them (``--trainer.callbacks=callbacks/rigl.yaml`` after a config with GMP ``start: 0.1`` gave RigL
+    ``start: 0.1``). A preset sets a callback's arguments whole: the file's values, the rest the class defaults.
+    ``--trainer.callbacks+=...`` (append) and ``--trainer.callbacks.ARG=...`` (one argument) are left as they are."""
+    result: list[str] = []
+    for index, arg in enumerate(args):
+        replaces = arg.startswith("--trainer.callbacks=") or (
+            arg == "--trainer.callbacks" and index + 1 < len(args) and not args[index + 1].startswith("--")
+        )
+        if replaces:
+            result.append("--trainer.callbacks=[]")
+        result.append(arg)
+    return result
 
 
 def _global_sparsity(model: Any, names: list[str] | None = None) -> float:

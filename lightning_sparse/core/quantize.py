@@ -20,7 +20,6 @@ from lightning_sparse.core.masks import non_finite
 from lightning_sparse.core.shards import full_tensor, is_sharded, local_part, local_tensor, sharded_like
 
 SCALES = ("per_channel", "per_tensor")
-GRANULARITIES = SCALES  # the old name of SCALES
 METHODS = ("uniform", "kmeans")
 
 
@@ -199,14 +198,14 @@ def lloyd_1d(values: Tensor, init: Tensor, iterations: int = 30) -> Tensor:
     return centroids
 
 
-def kmeans_1d(values: Tensor, k: int, init: Tensor | None = None, iterations: int = 30) -> Tensor:
+def kmeans_1d(values: Tensor, k: int, init: Tensor | None = None) -> Tensor:
     """Optimal 1-D k-means codebook of ``values``: sorted, distinct, at most ``k`` entries, no empty cluster.
 
     The exact optimum by dynamic programming over the sorted distinct values weighted by their counts (Wang & Song
     2011, "Ckmeans.1d.dp"; see :func:`_optimal_bounds`). With fewer than ``k`` distinct values the codebook is those
     values (shorter than ``k``, zero distortion). Cost: O(k · n · log n) for n distinct values, about 2 s for
     266k values at k = 16 and 25 s at k = 256 on one CPU core (``benchmarks/kmeans.py``); QAT re-fits every
-    ``codebook_frequency`` steps, L-C once per C step. ``iterations`` is unused (kept for compatibility).
+    ``frequency`` steps, L-C once per C step.
 
     Warm start: an exact method needs none, so ``init`` (the previous codebook) only decides ties: when it is no
     worse than the new codebook (same distortion within rounding, e.g. the weights did not change), ``init`` is
@@ -246,13 +245,11 @@ def codebook_quantize(weight: Tensor, codebook: Tensor) -> Tensor:
     return torch.where(w == 0, torch.zeros_like(w), snapped)
 
 
-def fit_codebook(
-    weight: Tensor, bits: int, init: Tensor | None = None, iterations: int = 30, reserve_zero: bool = False
-) -> Tensor:
+def fit_codebook(weight: Tensor, bits: int, init: Tensor | None = None, reserve_zero: bool = False) -> Tensor:
     """Optimal k-means codebook for the non-zero weights of one layer: at most ``2**bits`` values, or ``2**bits - 1``
     with ``reserve_zero`` (a pruned layer, whose zeros take the last of the ``2**bits`` codes)."""
     w = weight.detach().reshape(-1)
-    return kmeans_1d(w[w != 0], 2**bits - (1 if reserve_zero else 0), init, iterations)
+    return kmeans_1d(w[w != 0], 2**bits - (1 if reserve_zero else 0), init)
 
 
 class FakeQuantizer:
