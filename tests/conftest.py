@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import support
@@ -47,3 +49,43 @@ def make_trainer():
 def run_cli():
     """``run_cli(*args, cwd, pythonpath=None)``: the ``lightning-sparse`` command in a subprocess; its output."""
     return support.run_cli
+
+
+#: Tests that start subprocesses or several processes, or train for many epochs, listed by file here (rather than
+#: with a decorator in each file) so the fast tier is defined in one place: ``make test-fast`` (``pytest -m "not
+#: slow"``) leaves them out, ``make test`` runs them. A whole file can instead say ``pytestmark = pytest.mark.slow``.
+SLOW = {
+    "callbacks/test_gmp.py": ["test_sparse_model_still_classifies_digits"],  # 12 epochs of a CNN
+    "callbacks/test_lightning_package.py": ["test_cli_fits_a_lightning_pytorch_module_and_datamodule"],
+    "callbacks/test_movement.py": [
+        "test_movement_keeps_what_fine_tuning_needs_where_magnitude_keeps_what_pretraining_grew",  # 30 epochs
+        "test_fit_with_the_movement_preset",
+    ],
+    "core/test_heads.py": ["test_group_masks_resume_bit_exactly"],
+    "export/test_export.py": ["test_cli_export_prints_the_table_and_writes_a_loadable_file"],
+    "export/test_security.py": [
+        "test_bombs_are_refused_within_a_memory_bound",
+        "test_exported_granularity_and_glob_sweep_runs_through_the_agent_command_line",
+        "test_sigterm_during_a_write_removes_its_temporary_file",
+    ],
+    "sweep/test_sweep.py": [
+        "test_sweep_finds_the_smallest_feasible_model_and_writes_its_outputs",
+        "test_a_killed_sweep_resumes_without_losing_or_rerunning_trials",
+        "test_wandb_agent_command_line_runs_a_trial",
+    ],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests named in :data:`SLOW` ``slow``; a name there that its file no longer defines fails the run (so
+    the fast tier cannot silently grow when a slow test is renamed)."""
+    tests = Path(__file__).resolve().parent
+    modules = {}
+    for item in items:
+        file = Path(item.fspath).resolve().relative_to(tests).as_posix()
+        modules[file] = item.module
+        if item.originalname in SLOW.get(file, ()):
+            item.add_marker(pytest.mark.slow)
+    missing = [f"{file}::{name}" for file, module in modules.items() for name in SLOW.get(file, ()) if not hasattr(module, name)]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {missing}")

@@ -4,7 +4,6 @@ optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and lo
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 

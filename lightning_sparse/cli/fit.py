@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer, seed_everything
@@ -18,7 +17,7 @@ from rich.table import Table
 from lightning_sparse import wandb_mode
 from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.cli.args import add_flag
-from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
+from lightning_sparse.callbacks import LearningCompression, SparsityCallback
 from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.sweep.overrides import set_value, split_arguments

@@ -47,19 +47,19 @@ def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symm
     if symmetric:
         qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
         high = x.abs().amax(dim=dims) if dims else x.abs()
-        scale = high / qmax
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        step = high / qmax
+        zero_point = torch.zeros_like(step, dtype=torch.int32)
     else:
         qmin, qmax = 0, 2**bits - 1
         low, high = torch.aminmax(x.reshape(x.shape[0], -1), dim=1) if per_channel else torch.aminmax(x)
         low, high = low.clamp(max=0), high.clamp(min=0)
-        scale = (high - low) / qmax
-        zero_point = torch.clamp(torch.round(-low / torch.where(scale > 0, scale, 1.0)), qmin, qmax).to(torch.int32)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if per_channel:  # one scale per output channel: broadcast along the other dimensions
-        scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
-        zero_point = zero_point.reshape(scale.shape)
-    return fake_quantize(x, scale, zero_point, qmin, qmax).to(w.dtype)
+        step = (high - low) / qmax
+        zero_point = torch.clamp(torch.round(-low / torch.where(step > 0, step, 1.0)), qmin, qmax).to(torch.int32)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    if per_channel:  # one grid step per output channel: broadcast along the other dimensions
+        step = step.reshape(-1, *([1] * (x.dim() - 1)))
+        zero_point = zero_point.reshape(step.shape)
+    return fake_quantize(x, step, zero_point, qmin, qmax).to(w.dtype)
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -158,9 +158,9 @@ def _optimal_bounds(x: Tensor, w: Tensor, k: int) -> Tensor:
         prev, prev_opt = cur, opt
     bounds, i = [n], n - 1
     for opt in reversed(opts):
-        j = int(opt[i])
-        bounds.append(j)
-        i = j - 1
+        cut = int(opt[i])
+        bounds.append(cut)
+        i = cut - 1
     bounds.append(0)
     return torch.tensor(bounds[::-1], device=device)
 
@@ -338,7 +338,7 @@ class FakeQuantizer:
     def _rows_are_local(self, name: str) -> bool:
         """True when ``name`` is sharded by whole rows (FSDP2's ``Shard(0)``) and q(w) is a per-row uniform grid
         (per channel along axis 0, no CLIP-Q), so each rank's rows quantize on their own to the same bits."""
-        param = self.params[name]
+        param: Any = self.params[name]  # a DTensor when sharded
         return (
             is_sharded(param) and all(p.is_shard(0) for p in param.placements) and param.dim() >= 2
             and local_tensor(param).numel() > 0 and self.method == "uniform" and self.scale == "per_channel"

@@ -43,17 +43,17 @@ def any_sharded(tensors: Iterable[object]) -> bool:
     return any(is_sharded(t) for t in tensors)
 
 
-def local_tensor(tensor: Tensor) -> Tensor:
+def local_tensor(tensor: Any) -> Tensor:
     """This rank's shard of ``tensor`` (its storage: in-place writes change the parameter); ``tensor`` itself if plain."""
     return tensor._local_tensor if is_sharded(tensor) else tensor  # to_local() would record an autograd view
 
 
-def full_tensor(tensor: Tensor) -> Tensor:
+def full_tensor(tensor: Any) -> Tensor:
     """The whole tensor (all-gathered from the shards: a collective) as a plain tensor; ``tensor`` itself if plain."""
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
-def local_part(whole: Tensor, like: Tensor) -> Tensor:
+def local_part(whole: Tensor, like: Any) -> Tensor:
     """The part of ``whole`` (a plain tensor shaped like ``like``, the same on every rank) that this rank holds of
     ``like``; ``whole`` itself when ``like`` is plain. No communication: every rank slices its own part."""
     if not is_sharded(like):
@@ -62,7 +62,7 @@ def local_part(whole: Tensor, like: Tensor) -> Tensor:
     return part._local_tensor
 
 
-def sharded_like(whole: Tensor, like: Tensor) -> Tensor:
+def sharded_like(whole: Tensor, like: Any) -> Tensor:
     """``whole`` as a ``DTensor`` sharded like ``like`` (state kept beside a parameter: L-C's Δ and λ); ``whole``
     itself when ``like`` is plain."""
     if not is_sharded(like):
@@ -70,7 +70,7 @@ def sharded_like(whole: Tensor, like: Tensor) -> Tensor:
     return _dtensor().distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def from_local_like(local: Tensor, like: Tensor) -> Tensor:
+def from_local_like(local: Tensor, like: Any) -> Tensor:
     """A ``DTensor`` sharded like ``like`` whose shard on this rank is ``local`` (no communication); ``local`` itself
     when ``like`` is plain."""
     if not is_sharded(like):
@@ -78,7 +78,7 @@ def from_local_like(local: Tensor, like: Tensor) -> Tensor:
     return _dtensor().DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
-def gather_like(local: Tensor, like: Tensor) -> Tensor:
+def gather_like(local: Tensor, like: Any) -> Tensor:
     """The whole tensor of which ``local`` is this rank's part, sharded as ``like`` is (a collective); ``local`` if
     ``like`` is plain. Bool tensors travel as uint8 (gloo has no bool all-gather)."""
     if not is_sharded(like):
@@ -89,7 +89,7 @@ def gather_like(local: Tensor, like: Tensor) -> Tensor:
     return whole.full_tensor().to(dtype)
 
 
-def sum_over_shards(value: Tensor, like: Tensor) -> Tensor:
+def sum_over_shards(value: Tensor, like: Any) -> Tensor:
     """``value``, a quantity computed on this rank's shard of ``like`` (a count, a sum), summed over the shards (a
     collective); ``value`` itself when ``like`` is plain. Mesh dimensions along which ``like`` is replicated are not
     summed twice."""

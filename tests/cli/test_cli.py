@@ -10,6 +10,8 @@ import torch
 from lightning_sparse.core.masks import unpack
 from support import CLI, DIGITS, ROOT, checkpoint_sparsity, run_cli
 
+pytestmark = pytest.mark.slow  # subprocesses / several processes: `make test` runs it, `make test-fast` does not
+
 
 def _wait_for_files(folder: Path, pattern: str, seconds: float = 60.0) -> list[Path]:
     """The files matching ``pattern``, waiting for W&B's service, which writes the run file after the CLI exits."""
