@@ -1,4 +1,4 @@
-"""The three private Lightning/W&B attributes the library reads, in one place, each with a public fallback.
+"""The private Lightning/W&B attributes the library reads, in one place, each with a public fallback.
 
 Lightning has no public name for them: the step its own logger connector logs at, the training data source before
 the loop opens it, and whether a ``WandbLogger`` has started its run (``logger.experiment`` would start one).
@@ -36,3 +36,12 @@ def wandb_run_started(logger: Any) -> bool:
     """Whether a ``WandbLogger`` has created its run already (reading ``logger.experiment`` would create one):
     its ``_experiment`` attribute, else ``False``."""
     return getattr(logger, "_experiment", None) is not None
+
+
+def drop_unset_wandb_anonymous(logger: Any) -> None:
+    """Leave W&B's deprecated ``anonymous`` setting out of a ``WandbLogger``'s ``wandb.init`` arguments when it is
+    unset: the logger passes ``anonymous=None`` and W&B then warns "The anonymous setting has no effect" on every
+    run. Reads the logger's ``_wandb_init``; does nothing when it has none."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", "given") is None:
+        del init["anonymous"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from lightning_sparse.compat import logged_step, train_dataloader, wandb_run_started
+from lightning_sparse.compat import drop_unset_wandb_anonymous, logged_step, train_dataloader, wandb_run_started
 
 
 class _Record(pl.Callback):
@@ -57,3 +57,13 @@ def test_wandb_run_started_turns_true_only_once_the_run_exists(tmp_path):
     logger.experiment.log({"x": torch.tensor(1.0).item()})
     assert wandb_run_started(logger)
     logger.experiment.finish()
+
+
+def test_an_unset_wandb_anonymous_is_left_out_and_a_given_one_kept(tmp_path):
+    unset = WandbLogger(offline=True, save_dir=str(tmp_path))
+    assert "anonymous" in unset._wandb_init  # what makes W&B warn "The anonymous setting has no effect"
+    drop_unset_wandb_anonymous(unset)
+    assert "anonymous" not in unset._wandb_init
+    given = WandbLogger(offline=True, save_dir=str(tmp_path), anonymous=True)
+    drop_unset_wandb_anonymous(given)
+    assert given._wandb_init["anonymous"] == "allow"

@@ -63,6 +63,9 @@ def main(args: list[str] | None = None) -> None:
     if args[0] in COMMANDS:
         import_module(COMMANDS[args[0]]).main(args[1:])
         return
+    from lightning_sparse.cli.quiet import quiet_third_party
+
+    quiet_third_party()
     from lightning_sparse.cli.fit import SparseCLI
 
     cli_args = None if command_line else args  # LightningCLI warns when given both sys.argv and args

@@ -17,6 +17,7 @@ from rich.table import Table
 from lightning_sparse import wandb_mode
 from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.cli.args import add_flag
+from lightning_sparse.cli.quiet import quiet_loggers
 from lightning_sparse.callbacks import LearningCompression, SparsityCallback
 from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
@@ -76,7 +77,9 @@ class SparseCLI(LightningCLI):
         unified = _unified_lightning()
         if unified is not None and isinstance(self.model, unified.LightningModule) and self.trainer_class is Trainer:
             self.trainer_class = unified.Trainer  # same arguments; it refuses pytorch_lightning modules and vice versa
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        quiet_loggers(trainer.loggers)
+        return trainer
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", DESCRIPTION)

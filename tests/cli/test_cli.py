@@ -1,5 +1,6 @@
 """The ``lightning-sparse`` command, run as a user runs it (a subprocess), on real digits."""
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def test_demo_config_compares_with_dense_and_logs_wandb_offline(tmp_path):
     assert "saved offline in runs/wandb/offline-run-" in output
     assert len(_wait_for_files(tmp_path / "runs" / "wandb", "offline-run-*/run-*.wandb")) == 1
     assert "sparsity" in output.split("dense baseline vs compressed")[1]
+    # only the demo's own lines: no Lightning tips, no third-party deprecations, no colour codes off a terminal
+    for noise in ("💡 Tip", "LeafSpec", "anonymous setting", "\x1b["):
+        assert noise not in output, noise
+    assert not re.search(r"\b0\s+Total Flops", output)
 
 
 def test_report_on_a_missing_file_fails_cleanly(tmp_path):
