@@ -55,16 +55,31 @@ def run_cli():
 #: with a decorator in each file) so the fast tier is defined in one place: ``make test-fast`` (``pytest -m "not
 #: slow"``) leaves them out, ``make test`` runs them. A whole file can instead say ``pytestmark = pytest.mark.slow``.
 SLOW = {
-    "callbacks/test_gmp.py": ["test_sparse_model_still_classifies_digits"],  # 12 epochs of a CNN
+    "callbacks/test_gmp.py": [
+        "test_sparse_model_still_classifies_digits",  # 12 epochs of a CNN
+        "test_sparsity_reaches_wandb_offline_run",  # W&B's service process
+    ],
+    "callbacks/test_qat.py": ["test_qat_with_pruning_resumes_bit_identically"],  # three interrupted-and-resumed runs
+    "core/test_channel_groups.py": ["test_thinned_resnet_loads_in_a_process_without_the_training_code"],
+    "deployment/test_deploy.py": ["test_deployed_model_loads_in_a_process_without_the_training_code"],
     "callbacks/test_lightning_package.py": ["test_cli_fits_a_lightning_pytorch_module_and_datamodule"],
     "callbacks/test_movement.py": [
         "test_movement_keeps_what_fine_tuning_needs_where_magnitude_keeps_what_pretraining_grew",  # 30 epochs
         "test_fit_with_the_movement_preset",
     ],
-    "core/test_heads.py": ["test_group_masks_resume_bit_exactly"],
+    "core/test_heads.py": [  # trained transformers deployed and timed, a subprocess
+        "test_group_masks_resume_bit_exactly",
+        "test_chargpt_deploys_with_fewer_heads_and_neurons",
+        "test_bert_deploys_with_fewer_heads_and_neurons",
+        "test_gpt2_deploys_with_fewer_heads_and_neurons",
+        "test_transformer_encoder_layers_deploy_with_fewer_heads_and_neurons",
+        "test_multihead_attention_and_mlp_deploy_without_pruned_heads_and_neurons",
+    ],
     "export/test_export.py": ["test_cli_export_prints_the_table_and_writes_a_loadable_file"],
     "export/test_security.py": [
         "test_bombs_are_refused_within_a_memory_bound",
+        "test_a_large_all_zero_tensor_loads_with_an_explicit_budget",  # decodes gigabytes
+        "test_fuzz_of_the_format_gives_no_wrong_weights_and_only_value_errors",
         "test_exported_granularity_and_glob_sweep_runs_through_the_agent_command_line",
         "test_sigterm_during_a_write_removes_its_temporary_file",
     ],
