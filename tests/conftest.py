@@ -57,13 +57,17 @@ def run_cli():
 SLOW = {
     "callbacks/test_gmp.py": [
         "test_sparse_model_still_classifies_digits",  # 12 epochs of a CNN
+        "test_interrupted_and_resumed_run_is_bit_identical",  # resume checks: three runs each
         "test_sparsity_reaches_wandb_offline_run",  # W&B's service process
     ],
+    "callbacks/test_lc.py": ["test_lc_resumes_bit_identically"],
+    "callbacks/test_rigl.py": ["test_interrupted_and_resumed_run_is_bit_identical"],
     "callbacks/test_qat.py": ["test_qat_with_pruning_resumes_bit_identically"],  # three interrupted-and-resumed runs
     "core/test_channel_groups.py": ["test_thinned_resnet_loads_in_a_process_without_the_training_code"],
     "deployment/test_deploy.py": ["test_deployed_model_loads_in_a_process_without_the_training_code"],
     "callbacks/test_lightning_package.py": ["test_cli_fits_a_lightning_pytorch_module_and_datamodule"],
     "callbacks/test_movement.py": [
+        "test_interrupted_and_resumed_run_is_bit_identical",
         "test_movement_keeps_what_fine_tuning_needs_where_magnitude_keeps_what_pretraining_grew",  # 30 epochs
         "test_fit_with_the_movement_preset",
     ],
