@@ -79,6 +79,8 @@ SLOW = {
         "test_transformer_encoder_layers_deploy_with_fewer_heads_and_neurons",
         "test_multihead_attention_and_mlp_deploy_without_pruned_heads_and_neurons",
     ],
+    "models/test_chargpt.py": ["test_compiled_forward_trains_with_gmp"],  # torch.compile
+    "models/test_data_models.py": ["test_mnist_from_wheel_then_from_a_user_npz"],  # parses 70k CSV rows
     "export/test_export.py": ["test_cli_export_prints_the_table_and_writes_a_loadable_file"],
     "export/test_security.py": [
         "test_bombs_are_refused_within_a_memory_bound",
