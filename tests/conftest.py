@@ -89,7 +89,11 @@ SLOW = {
         "test_exported_granularity_and_glob_sweep_runs_through_the_agent_command_line",
         "test_sigterm_during_a_write_removes_its_temporary_file",
     ],
-    "sweep/test_sweep.py": [
+    "sweep/test_sweep.py": [  # every one starts `lightning-sparse fit` trial subprocesses (or Ray workers)
+        "test_failed_and_hanging_trials_mark_only_themselves",
+        "test_ray_launcher_runs_trials_as_ray_tasks",
+        "test_constraint_on_a_metric_no_trial_logs_is_refused_before_any_trial",
+        "test_base_config_that_fails_validation_is_refused_before_any_trial",
         "test_sweep_finds_the_smallest_feasible_model_and_writes_its_outputs",
         "test_a_killed_sweep_resumes_without_losing_or_rerunning_trials",
         "test_wandb_agent_command_line_runs_a_trial",
