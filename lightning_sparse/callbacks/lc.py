@@ -307,8 +307,8 @@ class LearningCompression(CompressionCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compressor is not None and self.compressor.started:
             if self.best is None and self.keep_best is not None:
-                rank_zero_warn(f"LearningCompression: no validation run saw a C-step iterate, so `keep_best` had no "
-                               f"candidates; the model ends with the last one")  # fmt: skip
+                rank_zero_warn("LearningCompression: no validation run saw a C-step iterate, so `keep_best` had no "
+                               "candidates; the model ends with the last one")  # fmt: skip
             self.compressor.finish()
             if self.verbose:
                 self._print_table()

@@ -115,6 +115,3 @@ def main(args: list[str]) -> None:
     needs = "torch and lightning_sparse" if result.report.traced or not result.report.changed else f"torch, lightning_sparse and {parsed.model}"
     print(f"Saved {parsed.output} (example input {list(x.shape)}, {math.prod(x.shape[1:])} values per sample); "
           f"load it with lightning_sparse.deployment.load_deployed(path, trusted=True): it needs {needs}.")  # fmt: skip
-
-
-deploy_main = main  # the name this function had in lightning_sparse.deploy_cli

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer, seed_everything
@@ -18,7 +17,8 @@ from rich.table import Table
 from lightning_sparse import wandb_mode
 from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.cli.args import add_flag
-from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
+from lightning_sparse.cli.quiet import quiet_loggers
+from lightning_sparse.callbacks import LearningCompression, SparsityCallback
 from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.sweep.overrides import set_value, split_arguments
@@ -77,7 +77,9 @@ class SparseCLI(LightningCLI):
         unified = _unified_lightning()
         if unified is not None and isinstance(self.model, unified.LightningModule) and self.trainer_class is Trainer:
             self.trainer_class = unified.Trainer  # same arguments; it refuses pytorch_lightning modules and vice versa
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        quiet_loggers(trainer.loggers)
+        return trainer
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", DESCRIPTION)
@@ -100,6 +102,7 @@ class SparseCLI(LightningCLI):
             super().parse_arguments(parser, args)
             return
         plain, overrides = split_arguments(sys.argv[1:] if args is None else list(args))
+        plain = replace_callbacks_whole(plain)
         if not overrides:
             self.config = parser.parse_args(plain)
             return
@@ -157,6 +160,23 @@ class SparseCLI(LightningCLI):
             elif isinstance(callback, LearningCompression):
                 names += [n for n in callback.params if n not in names]
         return names
+
+
+def replace_callbacks_whole(args: list[str]) -> list[str]:
+    """Put ``--trainer.callbacks=[]`` before every ``--trainer.callbacks=VALUE`` (a preset file or a class path) that
+    replaces the list: jsonargparse otherwise keeps the earlier callback's arguments at the same position when the new
+    class accepts them (``--trainer.callbacks=callbacks/rigl.yaml`` after a config with GMP ``start: 0.1`` gave RigL
+    ``start: 0.1``). A preset sets a callback's arguments whole: the file's values, the rest the class defaults.
+    ``--trainer.callbacks+=...`` (append) and ``--trainer.callbacks.ARG=...`` (one argument) are left as they are."""
+    result: list[str] = []
+    for index, arg in enumerate(args):
+        replaces = arg.startswith("--trainer.callbacks=") or (
+            arg == "--trainer.callbacks" and index + 1 < len(args) and not args[index + 1].startswith("--")
+        )
+        if replaces:
+            result.append("--trainer.callbacks=[]")
+        result.append(arg)
+    return result
 
 
 def _global_sparsity(model: Any, names: list[str] | None = None) -> float:
