@@ -110,6 +110,11 @@ def _merge(roles: list[Role]) -> Role:
     return matrix or roles[0]
 
 
+def _plain_layout(output_axis: int | None) -> Layout | None:
+    """The layout of a weight with no table entry: its outputs on ``output_axis`` (no axes: none)."""
+    return None if output_axis is None else Layout(output_axis)
+
+
 class Targets(dict):
     """``{name: parameter}`` selected for compression (first names, in model order), with every alias of each tensor,
     its output axis and its :class:`~lightning_sparse.core.layouts.Layout` (``None`` for a tensor that does no matrix
@@ -121,11 +126,8 @@ class Targets(dict):
         self.aliases = {name: tuple(aliases.get(name, (name,))) for name in params}
         self.output_axis = {name: axes.get(name, 0) for name in params}
         self.kinds = {name: (kinds or {}).get(name, "other") for name in params}
-        given = layouts or {}  # without one: the plain layout on the output axis (a tensor with no axes: none)
-        self.layouts = {
-            name: given[name] if name in given else (None if self.output_axis[name] is None else Layout(self.output_axis[name]))
-            for name in params
-        }
+        given = layouts or {}
+        self.layouts = {name: given[name] if name in given else _plain_layout(self.output_axis[name]) for name in params}
 
     def subset(self, names: Iterable[str]) -> Targets:
         """The targets named in ``names``, in this order (aliases and axes kept)."""
