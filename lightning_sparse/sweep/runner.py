@@ -16,7 +16,8 @@ from rich.console import Console
 
 from lightning_sparse import files, wandb_mode
 from lightning_sparse.sweep.config import Parameter, SweepConfig, check_fit_config, is_plain_name, load_sweep
-from lightning_sparse.sweep.launchers import LOG_FILE, Launcher, TrialJob, TrialOutcome, kill_stale, make_launcher, read_metrics
+from lightning_sparse.sweep.launchers import LOG_FILE, Launcher, TrialJob, TrialOutcome, make_launcher, read_metrics
+from lightning_sparse.sweep.processes import end_stale
 from lightning_sparse.sweep.metrics import write_json
 from lightning_sparse.sweep.results import (
     TrialRecord,
@@ -149,6 +150,12 @@ class _Sweep:
         measured = ", ".join(f"{m}={_short(record.metrics[m])}" for m in self.sweep.metrics)
         self.console.print(f"trial {record.index} done in {outcome.seconds:.0f} s: {measured}")
 
+    def lose(self, record: TrialRecord, reason: str) -> None:
+        """A trial the previous sweeper left running that this one cannot check or end: abandoned, not rerun."""
+        record.status, record.error = "lost", reason
+        self.client.mark_trial_abandoned(record.index)
+        self.console.print(f"[yellow]trial {record.index} lost[/yellow]: {reason} (folder: {self.trial_folder(record.index)})")
+
     def next_record(self) -> TrialRecord | None:
         trials = self.client.get_next_trials(max_trials=1)
         if not trials:
@@ -277,7 +284,10 @@ def _loop(state: _Sweep, launcher: Launcher) -> None:
         if metrics is not None:  # it finished after the previous sweeper was killed
             state.finish(record, TrialOutcome(str(record.index), metrics, None, folder / LOG_FILE, 0.0))
             continue
-        kill_stale(folder)
+        stale = end_stale(folder)
+        if stale.state == "lost":  # maybe still running elsewhere, or not ours: never run twice in one folder
+            state.lose(record, stale.reason)
+            continue
         running[state.launch(launcher, record)] = record
     state.save()
     while True:
