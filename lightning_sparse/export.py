@@ -30,8 +30,10 @@ The encodings, their ``params`` and streams, and the stream codecs are described
 Reading treats the file as untrusted: the header is decompressed to at most :data:`MAX_HEADER_BYTES`, checked
 against one schema (the type and range of every field, unique names, streams that fill their layer, layers that
 fill the file) before anything is allocated, and the tensors it claims may decode to at most ``max_bytes`` in all
-(default: the larger of :data:`MIN_BUDGET_BYTES` and :data:`MAX_EXPANSION` × the file size), so a small crafted
-file cannot make the reader allocate gigabytes. Every refusal is a ``ValueError`` naming the file and the layer
+(default: the larger of :data:`MIN_BUDGET_BYTES` and :data:`MAX_EXPANSION` × the file size), together with the
+working memory of each layer's decoding (``core.codec.working_bytes``: its bytes, the streams held, the pattern,
+the LZMA dictionary) must fit the same budget, so the reader's peak stays below twice ``max_bytes`` plus a fixed
+few MiB: a small crafted file cannot make it allocate gigabytes, neither in its output nor on the way. Every refusal is a ``ValueError`` naming the file and the layer
 and field. Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): a pickle in
 them cannot run code unless ``trusted=True``.
 """
@@ -56,7 +58,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, check_entry, decode, decoded_bytes, encode
+from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, check_entry, decode, decoded_bytes, encode, working_bytes
 from lightning_sparse.files import atomic_writer, write_text_atomic
 
 __all__ = [
@@ -224,11 +226,21 @@ def iter_compressed(
         size = os.fstat(f.fileno()).st_size
         header = _read_header(f, path, size)
     budget = max(MIN_BUDGET_BYTES, MAX_EXPANSION * size) if max_bytes is None else max_bytes
-    claimed = sum(decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"]) for lay in header.layers if "alias" not in lay)
+    stored = [lay for lay in header.layers if "alias" not in lay]
+    claimed = sum(decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"]) for lay in stored)
     if claimed > budget:
         raise ValueError(
             f"{path}: the layers claim {claimed:,} decoded bytes, more than the {budget:,} allowed for a file of "
             f"{size:,} bytes; if you trust this file, pass `max_bytes` (at least {claimed})"
+        )
+    working = {lay["name"]: (_working_bytes(lay), decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"])) for lay in stored}
+    widest = max(working, key=lambda name: working[name][0], default=None)
+    if widest is not None and working[widest][0] > budget:  # its output may be small: the decoder itself is bounded
+        need, out = working[widest]
+        raise ValueError(
+            f"{path}: decoding layer {widest!r} needs {need:,} bytes of working memory (for {out:,} decoded bytes), "
+            f"more than the {budget:,} allowed for a file of {size:,} bytes; if you trust this file, pass "
+            f"`max_bytes` (at least {need})"
         )
     return _iter_layers(path, header, map_location)
 
@@ -595,6 +607,11 @@ def _iter_layers(
             if name in tied:
                 loaded[name] = tensor
             yield name, tensor
+
+
+def _working_bytes(layer: dict[str, Any]) -> int:
+    """What decoding the (checked) layer holds besides its tensor (``core.codec.working_bytes``)."""
+    return working_bytes(_DTYPES[layer["dtype"]], layer["shape"], layer["encoding"], layer["params"], layer["streams"])
 
 
 def _decode(layer: dict[str, Any], data: bytes) -> Tensor:
