@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,112 @@ def test_lsz_decoders_work_in_bounded_memory_and_count_it_against_the_budget(tmp
         assert kind == "ValueError" and f"decoding layer 'w' needs {working:,} bytes of working memory" in message
         assert "more than the 8,388,608 allowed" in message and peak_kib < 8 * 1024, (name, message, peak_kib)
     assert outcome["positions"][0] == "loaded" and outcome["positions"][1].endswith(", 2097152]")  # every value 1.0
+
+
+# ---------------------------------------------------------------------- checkpoints: zip members bounded
+ZIP_BOMB = MEASURE + textwrap.dedent("""
+    import io, struct, zipfile
+    import torch
+    from lightning_sparse.export import load_checkpoint, save_compressed
+    from lightning_sparse import report
+
+    def zip_bomb(path, numel):
+        '''A torch.save archive of {"state_dict": {"net.1.weight": zeros(numel)}} whose tensor bytes are deflated.'''
+        small = io.BytesIO()
+        torch.save({"state_dict": {"net.1.weight": torch.zeros(1, 65537)}}, small)
+        old, new = b"J" + struct.pack("<i", 65537), b"J" + struct.pack("<i", numel)  # the pickled sizes
+        with zipfile.ZipFile(small) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                if info.filename.endswith("/data/0"):
+                    member = zipfile.ZipInfo(info.filename)
+                    member.compress_type = zipfile.ZIP_DEFLATED
+                    with dst.open(member, "w", force_zip64=True) as out:
+                        for _ in range(numel * 4 >> 20):
+                            out.write(bytes(1 << 20))
+                else:
+                    dst.writestr(info.filename, data.replace(old, new) if info.filename.endswith("data.pkl") else data)
+
+    path = sys.argv[1] + "/bomb.ckpt"
+    zip_bomb(path, 32 << 20)  # 128 MiB of zeros
+    results = {"size": os.path.getsize(path),
+               "load_checkpoint": measured(lambda: load_checkpoint(path)),
+               "report": measured(lambda: report.checkpoint_stats(path)),
+               "export": measured(lambda: save_compressed(path, sys.argv[1] + "/out.lsz", verbose=False))}
+    results["trusted budget"] = measured(lambda: list(load_checkpoint(path, max_bytes=200 << 20)["state_dict"]["net.1.weight"].shape))
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="measures /proc/self/status")
+def test_a_checkpoint_zip_of_deflated_zeros_is_refused_by_its_declared_sizes(tmp_path):
+    outcome = run_child(ZIP_BOMB, str(tmp_path))
+    assert outcome["size"] < 300_000  # 128 MiB declared
+    for reader in ("load_checkpoint", "report", "export"):
+        kind, message, peak_kib = outcome[reader]
+        # main read it: 2.1 GB (report) and 3.25 GB (export) for a 523 kB file of 512 MiB
+        assert kind == "ValueError" and "bomb.ckpt: its zip members declare 134,21" in message, (reader, message)
+        assert "more than the 67,108,864 allowed for a file of" in message and "pass `max_bytes`" in message
+        assert peak_kib < 16 * 1024, (reader, peak_kib)
+    assert outcome["trusted budget"][:2] == ["loaded", "[1, 33554432]"]  # the same file with an explicit budget
+
+
+# ---------------------------------------------------------------------- deploy: the model bounded before it is built
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A real Classifier checkpoint after one step on digits, and what a careless or hostile sender makes of it."""
+    import pytorch_lightning as pl
+    import torch
+
+    from support import digits_model, make_trainer
+    from lightning_sparse.data import DigitsDataModule
+
+    folder = tmp_path_factory.mktemp("received")
+    pl.seed_everything(0)
+    trainer = make_trainer(folder, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(digits_model(), datamodule=DigitsDataModule(batch_size=32))
+    trainer.save_checkpoint(folder / "model.ckpt")
+    checkpoint = torch.load(folder / "model.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["input_shape"] = [1, 1000, 1000]  # Linear(1e6, 300): 1.2 GB
+    torch.save(checkpoint, folder / "wide.ckpt")
+    torch.save(checkpoint["state_dict"], folder / "state_dict.pt")
+    return {"model": folder / "model.ckpt", "wide": folder / "wide.ckpt", "state_dict": folder / "state_dict.pt"}
+
+
+DEPLOY_WIDE = MEASURE + textwrap.dedent("""
+    from lightning_sparse.cli import main
+
+    def deploy():
+        try:
+            main(["deploy", sys.argv[1], sys.argv[2], "--input_shape", "1,8,8"])
+        except SystemExit as exit_:
+            return f"exit {exit_.code}"
+    print(json.dumps(measured(deploy, limit_mib=2048)))  # room for what main built: its peak is measured
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="measures /proc/self/status")
+def test_deploy_refuses_hyper_parameters_that_build_other_weights_before_building_them(checkpoints, tmp_path):
+    kind, message, peak_kib = run_child(DEPLOY_WIDE, str(checkpoints["wide"]), str(tmp_path / "out.pt"))
+    assert (kind, message) == ("loaded", "exit 2")  # main built the 1.2 GB layer first (1.58 GB peak)
+    assert peak_kib < 64 * 1024, peak_kib
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_deploy_names_the_weight_whose_shape_the_hyper_parameters_change(checkpoints, tmp_path, capsys):
+    code, lines = run_cli(capsys, "deploy", str(checkpoints["wide"]), str(tmp_path / "out.pt"), "--input_shape", "1,8,8")
+    assert code == 2 and len(lines) == 1, lines
+    assert "build --model lightning_sparse.models.Classifier with `net.1.weight` of shape [300, 1000000], but the " \
+           "checkpoint's weight has shape [300, 64]" in lines[0]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
+    """``lightning-sparse ARGS`` in this process: its exit code and the lines it printed to stderr."""
+    from lightning_sparse.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return exit_.value.code, err.strip().splitlines()
