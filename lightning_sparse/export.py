@@ -326,6 +326,7 @@ def load_distributed_checkpoint(path: str | os.PathLike, *, trusted: bool = Fals
             f"{path} is a distributed checkpoint folder, whose .metadata index is a pickle that can run code when "
             f"read: pass `--trust` (`trusted=True`) only if you trust where it came from"
         )
+    warnings.warn(f"unpickling {path}/.metadata in full (trusted=True): this runs any code the file holds", stacklevel=2)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict

@@ -491,23 +491,24 @@ def _decode_marks(kind: str, stream: tuple[str, memoryview, int], numel: int, co
 
 
 def _decode_codes(stream: tuple[str, memoryview, int], bits: int, codebook: Tensor, values: Tensor) -> None:
-    """``values[k] = codebook[code k]`` for the ``bits``-bit codes of the stream, a chunk of codes at a time."""
+    """``values[k] = codebook[code k]`` for the ``bits``-bit codes of the stream, ``_CHUNK`` codes at a time."""
     count = values.numel()
     if stream[2] != (count * bits + 7) // 8:
         raise ValueError(f"{stream[2]} bytes do not hold {count} codes of {bits} bits")
     shifts, chunk_bytes = torch.arange(bits), _CHUNK * bits // 8  # _CHUNK codes end on a byte boundary
-    pending, done = b"", 0
+    carry, done = b"", 0
     for piece in itertools.chain(_pieces(*stream), [b""]):
-        pending += piece
-        while len(pending) >= chunk_bytes or (not piece and done < count):
+        data = torch.frombuffer(bytearray(carry + piece), dtype=torch.uint8) if carry or piece else None
+        start = 0
+        while data is not None and done < count and (data.numel() - start >= chunk_bytes or not piece):
             n = min(_CHUNK, count - done)
-            chunk, pending = pending[: (n * bits + 7) // 8], pending[(n * bits + 7) // 8 :]
-            packed = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+            packed = data[start : start + (n * bits + 7) // 8]
             codes = (unpack(packed, (n * bits,)).view(n, bits).long() << shifts).sum(dim=1)
             if int(codes.max()) >= codebook.numel():
                 raise ValueError(f"a code is outside the codebook of {codebook.numel()} values")
             values[done : done + n] = codebook[codes]
-            done += n
+            done, start = done + n, start + (n * bits + 7) // 8
+        carry = bytes(data[start:].numpy()) if data is not None and start < data.numel() else b""
 
 
 def _read_varints(pieces: Iterator[bytes]) -> Iterator[Tensor]:
