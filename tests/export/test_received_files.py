@@ -391,3 +391,31 @@ def test_the_lc_preset_refusing_a_short_run_is_one_line_in_fit(tmp_path):
     # main: a 40-line traceback ending in this ValueError
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert len(errors) == 1 and "needs 7880 optimizer steps, but the run has 20" in errors[0], run.stderr[-2000:]
+
+
+def test_fuzz_of_a_checkpoint_gives_only_value_errors_naming_the_file(checkpoints, tmp_path):
+    """Fixed-seed byte mutations of a real checkpoint through the checked reader: a result or a ValueError naming
+    the file, never another exception (the bounds above run before torch.load, on every mutation)."""
+    import random
+
+    from lightning_sparse.export import load_checkpoint
+
+    data = bytearray(checkpoints["model"].read_bytes())
+    rng = random.Random(30)
+    path = tmp_path / "fuzzed.ckpt"
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(150):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            position = rng.randrange(len(mutated))
+            mutated[position] = rng.randrange(256)
+        if rng.random() < 0.2:
+            mutated = mutated[: rng.randrange(len(mutated))]  # truncated
+        path.write_bytes(bytes(mutated))
+        try:
+            load_checkpoint(path)
+            outcomes["loaded"] += 1
+        except ValueError as error:
+            assert str(path) in str(error), error
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 150, outcomes
