@@ -154,8 +154,8 @@ class LearningCompression(CompressionCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_choice("compression", compression, lc.COMPRESSIONS)
-        _refuse_unused(compression, "prune", sparsity=sparsity, distribution=distribution)
-        _refuse_unused(compression, "quantize", bits=bits, codebook_size=codebook_size, codebook=codebook)
+        given = {"sparsity": sparsity, "distribution": distribution, "bits": bits, "codebook_size": codebook_size,
+                 "codebook": codebook}  # fmt: skip
         sparsity = 0.9 if sparsity is None else sparsity
         distribution = "global" if distribution is None else distribution
         bits = 2 if bits is None else bits
@@ -174,9 +174,11 @@ class LearningCompression(CompressionCallback):
             raise ValueError(f"`mu_max` must be a number > 0 (inf for no cap), got {mu_max!r}")
         if mu_init > mu_max:
             raise ValueError(f"`mu_init`={mu_init} must not exceed `mu_max`={mu_max} (it would be capped silently)")
-        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or not 1 <= mu_multiplier <= MAX_MU_MULTIPLIER:
-            raise ValueError(f"`mu_multiplier` must be a number in [1, {MAX_MU_MULTIPLIER}] (μ's factor per C step; published "
-                             f"schedules use 1.1 to 1.25), got {mu_multiplier!r}{_finite_note(mu_multiplier)}")  # fmt: skip
+        if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or not 1 <= mu_multiplier < math.inf:
+            raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}{_finite_note(mu_multiplier)}")
+        if mu_multiplier > MAX_MU_MULTIPLIER:
+            raise ValueError(f"`mu_multiplier` must be at most {MAX_MU_MULTIPLIER:g} (μ's factor per C step; published "
+                             f"schedules use 1.1 to 1.25), got {mu_multiplier!r}")  # fmt: skip
         check_steps("lc_steps", lc_steps, unit="C steps")
         if steps_per_l is not None:
             check_steps("steps_per_l", steps_per_l)
@@ -195,6 +197,8 @@ class LearningCompression(CompressionCallback):
         check_choice("l_step_schedule", l_step_schedule, lc.L_STEP_SCHEDULES)
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
             raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
+        _refuse_unused(compression, "prune", **{k: given[k] for k in ("sparsity", "distribution")})
+        _refuse_unused(compression, "quantize", **{k: given[k] for k in ("bits", "codebook_size", "codebook")})
         self.compression, self.distribution, self.codebook = compression, distribution, codebook
         self.sparsity = as_sparsity(sparsity)
         self.bits = dict(bits) if isinstance(bits, Mapping) else bits
