@@ -88,10 +88,12 @@ def _end_stale(pid_file: Path, folder: Path) -> StaleTrial:
         if not pid_file.is_file() or pid_file.stat().st_size > _MAX_PID_FILE:
             raise ValueError("not a small regular file")
         saved = json.loads(pid_file.read_text())
-        pid, token = saved["pid"], saved["token"]
+        if not isinstance(saved, dict):
+            raise ValueError("a bare number names a PID but not which process")
+        pid, token = saved.get("pid"), saved.get("token")
         if type(pid) is not int or not isinstance(token, str) or len(token) < 16:
-            raise ValueError("no integer pid and token")
-    except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError("it lacks an integer `pid` and a `token`")
+    except (OSError, ValueError, UnicodeDecodeError) as error:
         return StaleTrial("lost", f"{pid_file} does not identify a process this sweeper started ({error}); nothing "
                                   f"was signalled")  # fmt: skip
     here, boot = socket.gethostname(), boot_id()
