@@ -82,6 +82,12 @@ def check_steps(name: str, value: Any, unit: str = "optimizer steps") -> None:
         raise ValueError(f"`{name}` must be an int >= 1 ({unit}), got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """A flag: ``True`` or ``False`` only (not ``"abc"``, ``[1]``, 1 or NaN, which Python would take as true)."""
+    if type(value) is not bool:
+        raise ValueError(f"`{name}` must be a bool (true or false), got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
@@ -242,6 +248,7 @@ class CompressionCallback(*CALLBACK_BASES):
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
         self.include = as_patterns("include", include)
         self.exclude = as_patterns("exclude", exclude)
+        check_bool("verbose", verbose)
         self.verbose = verbose
         self.compressed: dict[str, frozenset[str]] = {}
 

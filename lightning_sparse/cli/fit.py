@@ -3,8 +3,12 @@ sweep-key overrides, for any module and datamodule of either Lightning package."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer, seed_everything
@@ -31,6 +35,23 @@ DESCRIPTION = (
     "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster). "
     "Our flags are spelled with underscores (--compare_dense, --max_trials); the hyphen spelling is accepted too."
 )
+
+
+@contextlib.contextmanager
+def _one_line_refusals(parser: Any) -> Iterator[None]:
+    """Print a ``ValueError``/``TypeError`` that lightning_sparse itself raised as one line and exit with 2: it is a
+    refusal with its reason, not a crash. Errors raised elsewhere (user code, torch) keep their traceback."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        if not frames or not Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE):
+            raise
+        text = " ".join(str(error).split()) or type(error).__name__
+        parser.exit(2, f"lightning-sparse: error: {text}\n")
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # lightning_sparse/
 
 
 def _unified_lightning() -> Any:
@@ -120,6 +141,14 @@ class SparseCLI(LightningCLI):
         if print_config:
             print(self._parser(subcommand).dump(self.config[subcommand], skip_none=False), end="")
             sys.exit(0)
+
+    def instantiate_classes(self) -> None:
+        with _one_line_refusals(self.parser):  # a callback's or model's own refusal of its arguments
+            super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with _one_line_refusals(self.parser):  # a callback refusing the set-up (the run is too short, ...)
+            super()._run_subcommand(subcommand)
 
     def after_fit(self) -> None:
         wandb_mode.announce_runs(self.trainer.loggers)
