@@ -39,8 +39,29 @@ def _blocks(page: Path) -> list[tuple[int, str]]:
     return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in BLOCK.finditer(text)]
 
 
+class MyAttention(torch.nn.Module):
+    """A user's attention module as the structure docs name it (GQA: ``n_heads`` query heads over ``n_kv`` KV heads)."""
+
+    def __init__(self, dim: int = 32, n_heads: int = 4, n_kv: int = 2) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, dim // n_heads
+        self.wq = torch.nn.Linear(dim, n_heads * self.head_dim)
+        self.wk = torch.nn.Linear(dim, n_kv * self.head_dim)
+        self.wv = torch.nn.Linear(dim, n_kv * self.head_dim)
+        self.wo = torch.nn.Linear(n_heads * self.head_dim, dim)
+
+
+class MyMLP(torch.nn.Module):
+    """A user's two-layer MLP as the structure docs name it."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.w_in, self.w_out = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+
 def _user_namespace() -> dict:
-    """What the snippets leave to the reader: their model, data, loader and optimizer (digits, a LeNet-300-100)."""
+    """What the snippets leave to the reader: their model (also as ``pretrained_model``), data, loader, optimizer
+    (digits, a LeNet-300-100) and their own attention and MLP classes."""
     torch.manual_seed(0)
     datamodule = DigitsDataModule(batch_size=64)
     datamodule.setup()
@@ -50,6 +71,7 @@ def _user_namespace() -> dict:
         "pl": pytorch_lightning, "model": model, "datamodule": datamodule, "loader": loader,
         "optimizer": torch.optim.SGD(model.parameters(), lr=0.05),
         "example_batch": next(iter(datamodule.test_dataloader()))[0], "MyModel": Classifier,
+        "pretrained_model": model, "MyAttention": MyAttention, "MyMLP": MyMLP,
     }  # fmt: skip
 
 

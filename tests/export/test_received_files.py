@@ -184,6 +184,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 DEPLOY_WIDE = MEASURE + textwrap.dedent("""
     from lightning_sparse.cli import main
+    import lightning_sparse.cli.deploy, lightning_sparse.models  # the CLI imports these lazily: not what is measured
 
     def deploy():
         try:
