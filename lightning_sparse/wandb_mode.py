@@ -1,4 +1,8 @@
-"""W&B without an account: offline unless a key is configured, and say where the run went."""
+"""W&B without an account: offline unless a key is configured, and say where the run went.
+
+Imports neither Lightning nor W&B at module level: every ``lightning-sparse`` subcommand calls
+:func:`default_to_offline`, and ``report``/``export``/``deploy`` must start without them.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ import os
 import shlex
 from pathlib import Path
 
-from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_info
+from lightning_sparse.compat import wandb_run_started
 
 
 def has_wandb_key() -> bool:
@@ -35,8 +38,11 @@ def sync_command(run_dir: str | os.PathLike) -> str:
 
 def announce_runs(loggers: list) -> None:
     """Print the local folder of every W&B run and how to upload an offline one."""
+    from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.utilities import rank_zero_info
+
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and wandb_run_started(logger):
             run_dir = Path(logger.experiment.dir).parent
             if os.environ.get("WANDB_MODE") == "offline":
                 rank_zero_info(f"W&B run saved offline in {run_dir} (upload later with `{sync_command(run_dir)}`)")

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / several processes: `make test` runs it, `make test-fast` does not
+
 HEAVY = ("pytorch_lightning", "lightning", "lightning_fabric", "wandb", "ax", "jsonargparse")
 
 

@@ -4,7 +4,6 @@ optimizer step, synchronised across ranks, checkpointed in ``state_dict`` and lo
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.optim import Optimizer
 
 from lightning_sparse import report
+from lightning_sparse.compat import logged_step
 from lightning_sparse.core.masks import MaskSet, non_finite
 from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import (
@@ -80,6 +80,12 @@ def check_steps(name: str, value: Any, unit: str = "optimizer steps") -> None:
     """A count such as the optimizer steps between updates: an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1 ({unit}), got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """A flag: ``True`` or ``False`` only (not ``"abc"``, ``[1]``, 1 or NaN, which Python would take as true)."""
+    if type(value) is not bool:
+        raise ValueError(f"`{name}` must be a bool (true or false), got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -170,16 +176,6 @@ def hint_fused_adam(callback: Callback, trainer: pl.Trainer, params: Mapping[str
         )
 
 
-def renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
-    """The value of argument ``new``, also accepted under its old name ``old`` for one release (with a warning)."""
-    if old_value is None:
-        return new_value
-    warnings.warn(f"{owner}(`{old}`) is renamed `{new}`; `{old}` will be removed in the next release", DeprecationWarning, stacklevel=3)
-    if new_value != default and new_value != old_value:
-        raise ValueError(f"{owner}: give `{new}` or its old name `{old}`, not both (got {new_value!r} and {old_value!r})")
-    return old_value
-
-
 def refuse_fsdp1(callback: Callback, trainer: pl.Trainer) -> None:
     """FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) keeps each rank's part of a layer as a flat
     1-D view that does not have the layer's shape, so no mask, grid or projection can be applied to it: refused,
@@ -252,6 +248,7 @@ class CompressionCallback(*CALLBACK_BASES):
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
         self.include = as_patterns("include", include)
         self.exclude = as_patterns("exclude", exclude)
+        check_bool("verbose", verbose)
         self.verbose = verbose
         self.compressed: dict[str, frozenset[str]] = {}
 
@@ -282,7 +279,7 @@ class CompressionCallback(*CALLBACK_BASES):
     def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
         """Send ``metrics`` to every logger of the Trainer, at the step of the last optimizer step."""
         for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            logger.log_metrics(dict(metrics), step=logged_step(trainer))
 
 
 class SparsityCallback(CompressionCallback):

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
+from lightning_sparse.compat import train_dataloader
 from lightning_sparse.core.groups import GroupedChannels, find_groups
 from lightning_sparse.core.masks import MaskSet
 
@@ -24,8 +25,7 @@ def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[t
     if isinstance(given, (tuple, list)) and given and all(isinstance(x, torch.Tensor) for x in given):
         return tuple(given)
     try:
-        source = trainer.fit_loop._data_source
-        loader = source.dataloader() if source.is_defined() else None
+        loader = train_dataloader(trainer, pl_module)
         if loader is None:
             return None
         with torch.random.fork_rng(devices=[]):
@@ -57,6 +57,7 @@ def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.Light
         callback._refuse_overlaps(trainer)
     if callback.verbose:
         rank_zero_only(print)(f"{type(callback).__name__}: {grouped.summary()}")
+    warn_if_output_is_pruned(callback, grouped)
     if grouped.unpruned:
         rank_zero_warn(
             f"{type(callback).__name__}: {len(grouped.unpruned)} layer(s) with granularity 'channel' stay dense because "
@@ -64,3 +65,20 @@ def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.Light
             + "; ".join(f"{name}: {reason}" for name, reason in grouped.unpruned.items())
         )
     return grouped
+
+
+#: The reason :mod:`lightning_sparse.core.groups` gives a group whose channels are the model's output.
+REACHES_OUTPUT = "reach the model's output"
+
+
+def warn_if_output_is_pruned(callback: Any, grouped: GroupedChannels) -> None:
+    """Warn when channel pruning scores a group whose channels are the model's output (a classifier's classes, a
+    language model's vocabulary): pruning it zeroes whole outputs, which is almost never meant."""
+    reached = [names for group, names in grouped.selected if REACHES_OUTPUT in group.reason]
+    if reached:
+        layers = sorted({name for names in reached for name in names})
+        rank_zero_warn(
+            f"{type(callback).__name__}: channel pruning reaches the model's output layer ({', '.join(layers)}): its "
+            f"pruned channels are whole outputs (classes, logits) that will always be 0. Leave it dense with "
+            f"`exclude={layers!r}`"
+        )

@@ -16,6 +16,7 @@ from lightning_sparse import report
 from lightning_sparse.callbacks.base import (
     CompressionCallback,
     as_sparsity,
+    check_bool,
     check_choice,
     check_finite,
     check_sparsity,
@@ -34,6 +35,20 @@ from lightning_sparse.core.targets import each_setting, model_sparsity, per_laye
 
 def _finite_note(value: Any) -> str:
     return " (it must be finite)" if isinstance(value, float) and math.isinf(value) else ""
+
+
+#: Largest μ factor per C step: beyond it μ reaches ``mu_max`` within a step or two (a typo, not a schedule).
+MAX_MU_MULTIPLIER = 10.0
+
+
+def _refuse_unused(compression: str, mode: str, **given: Any) -> None:
+    """Arguments of ``mode`` (``prune`` or ``quantize``) given with a ``compression`` that does not do it."""
+    unused = [name for name, value in given.items() if value is not None]
+    if mode not in compression and unused:
+        other = "prune" if mode == "quantize" else "quantize"
+        raise ValueError(f"{', '.join(f'`{n}`' for n in unused)} do(es) nothing with compression={compression!r} (it "
+                         f"only {other}s): drop {'it' if len(unused) == 1 else 'them'}, or use "
+                         f"compression='prune+quantize'")  # fmt: skip
 
 
 class LearningCompression(CompressionCallback):
@@ -74,14 +89,18 @@ class LearningCompression(CompressionCallback):
 
     Args:
         compression: ``prune`` (top-κ magnitudes), ``quantize`` (a codebook per layer) or ``prune+quantize``.
-        sparsity: fraction of zeros for pruning, in [0, 1), or ``{glob: sparsity}`` per layer.
-        distribution: pruning allocation, ``global`` (one κ over all layers) or ``uniform``.
-        bits: codebook size K = 2**bits for quantization (1..8), or ``{glob: bits}``; ``codebook_size`` overrides.
+            Arguments of the other mode are refused (``bits`` with ``prune``, ``sparsity`` with ``quantize``): they
+            would do nothing.
+        sparsity: fraction of zeros for pruning, in [0, 1), or ``{glob: sparsity}`` per layer (default 0.9).
+        distribution: pruning allocation, ``global`` (one κ over all layers, the default) or ``uniform``.
+        bits: codebook size K = 2**bits for quantization (1..8, default 2), or ``{glob: bits}``; ``codebook_size``
+            overrides.
             K counts every value a layer may hold: with ``prune+quantize`` the zero is one of them (K - 1 non-zero
             values), so a layer never needs more than ``bits`` per weight.
         codebook_size: K directly (>= 2), for sizes that are not powers of two.
-        codebook: ``kmeans`` (warm-started from the previous C step), ``binary`` (±a) or ``ternary`` ({-a, 0, a}).
-        mu_init: μ_0 > 0. mu_multiplier: a >= 1. mu_max: the cap on μ.
+        codebook: ``kmeans`` (warm-started from the previous C step, the default), ``binary`` (±a) or ``ternary``
+            ({-a, 0, a}).
+        mu_init: μ_0 > 0. mu_multiplier: a in [1, 10]. mu_max: the cap on μ.
         lc_steps: number of C steps (>= 1).
         steps_per_l: optimizer steps per L step (default: the steps after ``first_l_steps`` shared evenly).
         epochs_per_l: training epochs per L step, instead of ``steps_per_l`` (not both).
@@ -111,11 +130,11 @@ class LearningCompression(CompressionCallback):
     def __init__(
         self,
         compression: str = "prune",
-        sparsity: float | dict[str, float] = 0.9,
-        distribution: str = "global",
-        bits: int | dict[str, int] = 2,
+        sparsity: float | dict[str, float] | None = None,
+        distribution: str | None = None,
+        bits: int | dict[str, int] | None = None,
         codebook_size: int | None = None,
-        codebook: str = "kmeans",
+        codebook: str | None = None,
         mu_init: float = 1e-3,
         mu_multiplier: float = 1.1,
         mu_max: float = 1e4,
@@ -135,6 +154,13 @@ class LearningCompression(CompressionCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         check_choice("compression", compression, lc.COMPRESSIONS)
+        given = {"sparsity": sparsity, "distribution": distribution, "bits": bits, "codebook_size": codebook_size,
+                 "codebook": codebook}  # fmt: skip
+        sparsity = 0.9 if sparsity is None else sparsity
+        distribution = "global" if distribution is None else distribution
+        bits = 2 if bits is None else bits
+        codebook = "kmeans" if codebook is None else codebook
+        check_bool("reset_momentum", reset_momentum)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, ("global", "uniform"))
         check_choice("codebook", codebook, lc.CODEBOOKS)
@@ -150,6 +176,9 @@ class LearningCompression(CompressionCallback):
             raise ValueError(f"`mu_init`={mu_init} must not exceed `mu_max`={mu_max} (it would be capped silently)")
         if isinstance(mu_multiplier, bool) or not isinstance(mu_multiplier, (int, float)) or not 1 <= mu_multiplier < math.inf:
             raise ValueError(f"`mu_multiplier` must be a number >= 1, got {mu_multiplier!r}{_finite_note(mu_multiplier)}")
+        if mu_multiplier > MAX_MU_MULTIPLIER:
+            raise ValueError(f"`mu_multiplier` must be at most {MAX_MU_MULTIPLIER:g} (μ's factor per C step; published "
+                             f"schedules use 1.1 to 1.25), got {mu_multiplier!r}")  # fmt: skip
         check_steps("lc_steps", lc_steps, unit="C steps")
         if steps_per_l is not None:
             check_steps("steps_per_l", steps_per_l)
@@ -168,6 +197,8 @@ class LearningCompression(CompressionCallback):
         check_choice("l_step_schedule", l_step_schedule, lc.L_STEP_SCHEDULES)
         if isinstance(first_l_steps, bool) or not isinstance(first_l_steps, int) or first_l_steps < 0:
             raise ValueError(f"`first_l_steps` must be an int >= 0 (optimizer steps), got {first_l_steps!r}")
+        _refuse_unused(compression, "prune", **{k: given[k] for k in ("sparsity", "distribution")})
+        _refuse_unused(compression, "quantize", **{k: given[k] for k in ("bits", "codebook_size", "codebook")})
         self.compression, self.distribution, self.codebook = compression, distribution, codebook
         self.sparsity = as_sparsity(sparsity)
         self.bits = dict(bits) if isinstance(bits, Mapping) else bits
@@ -175,7 +206,7 @@ class LearningCompression(CompressionCallback):
         self.mu_init, self.mu_multiplier, self.mu_max = float(mu_init), float(mu_multiplier), float(mu_max)
         self.lc_steps, self.steps_per_l, self.first_l_steps = lc_steps, steps_per_l, first_l_steps
         self.epochs_per_l = epochs_per_l
-        self.reset_momentum = bool(reset_momentum)
+        self.reset_momentum = reset_momentum
         self.l_step_lr = None if l_step_lr is None else float(l_step_lr)
         self.l_step_lr_decay = float(l_step_lr_decay)
         self.l_step_schedule = l_step_schedule
@@ -307,8 +338,8 @@ class LearningCompression(CompressionCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compressor is not None and self.compressor.started:
             if self.best is None and self.keep_best is not None:
-                rank_zero_warn(f"LearningCompression: no validation run saw a C-step iterate, so `keep_best` had no "
-                               f"candidates; the model ends with the last one")  # fmt: skip
+                rank_zero_warn("LearningCompression: no validation run saw a C-step iterate, so `keep_best` had no "
+                               "candidates; the model ends with the last one")  # fmt: skip
             self.compressor.finish()
             if self.verbose:
                 self._print_table()

@@ -27,7 +27,6 @@ from lightning_sparse.callbacks.base import (
     print_rank_zero,
     print_targets,
     refuse_several_manual_optimizers,
-    renamed,
     resolve_step,
     warn_if_no_steps,
     whole_tensors,
@@ -53,13 +52,10 @@ class QuantizationAwareTraining(CompressionCallback):
         sparsity: CLIP-Q mode (Tung & Mori 2018): fraction in [0, 1) of each layer's smallest latent weights
             zeroed in the quantized weights only, recomputed at every step, so pruned weights can come back;
             a float or ``{glob: fraction}``. 0 (default) prunes nothing. A CLIP-Q layer has exactly
-            ``round(prune · N)`` zeros and its survivors in ``2**bits - 1`` non-zero levels: interval means over
-            the layer's range with ``method="uniform"`` (``granularity``/``symmetric`` then do not apply to it),
+            ``round(sparsity · N)`` zeros and its survivors in ``2**bits - 1`` non-zero levels: interval means over
+            the layer's range with ``method="uniform"`` (``scale``/``symmetric`` then do not apply to it),
             k-means codes with ``method="kmeans"``, so at most ``2**bits`` values per layer counting the zero.
         verbose: print the per-layer table when fitting ends.
-        granularity: deprecated name of ``scale``.
-        codebook_frequency: deprecated name of ``frequency``.
-        prune: deprecated name of ``sparsity``.
     """
 
     metric_prefix = "qat"
@@ -81,15 +77,8 @@ class QuantizationAwareTraining(CompressionCallback):
         frequency: int = 100,
         sparsity: float | dict[str, float] = 0.0,
         verbose: bool = True,
-        granularity: str | None = None,
-        codebook_frequency: int | None = None,
-        prune: float | dict[str, float] | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
-        owner = type(self).__name__
-        scale = renamed(owner, "granularity", "scale", granularity, scale, "per_channel")
-        frequency = renamed(owner, "codebook_frequency", "frequency", codebook_frequency, frequency, 100)
-        sparsity = renamed(owner, "prune", "sparsity", prune, sparsity, 0.0)
         for label, value in each_setting("bits", bits):
             check_bits(label, value)
         if not isinstance(symmetric, bool):

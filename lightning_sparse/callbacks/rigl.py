@@ -17,7 +17,6 @@ from lightning_sparse.callbacks.base import (
     check_fraction_or_step,
     check_sparsity,
     check_steps,
-    renamed,
 )
 from lightning_sparse.core.allocation import zero_counts
 from lightning_sparse.core.dynamic import DECAYS, GROW_INITS, is_dynamic_update_step, move_connections, random_masks, update_fraction
@@ -87,12 +86,10 @@ class RigL(SparsityCallback):
         decay: str = "cosine",
         erk_power_scale: float = 1.0,
         dense_first_layer: bool = False,
-        update_frequency: int | None = None,
         grow_init: str = "zeros",
         grow_scale: float = 1.0,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
-        frequency = renamed(type(self).__name__, "update_frequency", "frequency", update_frequency, frequency, 100)
         check_sparsity("sparsity", sparsity)
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("decay", decay, DECAYS)
@@ -238,11 +235,14 @@ class RigL(SparsityCallback):
 
 
 class SET(RigL):
-    """Sparse Evolutionary Training (Mocanu et al. 2018): :class:`RigL` with random growth; logs under ``set/``."""
+    """Sparse Evolutionary Training (Mocanu et al. 2018): :class:`RigL` with random growth; logs under ``set/``.
+
+    Takes every argument of :class:`RigL` except ``grow`` (always ``random``), with the same meaning and defaults.
+    """
 
     def __init__(
         self,
-        sparsity: float = 0.9,
+        sparsity: float | dict[str, float] = 0.9,
         distribution: str = "erk",
         frequency: int = 100,
         alpha: float = 0.3,
@@ -252,12 +252,18 @@ class SET(RigL):
         exclude: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
-        update_frequency: int | None = None,
+        decay: str = "cosine",
+        erk_power_scale: float = 1.0,
+        dense_first_layer: bool = False,
         grow_init: str = "zeros",
         grow_scale: float = 1.0,
     ) -> None:
-        super().__init__(sparsity, distribution, frequency, alpha, end, "random", start, include, exclude, seed, verbose,
-                         update_frequency=update_frequency, grow_init=grow_init, grow_scale=grow_scale)  # fmt: skip
+        super().__init__(
+            sparsity=sparsity, distribution=distribution, frequency=frequency, alpha=alpha, end=end, grow="random",
+            start=start, include=include, exclude=exclude, seed=seed, verbose=verbose, decay=decay,
+            erk_power_scale=erk_power_scale, dense_first_layer=dense_first_layer, grow_init=grow_init,
+            grow_scale=grow_scale,
+        )  # fmt: skip
 
 
 def _check_first_update(start: int, end: int, frequency: int) -> None:

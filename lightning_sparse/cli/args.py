@@ -7,7 +7,6 @@ the hyphen spelling of a multi-word flag (``--max-trials``) is accepted as the s
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 #: What a bad file or argument raises in the library: the subcommands print it as one line and exit with 2.
@@ -37,9 +36,14 @@ def fail(parser: argparse.ArgumentParser, error: BaseException | str, *paths: st
     parser.exit(2, f"{parser.prog}: error: {text}\n")
 
 
-def is_checkpoint(path: str) -> bool:
-    """A checkpoint file, or a distributed (sharded, FSDP2) checkpoint folder (it holds ``.metadata``)."""
-    return Path(path).is_file() or (Path(path) / ".metadata").is_file()
+def check_checkpoint(parser: argparse.ArgumentParser, path: str) -> None:
+    """Exit with one line saying what ``path`` is when it is not a checkpoint file or folder (without reading it)."""
+    from lightning_sparse.export import check_checkpoint_path
+
+    try:
+        check_checkpoint_path(path)
+    except INPUT_ERRORS as error:
+        fail(parser, error, path)
 
 
 def checkpoint_parser(command: str, description: str, checkpoint_help: str) -> argparse.ArgumentParser:
@@ -53,8 +57,7 @@ def checkpoint_parser(command: str, description: str, checkpoint_help: str) -> a
 def parse_checkpoint_args(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
     """``parser.parse_args(args)``, refusing a ``checkpoint`` that is not a file."""
     parsed = parser.parse_args(args)
-    if not is_checkpoint(parsed.checkpoint):
-        parser.error(f"checkpoint {parsed.checkpoint} does not exist")
+    check_checkpoint(parser, parsed.checkpoint)
     return parsed
 
 

@@ -9,17 +9,19 @@ LightningDataModule class path), or else a seeded random batch of ``--input_shap
 from __future__ import annotations
 
 import argparse
+import io
 import math
-import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_sparse.cli.args import add_flag, at_least_one, checkpoint_parser, fail, parse_checkpoint_args
+from lightning_sparse.cli.args import INPUT_ERRORS, add_flag, at_least_one, checkpoint_parser, fail, parse_checkpoint_args
 from lightning_sparse.imports import import_object
 from lightning_sparse.deployment import KERNELS, deploy_model, print_deploy_report, save_deployed
+from lightning_sparse.export import load_checkpoint
 
 DEFAULT_MODEL = "lightning_sparse.models.Classifier"
 
@@ -60,6 +62,48 @@ def example_input(parsed: argparse.Namespace, model: Any, parser: argparse.Argum
     return torch.randn((parsed.batch_size, *shape), generator=generator)
 
 
+def _read_checkpoint(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint, read as every command reads one (bounded, weights-only unless ``--trust``), once it is known
+    to be a Lightning checkpoint: deploy rebuilds the model from its ``hyper_parameters``."""
+    try:
+        checkpoint = load_checkpoint(parsed.checkpoint, trusted=parsed.trust)
+    except INPUT_ERRORS as error:
+        fail(parser, error, parsed.checkpoint)
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict", checkpoint), Mapping):
+        fail(parser, f"{parsed.checkpoint} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+    if "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
+        fail(parser, f"{parsed.checkpoint} is a plain state dict without Lightning metadata (no hyper_parameters to "
+                     f"rebuild the model from): build the model yourself, load the state dict and call "
+                     f"lightning_sparse.deployment.deploy_model, or give the Lightning .ckpt")  # fmt: skip
+    return checkpoint
+
+
+def _check_model_size(parser: argparse.ArgumentParser, parsed: argparse.Namespace, cls: Any, checkpoint: dict) -> None:
+    """Build the model on the meta device (no memory) from the checkpoint's hyper-parameters and refuse it when its
+    weights are not the checkpoint's: a crafted ``hyper_parameters`` (``input_shape: [1, 1000, 1000]``) cannot make
+    deploy allocate gigabytes before the weights are compared. Skipped for a model that cannot be built on meta."""
+    weights = {name: tuple(value.shape) for name, value in checkpoint["state_dict"].items() if isinstance(value, torch.Tensor)}
+    empty = io.BytesIO()
+    torch.save({**checkpoint, "state_dict": {}, "callbacks": {}, "optimizer_states": []}, empty)
+    empty.seek(0)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = cls.load_from_checkpoint(empty, map_location="meta", strict=False, weights_only=not parsed.trust)
+    except Exception:  # noqa: BLE001  a model whose __init__ needs real tensors: the real build reports its own errors
+        return
+    for name, value in probe.state_dict().items():
+        if name in weights and tuple(value.shape) != weights[name]:
+            fail(parser, f"{parsed.checkpoint}: its hyper_parameters build --model {parsed.model} with `{name}` of "
+                         f"shape {list(value.shape)}, but the checkpoint's weight has shape {list(weights[name])}")  # fmt: skip
+    built = sum(value.numel() * value.element_size() for value in probe.state_dict().values())
+    held = sum(value.numel() * value.element_size() for value in checkpoint["state_dict"].values()
+               if isinstance(value, torch.Tensor))  # fmt: skip
+    if built > 2 * held + (16 << 20):
+        fail(parser, f"{parsed.checkpoint}: its hyper_parameters build --model {parsed.model} with {built:,} bytes of "
+                     f"weights, but the checkpoint holds {held:,}: they do not describe the same model")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = checkpoint_parser(
         "deploy",
@@ -93,18 +137,19 @@ def main(args: list[str]) -> None:
     cls = _import(parsed.model, "--model", parser)
     if not hasattr(cls, "load_from_checkpoint"):
         parser.error(f"--model {parsed.model!r} is not a LightningModule (it has no load_from_checkpoint)")
-    if parsed.trust:
-        warnings.warn(f"unpickling {parsed.checkpoint} in full (--trust): this runs any code the file holds", stacklevel=1)
+    checkpoint = _read_checkpoint(parser, parsed)
+    _check_model_size(parser, parsed, cls, checkpoint)  # before any real model is built from its hyper-parameters
+    source: Any = parsed.checkpoint
+    if Path(parsed.checkpoint).is_dir():  # a distributed folder, read whole: hand Lightning one in-memory file
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    del checkpoint
     try:
-        model = cls.load_from_checkpoint(parsed.checkpoint, map_location=parsed.device, weights_only=not parsed.trust)
-    except pickle.UnpicklingError as error:  # a global that a weights-only load refuses
-        reason = next((line.split("error:")[-1].strip() for line in str(error).splitlines() if "Unsupported" in line),
-                      str(error).splitlines()[0] if str(error) else "not a checkpoint")  # fmt: skip
-        fail(parser, f"{parsed.checkpoint} cannot be read weights-only ({reason}); a pickle can run code, so pass "
-                     "--trust only if you trust where it came from")
-    except Exception as error:  # wrong class for this checkpoint, missing hyper_parameters, not a checkpoint...
+        model = cls.load_from_checkpoint(source, map_location=parsed.device, weights_only=not parsed.trust)
+    except Exception as error:  # wrong class for this checkpoint, a bad device...
         first = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-        parser.error(f"cannot rebuild --model {parsed.model} from {parsed.checkpoint}: {first}")
+        fail(parser, f"cannot rebuild --model {parsed.model} from {parsed.checkpoint}: {first}")
     x = example_input(parsed, model, parser)
     try:
         result = deploy_model(model, x, parsed.device, kernel=parsed.kernel)
@@ -115,6 +160,3 @@ def main(args: list[str]) -> None:
     needs = "torch and lightning_sparse" if result.report.traced or not result.report.changed else f"torch, lightning_sparse and {parsed.model}"
     print(f"Saved {parsed.output} (example input {list(x.shape)}, {math.prod(x.shape[1:])} values per sample); "
           f"load it with lightning_sparse.deployment.load_deployed(path, trusted=True): it needs {needs}.")  # fmt: skip
-
-
-deploy_main = main  # the name this function had in lightning_sparse.deploy_cli

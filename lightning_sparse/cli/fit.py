@@ -3,8 +3,11 @@ sweep-key overrides, for any module and datamodule of either Lightning package."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ from rich.table import Table
 from lightning_sparse import wandb_mode
 from lightning_sparse.callbacks import dropped_for_dense_baseline
 from lightning_sparse.cli.args import add_flag
-from lightning_sparse.callbacks import LearningCompression, QuantizationAwareTraining, SparsityCallback
+from lightning_sparse.cli.quiet import quiet_loggers
+from lightning_sparse.callbacks import LearningCompression, SparsityCallback
 from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import prunable_names
 from lightning_sparse.sweep.overrides import set_value, split_arguments
@@ -31,6 +35,23 @@ DESCRIPTION = (
     "`deploy CKPT OUT` (a model rebuilt to run faster: pruned channels removed, sparse kernels where faster). "
     "Our flags are spelled with underscores (--compare_dense, --max_trials); the hyphen spelling is accepted too."
 )
+
+
+@contextlib.contextmanager
+def _one_line_refusals(parser: Any) -> Iterator[None]:
+    """Print a ``ValueError``/``TypeError`` that lightning_sparse itself raised as one line and exit with 2: it is a
+    refusal with its reason, not a crash. Errors raised elsewhere (user code, torch) keep their traceback."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        if not frames or not Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE):
+            raise
+        text = " ".join(str(error).split()) or type(error).__name__
+        parser.exit(2, f"lightning-sparse: error: {text}\n")
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # lightning_sparse/
 
 
 def _unified_lightning() -> Any:
@@ -77,7 +98,9 @@ class SparseCLI(LightningCLI):
         unified = _unified_lightning()
         if unified is not None and isinstance(self.model, unified.LightningModule) and self.trainer_class is Trainer:
             self.trainer_class = unified.Trainer  # same arguments; it refuses pytorch_lightning modules and vice versa
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        quiet_loggers(trainer.loggers)
+        return trainer
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", DESCRIPTION)
@@ -100,6 +123,7 @@ class SparseCLI(LightningCLI):
             super().parse_arguments(parser, args)
             return
         plain, overrides = split_arguments(sys.argv[1:] if args is None else list(args))
+        plain = replace_callbacks_whole(plain)
         if not overrides:
             self.config = parser.parse_args(plain)
             return
@@ -117,6 +141,14 @@ class SparseCLI(LightningCLI):
         if print_config:
             print(self._parser(subcommand).dump(self.config[subcommand], skip_none=False), end="")
             sys.exit(0)
+
+    def instantiate_classes(self) -> None:
+        with _one_line_refusals(self.parser):  # a callback's or model's own refusal of its arguments
+            super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with _one_line_refusals(self.parser):  # a callback refusing the set-up (the run is too short, ...)
+            super()._run_subcommand(subcommand)
 
     def after_fit(self) -> None:
         wandb_mode.announce_runs(self.trainer.loggers)
@@ -157,6 +189,23 @@ class SparseCLI(LightningCLI):
             elif isinstance(callback, LearningCompression):
                 names += [n for n in callback.params if n not in names]
         return names
+
+
+def replace_callbacks_whole(args: list[str]) -> list[str]:
+    """Put ``--trainer.callbacks=[]`` before every ``--trainer.callbacks=VALUE`` (a preset file or a class path) that
+    replaces the list: jsonargparse otherwise keeps the earlier callback's arguments at the same position when the new
+    class accepts them (``--trainer.callbacks=callbacks/rigl.yaml`` after a config with GMP ``start: 0.1`` gave RigL
+    ``start: 0.1``). A preset sets a callback's arguments whole: the file's values, the rest the class defaults.
+    ``--trainer.callbacks+=...`` (append) and ``--trainer.callbacks.ARG=...`` (one argument) are left as they are."""
+    result: list[str] = []
+    for index, arg in enumerate(args):
+        replaces = arg.startswith("--trainer.callbacks=") or (
+            arg == "--trainer.callbacks" and index + 1 < len(args) and not args[index + 1].startswith("--")
+        )
+        if replaces:
+            result.append("--trainer.callbacks=[]")
+        result.append(arg)
+    return result
 
 
 def _global_sparsity(model: Any, names: list[str] | None = None) -> float:

@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, metavar="FILE", help="the sweep file (see examples/sweep_digits.yaml)")
     add_flag(parser, "max_trials", type=int, metavar="N", help="trials in all, resumed ones included (default: the file's, else 10)")
     parser.add_argument("--parallel", type=int, metavar="N", help="trials at once (default: the file's, else 1)")
+    add_flag(parser, "force_parallel", action="store_true",
+             help="allow --parallel above this machine's cores (a launcher with more, such as a Ray cluster)")
     parser.add_argument("--output", metavar="DIR", help="results folder (default: sweeps/<name>)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep saved in the output folder")
     parser.add_argument("--launcher", choices=("local", "ray"), default="local", help="where trials run (default: local)")
@@ -44,7 +46,7 @@ def main(args: list[str]) -> None:
         from lightning_sparse.sweep.runner import run_sweep
 
         result = run_sweep(sweep, max_trials=parsed.max_trials, parallel=parsed.parallel, output=parsed.output,
-                           resume=parsed.resume, launcher=parsed.launcher)  # fmt: skip
+                           resume=parsed.resume, launcher=parsed.launcher, force_parallel=parsed.force_parallel)  # fmt: skip
     except (ValueError, OSError, yaml.YAMLError) as error:
         fail(parser, error, parsed.config)
     if result.best is None:

@@ -53,6 +53,7 @@ class Layer:
 
     def inputs(self) -> int:
         weight = self.module.weight
+        assert isinstance(weight, Tensor)
         return weight.shape[0] if self.transposed else weight.shape[1]
 
 
@@ -72,24 +73,31 @@ class InputStatistics:
             shape = (self.size,) if self.kind == "norms" else (self.size, self.size)
             self.sums = torch.zeros(shape, device=rows.device)
             self.count = torch.zeros((), device=rows.device)
+        assert self.count is not None
         self.sums += rows.pow(2).sum(0) if self.kind == "norms" else rows.t() @ rows
         self.count += rows.shape[0]
 
     def reduce(self, reduce: Reduce | None) -> None:
-        if reduce is not None and self.sums is not None:
+        if reduce is not None and self.sums is not None and self.count is not None:
             self.sums, self.count = reduce(self.sums), reduce(self.count)
 
     @property
     def squared_norms(self) -> Tensor:
         """``‖X_j‖₂² / n`` (Wanda's ``scaler_row``, up to the reference's constant factor): XᵀX's diagonal for
         ``kind="hessian"``."""
-        sums = self.sums if self.kind == "norms" else torch.diagonal(self.sums)
-        return sums / self.count
+        sums, count = self._totals()
+        return (sums if self.kind == "norms" else torch.diagonal(sums)) / count
 
     @property
     def hessian(self) -> Tensor:
         """``H = 2 XᵀX / n``."""
-        return 2 * self.sums / self.count
+        sums, count = self._totals()
+        return 2 * sums / count
+
+    def _totals(self) -> tuple[Tensor, Tensor]:
+        if self.sums is None or self.count is None:
+            raise RuntimeError("no calibration inputs were added to these statistics")
+        return self.sums, self.count
 
 
 def find_layers(model: nn.Module, names: Iterable[str], aliases: Mapping[str, Sequence[str]] | None = None) -> dict[str, Layer]:

@@ -30,11 +30,12 @@ Pure torch and the standard library: the whole-model file format lives in ``ligh
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import lzma
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,8 +322,37 @@ def check_entry(
 
 
 def decoded_bytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    """Bytes of the decoded tensor (what loading it allocates, roughly once more while decoding)."""
+    """Bytes of the decoded tensor (what loading it returns)."""
     return math.prod(shape) * dtype.itemsize
+
+
+def working_bytes(
+    dtype: torch.dtype, shape: Sequence[int], encoding: str, params: Mapping[str, Any], streams: Sequence[Mapping[str, Any]]
+) -> int:
+    """An upper bound on the memory :func:`decode` holds besides the tensor it returns, from a checked entry alone.
+
+    Counted: the layer's stored bytes; every stream held decoded (``positions`` pattern and ``codes`` streams are
+    decoded a chunk at a time and never held whole); one bool per entry for the pattern (and per zero for the
+    signs); the non-zero values of a codebook layer; the LZMA dictionary. Not counted: a fixed
+    :data:`SCRATCH_BYTES` for the chunked loops, whatever the file. A reader checks this against its memory budget.
+    """
+    numel = math.prod(shape)
+    stored = sum(s["length"] for s in streams)
+    streamed = {"codes"} | {name for name in ("pattern", "signs") if params.get(name) == "positions"}
+    held = sum(s["size"] for s in streams if s["name"] not in streamed)
+    dictionary = max((_lzma_filters(s["size"])[0]["dict_size"] for s in streams if s["codec"] == "lzma"), default=0)
+    total = stored + held + dictionary
+    if encoding != "raw":
+        total += numel + (numel - params["nonzeros"] if "signs" in params else 0)
+        if encoding == "sparse-codebook":
+            total += params["nonzeros"] * dtype.itemsize
+    return total
+
+
+#: Fixed working memory of the chunked decoding loops (a chunk of varints, codes or flat indices as int64 and
+#: their temporaries, plus one decompressed piece), the same for every file.
+SCRATCH_BYTES = 32 * _CHUNK * 8
+_PIECE = 1 << 20  # decompressed bytes handed on at once by a streamed stream
 
 
 # --- decoding -----------------------------------------------------------------------------------------
@@ -338,52 +368,69 @@ def decode(
 ) -> Tensor:
     """Inverse of :func:`encode`: the tensor from its payload ``data`` and the fields of :meth:`Encoded.entry`.
 
-    Raises (mostly ``ValueError``) when the description does not fit the bytes, rather than guessing.
+    Works in bounded memory beside the result (:func:`working_bytes`): position and code streams are decompressed
+    and decoded a chunk at a time, values are written into the result a chunk at a time. Raises (mostly
+    ``ValueError``) when the description does not fit the bytes, rather than guessing.
     """
     shape = tuple(shape)
-    decoded = {
-        s["name"]: _decompress(s["codec"], data[s["offset"] : s["offset"] + s["length"]], s["size"]) for s in streams
-    }
+    view = memoryview(data)
+    stored = {s["name"]: (s["codec"], view[s["offset"] : s["offset"] + s["length"]], s["size"]) for s in streams}
+
+    def whole(name: str) -> bytes:
+        return b"".join(_pieces(*stored[name]))
+
     if encoding == "raw":
-        return _tensor_from(decoded["data"], dtype, shape)
+        return _tensor_from(whole("data"), dtype, shape)
     if encoding not in ("sparse-codebook", "sparse"):
         raise ValueError(f"unknown encoding {encoding!r}")
     numel, nonzeros = math.prod(shape), params["nonzeros"]
     int_dtype = _INT_VIEW[dtype.itemsize]
-    nonzero = _decode_marks(params["pattern"], decoded["pattern"], numel, nonzeros)
+    nonzero = _decode_marks(params["pattern"], stored["pattern"], numel, nonzeros)
     if encoding == "sparse":
-        values = _tensor_from(decoded["values"], int_dtype, (nonzeros,))
+        values = _tensor_from(whole("values"), int_dtype, (nonzeros,))
     else:
         distinct, bits = params["distinct"], params["bits"]
-        codebook = _tensor_from(decoded["codebook"], int_dtype, (distinct,))
-        codes = _unpack_codes(decoded["codes"], bits, nonzeros) if bits else torch.zeros(nonzeros, dtype=torch.long)
-        if codes.numel() and int(codes.max()) >= distinct:
-            raise ValueError(f"a code is outside the codebook of {distinct} values")
-        values = codebook[codes]
+        codebook = _tensor_from(whole("codebook"), int_dtype, (distinct,))
+        values = torch.zeros(nonzeros, dtype=int_dtype) if bits else codebook[:1].expand(nonzeros)
+        if bits:
+            _decode_codes(stored["codes"], bits, codebook, values)
     flat = torch.zeros(numel, dtype=int_dtype)
-    flat[nonzero] = values
+    _scatter(flat, nonzero, values)
     if "signs" in params:
         negative_zero = _negative_zero(dtype)
         if negative_zero is None:
             raise ValueError(f"{dtype} has no negative zero")
-        zeros = (~nonzero).nonzero().squeeze(1)
-        negative = _decode_marks(params["signs"], decoded["signs"], zeros.numel(), params["negative_zeros"])
-        flat[zeros[negative]] = negative_zero
+        negative = _decode_marks(params["signs"], stored["signs"], numel - nonzeros, params["negative_zeros"])
+        fill = torch.full((1,), negative_zero, dtype=int_dtype).expand(numel - nonzeros)
+        _scatter(flat, nonzero, fill, only=negative, invert=True)
     return flat.view(dtype).reshape(shape)
 
 
-def _decompress(codec: str, data: bytes, size: int) -> bytes:
+def _pieces(codec: str, data: memoryview, size: int) -> Iterator[bytes]:
+    """The decompressed stream, at most ``_PIECE`` bytes at a time; ``ValueError`` unless it holds ``size`` bytes."""
+    produced = 0
     if codec == "raw":
-        out = data
-    elif codec == "zlib":
-        out = zlib.decompressobj().decompress(data, size)
-    elif codec == "lzma":
-        out = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_lzma_filters(size)).decompress(data, max_length=size)
+        for start in range(0, len(data), _PIECE):
+            yield bytes(data[start : start + _PIECE])
+        produced = len(data)
+    elif codec in ("zlib", "lzma"):
+        if codec == "zlib":
+            inflater: Any = zlib.decompressobj()
+            step = lambda pending, n: (inflater.decompress(pending, n), inflater.unconsumed_tail)  # noqa: E731
+        else:
+            inflater = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_lzma_filters(size))
+            step = lambda pending, n: (inflater.decompress(pending, max_length=n), b"")  # noqa: E731
+        pending = bytes(data)
+        while produced < size and not inflater.eof:
+            piece, pending = step(pending, min(_PIECE, size - produced))
+            if not piece:
+                break
+            produced += len(piece)
+            yield piece
     else:
         raise ValueError(f"unknown codec {codec!r}")
-    if len(out) != size:
-        raise ValueError(f"a {codec} stream decodes to {len(out)} bytes, not {size}")
-    return out
+    if produced != size:
+        raise ValueError(f"a {codec} stream decodes to {produced} bytes, not {size}")
 
 
 def _tensor_from(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -394,23 +441,48 @@ def _tensor_from(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> Ten
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def _decode_marks(kind: str, data: bytes, numel: int, count: int) -> Tensor:
+def _scatter(flat: Tensor, where: Tensor, values: Tensor, only: Tensor | None = None, invert: bool = False) -> None:
+    """``flat[where] = values`` (``where`` negated with ``invert``) a chunk of ``flat`` at a time, so no index of
+    every entry is built; with ``only``, the k-th marked entry gets its value only where ``only[k]``."""
+    taken = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        marks = where[start : start + _CHUNK]
+        index = (~marks if invert else marks).nonzero().squeeze(1) + start
+        count = index.numel()
+        chunk = values[taken : taken + count]
+        if only is not None:
+            keep = only[taken : taken + count]
+            index, chunk = index[keep], chunk[keep]
+        flat[index] = chunk
+        taken += count
+
+
+def _decode_marks(kind: str, stream: tuple[str, memoryview, int], numel: int, count: int) -> Tensor:
     """Inverse of :func:`_smallest_pattern`: a bool vector of ``numel`` entries, ``count`` of them marked."""
-    if not data and numel == 0:
-        return torch.zeros(0, dtype=torch.bool)
+    marked = torch.zeros(numel, dtype=torch.bool)
     if kind == "bitmap":
-        if len(data) != (numel + 7) // 8:
-            raise ValueError(f"a bitmap of {len(data)} bytes does not cover {numel} entries")
-        marked = unpack(torch.frombuffer(bytearray(data), dtype=torch.uint8), (numel,))
+        if stream[2] != (numel + 7) // 8:
+            raise ValueError(f"a bitmap of {stream[2]} bytes does not cover {numel} entries")
+        done = 0
+        for piece in _pieces(*stream):
+            bits = unpack(torch.frombuffer(bytearray(piece), dtype=torch.uint8), (8 * len(piece),))
+            n = min(bits.numel(), numel - done)
+            marked[done : done + n] = bits[:n]
+            done += n
     elif kind == "positions":
-        gaps = _read_varints(data, count)
-        if gaps.numel() and (int(gaps.min()) < 0 or int(gaps.max()) >= numel):
-            raise ValueError("a position gap is out of range")
-        where = torch.cumsum(gaps + 1, dim=0) - 1
-        if where.numel() and int(where[-1]) >= numel:
-            raise ValueError(f"a position is beyond the {numel} entries")
-        marked = torch.zeros(numel, dtype=torch.bool)
-        marked[where] = True
+        last, seen = -1, 0
+        for gaps in _read_varints(_pieces(*stream)):
+            if int(gaps.min()) < 0 or int(gaps.max()) >= numel:
+                raise ValueError("a position gap is out of range")
+            where = torch.cumsum(gaps + 1, dim=0) + last
+            if int(where[-1]) >= numel:
+                raise ValueError(f"a position is beyond the {numel} entries")
+            marked[where] = True
+            last, seen = int(where[-1]), seen + gaps.numel()
+            if seen > count:
+                break
+        if seen != count:
+            raise ValueError(f"the positions hold {seen} complete varints, not {count}")
     else:
         raise ValueError(f"unknown pattern {kind!r}")
     if int(marked.sum()) != count:
@@ -418,34 +490,49 @@ def _decode_marks(kind: str, data: bytes, numel: int, count: int) -> Tensor:
     return marked
 
 
-def _unpack_codes(data: bytes, bits: int, count: int) -> Tensor:
-    if len(data) != (count * bits + 7) // 8:
-        raise ValueError(f"{len(data)} bytes do not hold {count} codes of {bits} bits")
-    packed = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    shifts = torch.arange(bits)
-    chunk_bytes = _CHUNK * bits // 8
-    codes = []
-    for start in range(0, count, _CHUNK):
-        n = min(_CHUNK, count - start)
-        chunk = packed[start * bits // 8 : start * bits // 8 + chunk_bytes]
-        codes.append((unpack(chunk, (n * bits,)).view(n, bits).long() << shifts).sum(dim=1))
-    return torch.cat(codes)
+def _decode_codes(stream: tuple[str, memoryview, int], bits: int, codebook: Tensor, values: Tensor) -> None:
+    """``values[k] = codebook[code k]`` for the ``bits``-bit codes of the stream, ``_CHUNK`` codes at a time."""
+    count = values.numel()
+    if stream[2] != (count * bits + 7) // 8:
+        raise ValueError(f"{stream[2]} bytes do not hold {count} codes of {bits} bits")
+    shifts, chunk_bytes = torch.arange(bits), _CHUNK * bits // 8  # _CHUNK codes end on a byte boundary
+    carry, done = b"", 0
+    for piece in itertools.chain(_pieces(*stream), [b""]):
+        data = torch.frombuffer(bytearray(carry + piece), dtype=torch.uint8) if carry or piece else None
+        start = 0
+        while data is not None and done < count and (data.numel() - start >= chunk_bytes or not piece):
+            n = min(_CHUNK, count - done)
+            packed = data[start : start + (n * bits + 7) // 8]
+            codes = (unpack(packed, (n * bits,)).view(n, bits).long() << shifts).sum(dim=1)
+            if int(codes.max()) >= codebook.numel():
+                raise ValueError(f"a code is outside the codebook of {codebook.numel()} values")
+            values[done : done + n] = codebook[codes]
+            done, start = done + n, start + (n * bits + 7) // 8
+        carry = bytes(data[start:].numpy()) if data is not None and start < data.numel() else b""
 
 
-def _read_varints(data: bytes, count: int) -> Tensor:
-    """Inverse of :func:`_varints`; exactly ``count`` values must be present."""
-    if not data:
-        if count:
-            raise ValueError(f"no positions for {count} non-zeros")
-        return torch.zeros(0, dtype=torch.long)
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    ends = ((raw & 0x80) == 0).nonzero().squeeze(1)
-    if ends.numel() != count or int(ends[-1]) != raw.numel() - 1:
-        raise ValueError(f"the positions hold {ends.numel()} complete varints, not {count}")
-    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if int(lengths.max()) > 9:  # 9 septets = 63 bits, the most an int64 position needs
-        raise ValueError("a position varint is longer than 9 bytes")
-    owner = torch.repeat_interleave(torch.arange(count), lengths)
-    septet = torch.arange(raw.numel()) - starts[owner]
-    return torch.zeros(count, dtype=torch.long).index_add_(0, owner, (raw & 0x7F) << (7 * septet))
+def _read_varints(pieces: Iterator[bytes]) -> Iterator[Tensor]:
+    """Inverse of :func:`_varints`, ``_CHUNK`` bytes at a time: the values of the complete varints in each block (a
+    varint split between blocks is carried over); ``ValueError`` for a varint longer than 9 bytes or unfinished."""
+    carry = b""
+    for piece in pieces:
+        for start in range(0, len(piece), _CHUNK):
+            data = carry + piece[start : start + _CHUNK]
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            ends = ((raw & 0x80) == 0).nonzero().squeeze(1)
+            used = int(ends[-1]) + 1 if ends.numel() else 0
+            carry = data[used:]
+            if len(carry) > 9:  # 9 septets = 63 bits, the most an int64 position needs
+                raise ValueError("a position varint is longer than 9 bytes")
+            if not used:
+                continue
+            starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+            lengths = ends - starts + 1
+            if int(lengths.max()) > 9:
+                raise ValueError("a position varint is longer than 9 bytes")
+            owner = torch.repeat_interleave(torch.arange(ends.numel()), lengths)
+            septet = torch.arange(used) - starts[owner]
+            block = raw[:used].long()
+            yield torch.zeros(ends.numel(), dtype=torch.long).index_add_(0, owner, (block & 0x7F) << (7 * septet))
+    if carry:
+        raise ValueError("the positions end inside a varint")

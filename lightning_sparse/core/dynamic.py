@@ -118,10 +118,11 @@ def move_connections(
     for index, name in enumerate(masks):
         param, old = masks.params[name], masks.mask(name)  # whole tensors (gathered when sharded), as decided unsharded
         if grow == "gradient":
-            if param.grad is None:  # frozen or unused this step: no gradient to grow by, so the layer does not move
+            grad = masks.grad(name)
+            if grad is None:  # frozen or unused this step: no gradient to grow by, so the layer does not move
                 moved[name] = 0
                 continue
-            scores = masks.grad(name).abs()
+            scores = grad.abs()
         else:
             scores = random_scores(param, seeded_generator(seed, step, index))
         new = drop_and_grow(masks.weight(name), old, scores, int(fraction * int(old.sum())))

@@ -490,7 +490,6 @@ def _groups(walker: _Walker, order: Sequence[str]) -> list[ChannelGroup]:
     ids = walker.ids
     rank = {name: i for i, name in enumerate(order)}
     members = sorted(walker.members.items(), key=lambda item: rank.get(item[0], len(rank)))
-    owner: dict[int, int] = {}  # class -> group (union-find over classes, by shared members)
     parent: dict[int, int] = {}
 
     def find(c: int) -> int:

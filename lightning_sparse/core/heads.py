@@ -7,15 +7,10 @@ DepGraph (Fang et al., CVPR 2023) and Hugging Face's nn_pruning remove these uni
 group is zero the unit contributes exactly nothing (its value vector, or its activation's outgoing weights, is
 zero), so deploy can drop it from the tensors and the model gets really smaller and faster.
 
-Found here (by structure, without importing transformers):
-
-* ``nn.MultiheadAttention`` (packed ``in_proj_weight`` or separate ``q/k/v_proj_weight``; ``out_proj``),
-* nanoGPT-style attention (``lightning_sparse.models.CausalSelfAttention``: fused ``c_attn`` Linear, ``c_proj``,
-  ``n_head``) and Hugging Face GPT-2 attention (``c_attn``/``c_proj`` ``Conv1D``, weights stored ``(in, out)``),
-* Hugging Face BERT-style attention (``BertAttention``: ``self.query/key/value`` and ``output.dense``),
-* MLPs: ``c_fc``/``c_proj`` (nanoGPT Linear, GPT-2 Conv1D), BERT's ``intermediate.dense``/``output.dense``,
-  ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer`` (with an elementwise
-  ``activation``), and ``Linear → elementwise… → Linear`` inside an ``nn.Sequential``.
+Where they are is the structure registry's business (:mod:`lightning_sparse.structure.patterns`: a pattern per module
+layout, keyed by what a module holds; users register their own). With grouped-query attention a unit is one key/value
+head with its query heads (:attr:`GroupLayer.query_heads`), so the members have their own widths
+(:attr:`Member.width`).
 
 Scores (magnitude): a group's score is the sum of its members' norms, ``score_g = Σ_members ||W_member[g]||``
 (``l1`` or ``l2``, the ``channel_norm`` of channel pruning; Li et al. 2017 for a single layer, DepGraph's group
@@ -25,7 +20,7 @@ norm for coupled ones). Movement pruning sums the movement scores ``S`` over eve
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -37,26 +32,29 @@ from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import Targets, parameter_roles
 
 GROUP_KINDS = ("head", "neuron")
-#: Modules between an ``nn.Sequential``'s up- and down-projection that act on each hidden unit alone.
-ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Member:
-    """One tensor of a group layer: group ``g`` holds entries ``[o + g·width, o + (g+1)·width)`` along ``axis`` for
-    each offset ``o`` (three offsets for a fused q/k/v projection, one otherwise)."""
+    """One tensor of a group layer: group ``g`` holds entries ``[o + g·w, o + (g+1)·w)`` along ``axis`` for each
+    offset ``o`` (three offsets for a fused q/k/v projection, one otherwise), with ``w`` the member's own
+    :attr:`width` or, where that is 0, the layer's. A member's own width is what makes a key/value group one unit:
+    with ``G`` query heads per KV head of ``head_dim`` d, the unit holds ``G·d`` query rows and ``d`` key rows."""
 
     param: str
     axis: int
     offsets: tuple[int, ...] = (0,)
     role: str = ""  # "q/k/v", "out", "up", "up bias", "down" (for reports)
+    width: int = 0  # entries per group and offset; 0: the layer's width
+
+    def span(self, layer_width: int) -> int:
+        """Entries per group and offset."""
+        return self.width or layer_width
 
     def index(self, group: int, width: int, device: torch.device | None = None) -> Tensor:
         """The indices along :attr:`axis` that group ``group`` occupies in this tensor."""
-        return torch.cat([torch.arange(o + group * width, o + (group + 1) * width, device=device) for o in self.offsets])
+        w = self.span(width)
+        return torch.cat([torch.arange(o + group * w, o + (group + 1) * w, device=device) for o in self.offsets])
 
 
 @dataclass(frozen=True)
@@ -69,14 +67,22 @@ class GroupLayer:
     count: int
     width: int  # head_dim for heads, 1 for neurons
     members: tuple[Member, ...]
-    style: str = ""  # how deploy rebuilds it: "mha", "nanogpt", "gpt2", "bert", "mlp", "sequential"
+    pattern: str = ""  # the structure registry's pattern that found it (deploy's surgery is keyed by it)
+    query_heads: int = 1  # query heads per unit (a KV group: num_attention_heads / num_key_value_heads)
+    kv_heads: int = 0  # query-slot units (multi-query attention): unit j is query head j of each of these KV heads
+    shared: tuple[str, ...] = ()  # the module's projections no unit holds (the one K/V head of multi-query attention)
 
     @property
     def params(self) -> list[str]:
         return [m.param for m in self.members]
 
     def describe(self) -> str:
-        unit = f"{self.count} heads of {self.width}" if self.kind == "head" else f"{self.count} neurons"
+        if self.kind == "head" and self.query_heads > 1:
+            unit = f"{self.count} KV groups of {self.query_heads} query heads of {self.width}"
+        elif self.kind == "head" and self.kv_heads:
+            unit = f"{self.count} query heads of {self.width} per KV head ({self.kv_heads} KV heads kept)"
+        else:
+            unit = f"{self.count} heads of {self.width}" if self.kind == "head" else f"{self.count} neurons"
         return f"{self.module} ({self.module_type}, {unit}): " + ", ".join(
             f"{m.param}[{'axis ' + str(m.axis)}]" for m in self.members
         )
@@ -87,6 +93,7 @@ class GroupSet:
     """The group layers chosen for pruning, and ``{parameter: group layers it belongs to}``."""
 
     layers: list[GroupLayer] = field(default_factory=list)
+    kept_dense: list[str] = field(default_factory=list)  # head targets no unit holds (multi-query K/V): left dense
 
     @property
     def params(self) -> list[str]:
@@ -101,138 +108,44 @@ class GroupSet:
 
 
 # ----------------------------------------------------------------------------- discovery
-def _conv1d_like(module: object) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a 2-D weight stored ``(in, out)`` with ``nf`` outputs."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "nf")
-
-
-def _linear_or_conv1d(module: object) -> bool:
-    return isinstance(module, nn.Linear) or _conv1d_like(module)
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def _out_axis(module: nn.Module) -> int:
-    return 1 if _conv1d_like(module) else 0
-
-
-def _in_axis(module: nn.Module) -> int:
-    return 0 if _conv1d_like(module) else 1
-
-
-def _projection(prefix: str, module: nn.Module, offsets: tuple[int, ...], role: str) -> list[Member]:
-    """Members for the output units of ``module`` (weight rows, Conv1D columns, bias entries)."""
-    members = [Member(_join(prefix, "weight"), _out_axis(module), offsets, role)]
-    if getattr(module, "bias", None) is not None:
-        members.append(Member(_join(prefix, "bias"), 0, offsets, f"{role} bias"))
-    return members
-
-
-def _attention(name: str, module: nn.Module) -> GroupLayer | None:
-    kind = type(module).__name__
-    if isinstance(module, nn.MultiheadAttention):
-        e, h = module.embed_dim, module.num_heads
-        d = e // h
-        if module._qkv_same_embed_dim:
-            members = [Member(_join(name, "in_proj_weight"), 0, (0, e, 2 * e), "q/k/v")]
-        else:
-            members = [Member(_join(name, f"{p}_proj_weight"), 0, (0,), p) for p in "qkv"]
-        if module.in_proj_bias is not None:
-            members.append(Member(_join(name, "in_proj_bias"), 0, (0, e, 2 * e), "q/k/v bias"))
-        for extra in ("bias_k", "bias_v"):
-            if getattr(module, extra, None) is not None:
-                members.append(Member(_join(name, extra), 2, (0,), extra))
-        members.append(Member(_join(name, "out_proj.weight"), 1, (0,), "out"))
-        return GroupLayer("head", name, kind, h, d, tuple(members), "mha")
-    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
-    if _linear_or_conv1d(c_attn) and _linear_or_conv1d(c_proj) and getattr(module, "is_cross_attention", False) is False:
-        heads = getattr(module, "n_head", None) or getattr(module, "num_heads", None)
-        if isinstance(heads, int) and heads > 0:
-            fused = c_attn.weight.shape[_out_axis(c_attn)]
-            e = fused // 3
-            style = "gpt2" if _conv1d_like(c_attn) else "nanogpt"
-            members = _projection(_join(name, "c_attn"), c_attn, (0, e, 2 * e), "q/k/v")
-            members.append(Member(_join(name, "c_proj", "weight"), _in_axis(c_proj), (0,), "out"))
-            return GroupLayer("head", name, kind, heads, e // heads, tuple(members), style)
-    inner, output = getattr(module, "self", None), getattr(module, "output", None)
-    if (
-        inner is not None and all(isinstance(getattr(inner, p, None), nn.Linear) for p in ("query", "key", "value"))
-        and isinstance(getattr(inner, "num_attention_heads", None), int)
-        and isinstance(getattr(output, "dense", None), nn.Linear)
-    ):  # fmt: skip
-        members = []
-        for p in ("query", "key", "value"):
-            members += _projection(_join(name, "self", p), getattr(inner, p), (0,), p)
-        members.append(Member(_join(name, "output.dense.weight"), 1, (0,), "out"))
-        return GroupLayer("head", name, kind, inner.num_attention_heads, inner.attention_head_size, tuple(members), "bert")
-    return None
-
-
-def _elementwise(activation: object) -> bool:
-    """``nn.Transformer*Layer``'s ``activation``: a module of :data:`ELEMENTWISE` or torch's relu/gelu (the two its
-    ``activation="relu"|"gelu"`` set); any other callable may mix units, so that layer's MLP is not offered."""
-    return isinstance(activation, ELEMENTWISE) or activation in (nn.functional.relu, nn.functional.gelu, torch.relu)
-
-
-def _mlp(name: str, module: nn.Module) -> list[GroupLayer]:
-    kind = type(module).__name__
-    c_fc, c_proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
-    if _linear_or_conv1d(c_fc) and _linear_or_conv1d(c_proj):
-        units = c_fc.weight.shape[_out_axis(c_fc)]
-        members = [*_projection(_join(name, "c_fc"), c_fc, (0,), "up"), Member(_join(name, "c_proj.weight"), _in_axis(c_proj), (0,), "down")]
-        return [GroupLayer("neuron", name, kind, units, 1, tuple(members), "mlp")]
-    up, down = getattr(getattr(module, "intermediate", None), "dense", None), getattr(getattr(module, "output", None), "dense", None)
-    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
-        members = [*_projection(_join(name, "intermediate.dense"), up, (0,), "up"), Member(_join(name, "output.dense.weight"), 1, (0,), "down")]
-        return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "bert")]
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and _elementwise(module.activation):
-        up, down = module.linear1, module.linear2  # linear1 → activation → dropout → linear2
-        members = [*_projection(_join(name, "linear1"), up, (0,), "up"), Member(_join(name, "linear2.weight"), 1, (0,), "down")]
-        return [GroupLayer("neuron", name, kind, up.out_features, 1, tuple(members), "mlp")]
-    if isinstance(module, nn.Sequential):
-        layers, children = [], list(module.named_children())
-        for i, (child_name, child) in enumerate(children):
-            if not isinstance(child, nn.Linear):
-                continue
-            j = i + 1
-            while j < len(children) and isinstance(children[j][1], ELEMENTWISE):
-                j += 1
-            if j < len(children) and isinstance(children[j][1], nn.Linear) and children[j][1].in_features == child.out_features:
-                members = [*_projection(_join(name, child_name), child, (0,), "up"), Member(_join(name, children[j][0], "weight"), 1, (0,), "down")]
-                layers.append(GroupLayer("neuron", _join(name, child_name), "Linear", child.out_features, 1, tuple(members), "sequential"))
-        return layers
-    return []
-
-
 def find_group_layers(model: nn.Module) -> list[GroupLayer]:
     """Every attention module's heads and every MLP's neurons in ``model``, in module order (see the module doc).
 
     Parameter names are the model's first names (those ``named_parameters()`` gives, tied tensors once).
     Raises ``ValueError`` for a module whose members disagree in size (naming the module and the member).
     """
+    return _find(model)[0]
+
+
+def _find(model: nn.Module) -> tuple[list[GroupLayer], list[tuple[str, str]]]:
+    """:func:`find_group_layers`, and ``(module, "kept dense because …")`` for the modules the structure registry
+    recognised as attention or an MLP but could not split into units."""
+    from lightning_sparse.structure.patterns import match_patterns  # the registry imports this module
+
     first = {alias: name for name, (_, aliases, _) in parameter_roles(model).items() for alias in aliases}
     params = dict(model.named_parameters(remove_duplicate=False))
-    found = []
+    found, dense = [], []
     for name, module in model.named_modules():
-        layers = [layer for layer in [_attention(name, module)] if layer is not None] + _mlp(name, module)
+        layers, reasons = match_patterns(name, module)
+        dense += reasons
         for layer in layers:
             members = []
             for member in layer.members:
                 tensor = params[member.param]
-                needed = (max(member.offsets) + layer.count * layer.width)
+                span = member.span(layer.width)
+                needed = (max(member.offsets) + layer.count * span)
                 if tensor.dim() <= member.axis or tensor.shape[member.axis] < needed or (
-                    len(member.offsets) == 1 and tensor.shape[member.axis] != layer.count * layer.width
+                    len(member.offsets) == 1 and sum(m.param == member.param for m in layer.members) == 1
+                    and tensor.shape[member.axis] != layer.count * span
                 ):
                     raise ValueError(
                         f"The {layer.kind} groups of {layer.module!r} ({layer.module_type}: {layer.count} × {layer.width}) "
                         f"do not fit member {member.param!r} of shape {list(tensor.shape)} (axis {member.axis} should "
                         f"hold {needed} entries): its members disagree in size, so it cannot be pruned by {layer.kind}s"
                     )
-                members.append(Member(first.get(member.param, member.param), member.axis, member.offsets, member.role))
-            found.append(GroupLayer(layer.kind, layer.module, layer.module_type, layer.count, layer.width, tuple(members), layer.style))
-    return found
+                members.append(Member(first.get(member.param, member.param), member.axis, member.offsets, member.role, member.width))
+            found.append(replace(layer, members=tuple(members), shared=tuple(first.get(p, p) for p in layer.shared)))
+    return found, dense
 
 
 def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, object]) -> GroupSet:
@@ -245,21 +158,24 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
     wanted = {name: str(g) for name, g in granularity.items() if str(g) in GROUP_KINDS}
     if not wanted:
         return GroupSet()
-    layers = find_group_layers(model)
+    layers, dense = _find(model)
     chosen: list[GroupLayer] = []
     for layer in layers:
         if any(wanted.get(p) == layer.kind for p in layer.params):
             chosen.append(layer)
-    covered = {(p, layer.kind) for layer in chosen for p in layer.params}
+    covered = {(p, layer.kind) for layer in chosen for p in (*layer.params, *layer.shared)}
     for name, kind in wanted.items():
         if (name, kind) not in covered:
             found = [f"{layer.module} ({layer.module_type})" for layer in layers if layer.kind == kind]
             what = "an attention projection (q/k/v or output) of a module with heads" if kind == "head" else "an MLP's up- or down-projection"
+            why = [reason for module, reason in dense if name.startswith(module + ".") or not module]
             raise ValueError(
                 f"`granularity`={kind!r} on {name!r}, which is not {what}: it has no {kind}s to prune. "
-                f"{'Attention modules' if kind == 'head' else 'MLPs'} found: {found or 'none'}. Give {name!r} another "
-                f"granularity with a {{glob: granularity}} mapping (e.g. {{'*.attn.*': 'head', '*.mlp.*': 'neuron'}}) "
-                f"or leave it out (`exclude`)"
+                f"{'Attention modules' if kind == 'head' else 'MLPs'} found: {found or 'none'}. "
+                + (f"Kept dense: {'; '.join(why[:3])}. " if why else "")
+                + f"Give {name!r} another granularity with a {{glob: granularity}} mapping (e.g. {{'*.attn.*': 'head', "
+                f"'*.mlp.*': 'neuron'}}) or leave it out (`exclude`); a module of your own is taught with "
+                f"`lightning_sparse.structure.register_attention` / `register_mlp`"
             )
     for layer in chosen:
         for param in layer.params:
@@ -269,13 +185,15 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
                     f"given granularity {str(granularity[param])!r}: a group's members are pruned together, so give every "
                     f"member {layer.kind!r} (one glob over the module, e.g. '{layer.module}.*') or exclude it"
                 )
-    return GroupSet(chosen)
+    shared = [p for layer in chosen for p in layer.shared if wanted.get(p) == layer.kind]
+    return GroupSet(chosen, shared)
 
 
 def extend_targets(model: nn.Module, targets: Targets, groups: GroupSet) -> Targets:
-    """``targets`` with every member of ``groups`` added (biases, output projections), in model order."""
+    """``targets`` with every member of ``groups`` added (biases, output projections), in model order, less the
+    projections no unit holds (the key/value head of multi-query attention stays dense)."""
     roles = parameter_roles(model)
-    names = [name for name in roles if name in targets or name in set(groups.params)]
+    names = [name for name in roles if (name in targets and name not in groups.kept_dense) or name in set(groups.params)]
     params = {name: roles[name][0] for name in names}
     aliases = {name: roles[name][1] for name in names}
     axes = {name: targets.output_axis.get(name, roles[name][2].output_axis) for name in names}
@@ -286,6 +204,14 @@ def extend_targets(model: nn.Module, targets: Targets, groups: GroupSet) -> Targ
 def groups_to_prune(layer: GroupLayer, sparsity: float) -> int:
     """``round(sparsity × count)`` whole heads/neurons; an error naming the layer and the group if that is all of them."""
     count = round_half_up(sparsity * layer.count)
+    if count >= layer.count and layer.kind == "head" and layer.query_heads > 1:
+        raise ValueError(
+            f"head pruning at sparsity {sparsity:.4g} would remove every one of the {layer.count} key/value groups of "
+            f"{layer.module!r} ({layer.module_type}: grouped-query attention, {layer.query_heads} query heads per KV head): "
+            f"a unit is a KV head with its query heads, so the pruned model keeps the group size its config states; "
+            f"the sparsity is the fraction of KV groups removed, so lower it (below "
+            f"{(layer.count - 0.5) / layer.count:.4g}) or leave the module out"
+        )
     if count >= layer.count:
         raise ValueError(
             f"{layer.kind} pruning at sparsity {sparsity:.4g} would remove every one of the {layer.count} {layer.kind}s "
@@ -298,7 +224,8 @@ def groups_to_prune(layer: GroupLayer, sparsity: float) -> int:
 def _entries(tensor: Tensor, member: Member, layer: GroupLayer) -> Tensor:
     """``(count, entries per group)``: the tensor's values regrouped so row g holds all of group g's entries."""
     moved = tensor.movedim(member.axis, 0)
-    blocks = [moved[o : o + layer.count * layer.width].reshape(layer.count, layer.width, -1) for o in member.offsets]
+    w = member.span(layer.width)
+    blocks = [moved[o : o + layer.count * w].reshape(layer.count, w, -1) for o in member.offsets]
     return torch.cat(blocks, dim=1).reshape(layer.count, -1)
 
 
@@ -336,8 +263,9 @@ def group_masks(groups: GroupSet, keep: Mapping[str, Tensor], like: Mapping[str,
             continue
         for member in layer.members:
             mask = masks[member.param]
-            within = torch.arange(layer.width, device=mask.device)
-            starts = dropped.to(mask.device) * layer.width
+            w = member.span(layer.width)
+            within = torch.arange(w, device=mask.device)
+            starts = dropped.to(mask.device) * w
             index = torch.cat([(o + starts).unsqueeze(1) + within for o in member.offsets]).flatten()
             mask.index_fill_(member.axis, index, False)  # every dropped group's entries at once
     return masks

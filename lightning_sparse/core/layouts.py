@@ -122,6 +122,7 @@ def _linear(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
 def _conv(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
     if attribute != "weight":
         return None
+    assert isinstance(module, nn.modules.conv._ConvNd)
     dims = len(module.kernel_size)
     return _base_name(module, _CONVS), Layout(0, tuple(range(2, 2 + dims)))
 
@@ -129,6 +130,7 @@ def _conv(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
 def _transposed(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
     if attribute != "weight":  # (in, out/groups, k…): the inputs on axis 0, the outputs on axis 1
         return None
+    assert isinstance(module, nn.modules.conv._ConvTransposeNd)
     dims = len(module.kernel_size)
     return _base_name(module, _TRANSPOSED), Layout(1, tuple(range(2, 2 + dims)), blocks=module.groups)
 

@@ -124,6 +124,8 @@ def project(
             elif codebook == "ternary":
                 delta[name], codebooks[name] = ternary_c_step(target)
             else:
+                if codebook_sizes is None:
+                    raise ValueError("`codebook_sizes` must give K per parameter for a k-means C step")
                 pruned = compression == "prune+quantize"
                 k = codebook_sizes[name] - 1 if pruned else codebook_sizes[name]
                 delta[name], codebooks[name] = kmeans_c_step(target, k, codebooks.get(name), skip_zeros=pruned)
@@ -259,6 +261,8 @@ class LearningCompressor:
     @torch.no_grad()
     def restore(self) -> None:
         """Put w back after :meth:`swap_in`."""
+        if self._held is None:
+            raise RuntimeError("restore() without a swap_in() before it")
         for name, param in self.params.items():
             param.copy_(self._held[name])
         self._held = None

@@ -260,7 +260,9 @@ def prune_one_shot(
     layers = find_layers(model, names, aliases)
     order = ordered_blocks(model, layers, run, batches[0], blocks)
     if distribution == "owl":
-        owl = owl_layer_sparsities(masks.weight, layers, order, batches, run, float(sparsity), owl_threshold, owl_spread, reduce)
+        if isinstance(sparsity, Mapping):
+            raise ValueError("`distribution`='owl' chooses the per-layer sparsities itself; give one `sparsity`, not a mapping")
+        owl = owl_layer_sparsities(masks.weight, layers, order, batches, run, sparsity, owl_threshold, owl_spread, reduce)
         per_layer = {name: (target(name) if name in nm else owl[name]) for name in names}
     if method == "magnitude":
         prune_by_magnitude(masks, per_layer, "uniform", granularity)

@@ -21,7 +21,6 @@ from lightning_sparse.core.masks import non_finite
 from lightning_sparse.core.shards import full_tensor, is_sharded, local_part, local_tensor, sharded_like
 
 SCALES = ("per_channel", "per_tensor")
-GRANULARITIES = SCALES  # the old name of SCALES
 METHODS = ("uniform", "kmeans")
 
 
@@ -51,19 +50,19 @@ def uniform_quantize(weight: Tensor, bits: int, scale: str = "per_channel", symm
     if symmetric:
         qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
         high = x.abs().amax(dim=dims) if dims else x.abs()
-        scale = high / qmax
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        step = high / qmax
+        zero_point = torch.zeros_like(step, dtype=torch.int32)
     else:
         qmin, qmax = 0, 2**bits - 1
         low, high = torch.aminmax(x.reshape(x.shape[0], -1), dim=1) if per_channel else torch.aminmax(x)
         low, high = low.clamp(max=0), high.clamp(min=0)
-        scale = (high - low) / qmax
-        zero_point = torch.clamp(torch.round(-low / torch.where(scale > 0, scale, 1.0)), qmin, qmax).to(torch.int32)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if per_channel:  # one scale per output channel: broadcast along the other dimensions
-        scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
-        zero_point = zero_point.reshape(scale.shape)
-    return fake_quantize(x, scale, zero_point, qmin, qmax).to(w.dtype)
+        step = (high - low) / qmax
+        zero_point = torch.clamp(torch.round(-low / torch.where(step > 0, step, 1.0)), qmin, qmax).to(torch.int32)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    if per_channel:  # one grid step per output channel: broadcast along the other dimensions
+        step = step.reshape(-1, *([1] * (x.dim() - 1)))
+        zero_point = zero_point.reshape(step.shape)
+    return fake_quantize(x, step, zero_point, qmin, qmax).to(w.dtype)
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -162,9 +161,9 @@ def _optimal_bounds(x: Tensor, w: Tensor, k: int) -> Tensor:
         prev, prev_opt = cur, opt
     bounds, i = [n], n - 1
     for opt in reversed(opts):
-        j = int(opt[i])
-        bounds.append(j)
-        i = j - 1
+        cut = int(opt[i])
+        bounds.append(cut)
+        i = cut - 1
     bounds.append(0)
     return torch.tensor(bounds[::-1], device=device)
 
@@ -202,14 +201,14 @@ def lloyd_1d(values: Tensor, init: Tensor, iterations: int = 30) -> Tensor:
     return centroids
 
 
-def kmeans_1d(values: Tensor, k: int, init: Tensor | None = None, iterations: int = 30) -> Tensor:
+def kmeans_1d(values: Tensor, k: int, init: Tensor | None = None) -> Tensor:
     """Optimal 1-D k-means codebook of ``values``: sorted, distinct, at most ``k`` entries, no empty cluster.
 
     The exact optimum by dynamic programming over the sorted distinct values weighted by their counts (Wang & Song
     2011, "Ckmeans.1d.dp"; see :func:`_optimal_bounds`). With fewer than ``k`` distinct values the codebook is those
     values (shorter than ``k``, zero distortion). Cost: O(k · n · log n) for n distinct values, about 2 s for
     266k values at k = 16 and 25 s at k = 256 on one CPU core (``benchmarks/kmeans.py``); QAT re-fits every
-    ``codebook_frequency`` steps, L-C once per C step. ``iterations`` is unused (kept for compatibility).
+    ``frequency`` steps, L-C once per C step.
 
     Warm start: an exact method needs none, so ``init`` (the previous codebook) only decides ties: when it is no
     worse than the new codebook (same distortion within rounding, e.g. the weights did not change), ``init`` is
@@ -249,13 +248,11 @@ def codebook_quantize(weight: Tensor, codebook: Tensor) -> Tensor:
     return torch.where(w == 0, torch.zeros_like(w), snapped)
 
 
-def fit_codebook(
-    weight: Tensor, bits: int, init: Tensor | None = None, iterations: int = 30, reserve_zero: bool = False
-) -> Tensor:
+def fit_codebook(weight: Tensor, bits: int, init: Tensor | None = None, reserve_zero: bool = False) -> Tensor:
     """Optimal k-means codebook for the non-zero weights of one layer: at most ``2**bits`` values, or ``2**bits - 1``
     with ``reserve_zero`` (a pruned layer, whose zeros take the last of the ``2**bits`` codes)."""
     w = weight.detach().reshape(-1)
-    return kmeans_1d(w[w != 0], 2**bits - (1 if reserve_zero else 0), init, iterations)
+    return kmeans_1d(w[w != 0], 2**bits - (1 if reserve_zero else 0), init)
 
 
 class FakeQuantizer:
@@ -350,7 +347,7 @@ class FakeQuantizer:
     def _rows_are_local(self, name: str) -> bool:
         """True when ``name`` is sharded by whole rows (FSDP2's ``Shard(0)``) and q(w) is a per-row uniform grid
         (per channel along axis 0, no CLIP-Q), so each rank's rows quantize on their own to the same bits."""
-        param = self.params[name]
+        param: Any = self.params[name]  # a DTensor when sharded
         return (
             is_sharded(param) and all(p.is_shard(0) for p in param.placements) and param.dim() >= 2
             and local_tensor(param).numel() > 0 and self.method == "uniform" and self.scale == "per_channel"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -110,6 +110,11 @@ def _merge(roles: list[Role]) -> Role:
     return matrix or roles[0]
 
 
+def _plain_layout(output_axis: int | None) -> Layout | None:
+    """The layout of a weight with no table entry: its outputs on ``output_axis`` (no axes: none)."""
+    return None if output_axis is None else Layout(output_axis)
+
+
 class Targets(dict):
     """``{name: parameter}`` selected for compression (first names, in model order), with every alias of each tensor,
     its output axis and its :class:`~lightning_sparse.core.layouts.Layout` (``None`` for a tensor that does no matrix
@@ -121,11 +126,8 @@ class Targets(dict):
         self.aliases = {name: tuple(aliases.get(name, (name,))) for name in params}
         self.output_axis = {name: axes.get(name, 0) for name in params}
         self.kinds = {name: (kinds or {}).get(name, "other") for name in params}
-        given = layouts or {}  # without one: the plain layout on the output axis (a tensor with no axes: none)
-        self.layouts = {
-            name: given[name] if name in given else (None if self.output_axis[name] is None else Layout(self.output_axis[name]))
-            for name in params
-        }
+        given = layouts or {}
+        self.layouts = {name: given[name] if name in given else _plain_layout(self.output_axis[name]) for name in params}
 
     def subset(self, names: Iterable[str]) -> Targets:
         """The targets named in ``names``, in this order (aliases and axes kept)."""
@@ -171,6 +173,20 @@ def _all_names(roles: Mapping[str, tuple[nn.Parameter, tuple[str, ...], Role]]) 
     return ", ".join(" = ".join(aliases) for _, aliases, _ in roles.values())
 
 
+def _refuse_unmatched(model: nn.Module, argument: str, pattern: str, roles: Any, default: list[str]) -> None:
+    """The error for an ``include``/``exclude`` glob that matches no parameter (a typo, or a buffer's name)."""
+    buffers = [name for name, _ in model.named_buffers(remove_duplicate=False) if fnmatchcase(name, pattern)]
+    if buffers:
+        raise ValueError(
+            f"`{argument}` pattern {pattern!r} matches only buffers, which are not trained weights: {buffers}. "
+            f"Parameters: {_all_names(roles)}"
+        )
+    raise ValueError(
+        f"`{argument}` pattern {pattern!r} matches no parameter. Prunable by default: {default}; "
+        f"all parameters (tied names joined by =): {_all_names(roles)}"
+    )
+
+
 def select_targets(
     model: nn.Module, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
 ) -> Targets:
@@ -179,26 +195,18 @@ def select_targets(
     Without ``include`` the targets are :func:`prunable_names`; with it, any parameter any of whose names matches one
     of the glob patterns (so a user may opt in embeddings or biases). ``exclude`` globs then remove every tensor one
     of whose names they match. A tied tensor is one target, under its first name.
-    Raises ``ValueError`` when an include pattern matches no parameter (or only buffers) or nothing is left.
+    Raises ``ValueError`` when an include or exclude pattern matches no parameter (or only buffers) or nothing is
+    left.
     """
     include, exclude = as_patterns("include", include), as_patterns("exclude", exclude)
     roles = parameter_roles(model)
     default = [name for name, (_, _, role) in roles.items() if role.default]
+    every = [alias for _, aliases, _ in roles.values() for alias in aliases]
+    for argument, patterns in (("include", include), ("exclude", exclude)):  # a typo must not pass silently
+        for pattern in patterns or ():
+            if not any(fnmatchcase(name, pattern) for name in every):
+                _refuse_unmatched(model, argument, pattern, roles, default)
     if include:
-        every = [alias for _, aliases, _ in roles.values() for alias in aliases]
-        for pattern in include:
-            if any(fnmatchcase(name, pattern) for name in every):
-                continue
-            buffers = [name for name, _ in model.named_buffers(remove_duplicate=False) if fnmatchcase(name, pattern)]
-            if buffers:
-                raise ValueError(
-                    f"`include` pattern {pattern!r} matches only buffers, which are not trained weights: {buffers}. "
-                    f"Parameters: {_all_names(roles)}"
-                )
-            raise ValueError(
-                f"`include` pattern {pattern!r} matches no parameter. Prunable by default: {default}; "
-                f"all parameters (tied names joined by =): {_all_names(roles)}"
-            )
         names = [name for name, (_, aliases, _) in roles.items() if _matches(aliases, include)]
     else:
         names = default

@@ -83,9 +83,10 @@ def deploy_model(
         raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be an int >= 1, got {repeats!r}")
+    _check_model(model)
     inputs = _as_inputs(example_input)
     requested = device
-    device = torch.device(device) if device is not None else inputs[0].device
+    device = _as_device(device) if device is not None else inputs[0].device
     inputs = tuple(x.to(device).clone() for x in inputs)  # own storage: a batch sliced from a data set is not the data set
     report = DeployReport(device=str(device))
     sparse_layers = [name for name, m in model.named_modules() if isinstance(m, LAYERS) and bool((m.weight == 0).any())]
@@ -248,10 +249,44 @@ def load_deployed(
 # --- input checks ---------------------------------------------------------------------------------------------
 
 
+def _check_model(model: Any) -> None:
+    """``model`` is an ``nn.Module`` whose weights and buffers are all finite (a NaN weight makes every output NaN,
+    and NaN outputs compare equal to nothing: deploy could neither check nor time it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise ValueError(f"`model` has non-finite values in {name!r} ({nan} NaN, {inf} infinite of "
+                             f"{tensor.numel()}): fix or retrain the model before deploying it")  # fmt: skip
+
+
+def _as_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here, or a ``ValueError`` naming it."""
+    try:
+        checked = torch.device(device)
+        torch.empty(0, device=checked)
+    except (RuntimeError, TypeError, AssertionError, ValueError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"`device` {device!r} is not a device this machine can run on: {reason}") from None
+    return checked
+
+
 def _as_inputs(example_input: ExampleInput) -> tuple[Tensor, ...]:
-    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    if isinstance(example_input, Tensor):
+        inputs: tuple[Any, ...] = (example_input,)
+    elif isinstance(example_input, (list, tuple)):
+        inputs = tuple(example_input)
+    else:
+        inputs = ()
     if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise TypeError(f"`example_input` must be a tensor or a sequence of tensors, got {type(example_input).__name__}")
+        raise TypeError(f"`example_input` must be a tensor or a non-empty sequence of tensors, got "
+                        f"{type(example_input).__name__}")  # fmt: skip
+    for index, x in enumerate(inputs):
+        label = "`example_input`" if len(inputs) == 1 else f"`example_input[{index}]`"
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"{label} must have a batch dimension with at least one sample (the kernels are timed "
+                             f"at its batch size), got shape {list(x.shape)}")  # fmt: skip
     return inputs
 
 
@@ -472,7 +507,7 @@ def _remove_groups(original: nn.Module, inputs: tuple[Tensor, ...], reference: A
     """A copy of ``original`` with its all-zero attention heads and MLP neurons removed (:mod:`.groups`), or
     ``original`` itself when there are none or the rebuilt model's outputs differ."""
     pruned = copy.deepcopy(original)
-    report.removed_groups = groups.remove_zero_groups(pruned)
+    report.removed_groups = groups.remove_zero_groups(pruned, report.notes)
     if not any(row.removed for row in report.removed_groups):
         return original
     if not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference)):

@@ -2,16 +2,16 @@
 
 A head (neuron) whose every member is exactly zero (:mod:`lightning_sparse.core.heads`: its q/k/v rows and biases and
 the output projection's columns; the up-projection row, its bias and the down-projection column) contributes nothing,
-so dropping it changes no output. Modules are rebuilt in place on the model's structure (no trace needed):
+so dropping it changes no output. Units are removed by the structure layer's surgery
+(:mod:`lightning_sparse.structure.surgery`, keyed by the pattern that found them): the generic slicing keeps the
+module classes (Hugging Face attention and MLPs of every layout: sliced projections, head counts updated, the config
+rewritten where it can describe the result); two rebuilds are registered here for modules whose class cannot hold
+fewer heads:
 
-* nanoGPT attention (``lightning_sparse.models.CausalSelfAttention``) becomes :class:`HeadPrunedSelfAttention`;
+* a nanoGPT-style attention (fused ``c_attn`` Linear whose forward splits by the input's width) becomes
+  :class:`HeadPrunedSelfAttention`;
 * ``nn.MultiheadAttention`` becomes :class:`HeadPrunedMultiheadAttention`: ``nn.MultiheadAttention`` cannot hold fewer
-  heads of the same ``head_dim`` (its query input and output width are both ``embed_dim = num_heads × head_dim``);
-* Hugging Face BERT and GPT-2 attention keep their classes, with sliced projections and ``num_attention_heads`` /
-  ``num_heads`` and ``all_head_size`` / ``split_size`` updated (transformers 5 removed ``prune_heads``; this does what it
-  did);
-* MLPs keep their classes with sliced up/down projections (``nn.Linear``, or Hugging Face ``Conv1D``, re-made as its own
-  class).
+  heads of the same ``head_dim`` (its query input and output width are both ``embed_dim = num_heads × head_dim``).
 
 Each module is kept only where the model's outputs stay equal (checked by the caller, :func:`~lightning_sparse.deploy`).
 """
@@ -26,6 +26,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from lightning_sparse.core.heads import GroupLayer, Member, find_group_layers, zero_groups
+from lightning_sparse.structure.hf_config import Resized, update_configs
+from lightning_sparse.structure.surgery import KeptDense, register_rebuild, remove_units, slice_units
 
 
 @dataclass
@@ -40,6 +42,10 @@ class GroupReport:
     members: list[str] = field(default_factory=list)  # "param[axis a]" of every member tensor
     rebuilt_as: str = ""
     reason: str = ""
+    params: list[str] = field(default_factory=list)  # the member tensors' names
+    query_heads: int = 1  # query heads per unit (KV groups)
+    kv_heads: int = 0  # query-slot units: the KV heads kept whole
+    width: int = 1  # head_dim for heads
 
     @property
     def after(self) -> int:
@@ -141,29 +147,16 @@ class LeafTracer(torch.fx.Tracer):
         return isinstance(m, (HeadPrunedSelfAttention, HeadPrunedMultiheadAttention)) or super().is_leaf_module(m, module_qualified_name)
 
 
-# ----------------------------------------------------------------------------- slicing
-def _fused_index(layer: GroupLayer, member_index: int, keep: list[int], device: torch.device) -> Tensor:
-    """Kept entries of a fused projection in q, k, v order (each block in kept-head order)."""
-    member = layer.members[member_index]
-    w = layer.width
-    return torch.cat([torch.arange(o + g * w, o + (g + 1) * w, device=device) for o in member.offsets for g in keep])
-
-
+# ----------------------------------------------------------------------------- rebuilds (structure's surgery registry)
 def _sliced(module: nn.Module, out_index: Tensor | None = None, in_index: Tensor | None = None) -> nn.Module:
-    """A new Linear / Conv1D with the given output and input entries (the bias follows the outputs)."""
+    """A new Linear with the given output and input entries (the bias follows the outputs)."""
     weight, bias = module.weight.detach(), None if getattr(module, "bias", None) is None else module.bias.detach()
-    conv1d = not isinstance(module, nn.Linear)  # Hugging Face Conv1D: weight (in, out)
-    out_axis, in_axis = (1, 0) if conv1d else (0, 1)
     if out_index is not None:
-        weight = weight.index_select(out_axis, out_index)
+        weight = weight.index_select(0, out_index)
         bias = bias.index_select(0, out_index) if bias is not None else None
     if in_index is not None:
-        weight = weight.index_select(in_axis, in_index)
-    if conv1d:
-        new = type(module)(weight.shape[1], weight.shape[0])
-    else:
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    new = new.to(device=weight.device, dtype=weight.dtype)
+        weight = weight.index_select(1, in_index)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight = nn.Parameter(weight.clone().contiguous(), requires_grad=module.weight.requires_grad)
         if bias is not None:
@@ -176,49 +169,28 @@ def _set(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _module_of(param: str) -> str:
-    return param.rpartition(".")[0]
-
-
-def _rebuild(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
-    """Rebuild ``layer``'s module(s) with only the groups ``keep``; return what it became."""
+def _rebuild_fused(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
+    """Fused q|k|v blocks: sliced in place (Phi-3 ``qkv_proj``, GPT-2 ``c_attn`` Conv1D: their forwards read the head
+    count the module states); a nanoGPT-style module (``c_attn`` Linear, whose forward splits by the input's width)
+    becomes :class:`HeadPrunedSelfAttention`."""
     module = model.get_submodule(layer.module) if layer.module else model
-    device = next(module.parameters()).device
-    if layer.style == "nanogpt":
-        c_attn = _sliced(module.c_attn, out_index=_fused_index(layer, 0, keep, device))
-        c_proj = _sliced(module.c_proj, in_index=_fused_index(layer, len(layer.members) - 1, keep, device))
-        new = HeadPrunedSelfAttention(c_attn, c_proj, len(keep), layer.width, module.dropout, module.resid_dropout)
-        _set(model, layer.module, new.train(module.training))
-        return type(new).__name__
-    if layer.style == "mha":
-        return _rebuild_mha(model, layer, module, keep, device)
-    if layer.style == "gpt2":
-        module.c_attn = _sliced(module.c_attn, out_index=_fused_index(layer, 0, keep, device))
-        module.c_proj = _sliced(module.c_proj, in_index=_fused_index(layer, len(layer.members) - 1, keep, device))
-        module.num_heads, module.split_size = len(keep), len(keep) * layer.width  # embed_dim stays the model width
-        return f"{type(module).__name__} ({len(keep)} heads)"
-    if layer.style == "bert":
-        if layer.kind == "head":
-            inner = module.self
-            index = _fused_index(layer, 0, keep, device)
-            for p in ("query", "key", "value"):
-                setattr(inner, p, _sliced(getattr(inner, p), out_index=index))
-            inner.num_attention_heads, inner.all_head_size = len(keep), len(keep) * layer.width
-            module.output.dense = _sliced(module.output.dense, in_index=index)
-            return f"{type(module).__name__} ({len(keep)} heads)"
-    # neurons: the up-projection's outputs and the down-projection's inputs, whatever module holds them
-    index = torch.tensor(keep, dtype=torch.long, device=device)
-    for member in layer.members:
-        if member.role == "up":
-            target = _module_of(member.param)
-            _set(model, target, _sliced(model.get_submodule(target), out_index=index))
-        elif member.role == "down":
-            target = _module_of(member.param)
-            _set(model, target, _sliced(model.get_submodule(target), in_index=index))
-    return f"{layer.module_type} ({len(keep)} neurons)"
+    if getattr(module, "reorder_and_upcast_attn", False):
+        raise KeptDense("reorder_and_upcast_attn is not rebuilt: heads kept")
+    if not (isinstance(getattr(module, "c_attn", None), nn.Linear) and hasattr(module, "resid_dropout")):
+        return slice_units(model, layer, keep)
+    slice_units(model, layer, keep)  # c_attn rows and c_proj columns
+    new = HeadPrunedSelfAttention(module.c_attn, module.c_proj, len(keep), layer.width, module.dropout, module.resid_dropout)
+    _set(model, layer.module, new.train(module.training))
+    return type(new).__name__
 
 
-def _rebuild_mha(model: nn.Module, layer: GroupLayer, module: nn.MultiheadAttention, keep: list[int], device: torch.device) -> str:
+def _rebuild_mha(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
+    """``nn.MultiheadAttention`` cannot hold fewer heads of the same ``head_dim``: it becomes
+    :class:`HeadPrunedMultiheadAttention`."""
+    module = model.get_submodule(layer.module) if layer.module else model
+    if module.bias_k is not None or module.add_zero_attn:
+        raise KeptDense("add_bias_kv / add_zero_attn are not rebuilt: heads kept")
+    device = module.out_proj.weight.device
     e, d = module.embed_dim, layer.width
     rows = torch.cat([torch.arange(g * d, (g + 1) * d, device=device) for g in keep])
     if module._qkv_same_embed_dim:
@@ -240,31 +212,31 @@ def _rebuild_mha(model: nn.Module, layer: GroupLayer, module: nn.MultiheadAttent
     return type(new).__name__
 
 
-def _refusal(module: nn.Module, layer: GroupLayer) -> str | None:
-    if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
-        return "add_bias_kv / add_zero_attn are not rebuilt: heads kept"
-    if layer.kind == "head" and layer.style == "gpt2" and getattr(module, "reorder_and_upcast_attn", False):
-        return "reorder_and_upcast_attn is not rebuilt: heads kept"
-    return None
+register_rebuild("attention:multihead", _rebuild_mha)
+register_rebuild("attention:fused-blocks", _rebuild_fused)
 
 
 def _describe_member(member: Member, width: int) -> str:
     """``c_attn.weight axis 0: [0, 128, 256] + 32·g, 32 each`` (where group g's entries lie)."""
-    starts = ", ".join(map(str, member.offsets))
+    starts, width = ", ".join(map(str, member.offsets)), member.span(width)
     return f"{member.param} axis {member.axis}: [{starts}] + {width}·g, {width} each ({member.role})"
 
 
 @torch.no_grad()
-def remove_zero_groups(model: nn.Module) -> list[GroupReport]:
+def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list[GroupReport]:
     """Rebuild, in place, every attention module without its all-zero heads and every MLP without its all-zero neurons
-    (at least one group is kept in each); return one :class:`GroupReport` per module found (removed or not)."""
+    (at least one group is kept in each); return one :class:`GroupReport` per module found (removed or not).
+
+    A Hugging Face model's config is then rewritten to describe the smaller model where it can
+    (:func:`lightning_sparse.structure.hf_config.update_configs`); what it says is appended to ``notes``."""
     reports = []
     layers = find_group_layers(model)
     params = dict(model.named_parameters())
     zero = {layer.module + "/" + layer.kind: zero_groups(layer, params) for layer in layers}
     for layer in layers:  # every zero test is made before any module changes (a Sequential's layers share tensors)
         row = GroupReport(layer.module, layer.kind, layer.module_type, layer.count,
-                          members=[_describe_member(m, layer.width) for m in layer.members])  # fmt: skip
+                          members=[_describe_member(m, layer.width) for m in layer.members], params=layer.params,
+                          query_heads=layer.query_heads, width=layer.width, kv_heads=layer.kv_heads)  # fmt: skip
         reports.append(row)
         dropped = zero[layer.module + "/" + layer.kind].nonzero().flatten().tolist()
         if not dropped:
@@ -272,15 +244,19 @@ def remove_zero_groups(model: nn.Module) -> list[GroupReport]:
             continue
         if len(dropped) == layer.count:
             dropped = dropped[1:]  # a module keeps one (zero) group rather than vanish
-        module = model.get_submodule(layer.module) if layer.module else model
-        refusal = _refusal(module, layer)
-        if refusal:
-            row.reason = refusal
-            continue
         keep = [g for g in range(layer.count) if g not in set(dropped)]
-        row.rebuilt_as = _rebuild(model, layer, keep)
+        try:
+            row.rebuilt_as = remove_units(model, layer, keep)
+        except KeptDense as reason:
+            row.reason = str(reason)
+            continue
         row.removed = dropped
         row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
+    resized = [Resized(r.module, r.kind, r.before, r.after, r.query_heads, r.width, tuple(r.params), r.kv_heads)
+               for r in reports if r.removed]  # fmt: skip
+    config_notes = update_configs(model, resized) if resized else []
+    if notes is not None:
+        notes += config_notes
     for module in model.modules():  # its nested-tensor path runs the layers' fused kernel on the packed projections
         if isinstance(module, nn.TransformerEncoder) and any(
             isinstance(layer.self_attn, HeadPrunedMultiheadAttention) for layer in module.layers

@@ -27,6 +27,12 @@ DEFAULT_CONSTRAINTS = ("val_acc >= baseline - 0.005",)
 _CONSTRAINT = re.compile(r"^\s*(?P<metric>[\w/.\-]+)\s*(?P<op>>=|<=)\s*(?P<bound>.+?)\s*$")
 _MAX_BOUND_CHARS = 200
 _MAX_LITERAL = 1e15  # no accuracy, loss or byte count needs more
+#: Sweep numbers beyond these are mistakes, not plans: they are refused with their bound.
+MAX_TRIALS = 10_000
+MAX_TRIAL_TIMEOUT = 7 * 24 * 3600.0  # a week, in seconds
+MAX_SEED = 2**32 - 1
+#: Most YAML nodes a sweep or base fit file may expand to, aliases counted once per use ("billion laughs").
+MAX_YAML_NODES = 100_000
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
@@ -172,6 +178,7 @@ class SweepConfig:
     baseline: float | None = None
     max_trials: int = 10
     parallel: int = 1
+    force_parallel: bool = False
     trial_timeout: float = 3600.0
     initial_trials: int | None = None
     strategy: str = "bayesian"
@@ -191,17 +198,52 @@ class SweepConfig:
 
     def base(self) -> dict[str, Any]:
         """The ``fit`` config with this sweep's fixed ``overrides`` applied (a fresh copy)."""
-        config = yaml.safe_load(self.fit_config.read_text()) or {}
+        config = load_yaml(self.fit_config.read_text(), f"fit_config {self.fit_config}") or {}
         for key, value in self.overrides.items():
             set_value(config, key, copy.deepcopy(value))
         return config
 
 
-def _number(name: str, value: Any, low: float, integer: bool = False) -> Any:
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and value >= low
+def _number(name: str, value: Any, low: float, integer: bool = False, high: float = math.inf) -> Any:
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and low <= value <= high
     if not ok:
-        raise ValueError(f"`{name}` must be {'an int' if integer else 'a number'} >= {low}, got {value!r}")
+        within = f">= {low}" if high == math.inf else f"in [{low}, {high:g}]"
+        raise ValueError(f"`{name}` must be {'an int' if integer else 'a number'} {within}, got {value!r}")
     return value
+
+
+def check_parallel(parallel: int, force: bool = False) -> int:
+    """``parallel`` if it is at most this machine's cores (each trial needs one at least), or ``force``d (a Ray
+    cluster has more); a ``ValueError`` naming the bound otherwise."""
+    cores = os.cpu_count() or 1
+    _number("parallel", parallel, 1, integer=True)
+    if parallel > cores and not force:
+        raise ValueError(f"`parallel` is {parallel} but this machine has {cores} cores: trials would only slow each "
+                         f"other down; use at most {cores}, or set `force_parallel: true` (`--force_parallel`) for a "
+                         f"launcher with more")  # fmt: skip
+    return parallel
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` that refuses a document whose aliases expand it beyond :data:`MAX_YAML_NODES` nodes (a
+    few hundred bytes of nested anchors, "billion laughs", expand to billions when the config is copied or written
+    out), before anything is built from it."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def expanded(n: yaml.Node) -> int:  # nodes once every alias is replaced by what it names (memoised)
+        if id(n) not in sizes:
+            sizes[id(n)] = 0  # a recursive alias counts as itself: its expansion is refused below anyway
+            children = n.value if isinstance(n, yaml.SequenceNode) else [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else []
+            sizes[id(n)] = min(1 + sum(expanded(c) for c in children), MAX_YAML_NODES + 1)
+        return sizes[id(n)] or MAX_YAML_NODES + 1
+
+    if expanded(node) > MAX_YAML_NODES:
+        raise ValueError(f"{what}: its aliases (*name) expand it to more than {MAX_YAML_NODES:,} YAML nodes; write the "
+                         f"values out, or use fewer nested anchors")  # fmt: skip
+    return yaml.safe_load(text)
 
 
 def _parameters(spec: Any) -> list[Parameter]:
@@ -275,15 +317,17 @@ def load_sweep(path: str | Path, *, instantiate: bool = True) -> SweepConfig:
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = load_yaml(path.read_text(), f"sweep file {path}") or {}
     except yaml.YAMLError as error:
         raise ValueError(f"sweep file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ValueError(f"sweep file {path} is nested too deeply to read") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"sweep file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not isinstance(spec, Mapping):
         raise ValueError(f"sweep file {path} must hold a mapping, got {type(spec).__name__}")
     allowed = {"name", "fit_config", "parameters", "overrides", "objective", "constraints", "baseline", "max_trials",
-               "parallel", "trial_timeout", "initial_trials", "strategy", "seed", "project"}  # fmt: skip
+               "parallel", "force_parallel", "trial_timeout", "initial_trials", "strategy", "seed", "project"}  # fmt: skip
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"sweep file {path}: unknown fields {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -302,6 +346,9 @@ def load_sweep(path: str | Path, *, instantiate: bool = True) -> SweepConfig:
     if not isinstance(overrides, Mapping):
         raise ValueError(f"`overrides` must map config keys to values, e.g. {{trainer.max_epochs: 5}}, got {overrides!r}")
     baseline = spec.get("baseline")
+    force_parallel = spec.get("force_parallel", False)
+    if type(force_parallel) is not bool:
+        raise ValueError(f"`force_parallel` must be true or false, got {force_parallel!r}")
     name = spec.get("name") or path.stem
     if not isinstance(name, (str, int)) or any(ch in str(name) for ch in _CONTROL):
         raise ValueError(f"sweep file {path}: `name` must be a string without control characters, got {name!r}")
@@ -312,13 +359,15 @@ def load_sweep(path: str | Path, *, instantiate: bool = True) -> SweepConfig:
         overrides=dict(overrides),
         objective=Objective.parse_all(spec.get("objective", DEFAULT_OBJECTIVE)),
         constraints=tuple(Constraint.parse(str(c)) for c in constraints),
-        baseline=None if baseline is None else float(_number("baseline", baseline, float("-inf"))),
-        max_trials=_number("max_trials", spec.get("max_trials", 10), 1, integer=True),
-        parallel=_number("parallel", spec.get("parallel", 1), 1, integer=True),
-        trial_timeout=float(_number("trial_timeout", spec.get("trial_timeout", 3600.0), 1)),
-        initial_trials=None if spec.get("initial_trials") is None else _number("initial_trials", spec["initial_trials"], 1, integer=True),
+        baseline=None if baseline is None else float(_number("baseline", baseline, -_MAX_LITERAL, high=_MAX_LITERAL)),
+        max_trials=_number("max_trials", spec.get("max_trials", 10), 1, integer=True, high=MAX_TRIALS),
+        parallel=check_parallel(spec.get("parallel", 1), force_parallel),
+        force_parallel=force_parallel,
+        trial_timeout=float(_number("trial_timeout", spec.get("trial_timeout", 3600.0), 1, high=MAX_TRIAL_TIMEOUT)),
+        initial_trials=None if spec.get("initial_trials") is None
+        else _number("initial_trials", spec["initial_trials"], 1, integer=True, high=MAX_TRIALS),
         strategy=strategy,
-        seed=_number("seed", spec.get("seed", 0), 0, integer=True),
+        seed=_number("seed", spec.get("seed", 0), 0, integer=True, high=MAX_SEED),
         project=str(spec.get("project", "lightning-sparse")),
     )
     check_space(sweep, instantiate=instantiate)

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lightning_sparse import files
+from lightning_sparse.sweep.processes import PID_FILE, new_identity, record
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "trial.log"
-PID_FILE = "pid"
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,6 @@ def read_metrics(folder: Path) -> dict[str, float] | None:
     return files.read_json(path) if path.is_file() else None
 
 
-def kill_stale(folder: Path) -> None:
-    """Kill what is left of a trial a previous, killed sweeper started (its process group)."""
-    pid_file = folder / PID_FILE
-    if not pid_file.is_file():
-        return
-    try:
-        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, ValueError):
-        pass
-    pid_file.unlink(missing_ok=True)
-
-
 _running: dict[str, subprocess.Popen] = {}
 _lock = threading.Lock()
 
@@ -89,8 +77,10 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     started = time.perf_counter()
     with open(log, "w") as output:
         env = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}  # its own W&B service
-        process = subprocess.Popen(job.command, stdout=output, stderr=subprocess.STDOUT, env={**env, **job.env}, start_new_session=True)
-        (job.folder / PID_FILE).write_text(str(process.pid))
+        identity = new_identity(job.folder)  # checked before a later sweeper signals it
+        process = subprocess.Popen(job.command, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**env, **job.env, **identity}, start_new_session=True)
+        record(job.folder, process.pid, identity)
         with _lock:
             _running[job.label] = process
         try:
@@ -121,8 +111,8 @@ def _kill_group(process: subprocess.Popen) -> None:
 def stop_running() -> None:
     """Kill every trial this process started that is still running."""
     with _lock:
-        processes = list(_running.values())
-    for process in processes:
+        started = list(_running.values())
+    for process in started:
         _kill_group(process)
 
 

@@ -21,7 +21,7 @@ class TrialRecord:
 
     index: int
     parameters: dict[str, Any]
-    status: str = "running"  # running | completed | failed
+    status: str = "running"  # running | completed | failed | lost (left running by a sweeper, not checkable)
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     log: str = ""
@@ -98,7 +98,7 @@ def results_table(records: Sequence[TrialRecord], sweep: SweepConfig, baseline: 
     for column in ("trial", "status", *parameters, *metrics, "feasible", "seconds"):
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
     for r in sorted(records, key=lambda r: r.index):
-        status = r.status if r.status != "failed" else f"[red]failed[/red]: {r.error} (log: {r.log})"
+        status = r.status if r.status not in ("failed", "lost") else f"[red]{r.status}[/red]: {r.error} (log: {r.log})"
         cells = [_fmt(r.parameters.get(p.name, "")) for p in sweep.parameters]
         cells += [_fmt(r.metrics[m]) if m in r.metrics else "" for m in sweep.metrics]
         feasible = "yes" if is_feasible(r, sweep, baseline) else ("no" if r.status == "completed" else "")

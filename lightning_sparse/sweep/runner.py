@@ -15,8 +15,17 @@ from typing import Any
 from rich.console import Console
 
 from lightning_sparse import files, wandb_mode
-from lightning_sparse.sweep.config import Parameter, SweepConfig, check_fit_config, is_plain_name, load_sweep
-from lightning_sparse.sweep.launchers import LOG_FILE, Launcher, TrialJob, TrialOutcome, kill_stale, make_launcher, read_metrics
+from lightning_sparse.sweep.config import (
+    MAX_TRIALS,
+    Parameter,
+    SweepConfig,
+    check_fit_config,
+    check_parallel,
+    is_plain_name,
+    load_sweep,
+)
+from lightning_sparse.sweep.launchers import LOG_FILE, Launcher, TrialJob, TrialOutcome, make_launcher, read_metrics
+from lightning_sparse.sweep.processes import end_stale
 from lightning_sparse.sweep.metrics import write_json
 from lightning_sparse.sweep.results import (
     TrialRecord,
@@ -149,6 +158,12 @@ class _Sweep:
         measured = ", ".join(f"{m}={_short(record.metrics[m])}" for m in self.sweep.metrics)
         self.console.print(f"trial {record.index} done in {outcome.seconds:.0f} s: {measured}")
 
+    def lose(self, record: TrialRecord, reason: str) -> None:
+        """A trial the previous sweeper left running that this one cannot check or end: abandoned, not rerun."""
+        record.status, record.error = "lost", reason
+        self.client.mark_trial_abandoned(record.index)
+        self.console.print(f"[yellow]trial {record.index} lost[/yellow]: {reason} (folder: {self.trial_folder(record.index)})")
+
     def next_record(self) -> TrialRecord | None:
         trials = self.client.get_next_trials(max_trials=1)
         if not trials:
@@ -225,16 +240,22 @@ def run_sweep(
     resume: bool = False,
     launcher: str | Launcher = "local",
     console: Console | None = None,
+    force_parallel: bool = False,
 ) -> SweepResult:
     """Find the best compression settings that meet the sweep's constraints, in at most ``max_trials`` runs.
 
     ``config`` is a sweep file (see ``examples/sweep_digits.yaml``) or a loaded :class:`SweepConfig`; the keyword
     arguments override its ``max_trials`` and ``parallel``. Results go to ``output`` (default
     ``sweeps/<name>``); with ``resume`` a killed sweep continues there, keeping every completed trial.
+    ``parallel`` may exceed this machine's cores only with ``force_parallel`` (or the file's ``force_parallel``).
     """
     wandb_mode.default_to_offline()  # trials and the summary log to W&B: no account needed
     sweep = config if isinstance(config, SweepConfig) else load_sweep(config)
-    sweep = replace(sweep, max_trials=max_trials or sweep.max_trials, parallel=parallel or sweep.parallel)
+    sweep = replace(sweep, max_trials=max_trials or sweep.max_trials, parallel=parallel or sweep.parallel,
+                    force_parallel=sweep.force_parallel or force_parallel)
+    if not (type(sweep.max_trials) is int and 1 <= sweep.max_trials <= MAX_TRIALS):
+        raise ValueError(f"`max_trials` must be an int in [1, {MAX_TRIALS}], got {sweep.max_trials!r}")
+    check_parallel(sweep.parallel, sweep.force_parallel)
     console = console or Console(width=None if sys.stdout.isatty() else 160)  # no squeezed table in a log file
     if output is None and not is_plain_name(sweep.name):
         raise ValueError(f"the sweep `name` {sweep.name!r} is not a plain file name, so it cannot name its folder under "
@@ -277,7 +298,10 @@ def _loop(state: _Sweep, launcher: Launcher) -> None:
         if metrics is not None:  # it finished after the previous sweeper was killed
             state.finish(record, TrialOutcome(str(record.index), metrics, None, folder / LOG_FILE, 0.0))
             continue
-        kill_stale(folder)
+        stale = end_stale(folder)
+        if stale.state == "lost":  # maybe still running elsewhere, or not ours: never run twice in one folder
+            state.lose(record, stale.reason)
+            continue
         running[state.launch(launcher, record)] = record
     state.save()
     while True:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / several processes: `make test` runs it, `make test-fast` does not
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 

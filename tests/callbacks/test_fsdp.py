@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses / several processes: `make test` runs it, `make test-fast` does not
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 METHODS = [
     "gmp", "gmp-global", "gmp-erk", "gmp-nm", "gmp-channel", "gmp-neuron", "gmp-head", "movement", "movement-head",

@@ -211,7 +211,8 @@ def test_lc_pruning_ends_feasible_with_the_penalty_applied_every_l_step(digits_m
 
 @pytest.mark.parametrize(("compression", "codebook", "distinct"), [("quantize", "kmeans", 2), ("quantize", "ternary", 3), ("prune+quantize", "kmeans", 4)])
 def test_lc_quantization_ends_with_k_values_per_layer(digits_model, make_trainer, tmp_path, digits, compression, codebook, distinct):
-    callback = LearningCompression(compression=compression, bits=1 if distinct == 2 else 2, codebook=codebook, sparsity=0.8,
+    pruning = {"sparsity": 0.8} if "prune" in compression else {}  # `sparsity` with "quantize" alone is refused
+    callback = LearningCompression(compression=compression, bits=1 if distinct == 2 else 2, codebook=codebook, **pruning,
                                    lc_steps=5, first_l_steps=20, mu_init=1e-2, mu_multiplier=1.5)  # fmt: skip
     model = digits_model()
     make_trainer(tmp_path, [callback]).fit(model, digits)

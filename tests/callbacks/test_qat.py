@@ -47,14 +47,11 @@ def test_bad_arguments_name_the_argument(kwargs, message):
         QuantizationAwareTraining(**kwargs)
 
 
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [({"granularity": "per_tensor"}, {"scale": "per_tensor"}), ({"codebook_frequency": 7}, {"frequency": 7}), ({"prune": 0.3}, {"sparsity": 0.3})],
-)
-def test_old_argument_names_still_work_with_a_deprecation_warning(old, new):
-    with pytest.warns(DeprecationWarning, match=f"`{next(iter(old))}`\\) is renamed `{next(iter(new))}`"):
-        callback = QuantizationAwareTraining(**old)
-    assert getattr(callback, next(iter(new))) == next(iter(new.values()))
+@pytest.mark.parametrize("old", ["granularity", "codebook_frequency", "prune"])
+def test_the_pre_release_argument_names_are_gone(old):
+    """``scale``, ``frequency`` and ``sparsity`` are the only names (the package was never released with the old)."""
+    with pytest.raises(TypeError, match=old):
+        QuantizationAwareTraining(**{old: 1})
 
 
 def test_bits_pattern_matching_nothing_is_refused(digits_model, make_trainer, tmp_path, digits):

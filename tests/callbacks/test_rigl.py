@@ -1,6 +1,7 @@
 """RigL and SET inside real Trainer.fit runs on sklearn's digits."""
 
 import csv
+import inspect
 from pathlib import Path
 
 import pytest
@@ -275,12 +276,15 @@ def test_er_power_scale_linear_decay_and_dense_first_layer(digits_model, make_tr
     assert 0.15 * active < callback._moved["net.3.weight"] <= 0.3 * active
 
 
-def test_update_frequency_is_the_old_name_of_frequency():
-    with pytest.warns(DeprecationWarning, match=r"`update_frequency`\) is renamed `frequency`"):
-        callback = RigL(update_frequency=7, end=100)
-    assert callback.frequency == 7
-    with pytest.raises(ValueError, match=r"give `frequency` or its old name `update_frequency`, not both"):
-        RigL(frequency=5, update_frequency=7, end=100)
+def test_set_takes_every_rigl_argument_but_grow():
+    rigl = inspect.signature(RigL.__init__).parameters
+    set_ = inspect.signature(SET.__init__).parameters
+    assert list(set_) == [name for name in rigl if name != "grow"]
+    assert all(set_[name].default == rigl[name].default and set_[name].annotation == rigl[name].annotation for name in set_)
+    callback = SET(sparsity={"net.1.weight": 0.8}, decay="linear", erk_power_scale=0.5, dense_first_layer=True)
+    assert (callback.grow, callback.decay, callback.erk_power_scale, callback.dense_first_layer) == ("random", "linear", 0.5, True)
+    with pytest.raises(TypeError, match="update_frequency"):
+        RigL(update_frequency=7)
 
 
 def test_grown_weights_can_start_at_a_scaled_descent_step(digits_model, make_trainer, tmp_path, digits):

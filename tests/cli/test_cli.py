@@ -1,5 +1,6 @@
 """The ``lightning-sparse`` command, run as a user runs it (a subprocess), on real digits."""
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -9,6 +10,8 @@ import torch
 
 from lightning_sparse.core.masks import unpack
 from support import CLI, DIGITS, ROOT, checkpoint_sparsity, run_cli
+
+pytestmark = pytest.mark.slow  # subprocesses / several processes: `make test` runs it, `make test-fast` does not
 
 
 def _wait_for_files(folder: Path, pattern: str, seconds: float = 60.0) -> list[Path]:
@@ -57,6 +60,10 @@ def test_demo_config_compares_with_dense_and_logs_wandb_offline(tmp_path):
     assert "saved offline in runs/wandb/offline-run-" in output
     assert len(_wait_for_files(tmp_path / "runs" / "wandb", "offline-run-*/run-*.wandb")) == 1
     assert "sparsity" in output.split("dense baseline vs compressed")[1]
+    # only the demo's own lines: no Lightning tips, no third-party deprecations, no colour codes off a terminal
+    for noise in ("💡 Tip", "LeafSpec", "anonymous setting", "\x1b["):
+        assert noise not in output, noise
+    assert not re.search(r"\b0\s+Total Flops", output)
 
 
 def test_report_on_a_missing_file_fails_cleanly(tmp_path):

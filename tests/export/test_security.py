@@ -32,7 +32,6 @@ from lightning_sparse.cli import main
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.deployment import load_deployed, save_deployed
 from lightning_sparse.export import MAGIC, load_checkpoint, load_compressed, save_compressed
-from lightning_sparse.files import atomic_writer
 from lightning_sparse.sweep import load_sweep, run_sweep
 from lightning_sparse.sweep.config import Constraint, is_plain_name
 from lightning_sparse.sweep.overrides import split_arguments
