@@ -408,3 +408,113 @@ def test_owl_with_magnitude_gives_blocks_with_more_outliers_less_sparsity():
     assert per_layer["layers.1.mix.weight"] == block[1]  # one sparsity per block
     assert np.mean([per_layer[f"layers.{i}.up.weight"] for i in range(3)]) == pytest.approx(0.5)
     assert isinstance(find_layers(model, targets)["layers.0.up.weight"], Layer)
+
+
+def reference_owl_wanda(model: TinyLM, samples, sparsity_ratio: float, Lamda: float, Hyper_m: float):
+    """``prune_wanda_outlier`` (``luuyin/OWL`` ``lib/prune_all.py``), ported on ``model.layers``: pass 1 runs the dense
+    blocks in sequence (nothing pruned), each block's Wanda metrics of all its Linear layers concatenated give its
+    ``check_outlier_mean`` ratio; the adjustment gives ``all_layer_ratio``; pass 2 is Wanda's sequential loop with
+    ``layer_sparsity_ratio = 1 - all_layer_ratio[i]`` for every Linear of block ``i``. Returns the per-block sparsities."""
+    inps = []
+
+    class Catcher(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, inp, **kwargs):
+            inps.append(inp)
+            raise ValueError
+
+    model.layers[0] = Catcher(model.layers[0])
+    for batch in samples:
+        try:
+            model(batch)
+        except ValueError:
+            pass
+    model.layers[0] = model.layers[0].module
+    first = torch.cat(inps)
+
+    def add_batch(wrapped, name):
+        def tmp(_, inp, out):
+            wrapped[name].add_batch(inp[0].data, out.data)
+
+        return tmp
+
+    all_layer_ratio = []
+    with torch.no_grad():
+        inps, outs = first.clone(), torch.zeros_like(first)
+        for layer in model.layers:  # pass 1: outlier ratios of the dense model
+            subset = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            wrapped = {name: WrappedGPT(subset[name]) for name in subset}
+            handles = [subset[name].register_forward_hook(add_batch(wrapped, name)) for name in wrapped]
+            for j in range(len(inps)):
+                outs[j] = layer(inps[j].unsqueeze(0))[0]
+            for h in handles:
+                h.remove()
+            layer_wmetric = [torch.abs(subset[n].weight.data) * torch.sqrt(wrapped[n].scaler_row.reshape((1, -1))) for n in subset]
+            for j in range(len(inps)):
+                outs[j] = layer(inps[j].unsqueeze(0))[0]
+            inps, outs = outs, inps
+            layer_wmetric = torch.cat([torch.flatten(x.cpu()) for x in layer_wmetric])
+            all_layer_ratio.append(check_outlier_mean(layer_wmetric, Hyper_m))
+        all_layer_ratio = np.array(all_layer_ratio)
+        all_layer_ratio = (all_layer_ratio - all_layer_ratio.min()) * (1 / (all_layer_ratio.max() - all_layer_ratio.min()) * Lamda * 2)
+        all_layer_ratio = all_layer_ratio - np.mean(all_layer_ratio) + (1 - sparsity_ratio)
+        inps, outs = first.clone(), torch.zeros_like(first)
+        for i, layer in enumerate(model.layers):  # pass 2: Wanda, block i at 1 - all_layer_ratio[i]
+            subset = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            wrapped = {name: WrappedGPT(subset[name]) for name in subset}
+            handles = [subset[name].register_forward_hook(add_batch(wrapped, name)) for name in wrapped]
+            for j in range(len(inps)):
+                outs[j] = layer(inps[j].unsqueeze(0))[0]
+            for h in handles:
+                h.remove()
+            for name in subset:
+                layer_sparsity_ratio = 1 - all_layer_ratio[i]
+                if layer_sparsity_ratio <= 0:
+                    layer_sparsity_ratio = 0.01
+                W_mask = reference_wanda_mask(subset[name].weight.data, wrapped[name].scaler_row, layer_sparsity_ratio)
+                subset[name].weight.data[W_mask] = 0
+            for j in range(len(inps)):
+                outs[j] = layer(inps[j].unsqueeze(0))[0]
+            inps, outs = outs, inps
+    return [float(1 - r) for r in all_layer_ratio]
+
+
+@pytest.mark.parametrize(
+    "sparsity, spread, threshold, same_counts",
+    [(0.7, 0.08, 5.0, False), (0.5, 0.2, 2.0, False), (0.51, 0.125, 3.0, True), (0.76, 0.0625, 3.0, True)],
+)
+def test_owl_wanda_equals_the_references_prune_wanda_outlier(sparsity, spread, threshold, same_counts):
+    """Whole model: our OWL + Wanda gives the reference's per-block sparsities (outlier ratio per block over all its
+    layers' scores, from the dense model's block inputs; every layer of a block at the block's sparsity) and its masks.
+    The one difference: the reference prunes ``int(s · columns)`` weights per row, we ``round(s · columns)``, so the
+    masks are compared directly where the two agree (``same_counts``: block sparsities whose counts floor and round
+    alike), and in every case with our per-layer sparsities given as the reference's counts."""
+    ours, reference = _twin_models()
+    with torch.no_grad():  # outliers of different strength per block, so the blocks' ratios differ
+        for i, layer in enumerate(ours.layers):
+            layer.up.weight[: 2 + 3 * i, :3] *= 8
+            layer.down.weight[i, :5] *= 6
+        reference.load_state_dict(ours.state_dict())
+    counted = TinyLM()
+    counted.load_state_dict(ours.state_dict())
+    samples = calibration()
+    expected = reference_owl_wanda(reference, samples, sparsity, spread, threshold)
+    assert max(expected) - min(expected) == pytest.approx(2 * spread)  # the ratios differ: a real allocation
+    targets = select_targets(ours, exclude="head.weight")
+    per_layer = prune_one_shot(ours, MaskSet(targets), samples, ours, "wanda", sparsity, distribution="owl",
+                               owl_spread=spread, owl_threshold=threshold)  # fmt: skip
+    columns = {name: ours.get_parameter(name).shape[1] for name in targets}
+    for name in targets:
+        assert per_layer[name] == pytest.approx(expected[int(name.split(".")[1])], abs=1e-12), name
+    floors = {name: int(columns[name] * per_layer[name]) for name in targets}
+    assert same_counts == all(floors[n] == math.floor(columns[n] * per_layer[n] + 0.5) for n in targets)
+    if same_counts:
+        for name in targets:
+            assert torch.equal(ours.get_parameter(name) == 0, reference.get_parameter(name) == 0), name
+    counted_targets = select_targets(counted, exclude="head.weight")
+    prune_one_shot(counted, MaskSet(counted_targets), samples, counted, "wanda", {n: floors[n] / columns[n] for n in targets})
+    for name in targets:
+        assert torch.equal(counted.get_parameter(name) == 0, reference.get_parameter(name) == 0), name
