@@ -8,9 +8,16 @@ Every row starts from the same pretrained weights and seed and runs the same opt
 epochs, as Sanh et al. fine-prune for; AdamW lr 1e-4, 10% linear warm-up then linear decay to 0, batch 32); the
 pruned rows prune the encoder's 36 Linear weight matrices (10.6M weights; embeddings, norms, biases and the head
 stay dense) on the cubic schedule from 10% to 80% of the steps (Sanh et al.'s one dense epoch first and two at the
-final sparsity last), masks recomputed every 10 steps, the same sparsity in every layer. No model selection: the
+final sparsity last), masks recomputed every 10 steps (movement: every step, as the paper's code), the same sparsity
+in every layer. No model selection: the
 model at the end is tested once on the 1,200 test lines. Target (Sanh, Wolf & Rush 2020): movement >= magnitude
 at 90%.
+
+``--task thou`` runs the 2-class task (does the line contain thou/thee/thy/thine; ``ShakespeareThouDataModule``,
+1,920 / 240 / 240 lines, chance 50%). Rows ``reference-50`` / ``reference-90`` run the paper's own code, ported in
+``benchmarks/movement_reference.py`` (Hugging Face ``examples/research_projects/movement-pruning``); a row such as
+``reference-90:sum+f10`` switches on ablations (see there). ``--layers N`` keeps the first N encoder layers (cheap
+ablations). Every row reports whether the model predicts one class for every test line ("constant").
 
 Control rows ``random-50`` / ``random-90`` (not run by default) prune on the same schedule by scores drawn once at
 random: what a ranking carrying no information gives here.
@@ -147,7 +154,8 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
         settings = dict(SWITCHES[s] for s in switches.split("+") if s)
         callbacks.append(ReferenceSchedule(int(percent) / 100, args.start, args.end, **settings))
     elif row != "dense":
-        pruning = METHODS[method](sparsity=int(percent) / 100, start=args.start, end=args.end, frequency=args.frequency,
+        frequency = args.frequency or (1 if method == "movement" else 10)  # movement: the paper's every step
+        pruning = METHODS[method](sparsity=int(percent) / 100, start=args.start, end=args.end, frequency=frequency,
                                   distribution=args.distribution, exclude=["head.*"], verbose=False)  # fmt: skip
         noise = ScoreNoise(pruning) if method == "movement" else None
         callbacks.extend([noise, pruning] if noise else [pruning])
@@ -189,7 +197,8 @@ def main() -> None:
     parser.add_argument("--per-play", type=int, default=1200, help="lines per play, split 80/10/10")
     parser.add_argument("--start", type=float, default=0.1, help="pruning start, fraction of training")
     parser.add_argument("--end", type=float, default=0.8, help="pruning end, fraction of training")
-    parser.add_argument("--frequency", type=int, default=10, help="mask updates every this many steps")
+    parser.add_argument("--frequency", type=int, default=None,
+                        help="mask updates every this many steps (default: 10 for gmp/random, 1 for movement)")
     parser.add_argument("--distribution", choices=("uniform", "global", "erk"), default="uniform")
     args = parser.parse_args()
     quiet()
@@ -227,7 +236,7 @@ def main() -> None:
     table.caption = (
         f"Lines: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test (chance {100 / dm.num_classes:.0f}%). "
         f"AdamW lr {args.lr}, reference score lr {args.score_lr}, max length {args.max_length}, "
-        f"batch {args.batch_size}; pruning cubic from {args.start} to {args.end} of training, every {args.frequency} steps, "
+        f"batch {args.batch_size}; pruning cubic from {args.start} to {args.end} of training, every {args.frequency or '10 (movement: 1)'} steps, "
         f"distribution {args.distribution}, head excluded. Score |t| = |S| / sqrt(Σ (w·g)²) per weight: {NOISE_MEDIAN} "
         f"when the scores are minibatch noise. Wall time {wall:.0f} s."
     )
