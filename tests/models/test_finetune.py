@@ -6,6 +6,7 @@ The model is a tiny randomly initialised BERT built from a config in code (no do
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,7 @@ def test_thou_task_is_balanced_disjoint_and_labelled_by_the_words():
     for lines, labels in splits.values():
         assert labels.count(0) == labels.count(1)
         for line, label in zip(lines, labels):
-            tokens = {token.strip(".,;:!?'\"()-").lower() for token in line.split()}
+            tokens = set(re.findall(r"[a-z]+", line.lower()))  # "Thou'rt" holds the word thou
             assert bool(tokens & words) == bool(label), line
     train, val, test = (set(splits[split][0]) for split in ("train", "val", "test"))
     assert not (train & val or train & test or val & test)
