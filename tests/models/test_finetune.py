@@ -152,14 +152,14 @@ def test_thou_task_is_balanced_disjoint_and_labelled_by_the_words():
 
 
 def _one_layer_minilm_on_thou(tmp_path: Path, callback: pl.Callback) -> tuple[float, float]:
-    """Pretrained MiniLM cut to its first layer, fine-tuned 60 steps on 320 lines of the 2-class task while
+    """Pretrained MiniLM cut to its first layer, fine-tuned 40 steps on 192 lines of the 2-class task while
     ``callback`` prunes its 6 Linear weights to 90% (10% to 80% of the steps); test accuracy and the largest share of
     one predicted class (1.0: a constant predictor)."""
     pl.seed_everything(0)
     model = TextClassifier(pretrained="minilm", num_classes=2, lr=1e-4)
     model.backbone.encoder.layer = model.backbone.encoder.layer[:1]
-    data = ShakespeareThouDataModule(per_class=200, max_length=32, batch_size=16)
-    make_trainer(tmp_path, [callback], max_steps=60, limit_val_batches=0, num_sanity_val_steps=0).fit(model, data)
+    data = ShakespeareThouDataModule(per_class=120, max_length=32, batch_size=16)  # 192 / 24 / 24 lines
+    make_trainer(tmp_path, [callback], max_steps=40, limit_val_batches=0, num_sanity_val_steps=0).fit(model, data)
     model.eval()
     with torch.no_grad():
         batches = list(data.test_dataloader())
@@ -169,13 +169,14 @@ def _one_layer_minilm_on_thou(tmp_path: Path, callback: pl.Callback) -> tuple[fl
 
 
 def test_movement_pruning_keeps_a_pretrained_encoder_where_the_papers_code_does(tmp_path):
-    """Issue 31: at 90% the paper's code keeps MiniLM on this task (100% here); summed scores with masks held for 10
-    steps (the defaults before) made it a constant predictor (50%). Adam-stepped scores and masks recomputed every
-    step, the paper's choices and now the defaults, keep it."""
+    """Issue 31: at 90% the paper's code keeps one-layer MiniLM on this task (100% with 60 steps and 200 lines per
+    class, seeds 0-2: README's ablation); summed scores with masks held for 10 steps (the defaults before) made it a
+    constant predictor (50%, here too), and the defaults before that (summed scores, masks every 100 steps) give 70.83%
+    here. Adam-stepped scores and masks recomputed every step, the paper's choices and now the defaults, keep it."""
     callback = MovementPruning(sparsity=0.9, start=0.1, end=0.8, exclude=["head.*"], verbose=False)
     accuracy, top_share = _one_layer_minilm_on_thou(tmp_path / "adam", callback)
     assert callback.masks.sparsity() == pytest.approx(0.9, abs=1e-4)
-    assert top_share < 0.8 and accuracy >= 0.8  # measured: 100%, both classes predicted
+    assert top_share < 0.8 and accuracy >= 0.8  # measured: 100% on the 24 test lines (seeds 0 and 1)
 
     before = MovementPruning(sparsity=0.9, start=0.1, end=0.8, frequency=10, score_rule="sum", exclude=["head.*"], verbose=False)
     accuracy, top_share = _one_layer_minilm_on_thou(tmp_path / "sum", before)
