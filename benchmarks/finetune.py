@@ -157,7 +157,7 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
         frequency = args.frequency or (1 if method == "movement" else 10)  # movement: the paper's every step
         pruning = METHODS[method](sparsity=int(percent) / 100, start=args.start, end=args.end, frequency=frequency,
                                   distribution=args.distribution, exclude=["head.*"], verbose=False)  # fmt: skip
-        noise = ScoreNoise(pruning) if method == "movement" else None
+        noise = ScoreNoise(pruning) if method == "movement" and pruning.score_rule == "sum" else None  # |t| reads summed S
         callbacks.extend([noise, pruning] if noise else [pruning])
     fitter = trainer(callbacks, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0)
     started = time.perf_counter()
