@@ -22,7 +22,7 @@ ablations). Every row reports whether the model predicts one class for every tes
 Control rows ``random-50`` / ``random-90`` (not run by default) prune on the same schedule by scores drawn once at
 random: what a ranking carrying no information gives here.
 
-Movement rows also report how much signal their scores hold (:class:`ScoreNoise`): the median over all weights of
+Movement rows with summed scores (``score_rule="sum"``) also report how much signal their scores hold (:class:`ScoreNoise`): the median over all weights of
 ``|S| / sqrt(Σ (w·g)²)``, 0.674 for scores that are minibatch noise, at the first and the last mask update.
 
 Run from the repository root; a row takes about 25 minutes on one CPU thread, so rows can run side by side::
