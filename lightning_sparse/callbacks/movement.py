@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,30 +10,43 @@ from torch.optim import Optimizer
 
 from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
 from lightning_sparse.core.heads import GROUP_KINDS, prune_groups_by_scores
-from lightning_sparse.core.movement import MovementScores, prune_by_movement
+from lightning_sparse.callbacks.base import check_choice
+from lightning_sparse.core.movement import SCORE_RULES, MovementScores, prune_by_movement
 from lightning_sparse.core.targets import each_setting
 
 
 class MovementPruning(GradualMagnitudePruning):
-    """Hard movement pruning: prune the weights with the lowest score ``S = -Σ_t w_t ⊙ ∂L/∂w_t`` on GMP's schedule.
+    """Hard movement pruning: prune the weights with the lowest movement score ``S`` (trained from ``w ⊙ ∂L/∂w``) on
+    GMP's schedule.
 
     The choice for pruning a *pretrained* model while it is fine-tuned (Sanh, Wolf & Rush, NeurIPS 2020, arXiv
     2005.07683): magnitude pruning keeps the weights that were large before fine-tuning, movement pruning the ones
     fine-tuning moves away from zero (BERT on SQuAD at 10% of the weights: F1 84.3 against 80.1 for magnitude).
 
     Every optimizer step, in ``on_before_optimizer_step`` (gradients all-reduced under DDP and accumulated over
-    ``accumulate_grad_batches``, not yet masked), ``S ← S - w ⊙ ∂L/∂w`` for every selected weight, pruned ones
-    included (they score with the value they had when pruned; see :mod:`lightning_sparse.core.movement`). At each
-    update step of the schedule the masks are recomputed as the top ``1 - s_t`` of ``S`` under ``distribution``, so
-    a pruned weight whose score has risen comes back with its old value, as in the paper. After ``end`` the masks
-    are frozen and scores stop accumulating. Scores are checkpointed with the masks (exact resume); they cost two
-    weight-sized tensors (``S`` and the pruned weights' values) beside the one-bit masks.
+    ``accumulate_grad_batches``, not yet masked), the scores of every selected weight, pruned ones included (they
+    score with the value they had when pruned; see :mod:`lightning_sparse.core.movement`), take a step on
+    ``∂L/∂S = w ⊙ ∂L/∂w``: by default as the paper's code does (Hugging Face ``examples/research_projects/
+    movement-pruning``, ``emmental``), an Adam step at ``score_lr`` that follows the weights' learning-rate schedule
+    (``score_rule="adam"``); ``score_rule="sum"`` adds ``-w ⊙ ∂L/∂w`` instead. At each update step of the schedule
+    the masks are recomputed as the top ``1 - s_t`` of ``S`` under ``distribution``, so a pruned weight whose score
+    has risen comes back with its old value, as in the paper. After ``end`` the masks are frozen and scores stop.
+
+    Issue 31 (measured in ``benchmarks/finetune.py``): on a pretrained MiniLM fine-tuned on a 2-class task, summed
+    scores with masks held for 10 steps collapsed the model to a constant predictor where the paper's code kept
+    it; Adam-stepped scores and masks recomputed at every step (the paper's two choices, now the defaults) keep it.
+    Holding the pruned weights at their pruned value and freezing the masks after ``end`` made no difference there.
+
+    Memory: ``S`` and the pruned weights' values (two fp32 weight-sized tensors) and, with ``score_rule="adam"``, the
+    scores' two Adam moments (two more): four weight-sized tensors beside the one-bit masks, where the paper's code
+    holds three (scores and their Adam moments). All are checkpointed with the masks (exact resume).
 
     Args:
         sparsity: final fraction of zeros in the selected weights, in [0, 1); or ``{glob: sparsity}`` per layer.
         start: when the ramp begins: fraction of the total optimizer steps (float in [0, 1]) or a step (int).
         end: when the final sparsity is reached, same convention; must not come before ``start``.
-        frequency: optimizer steps between mask updates (>= 1); the paper recomputes the top-k every step (1).
+        frequency: optimizer steps between mask updates (>= 1); the paper recomputes the top-k every step (1, the
+            default); each update costs a top-k per layer.
         schedule: ``cubic`` (Zhu & Gupta's ramp, as in the paper), ``linear`` or ``constant``.
         distribution: ``uniform`` (same sparsity per layer), ``global`` (one threshold on ``S``) or ``erk``.
         include: glob patterns of parameter names to prune (default: weights of Linear and Conv layers).
@@ -43,6 +57,11 @@ class MovementPruning(GradualMagnitudePruning):
             ranked by the sum of ``S`` over all their members' entries, biases included; the sparsity is the fraction
             of heads or neurons removed per module), or ``{glob: granularity}`` per layer, as for
             :class:`GradualMagnitudePruning`.
+        score_rule: ``adam`` (the paper's code: scores trained by Adam, betas (0.9, 0.999), eps 1e-8, no weight
+            decay) or ``sum`` (``S = -Σ_t w_t ⊙ ∂L/∂w_t``, the paper's section 4 with plain SGD on the scores).
+        score_lr: the scores' Adam learning rate with ``score_rule="adam"`` (the paper's
+            ``mask_scores_learning_rate``, 1e-2), scaled by the weights' schedule (current over initial learning rate
+            of the optimizer's first parameter group).
     """
 
     metric_prefix = "movement"  # its own method: `movement/target_sparsity`, not GMP's `gmp/`
@@ -52,7 +71,7 @@ class MovementPruning(GradualMagnitudePruning):
         sparsity: float | dict[str, float] = 0.9,
         start: int | float = 0.0,
         end: int | float = 0.75,
-        frequency: int = 100,
+        frequency: int = 1,
         schedule: str = "cubic",
         distribution: str = "uniform",
         include: list[str] | None = None,
@@ -60,24 +79,30 @@ class MovementPruning(GradualMagnitudePruning):
         initial_sparsity: float = 0.0,
         verbose: bool = True,
         granularity: str | dict[str, str] = "unstructured",
+        score_rule: str = "adam",
+        score_lr: float = 1e-2,
     ) -> None:
         for label, value in each_setting("granularity", granularity):
             if value not in ("unstructured", *GROUP_KINDS):
                 raise ValueError(f"`{label}` of MovementPruning must be one of ('unstructured', 'head', 'neuron'), got {value!r}")
+        check_choice("score_rule", score_rule, SCORE_RULES)
+        if isinstance(score_lr, bool) or not isinstance(score_lr, (int, float)) or not 0 < score_lr < math.inf:
+            raise ValueError(f"`score_lr` must be a finite number > 0, got {score_lr!r}")
         super().__init__(
             sparsity=sparsity, start=start, end=end, frequency=frequency, schedule=schedule, distribution=distribution,
             include=include, exclude=exclude, initial_sparsity=initial_sparsity, verbose=verbose, granularity=granularity,
         )  # fmt: skip
+        self.score_rule, self.score_lr = score_rule, float(score_lr)
         self.scores: MovementScores | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.scores = MovementScores(self.masks.params)
+            self.scores = MovementScores(self.masks.params, rule=self.score_rule, lr=self.score_lr)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         if self.masks is not None and trainer.global_step != self._decided_step and self._scoring(trainer.global_step):
-            self.scores.accumulate_()  # dense gradients: the base masks them below, after deciding the masks
+            self.scores.accumulate_(lr_factor(optimizer))  # dense gradients: the base masks them below, after deciding
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -111,3 +136,11 @@ class MovementPruning(GradualMagnitudePruning):
         super()._load_extra_state(state)
         if "movement" in state:
             self.scores.load_state_dict(state["movement"])
+
+
+def lr_factor(optimizer: Optimizer) -> float:
+    """Where the weights' learning-rate schedule stands: the first group's learning rate over its initial one (1 without
+    a scheduler). The paper's scores follow the weights' warm-up and decay."""
+    group = optimizer.param_groups[0]
+    initial = group.get("initial_lr")
+    return float(group["lr"]) / float(initial) if initial else 1.0

@@ -34,6 +34,11 @@ from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.shards import from_local_like, full_tensor, local_part, local_tensor, sharded_like
 
 
+#: How scores take a step: ``sum`` adds ``-w·g`` (Sanh et al.'s section 4 with plain SGD on the scores), ``adam``
+#: is the paper's code (scores trained by Adam at their own learning rate).
+SCORE_RULES = ("sum", "adam")
+
+
 def _score_dtype(param: Tensor) -> torch.dtype:
     """Scores sum many small products: at least fp32, whatever precision the weights are held in."""
     return torch.promote_types(param.dtype, torch.float32)
@@ -48,11 +53,21 @@ class MovementScores:
     For a sharded parameter (FSDP2) scores and latent values are sharded like it; masks are decided on whole scores.
     """
 
-    def __init__(self, params: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, params: Mapping[str, Tensor], rule: str = "sum", lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:  # fmt: skip
+        if rule not in SCORE_RULES:
+            raise ValueError(f"`rule` must be one of {SCORE_RULES}, got {rule!r}")
         self.params = dict(params)
-        self.scores = {
-            name: sharded_like(torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device), p) for name, p in self.params.items()
-        }
+        self.rule, self.lr, self.betas, self.eps = rule, float(lr), (float(betas[0]), float(betas[1])), float(eps)
+
+        def zeros(p: Tensor) -> Tensor:
+            return sharded_like(torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device), p)
+
+        self.scores = {name: zeros(p) for name, p in self.params.items()}
+        # Adam's moments of the scores' gradient w·g (rule "adam" only): two more score-sized tensors
+        self.moments = {name: (zeros(p), zeros(p)) for name, p in self.params.items()} if rule == "adam" else {}
         self.latent: dict[str, Tensor] = {}
         self.steps = {name: 0 for name in self.params}
 
@@ -60,12 +75,21 @@ class MovementScores:
         """Point the scores at new tensors for the same parameters (``fully_shard`` replaces every parameter by a
         ``DTensor``); scores and latent values are moved to the new sharding."""
         self.scores = {name: sharded_like(full_tensor(s), params[name]) for name, s in self.scores.items()}
+        self.moments = {
+            name: tuple(sharded_like(full_tensor(m), params[name]) for m in pair) for name, pair in self.moments.items()
+        }
         self.latent = {name: sharded_like(full_tensor(v), params[name]) for name, v in self.latent.items()}
         self.params = {name: params[name] for name in self.params}
 
     @torch.no_grad()
-    def accumulate_(self) -> None:
-        """``S ← S - w ⊙ g`` for every parameter with a gradient (``w`` including the latent value of pruned weights).
+    def accumulate_(self, lr_factor: float = 1.0) -> None:
+        """One step of the scores for every parameter with a gradient (``w`` including the latent value of pruned
+        weights, ``g`` the gradient of the weight as the model uses it, pruned or not).
+
+        ``rule="sum"``: ``S ← S - w ⊙ g``. ``rule="adam"`` (the paper's code): ``w ⊙ g`` is the gradient of ``S``
+        through the straight-through top-k, and ``S`` takes an Adam step on it,
+        ``S ← S - lr · lr_factor · m̂ / (sqrt(v̂) + eps)``; ``lr_factor`` is the weights' learning-rate schedule
+        (current over initial learning rate), which the paper's scores follow.
 
         Call it on the dense gradient, before pruned gradients are zeroed, once per optimizer step (after DDP
         all-reduce and gradient accumulation). Parameters without a gradient this step are left as they are.
@@ -75,10 +99,23 @@ class MovementScores:
             if grad is None:
                 continue
             score, grad = local_tensor(self.scores[name]), local_tensor(grad)  # elementwise: shard by shard
-            score.addcmul_(local_tensor(param), grad, value=-1)
-            if name in self.latent:
-                score.addcmul_(local_tensor(self.latent[name]), grad, value=-1)
             self.steps[name] += 1
+            if self.rule == "sum":
+                score.addcmul_(local_tensor(param), grad, value=-1)
+                if name in self.latent:
+                    score.addcmul_(local_tensor(self.latent[name]), grad, value=-1)
+                continue
+            weight = local_tensor(param)
+            if name in self.latent:
+                weight = weight + local_tensor(self.latent[name])
+            update = (weight * grad).to(score.dtype)  # ∂L/∂S
+            first, second = (local_tensor(m) for m in self.moments[name])
+            beta1, beta2 = self.betas
+            first.lerp_(update, 1 - beta1)
+            second.mul_(beta2).addcmul_(update, update, value=1 - beta2)
+            step = self.steps[name]
+            denominator = (second / (1 - beta2**step)).sqrt_().add_(self.eps)
+            score.addcdiv_(first, denominator, value=-self.lr * lr_factor / (1 - beta1**step))
 
     def missing(self) -> list[str]:
         """Names whose scores never saw a gradient (frozen or unused parameters): they cannot be ranked."""
@@ -103,7 +140,9 @@ class MovementScores:
             "scores": {name: full_tensor(s).cpu().clone() for name, s in self.scores.items()},
             "latent": {name: full_tensor(v).cpu().clone() for name, v in self.latent.items()},
             "steps": dict(self.steps),
-        }
+            **({"moments": {name: [full_tensor(m).cpu().clone() for m in pair] for name, pair in self.moments.items()}}
+               if self.moments else {}),
+        }  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
         """Restore what :meth:`state_dict` saved; every tensor is checked against the parameters before any is loaded."""
@@ -126,6 +165,12 @@ class MovementScores:
             for name, tensor in latent.items()
         }
         self.steps = {name: int(value) for name, value in steps.items()}
+        if self.moments:
+            if set(state.get("moments", {})) != set(self.params):
+                raise ValueError("Checkpoint movement scores hold no Adam moments, but these scores use rule='adam'")
+            for name, pair in state["moments"].items():
+                for mine, saved in zip(self.moments[name], pair):
+                    local_tensor(mine).copy_(local_part(saved.to(self.params[name].device), self.params[name]))
 
 
 def prune_by_movement(

@@ -64,6 +64,31 @@ def test_a_pruned_weight_whose_score_rises_comes_back_with_its_value():
     assert scores.latent["w"].tolist() == [1.0, 0.0, 0.0, 4.0]
 
 
+def test_adam_scores_are_torch_adam_on_the_straight_through_gradient_w_times_g():
+    """rule="adam" is the paper's code: S is a parameter whose gradient is w·g (through the straight-through top-k),
+    stepped by Adam (no weight decay) at lr × the weights' schedule; pruned weights score with their kept value."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 5))
+    masks = MaskSet({"w": weight})
+    scores = MovementScores(masks.params, rule="adam", lr=1e-2)
+    reference = nn.Parameter(torch.zeros(4, 5))
+    adam = torch.optim.Adam([reference], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    for step, factor in enumerate((0.5, 1.0, 0.75, 0.25)):
+        dense = weight.detach() + scores.latent.get("w", torch.zeros(()))
+        weight.grad = torch.randn(4, 5)
+        reference.grad = dense * weight.grad
+        for group in adam.param_groups:
+            group["lr"] = 1e-2 * factor
+        adam.step()
+        scores.accumulate_(lr_factor=factor)
+        assert torch.allclose(scores.scores["w"], reference.detach(), rtol=1e-5, atol=1e-8), step
+        if step == 1:
+            prune_by_movement(masks, scores, sparsity=0.5)  # from here the pruned half scores with its kept value
+    assert "w" in scores.latent and scores.steps == {"w": 4}
+    with pytest.raises(ValueError, match=r"`rule` must be one of \('sum', 'adam'\), got 'sgd'"):
+        MovementScores(masks.params, rule="sgd")
+
+
 # ----------------------------------------------------------------- arguments
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -74,6 +99,8 @@ def test_a_pruned_weight_whose_score_rises_comes_back_with_its_value():
         ({"schedule": "exp"}, r"`schedule` must be one of \('cubic', 'linear', 'constant'\)"),
         ({"distribution": "layerwise"}, r"`distribution` must be one of \('uniform', 'global', 'erk'\)"),
         ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` must be in \[0, sparsity=0.5\]"),
+        ({"score_rule": "sgd"}, r"`score_rule` must be one of \('sum', 'adam'\), got 'sgd'"),
+        ({"score_lr": 0}, r"`score_lr` must be a finite number > 0, got 0"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, message):
@@ -104,7 +131,7 @@ def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(digits_model, ma
     pl.seed_everything(3)
     model = digits_model()  # SGD, momentum 0.9, lr 0.05
     reference = copy.deepcopy(model)
-    callback = MovementPruning(sparsity=0.6, start=9, end=9, schedule="constant", verbose=False)  # prunes at the last step
+    callback = MovementPruning(sparsity=0.6, start=9, end=9, schedule="constant", score_rule="sum", verbose=False)  # prunes at the last step
     make_trainer(tmp_path, [callback], max_steps=10).fit(model, digits)
 
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
