@@ -80,6 +80,9 @@ SLOW = {
         "test_multihead_attention_and_mlp_deploy_without_pruned_heads_and_neurons",
     ],
     "models/test_chargpt.py": ["test_compiled_forward_trains_with_gmp"],  # torch.compile
+    "models/test_finetune.py": [  # a pretrained MiniLM layer fine-tuned under three movement settings
+        "test_movement_pruning_keeps_a_pretrained_encoder_where_the_papers_code_does",
+    ],
     "models/test_data_models.py": ["test_mnist_from_wheel_then_from_a_user_npz"],  # parses 70k CSV rows
     "export/test_export.py": ["test_cli_export_prints_the_table_and_writes_a_loadable_file"],
     "export/test_security.py": [

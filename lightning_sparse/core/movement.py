@@ -76,7 +76,8 @@ class MovementScores:
         ``DTensor``); scores and latent values are moved to the new sharding."""
         self.scores = {name: sharded_like(full_tensor(s), params[name]) for name, s in self.scores.items()}
         self.moments = {
-            name: tuple(sharded_like(full_tensor(m), params[name]) for m in pair) for name, pair in self.moments.items()
+            name: (sharded_like(full_tensor(first), params[name]), sharded_like(full_tensor(second), params[name]))
+            for name, (first, second) in self.moments.items()
         }
         self.latent = {name: sharded_like(full_tensor(v), params[name]) for name, v in self.latent.items()}
         self.params = {name: params[name] for name in self.params}
