@@ -4,6 +4,8 @@ at 0.5 in a short real fit on the digits (8×8 images; as pixels for ViT, as 64 
 models), deploy with outputs equal to the masked model, fewer parameters, and the config rewritten so that
 ``save_pretrained`` → the stock ``from_pretrained`` gives the deployed outputs where the config can say it."""
 
+import fnmatch
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -91,9 +93,15 @@ def build(kind):
     raise AssertionError(kind)
 
 
+#: output layers and poolers stay dense, where the model has them (an `exclude` glob that matches nothing is refused)
+OUTPUT_LAYERS = ("*classifier*", "*pooler*", "*lm_head*")
+
+
 def fit(net, data, granularity, exclude=()):
+    names = [name for name, _ in net.named_parameters()]
+    outputs = [glob for glob in OUTPUT_LAYERS if any(fnmatch.fnmatchcase(name, glob) for name in names)]
     gmp = GradualMagnitudePruning(0.5, start=0, end=4, frequency=2, granularity=granularity,
-                                  exclude=["*classifier*", "*pooler*", "*lm_head*", *exclude], verbose=False)  # fmt: skip
+                                  exclude=[*outputs, *exclude], verbose=False)  # fmt: skip
     loader = DataLoader(TensorDataset(*data), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[gmp])  # fmt: skip
