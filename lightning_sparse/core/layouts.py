@@ -255,14 +255,14 @@ def moe_routers(model: nn.Module) -> set[int]:
 
 def matmul_layout(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
     """``(kind, Layout)`` of parameter ``attribute`` of ``module`` if it does a matrix product, else ``None``."""
-    experts = expert_layout(module, attribute)
-    if experts is not None:
-        return experts
-    for module_type, finder in _REGISTRY:
+    for module_type, finder in _REGISTRY:  # registered kinds first: a user's own experts module keeps its finder
         if isinstance(module, module_type):
             found = finder(module, attribute)
             if found is not None:
                 return found
+    experts = expert_layout(module, attribute)
+    if experts is not None:
+        return experts
     conv1d = _hf_conv1d()
     if conv1d is not None and isinstance(module, conv1d) and attribute == "weight":
         return "Conv1D", Layout(1)  # GPT-2's Conv1D stores its weight (in, out)
