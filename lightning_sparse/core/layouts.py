@@ -16,6 +16,9 @@ layer                       weight shape                output axis     inputs o
 ``nn.LSTMCell/GRUCell/RNNCell``  ``weight_ih`` / ``weight_hh`` as above
 ``nn.Bilinear``             ``(out, in1, in2)``         0               ``in1 × in2``
 HF ``Conv1D`` (GPT-2)       ``(in, out)``               1               ``in``
+MoE experts (transformers   ``(experts, out, in)``      1, per expert   ``in`` (expert axis 0: one unit per expert
+5: ``MixtralExperts``, …)   (``is_transposed``:         (2)             and output; ``gate_up_proj`` holds gate
+                            ``(experts, in, out)``)                     rows then up rows)
 ==========================  ==========================  ==============  ===========================================
 
 Unstructured pruning, L-C, RigL's drop-and-grow and the export format do not depend on the axes; channel pruning (an
@@ -24,6 +27,16 @@ a :class:`Layout` from here (through :class:`~lightning_sparse.core.targets.Targ
 ``Σ dims / Π dims`` is symmetric in the axes, so a ConvTranspose weight ``(in, out, k…)`` gets the density of the Conv
 ``(out, in, k…)`` with the same fan-in and fan-out. A user's own module kind is added
 with :func:`register_layout`, as Torch-Pruning registers a customized layer.
+
+**Mixture of experts.** Transformers 5 stores a sparse MoE block's experts as 3-D parameters of one module that holds
+``num_experts`` (``MixtralExperts``, ``Qwen2MoeExperts``, … and ``GptOssExperts`` with ``is_transposed``); its forward
+runs ``linear(x, w[e])`` per expert (``x @ w[e]`` when transposed). Every 3-D parameter of such a module whose first
+axis has ``num_experts`` entries is a default target (kind ``"MoE experts"``) with its expert axis 0: an output unit
+is one row of one expert, N:M groups run along one expert's inputs and per-channel quantization scales are per
+expert row. Its output units are not pruned as channels (a neuron is pruned in every expert together, by
+``granularity="neuron"``: :mod:`~lightning_sparse.structure.patterns`). The router that picks the experts (a
+sibling of the experts module whose weight has ``num_experts`` rows, or one row: Qwen2-MoE's
+``shared_expert_gate``) stays dense (kind ``"MoE router"``, :func:`moe_routers`): its few weights decide which experts run.
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ class Layout:
     ``ConvTranspose``: slice ``j`` of its weight ``(in, out/groups, k…)`` feeds outputs ``j, j + out/groups, …``; 1
     elsewhere). ``gates``: blocks stacked on the output axis (LSTM 4: i, f, g, o; GRU 3: r, z, n; 1 elsewhere).
     ``no_channels``: why whole output units of this weight cannot be pruned as channels (``None``: they can).
+    ``experts``: the expert axis of a mixture of experts' 3-D weight (``None`` elsewhere): each expert is a matrix of
+    its own, so an output unit is one (expert, output) pair and it is no input axis.
     """
 
     output: int = 0
@@ -53,19 +68,26 @@ class Layout:
     blocks: int = 1
     gates: int = 1
     no_channels: str | None = None
+    experts: int | None = None
 
     def inputs(self, ndim: int) -> tuple[int, ...]:
         """The input axes of a weight with ``ndim`` dimensions."""
-        return tuple(axis for axis in range(ndim) if axis != self.output and axis not in self.kernel)
+        skip = (self.output, self.experts, *self.kernel)
+        return tuple(axis for axis in range(ndim) if axis not in skip)
 
     def fan_in(self, shape: Sequence[int]) -> int:
         """Inputs (times kernel positions) one output unit sums over."""
-        return math.prod(shape) // shape[self.output] // self.blocks
+        experts = 1 if self.experts is None else shape[self.experts]
+        return math.prod(shape) // shape[self.output] // self.blocks // experts
 
     def units(self, weight: Tensor) -> Tensor:
         """``weight`` as a ``(output units, fan-in)`` matrix, one row per real output unit (a copy when the output
         axis is not first). For a grouped ``ConvTranspose`` ``(in, out/groups, k…)``, row ``g·out/groups + j`` is
-        output channel ``g·out/groups + j``: ``weight[g·in/groups : (g+1)·in/groups, j]``."""
+        output channel ``g·out/groups + j``: ``weight[g·in/groups : (g+1)·in/groups, j]``. For a mixture of experts'
+        weight, row ``e·out + j`` is output ``j`` of expert ``e``."""
+        if self.experts is not None:
+            per_expert = weight.movedim((self.experts, self.output), (0, 1))
+            return per_expert.reshape(per_expert.shape[0] * per_expert.shape[1], -1)
         moved = weight.movedim(self.output, 0)
         if self.blocks == 1:
             return moved.reshape(moved.shape[0], -1)
@@ -74,6 +96,10 @@ class Layout:
 
     def from_units(self, units: Tensor, shape: Sequence[int]) -> Tensor:
         """The inverse of :meth:`units`: a tensor of the weight's ``shape``."""
+        if self.experts is not None:
+            front = (self.experts, self.output)
+            order = [*(shape[axis] for axis in front), *(size for axis, size in enumerate(shape) if axis not in front)]
+            return units.reshape(order).movedim((0, 1), front)
         moved = [shape[self.output], *(size for axis, size in enumerate(shape) if axis != self.output)]
         if self.blocks == 1:
             return units.reshape(moved).movedim(0, self.output)
@@ -179,13 +205,64 @@ def _hf_conv1d() -> type[nn.Module] | None:
     return getattr(module, "Conv1D", None)
 
 
+#: The summary's kinds for a mixture of experts' expert weights (compressed) and its router (dense by default).
+EXPERTS_KIND, ROUTER_KIND = "MoE experts", "MoE router"
+_NO_EXPERT_CHANNELS = (
+    "a row of an expert weight is one output of one expert, and an expert's outputs feed the other experts' "
+    "weights too (all experts keep one width); prune them with granularity='neuron' (gate/up rows with the down "
+    "column of every expert)"
+)
+
+
+def _num_experts(module: nn.Module) -> int | None:
+    count = getattr(module, "num_experts", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+
+
+def expert_layout(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
+    """``("MoE experts", Layout)`` for a 3-D parameter ``(num_experts, …)`` of a module holding ``num_experts``
+    (transformers 5's experts modules): outputs on axis 1, or 2 where the module says ``is_transposed``
+    (``GptOssExperts``: ``x @ w[e]``); ``None`` otherwise."""
+    count = _num_experts(module)
+    param = module._parameters.get(attribute)
+    if count is None or param is None or param.dim() != 3 or param.shape[0] != count:
+        return None
+    output = 2 if getattr(module, "is_transposed", False) is True else 1
+    return EXPERTS_KIND, Layout(output, experts=0, no_channels=_NO_EXPERT_CHANNELS)
+
+
+def _holds_experts(module: nn.Module) -> int | None:
+    count = _num_experts(module)
+    found = count is not None and any(expert_layout(module, name) for name, _ in module.named_parameters(recurse=False))
+    return count if found else None
+
+
+def moe_routers(model: nn.Module) -> set[int]:
+    """``id`` of each router module of ``model``'s mixtures of experts: a sibling of an experts module (one that
+    :func:`expert_layout` knows) whose own 2-D ``weight`` has ``num_experts`` rows (``MixtralTopKRouter``, a
+    ``Linear(hidden, num_experts)`` gate) or one row (Qwen2-MoE's ``shared_expert_gate``, which scales the shared
+    expert). They stay dense by default: a router's few weights decide which experts run."""
+    routers: set[int] = set()
+    for block in model.modules():
+        children = list(block.children())
+        counts = {count for child in children if (count := _holds_experts(child)) is not None}
+        for child in children if counts else ():
+            weight = child._parameters.get("weight")
+            if weight is not None and weight.dim() == 2 and (weight.shape[0] in counts or weight.shape[0] == 1):
+                routers.add(id(child))
+    return routers
+
+
 def matmul_layout(module: nn.Module, attribute: str) -> tuple[str, Layout] | None:
     """``(kind, Layout)`` of parameter ``attribute`` of ``module`` if it does a matrix product, else ``None``."""
-    for module_type, finder in _REGISTRY:
+    for module_type, finder in _REGISTRY:  # registered kinds first: a user's own experts module keeps its finder
         if isinstance(module, module_type):
             found = finder(module, attribute)
             if found is not None:
                 return found
+    experts = expert_layout(module, attribute)
+    if experts is not None:
+        return experts
     conv1d = _hf_conv1d()
     if conv1d is not None and isinstance(module, conv1d) and attribute == "weight":
         return "Conv1D", Layout(1)  # GPT-2's Conv1D stores its weight (in, out)

@@ -287,8 +287,8 @@ class FakeQuantizer:
         axes: the output-channel axis of each parameter for per-channel scales (default 0; 1 for GPT-2's ``Conv1D``
             and a ``ConvTranspose``: :class:`~lightning_sparse.core.targets.Targets` ``output_axis``).
         layouts: each parameter's :class:`~lightning_sparse.core.layouts.Layout` (``Targets.layouts``); where one
-            slice of the output axis holds several output units (a grouped ``ConvTranspose``), per-channel scales are
-            taken over its real units.
+            slice of the output axis holds several output units (a grouped ``ConvTranspose``, a MoE experts weight:
+            one row per expert), per-channel scales are taken over its real units.
     """
 
     def __init__(
@@ -305,7 +305,10 @@ class FakeQuantizer:
     ) -> None:
         self.params = dict(params)
         self.axes = {name: axis for name, axis in (axes or {}).items() if axis}
-        self.blocked = {name: layout for name, layout in (layouts or {}).items() if layout is not None and layout.blocks > 1}
+        self.blocked = {
+            name: layout for name, layout in (layouts or {}).items()
+            if layout is not None and (layout.blocks > 1 or layout.experts is not None)
+        }  # fmt: skip
         self.bits = {name: bits[name] for name in self.params}
         self.method, self.scale, self.symmetric = method, scale, symmetric
         self.sparsity = dict(sparsity or {})

@@ -8,7 +8,8 @@ pattern NVIDIA's sparse tensor cores run as 2:4.
 
 Both follow the layer's real output axis (its :class:`~lightning_sparse.core.layouts.Layout`): 0 for Linear, Conv,
 attention, LSTM/GRU/RNN and Bilinear weights, 1 for Hugging Face's GPT-2 ``Conv1D`` (weight stored ``(in, out)``) and
-for a ``ConvTranspose`` (weight stored ``(in, out/groups, k…)``), so a "channel" is always an output unit and N:M
+for a ``ConvTranspose`` (weight stored ``(in, out/groups, k…)``) and a mixture of experts' 3-D weight ``(experts, out,
+in)`` (its expert axis is no input: M must divide one expert's ``in``), so a "channel" is always an output unit and N:M
 groups always run along the inputs of one output unit.
 
 Masks are plain boolean tensors shaped like the weight, so they live in :class:`~lightning_sparse.core.masks.MaskSet`

@@ -1,5 +1,5 @@
 """Which parameters are compressed: every weight that does a matrix product by default (Linear, Conv, ConvTranspose,
-attention, LSTM/GRU/RNN, Bilinear, GPT-2 Conv1D: see :mod:`~lightning_sparse.core.layouts`), glob patterns to adjust,
+attention, LSTM/GRU/RNN, Bilinear, GPT-2 Conv1D, MoE experts; a MoE router stays dense: see :mod:`~lightning_sparse.core.layouts`), glob patterns to adjust,
 every name of a tied tensor accepted.
 
 A model's parameters as they really are: one tensor may be reached by several names (tied input/output embeddings,
@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.counting import global_sparsity
-from lightning_sparse.core.layouts import RECURRENT_KINDS, Layout, matmul_layout
+from lightning_sparse.core.layouts import RECURRENT_KINDS, ROUTER_KIND, Layout, matmul_layout, moe_routers
 
 V = TypeVar("V")
 
 #: The layers whose ``weight`` deploy's sparse kernels take (Linear, Conv). The default targets are wider: every weight
 #: that does a matrix product (:func:`~lightning_sparse.core.layouts.matmul_layout`: also ConvTranspose, attention,
-#: LSTM/GRU/RNN, Bilinear and Hugging Face's ``Conv1D``). Biases, norms and embeddings are not pruned by default.
+#: LSTM/GRU/RNN, Bilinear, Hugging Face's ``Conv1D`` and MoE experts). Biases, norms, embeddings and MoE routers are
+#: not pruned by default.
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm,
@@ -37,7 +38,8 @@ class Role:
     """What one parameter is to the module holding it.
 
     ``kind`` names the layer type (``Linear``, ``Conv2d``, ``ConvTranspose2d``, ``MultiheadAttention``, ``LSTM``,
-    ``GRU``, ``Bilinear``, ``Conv1D``, ``Embedding``, ``norm``, ``bias``, ``other``); ``default`` says whether it is
+    ``GRU``, ``Bilinear``, ``Conv1D``, ``MoE experts``, ``MoE router``, ``Embedding``, ``norm``, ``bias``, ``other``);
+    ``default`` says whether it is
     compressed without ``include``; ``output_axis`` is the weight's output-channel axis (0; 1 for GPT-2's Conv1D,
     stored (in, out), and a ConvTranspose, stored (in, out/groups, k…)), ``None`` for a table with no input/output
     axes (an embedding), a bias or a norm; ``layout`` is the whole :class:`~lightning_sparse.core.layouts.Layout` of a
@@ -50,7 +52,10 @@ class Role:
     layout: Layout | None = None
 
 
-def _role(module: nn.Module, attribute: str, param: nn.Parameter) -> Role:
+def _role(module: nn.Module, attribute: str, param: nn.Parameter, routers: set[int]) -> Role:
+    if id(module) in routers and attribute == "weight":  # a MoE router: a matrix product, dense unless included
+        found = matmul_layout(module, attribute)
+        return Role(ROUTER_KIND, False, 0, found[1] if found is not None else Layout())
     found = matmul_layout(module, attribute)
     if found is not None:
         kind, layout = found
@@ -81,6 +86,7 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, tuple[str
     names: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     roles: dict[int, list[Role]] = {}
+    routers = moe_routers(model)
     for module_name, module in model.named_modules(remove_duplicate=False):
         for attribute, param in module.named_parameters(recurse=False, remove_duplicate=False):
             if param is None:
@@ -90,7 +96,7 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, tuple[str
             params[key] = param
             if full not in names.setdefault(key, []):
                 names[key].append(full)
-            roles.setdefault(key, []).append(_role(module, attribute, param))
+            roles.setdefault(key, []).append(_role(module, attribute, param, routers))
     # named_parameters() order (and first names) is the order the model and its state_dict use
     order = {name: index for index, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     result: dict[str, tuple[nn.Parameter, tuple[str, ...], Role]] = {}
@@ -163,7 +169,8 @@ def _matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
 def prunable_names(model: nn.Module) -> list[str]:
     """Names of the parameters compressed by default: every weight that does a matrix product (Linear, Conv1d/2d/3d,
     ConvTranspose1d/2d/3d, ``nn.MultiheadAttention``'s ``in_proj_weight`` or ``q/k/v_proj_weight``, LSTM/GRU/RNN and
-    their cells' ``weight_ih``/``weight_hh``/``weight_hr``, Bilinear, Hugging Face ``Conv1D``, and kinds added by
+    their cells' ``weight_ih``/``weight_hh``/``weight_hr``, Bilinear, Hugging Face ``Conv1D``, the 3-D weights of
+    mixture-of-experts modules (not their router), and kinds added by
     :func:`~lightning_sparse.core.layouts.register_layout`).
     A tied tensor is listed once, under its first name; one that is also an embedding's table is not listed."""
     return [name for name, (_, _, role) in parameter_roles(model).items() if role.default]

@@ -164,8 +164,9 @@ def test_layers_keeping_different_counts_deploy_but_the_config_says_it_cannot_ex
 
 
 # mixture of experts: 3-D expert parameters; a neuron is one hidden unit of every expert; the router stays dense
+@pytest.mark.parametrize("include", [["*.self_attn.*", "*.experts.*"], None], ids=["include", "default"])
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_moe_expert_neurons_and_kv_groups_deploy_and_reload_with_stock_from_pretrained(kind, hamlet, tmp_path):
+def test_moe_expert_neurons_and_kv_groups_deploy_and_reload_with_stock_from_pretrained(kind, include, hamlet, tmp_path):
     torch.manual_seed(0)
     common = dict(vocab_size=hamlet.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=2, max_position_embeddings=32, use_cache=False, pad_token_id=0, bos_token_id=0,
@@ -184,7 +185,7 @@ def test_moe_expert_neurons_and_kv_groups_deploy_and_reload_with_stock_from_pret
 
     granularity = {"*.self_attn.*": "head", "*.experts.*": "neuron"}
     gmp = GradualMagnitudePruning(0.5, start=0, end=4, frequency=2, granularity=granularity,
-                                  include=["*.self_attn.*", "*.experts.*"], verbose=False)  # fmt: skip
+                                  include=include, verbose=False)  # fmt: skip  # experts are default targets
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[gmp])  # fmt: skip
     trainer.fit(CausalLM(model), hamlet)
