@@ -3,7 +3,6 @@ Lightning adapter over :mod:`lightning_sparse.core.distill`."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_sparse.callbacks.base import CALLBACK_BASES
 from lightning_sparse.core.distill import as_logits, first_tensor, kd_loss, recovery_loss, repeated_blocks, squarehead_loss
+from lightning_sparse.core.shards import unsharded_copy
 from lightning_sparse.core.targets import as_patterns
 
 
@@ -233,13 +233,14 @@ class Distillation(*CALLBACK_BASES):
 
 
 def _frozen_copy(student: nn.Module) -> nn.Module:
-    """A deep copy of ``student`` that does not drag its Trainer along (a LightningModule holds one)."""
+    """A deep copy of ``student`` that does not drag its Trainer along (a LightningModule holds one); of an FSDP2-sharded
+    student, a whole (unsharded) copy (:func:`~lightning_sparse.core.shards.unsharded_copy`)."""
     held = "_trainer" in vars(student)  # either Lightning package's module
     trainer = vars(student).get("_trainer")
     if held:
         student._trainer = None
     try:
-        return copy.deepcopy(student)
+        return unsharded_copy(student)
     finally:
         if held:
             student._trainer = trainer
