@@ -14,7 +14,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_sparse import Distillation, OneShotPruning
-from lightning_sparse.core.shards import full_tensor
+from lightning_sparse.core.shards import any_sharded, full_tensor
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -56,13 +56,20 @@ class SaveBatches(pl.Callback):
         torch.save(batches, self.out / f"batches-{self.method}-{trainer.global_rank}.pt")
 
 
+#: method suffixes: with Distillation from the dense model (the teacher copied on every rank) at alpha 0.5 or 0, or
+#: none but as many steps (the baseline of ``+kd0``)
+SUFFIXES = {"+kd": 0.5, "+kd0": 0.0, "+steps": None}
+
+
 def run(out: Path, strategy: str, method: str) -> None:
     pl.seed_everything(3)
     model = ShardedMLP() if strategy == "fsdp2" else MLP()
-    distill = method.endswith("+kd")  # with distillation from the dense model (the teacher copied on every rank)
-    method = method.removesuffix("+kd")
+    suffix = "+" + method.split("+")[1] if "+" in method else ""
+    distill = bool(suffix)  # the longer runs: 3 steps
+    method = method.split("+")[0]
     callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
-    callbacks = [callback, Distillation(alpha=0.5)] if distill else [callback]
+    kd = Distillation(alpha=SUFFIXES[suffix]) if SUFFIXES.get(suffix) is not None else None
+    callbacks = [callback, kd] if kd is not None else [callback]
     if strategy == "ddp" and not distill:
         callbacks.append(SaveBatches(out, method))
     kwargs = {"strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)} if strategy == "fsdp2" else {"strategy": "ddp"}
@@ -72,13 +79,18 @@ def run(out: Path, strategy: str, method: str) -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit(model, DigitsDataModule(batch_size=16))
     rank = trainer.global_rank
-    run_name = f"{strategy}-{method}{'+kd' if distill else ''}"
+    run_name = f"{strategy}-{method}{suffix}"
     if strategy == "ddp" and rank == 0 and not distill:
         torch.save(initial, out / f"initial-{method}.pt")
     masks = {name: callback.masks.mask(name) for name in callback.masks}
     weights = {name: full_tensor(p.detach()) for name, p in callback.masks.params.items()}
     result = {"masks": crc(masks.values()), "weights": crc(weights.values()),
               "sparsity": {name: float((~m).float().mean()) for name, m in masks.items()}}  # fmt: skip
+    if kd is not None:  # the teacher: whole (plain tensors), the dense weights of fit start, untouched by training
+        teacher = dict(kd.teacher.named_parameters())
+        result["teacher"] = {"crc": crc(teacher.values()), "initial": crc(full_tensor(initial[n]) for n in teacher),
+                             "plain": not any_sharded(teacher.values()), "trainable": any(p.requires_grad for p in teacher.values())}  # fmt: skip
+        result["kl"] = float(trainer.callback_metrics["distill/kl"])  # this rank's batch: differs between the ranks
     if rank == 0:
         torch.save({"masks": masks, "weights": weights}, out / f"{run_name}-final.pt")
     (out / f"{run_name}-rank{rank}.json").write_text(json.dumps(result))
