@@ -17,6 +17,8 @@ from lightning_sparse.core.calibration import evaluation_mode
 from lightning_sparse.core.oneshot import prune_one_shot
 from oneshot_ddp_worker import MLP
 
+pytestmark = pytest.mark.slow  # several processes (as tests/conftest.py asks): `make test` runs it, `make test-fast` does not
+
 WORKER = Path(__file__).with_name("oneshot_ddp_worker.py")
 JOBS = ["ddp:sparsegpt", "ddp:wanda", "fsdp2:sparsegpt", "ddp:sparsegpt+kd", "fsdp2:sparsegpt+kd", "fsdp2:sparsegpt+kd0",
         "fsdp2:sparsegpt+steps"]  # fmt: skip
