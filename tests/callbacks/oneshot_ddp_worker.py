@@ -56,7 +56,8 @@ class SaveBatches(pl.Callback):
         torch.save(batches, self.out / f"batches-{self.method}-{trainer.global_rank}.pt")
 
 
-#: method suffixes: with Distillation from the dense model (the teacher copied on every rank) at alpha 0.5 or 0, or
+#: method suffixes: with Distillation from the dense model (the teacher copied on every rank) at alpha 0.5 (and SquareHead
+#: on the two hidden Linear layers) or 0 (nothing else), or
 #: none but as many steps (the baseline of ``+kd0``)
 SUFFIXES = {"+kd": 0.5, "+kd0": 0.0, "+steps": None}
 
@@ -68,7 +69,10 @@ def run(out: Path, strategy: str, method: str) -> None:
     distill = bool(suffix)  # the longer runs: 3 steps
     method = method.split("+")[0]
     callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
-    kd = Distillation(alpha=SUFFIXES[suffix]) if SUFFIXES.get(suffix) is not None else None
+    kd = None
+    if SUFFIXES.get(suffix) is not None:  # with SquareHead on the hidden layers too, where distilling
+        alpha = SUFFIXES[suffix]
+        kd = Distillation(alpha=alpha, hidden_weight=0.1 if alpha else 0.0, hidden_modules=["net.1", "net.3"])
     callbacks = [callback, kd] if kd is not None else [callback]
     if strategy == "ddp" and not distill:
         callbacks.append(SaveBatches(out, method))
@@ -91,6 +95,7 @@ def run(out: Path, strategy: str, method: str) -> None:
         result["teacher"] = {"crc": crc(teacher.values()), "initial": crc(full_tensor(initial[n]) for n in teacher),
                              "plain": not any_sharded(teacher.values()), "trainable": any(p.requires_grad for p in teacher.values())}  # fmt: skip
         result["kl"] = float(trainer.callback_metrics["distill/kl"])  # this rank's batch: differs between the ranks
+        result["hidden"] = float(trainer.callback_metrics.get("distill/hidden", -1.0))
     if rank == 0:
         torch.save({"masks": masks, "weights": weights}, out / f"{run_name}-final.pt")
     (out / f"{run_name}-rank{rank}.json").write_text(json.dumps(result))

@@ -40,7 +40,8 @@ def ranks(job: Path, run: str) -> list[dict]:
 @pytest.mark.parametrize("run", JOBS)
 def test_every_rank_holds_the_same_masks_and_weights(job, run):
     first, second = ranks(job, run)
-    first.pop("kl", None), second.pop("kl", None)  # the KL of each rank's own batch
+    for rank in (first, second):
+        rank.pop("kl", None), rank.pop("hidden", None)  # the losses of each rank's own batch
     assert first == second
     assert set(first["sparsity"].values()) == {0.5}
 
@@ -74,12 +75,12 @@ def test_distillation_teacher_is_the_whole_dense_model_of_fit_start(job, strateg
         teacher = rank["teacher"]
         assert teacher["crc"] == teacher["initial"]  # the dense weights before the one-shot pruning, after 3 steps
         assert teacher["plain"] and not teacher["trainable"]  # under FSDP2 too: a whole, frozen copy
-        assert 0 < rank["kl"] < float("inf")  # the pruned student differs from its teacher
+        assert 0 < rank["kl"] < float("inf") and 0 < rank["hidden"] < float("inf")  # the pruned student differs from its teacher
 
 
 def test_distillation_under_fsdp2_trains_exactly_as_under_ddp(job):
     for fsdp2, ddp in zip(ranks(job, "fsdp2:sparsegpt+kd"), ranks(job, "ddp:sparsegpt+kd")):
-        assert fsdp2 == ddp  # masks, weights, teacher and the last step's KL of this rank's batch
+        assert fsdp2 == ddp  # masks, weights, teacher and the last step's KL and SquareHead loss of this rank's batch
 
 
 def test_distillation_with_alpha_0_under_fsdp2_is_training_without_it(job):
