@@ -32,8 +32,12 @@ class Distillation(*CALLBACK_BASES):
 
     The teacher is a frozen copy of the student taken at ``fit`` start (by default: the dense model, before
     :class:`OneShotPruning` prunes at its first batch), or the module given; it moves to the student's device and runs
-    beside it on every rank under DDP. It is not saved in checkpoints unless ``save_teacher=True``: a resumed run
-    without it copies the resumed (pruned) model, and says so.
+    beside it on every rank under DDP. Under FSDP2 (``fully_shard``, whose modules refuse ``copy.deepcopy``) the copy is
+    the whole model, unsharded, on every rank (:func:`~lightning_sparse.core.shards.unsharded_copy`: the shards
+    all-gathered once at fit start); it runs without communication, so training equals DDP's bit for bit, at the cost
+    of one whole model's memory per rank (for a model too large for that, give a sharded ``teacher=``). It is not saved
+    in checkpoints unless ``save_teacher=True`` (then whole, in a sharded checkpoint too): a resumed run without it
+    copies the resumed (pruned) model, and says so.
 
     Composes with every compression callback (GMP, one-shot, structured, QAT): it changes only the loss.
 
