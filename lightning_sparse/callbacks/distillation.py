@@ -35,7 +35,7 @@ class Distillation(*CALLBACK_BASES):
     beside it on every rank under DDP. Under FSDP2 (``fully_shard``, whose modules refuse ``copy.deepcopy``) the copy is
     the whole model, unsharded, on every rank (:func:`~lightning_sparse.core.shards.unsharded_copy`: the shards
     all-gathered once at fit start); it runs without communication, so training equals DDP's bit for bit, at the cost
-    of one whole model's memory per rank (for a model too large for that, give a sharded ``teacher=``). It is not saved
+    of one whole model's memory per rank (for a model too large for that, give a ``teacher=`` ``fully_shard``-ed like the model). It is not saved
     in checkpoints unless ``save_teacher=True`` (then whole, in a sharded checkpoint too): a resumed run without it
     copies the resumed (pruned) model, and says so.
 

@@ -36,15 +36,30 @@ class MLP(Classifier):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
 
 
+def shard(model: MLP, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model.net, mesh=mesh)
+
+
 class ShardedMLP(MLP):
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
+        shard(self, self.device_mesh["data_parallel"])
 
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+
+class ShardedMLPWithTeacher(ShardedMLP):
+    """A user's sharded teacher: a second model (not a submodule) ``fully_shard``-ed over the same mesh."""
+
+    def __init__(self, teacher: MLP) -> None:
+        super().__init__()
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: not trained, not in the checkpoint
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        shard(self.teacher, self.device_mesh["data_parallel"])
 
 
 class SaveBatches(pl.Callback):
@@ -58,21 +73,29 @@ class SaveBatches(pl.Callback):
 
 #: method suffixes: with Distillation from the dense model (the teacher copied on every rank) at alpha 0.5 (and SquareHead
 #: on the two hidden Linear layers) or 0 (nothing else), or
-#: none but as many steps (the baseline of ``+kd0``)
-SUFFIXES = {"+kd": 0.5, "+kd0": 0.0, "+steps": None}
+#: none but as many steps (the baseline of ``+kd0``); ``+kdgiven``: as ``+kd`` with a given teacher, sharded like the
+#: model under FSDP2, initialised as the model is (so the same teacher as ``+kd``'s copy)
+SUFFIXES = {"+kd": 0.5, "+kdgiven": 0.5, "+kd0": 0.0, "+steps": None}
 
 
 def run(out: Path, strategy: str, method: str) -> None:
+    suffix = "+" + method.split("+")[1] if "+" in method else ""
+    given = None
+    if suffix == "+kdgiven":
+        pl.seed_everything(3)
+        given = MLP()
     pl.seed_everything(3)
     model = ShardedMLP() if strategy == "fsdp2" else MLP()
-    suffix = "+" + method.split("+")[1] if "+" in method else ""
+    if given is not None and strategy == "fsdp2":
+        pl.seed_everything(3)
+        model = ShardedMLPWithTeacher(given)
     distill = bool(suffix)  # the longer runs: 3 steps
     method = method.split("+")[0]
     callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
     kd = None
     if SUFFIXES.get(suffix) is not None:  # with SquareHead on the hidden layers too, where distilling
         alpha = SUFFIXES[suffix]
-        kd = Distillation(alpha=alpha, hidden_weight=0.1 if alpha else 0.0, hidden_modules=["net.1", "net.3"])
+        kd = Distillation(given, alpha=alpha, hidden_weight=0.1 if alpha else 0.0, hidden_modules=["net.1", "net.3"])
     callbacks = [callback, kd] if kd is not None else [callback]
     if strategy == "ddp" and not distill:
         callbacks.append(SaveBatches(out, method))
@@ -92,7 +115,7 @@ def run(out: Path, strategy: str, method: str) -> None:
               "sparsity": {name: float((~m).float().mean()) for name, m in masks.items()}}  # fmt: skip
     if kd is not None:  # the teacher: whole (plain tensors), the dense weights of fit start, untouched by training
         teacher = dict(kd.teacher.named_parameters())
-        result["teacher"] = {"crc": crc(teacher.values()), "initial": crc(full_tensor(initial[n]) for n in teacher),
+        result["teacher"] = {"crc": crc(full_tensor(p) for p in teacher.values()), "initial": crc(full_tensor(initial[n]) for n in teacher),
                              "plain": not any_sharded(teacher.values()), "trainable": any(p.requires_grad for p in teacher.values())}  # fmt: skip
         result["kl"] = float(trainer.callback_metrics["distill/kl"])  # this rank's batch: differs between the ranks
         result["hidden"] = float(trainer.callback_metrics.get("distill/hidden", -1.0))

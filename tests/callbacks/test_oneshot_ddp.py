@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # several processes (as tests/conftest.py asks): 
 
 WORKER = Path(__file__).with_name("oneshot_ddp_worker.py")
 JOBS = ["ddp:sparsegpt", "ddp:wanda", "fsdp2:sparsegpt", "ddp:sparsegpt+kd", "fsdp2:sparsegpt+kd", "fsdp2:sparsegpt+kd0",
-        "fsdp2:sparsegpt+steps"]  # fmt: skip
+        "fsdp2:sparsegpt+steps", "fsdp2:sparsegpt+kdgiven"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,11 @@ def test_distillation_with_alpha_0_under_fsdp2_is_training_without_it(job):
     kd0, plain = ranks(job, "fsdp2:sparsegpt+kd0")[0], ranks(job, "fsdp2:sparsegpt+steps")[0]
     assert kd0["weights"] == plain["weights"] and kd0["masks"] == plain["masks"]
     assert kd0["weights"] != ranks(job, "fsdp2:sparsegpt+kd")[0]["weights"]  # and alpha=0.5 does change training
+
+
+def test_distillation_from_a_given_sharded_teacher_under_fsdp2(job):
+    """A teacher the user gives, ``fully_shard``-ed like the model (it runs with all-gathers on every rank): the same
+    training as from the default whole copy, which holds the same weights."""
+    for given, copied in zip(ranks(job, "fsdp2:sparsegpt+kdgiven"), ranks(job, "fsdp2:sparsegpt+kd")):
+        assert not given["teacher"].pop("plain") and copied["teacher"].pop("plain")  # sharded, and whole
+        assert given == copied
