@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_sparse.callbacks.base import CALLBACK_BASES
 from lightning_sparse.core.distill import as_logits, first_tensor, kd_loss, recovery_loss, repeated_blocks, squarehead_loss
-from lightning_sparse.core.shards import unsharded_copy
+from lightning_sparse.core.shards import full_tensor, sharded_like, unsharded_copy
 from lightning_sparse.core.targets import as_patterns
 
 
@@ -85,6 +85,7 @@ class Distillation(*CALLBACK_BASES):
         self.module, self.logits, self.save_teacher = module, logits, save_teacher
         self.hidden_modules = as_patterns("hidden_modules", hidden_modules)
         self.teacher: nn.Module | None = None
+        self._teacher_loaded = False
         self._saved_teacher: dict[str, Tensor] | None = None
         self._hooks: list[Any] = []
         self._recording = False
@@ -100,8 +101,23 @@ class Distillation(*CALLBACK_BASES):
     # ----------------------------------------------------------------- hooks: when
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = self._student(pl_module)
+        self._teacher_loaded = False
         self.teacher = self._make_teacher(trainer, pl_module, student)
         self._install(pl_module, student)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On a resumed run everything has been restored by now: a strategy that restores the checkpoint only after
+        ``on_fit_start`` (``ModelParallelStrategy``, FSDP2) has loaded the saved teacher through
+        :meth:`load_state_dict`; without one, the copied teacher takes the resumed model's weights (as under DDP,
+        where the model is restored before ``on_fit_start``)."""
+        if trainer.ckpt_path is None or self._teacher_loaded or self.given_teacher is not None:
+            return
+        rank_zero_warn(
+            "Distillation: resumed without the teacher's weights (`save_teacher=False`), so the teacher is a copy "
+            "of the model as resumed, not the model the run started from; give `teacher=` or `save_teacher=True`"
+        )
+        whole = {k: full_tensor(v.detach()) for k, v in self._student(pl_module).state_dict().items()}
+        self.teacher.load_state_dict(whole)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
@@ -111,11 +127,14 @@ class Distillation(*CALLBACK_BASES):
 
     def state_dict(self) -> dict[str, Any]:
         if self.save_teacher and self.teacher is not None:
-            return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}}
+            # whole tensors (a sharded teacher's shards gathered: every rank saves the same state)
+            return {"teacher": {k: full_tensor(v.detach()).cpu() for k, v in self.teacher.state_dict().items()}}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_teacher = state_dict.get("teacher")
+        if self.teacher is not None and self._saved_teacher is not None:  # restored after on_fit_start (FSDP2)
+            self._load_teacher(self.teacher)
 
     # ----------------------------------------------------------------- what
     def _student(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -131,19 +150,19 @@ class Distillation(*CALLBACK_BASES):
         if self.given_teacher is not None:
             teacher = self.given_teacher
         else:
-            if trainer.ckpt_path is not None and self._saved_teacher is None:
-                rank_zero_warn(
-                    "Distillation: resumed without the teacher's weights (`save_teacher=False`), so the teacher is a copy "
-                    "of the model as resumed, not the model the run started from; give `teacher=` or `save_teacher=True`"
-                )
             teacher = _frozen_copy(student)
         if self._saved_teacher is not None:
-            teacher.load_state_dict(self._saved_teacher)
-            self._saved_teacher = None
+            self._load_teacher(teacher)
         teacher.to(next(student.parameters()).device)
         teacher.eval()
         teacher.requires_grad_(False)
         return teacher
+
+    def _load_teacher(self, teacher: nn.Module) -> None:
+        """Load the saved (whole) teacher weights; a sharded teacher takes each cut into its own shards."""
+        own = teacher.state_dict()
+        teacher.load_state_dict({k: sharded_like(v, own[k]) if k in own else v for k, v in self._saved_teacher.items()})
+        self._saved_teacher, self._teacher_loaded = None, True
 
     def _install(self, pl_module: pl.LightningModule, student: nn.Module) -> None:
         def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:

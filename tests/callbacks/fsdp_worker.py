@@ -203,6 +203,10 @@ def resumed(method: str, first: str, second: str, out_dir: Path, distributed_che
     if written_sharded and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
         path = consolidate(run, path)
     model, callbacks = model_for(second, method), callbacks_for(method)
+    if method in DISTILLED:  # the weights the resumed run starts from are not the teacher's: it must load the saved one
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1.0)
     trainer(second, 2, callbacks).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
     return {**summary(model, callbacks[0]), "sharded_checkpoint": written_sharded}
 

@@ -53,9 +53,11 @@ class ShardedMLP(MLP):
 class ShardedMLPWithTeacher(ShardedMLP):
     """A user's sharded teacher: a second model (not a submodule) ``fully_shard``-ed over the same mesh."""
 
-    def __init__(self, teacher: MLP) -> None:
-        super().__init__()
-        object.__setattr__(self, "teacher", teacher)  # not a submodule: not trained, not in the checkpoint
+    @classmethod
+    def beside(cls, teacher: MLP) -> "ShardedMLPWithTeacher":
+        model = cls()  # (not an __init__ argument: the hyperparameters saved in checkpoints would hold it)
+        object.__setattr__(model, "teacher", teacher)  # not a submodule: not trained, not in the checkpoint
+        return model
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -88,14 +90,14 @@ def run(out: Path, strategy: str, method: str) -> None:
     model = ShardedMLP() if strategy == "fsdp2" else MLP()
     if given is not None and strategy == "fsdp2":
         pl.seed_everything(3)
-        model = ShardedMLPWithTeacher(given)
+        model = ShardedMLPWithTeacher.beside(given)
     distill = bool(suffix)  # the longer runs: 3 steps
     method = method.split("+")[0]
     callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
     kd = None
     if SUFFIXES.get(suffix) is not None:  # with SquareHead on the hidden layers too, where distilling
         alpha = SUFFIXES[suffix]
-        kd = Distillation(given, alpha=alpha, hidden_weight=0.1 if alpha else 0.0, hidden_modules=["net.1", "net.3"])
+        kd = Distillation(given, save_teacher=given is not None, alpha=alpha, hidden_weight=0.1 if alpha else 0.0, hidden_modules=["net.1", "net.3"])
     callbacks = [callback, kd] if kd is not None else [callback]
     if strategy == "ddp" and not distill:
         callbacks.append(SaveBatches(out, method))
@@ -117,11 +119,33 @@ def run(out: Path, strategy: str, method: str) -> None:
         teacher = dict(kd.teacher.named_parameters())
         result["teacher"] = {"crc": crc(full_tensor(p) for p in teacher.values()), "initial": crc(full_tensor(initial[n]) for n in teacher),
                              "plain": not any_sharded(teacher.values()), "trainable": any(p.requires_grad for p in teacher.values())}  # fmt: skip
+        if given is not None:  # saved whole, and resumed into another sharded teacher initialised otherwise
+            result["teacher"]["resumed"] = resume_teacher(out, trainer, strategy, method)
         result["kl"] = float(trainer.callback_metrics["distill/kl"])  # this rank's batch: differs between the ranks
         result["hidden"] = float(trainer.callback_metrics.get("distill/hidden", -1.0))
     if rank == 0:
         torch.save({"masks": masks, "weights": weights}, out / f"{run_name}-final.pt")
     (out / f"{run_name}-rank{rank}.json").write_text(json.dumps(result))
+
+
+def resume_teacher(out: Path, trainer: pl.Trainer, strategy: str, method: str) -> int:
+    """Save a checkpoint of the run (its teacher saved), resume it for a step with a teacher initialised from another
+    seed, and return the CRC of the teacher's whole weights after that step."""
+    path = out / f"{strategy}-{method}-kdgiven.ckpt"
+    trainer.save_checkpoint(path)
+    pl.seed_everything(4)
+    other = MLP()
+    pl.seed_everything(3)
+    model = ShardedMLPWithTeacher.beside(other) if strategy == "fsdp2" else MLP()
+    kd = Distillation(other, save_teacher=True, alpha=0.5)
+    kwargs = {"strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)} if strategy == "fsdp2" else {"strategy": "ddp"}
+    resumed = pl.Trainer(accelerator="cpu", devices=2, max_steps=4, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False), kd],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         **kwargs)  # fmt: skip
+    resumed.fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
+    assert resumed.global_step == 4
+    return crc(full_tensor(p) for p in kd.teacher.parameters())
 
 
 if __name__ == "__main__":

@@ -91,7 +91,10 @@ def test_distillation_with_alpha_0_under_fsdp2_is_training_without_it(job):
 
 def test_distillation_from_a_given_sharded_teacher_under_fsdp2(job):
     """A teacher the user gives, ``fully_shard``-ed like the model (it runs with all-gathers on every rank): the same
-    training as from the default whole copy, which holds the same weights."""
+    training as from the default whole copy, which holds the same weights; with ``save_teacher=True`` a resumed run
+    distils from it again."""
     for given, copied in zip(ranks(job, "fsdp2:sparsegpt+kdgiven"), ranks(job, "fsdp2:sparsegpt+kd")):
         assert not given["teacher"].pop("plain") and copied["teacher"].pop("plain")  # sharded, and whole
+        # saved whole in the (sharded) checkpoint and cut again into another sharded teacher's shards on resume
+        assert given["teacher"].pop("resumed") == given["teacher"]["initial"]
         assert given == copied
