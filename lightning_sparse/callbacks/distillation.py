@@ -116,8 +116,9 @@ class Distillation(*CALLBACK_BASES):
             "Distillation: resumed without the teacher's weights (`save_teacher=False`), so the teacher is a copy "
             "of the model as resumed, not the model the run started from; give `teacher=` or `save_teacher=True`"
         )
-        whole = {k: full_tensor(v.detach()) for k, v in self._student(pl_module).state_dict().items()}
-        self.teacher.load_state_dict(whole)
+        own = self.teacher.state_dict()  # (the same keys on every rank: full_tensor is a collective)
+        whole = {k: full_tensor(v.detach()) for k, v in self._student(pl_module).state_dict().items() if k in own}
+        self.teacher.load_state_dict(whole, strict=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
