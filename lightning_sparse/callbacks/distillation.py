@@ -35,9 +35,10 @@ class Distillation(*CALLBACK_BASES):
     beside it on every rank under DDP. Under FSDP2 (``fully_shard``, whose modules refuse ``copy.deepcopy``) the copy is
     the whole model, unsharded, on every rank (:func:`~lightning_sparse.core.shards.unsharded_copy`: the shards
     all-gathered once at fit start); it runs without communication, so training equals DDP's bit for bit, at the cost
-    of one whole model's memory per rank (for a model too large for that, give a ``teacher=`` ``fully_shard``-ed like the model). It is not saved
-    in checkpoints unless ``save_teacher=True`` (then whole, in a sharded checkpoint too): a resumed run without it
-    copies the resumed (pruned) model, and says so.
+    of one whole model's memory per rank (for a model too large for that, give a ``teacher=`` ``fully_shard``-ed like
+    the model: it runs with all-gathers on every rank). It is not saved in checkpoints unless ``save_teacher=True``
+    (then as whole tensors, in a sharded checkpoint too, cut again into a sharded teacher's shards on resume): a
+    resumed run without it copies the resumed (pruned) model, and says so.
 
     Composes with every compression callback (GMP, one-shot, structured, QAT): it changes only the loss.
 
