@@ -3,7 +3,6 @@ Lightning adapter over :mod:`lightning_sparse.core.distill`."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_sparse.callbacks.base import CALLBACK_BASES
 from lightning_sparse.core.distill import as_logits, first_tensor, kd_loss, recovery_loss, repeated_blocks, squarehead_loss
+from lightning_sparse.core.shards import full_tensor, sharded_like, unsharded_copy
 from lightning_sparse.core.targets import as_patterns
 
 
@@ -32,8 +32,13 @@ class Distillation(*CALLBACK_BASES):
 
     The teacher is a frozen copy of the student taken at ``fit`` start (by default: the dense model, before
     :class:`OneShotPruning` prunes at its first batch), or the module given; it moves to the student's device and runs
-    beside it on every rank under DDP. It is not saved in checkpoints unless ``save_teacher=True``: a resumed run
-    without it copies the resumed (pruned) model, and says so.
+    beside it on every rank under DDP. Under FSDP2 (``fully_shard``, whose modules refuse ``copy.deepcopy``) the copy is
+    the whole model, unsharded, on every rank (:func:`~lightning_sparse.core.shards.unsharded_copy`: the shards
+    all-gathered once at fit start); it runs without communication, so training equals DDP's bit for bit, at the cost
+    of one whole model's memory per rank (for a model too large for that, give a ``teacher=`` ``fully_shard``-ed like
+    the model: it runs with all-gathers on every rank). It is not saved in checkpoints unless ``save_teacher=True``
+    (then as whole tensors, in a sharded checkpoint too, cut again into a sharded teacher's shards on resume): a
+    resumed run without it copies the resumed (pruned) model, and says so.
 
     Composes with every compression callback (GMP, one-shot, structured, QAT): it changes only the loss.
 
@@ -81,6 +86,7 @@ class Distillation(*CALLBACK_BASES):
         self.module, self.logits, self.save_teacher = module, logits, save_teacher
         self.hidden_modules = as_patterns("hidden_modules", hidden_modules)
         self.teacher: nn.Module | None = None
+        self._teacher_loaded = False
         self._saved_teacher: dict[str, Tensor] | None = None
         self._hooks: list[Any] = []
         self._recording = False
@@ -96,8 +102,24 @@ class Distillation(*CALLBACK_BASES):
     # ----------------------------------------------------------------- hooks: when
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = self._student(pl_module)
+        self._teacher_loaded = False
         self.teacher = self._make_teacher(trainer, pl_module, student)
         self._install(pl_module, student)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On a resumed run everything has been restored by now: a strategy that restores the checkpoint only after
+        ``on_fit_start`` (``ModelParallelStrategy``, FSDP2) has loaded the saved teacher through
+        :meth:`load_state_dict`; without one, the copied teacher takes the resumed model's weights (as under DDP,
+        where the model is restored before ``on_fit_start``)."""
+        if trainer.ckpt_path is None or self._teacher_loaded or self.given_teacher is not None:
+            return
+        rank_zero_warn(
+            "Distillation: resumed without the teacher's weights (`save_teacher=False`), so the teacher is a copy "
+            "of the model as resumed, not the model the run started from; give `teacher=` or `save_teacher=True`"
+        )
+        own = self.teacher.state_dict()  # (the same keys on every rank: full_tensor is a collective)
+        whole = {k: full_tensor(v.detach()) for k, v in self._student(pl_module).state_dict().items() if k in own}
+        self.teacher.load_state_dict(whole, strict=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
@@ -107,11 +129,14 @@ class Distillation(*CALLBACK_BASES):
 
     def state_dict(self) -> dict[str, Any]:
         if self.save_teacher and self.teacher is not None:
-            return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}}
+            # whole tensors (a sharded teacher's shards gathered: every rank saves the same state)
+            return {"teacher": {k: full_tensor(v.detach()).cpu() for k, v in self.teacher.state_dict().items()}}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_teacher = state_dict.get("teacher")
+        if self.teacher is not None and self._saved_teacher is not None:  # restored after on_fit_start (FSDP2)
+            self._load_teacher(self.teacher)
 
     # ----------------------------------------------------------------- what
     def _student(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -127,19 +152,19 @@ class Distillation(*CALLBACK_BASES):
         if self.given_teacher is not None:
             teacher = self.given_teacher
         else:
-            if trainer.ckpt_path is not None and self._saved_teacher is None:
-                rank_zero_warn(
-                    "Distillation: resumed without the teacher's weights (`save_teacher=False`), so the teacher is a copy "
-                    "of the model as resumed, not the model the run started from; give `teacher=` or `save_teacher=True`"
-                )
             teacher = _frozen_copy(student)
         if self._saved_teacher is not None:
-            teacher.load_state_dict(self._saved_teacher)
-            self._saved_teacher = None
+            self._load_teacher(teacher)
         teacher.to(next(student.parameters()).device)
         teacher.eval()
         teacher.requires_grad_(False)
         return teacher
+
+    def _load_teacher(self, teacher: nn.Module) -> None:
+        """Load the saved (whole) teacher weights; a sharded teacher takes each cut into its own shards."""
+        own = teacher.state_dict()
+        teacher.load_state_dict({k: sharded_like(v, own[k]) if k in own else v for k, v in self._saved_teacher.items()})
+        self._saved_teacher, self._teacher_loaded = None, True
 
     def _install(self, pl_module: pl.LightningModule, student: nn.Module) -> None:
         def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -233,13 +258,14 @@ class Distillation(*CALLBACK_BASES):
 
 
 def _frozen_copy(student: nn.Module) -> nn.Module:
-    """A deep copy of ``student`` that does not drag its Trainer along (a LightningModule holds one)."""
+    """A deep copy of ``student`` that does not drag its Trainer along (a LightningModule holds one); of an FSDP2-sharded
+    student, a whole (unsharded) copy (:func:`~lightning_sparse.core.shards.unsharded_copy`)."""
     held = "_trainer" in vars(student)  # either Lightning package's module
     trainer = vars(student).get("_trainer")
     if held:
         student._trainer = None
     try:
-        return copy.deepcopy(student)
+        return unsharded_copy(student)
     finally:
         if held:
             student._trainer = trainer

@@ -15,12 +15,13 @@ Every helper that communicates must be called on all ranks in the same order (as
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _dtensor() -> Any:
@@ -108,3 +109,55 @@ def all_ranks_min(value: Tensor, tensors: Iterable[object]) -> Tensor:
     reduced = value.clone()
     torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MIN)
     return reduced
+
+
+def _fsdp_internal(hook: Any) -> bool:
+    """True for a hook that ``fully_shard`` registered (a bound method, partial or closure of its own modules)."""
+    for _ in range(8):  # unwrap partials, bound methods and torch's ``_WrappedHook``
+        inner = getattr(hook, "func", None) or getattr(hook, "__func__", None) or getattr(hook, "hook", None)
+        owner = getattr(hook, "__self__", None)
+        if owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp"):
+            return True
+        if inner is None:
+            break
+        hook = inner
+    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
+
+
+def unsharded_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` as a plain (unsharded) module: every ``DTensor`` parameter replaced by its whole
+    tensor (an all-gather: call on every rank), the ``FSDP<Name>`` classes ``fully_shard`` gave the submodules turned
+    back into their own classes, and FSDP's state and hooks left behind (``FSDPModule`` refuses ``copy.deepcopy``).
+    Device meshes and process groups are shared, not copied. A module without ``DTensor`` parameters is deep-copied
+    as it is."""
+    if not any_sharded(module.parameters()):
+        return copy.deepcopy(module)
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule
+
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        if is_sharded(param):
+            memo[id(param)] = nn.Parameter(param.full_tensor().detach().clone(), requires_grad=param.requires_grad)
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                swapped.append((sub, type(sub)))
+                sub.__class__ = next(base for base in type(sub).__bases__ if base is not FSDPModule)
+            for key, value in vars(sub).items():
+                if isinstance(value, (DeviceMesh, ProcessGroup)):
+                    memo[id(value)] = value
+                elif isinstance(value, dict) and key.endswith("hooks"):
+                    memo[id(value)] = type(value)((k, h) for k, h in value.items() if not _fsdp_internal(h))
+                elif key.startswith("__composable_api_state_key"):
+                    memo[id(value)] = {}  # fully_shard's per-module state and registry
+        teacher = copy.deepcopy(module, memo)
+    finally:
+        for sub, cls in swapped:
+            sub.__class__ = cls
+    for sub in teacher.modules():
+        for name in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+            vars(sub).pop(name, None)
+    return teacher

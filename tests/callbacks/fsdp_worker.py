@@ -17,7 +17,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_sparse import export
-from lightning_sparse import SET, GradualMagnitudePruning, LearningCompression, MovementPruning, QuantizationAwareTraining, RigL
+from lightning_sparse import SET, Distillation, GradualMagnitudePruning, LearningCompression, MovementPruning, QuantizationAwareTraining, RigL
 from lightning_sparse.core.shards import full_tensor, is_sharded
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
@@ -105,7 +105,15 @@ CALLBACKS = {
     "gmp-head": lambda: GradualMagnitudePruning(sparsity=0.5, start=2, end=12, frequency=2, granularity={"net.2.*": "head"}, verbose=False),
     "movement-head": lambda: MovementPruning(sparsity=0.5, start=2, end=12, frequency=2, granularity={"net.2.*": "head"}, verbose=False),
 }
+CALLBACKS["gmp-distill"] = CALLBACKS["gmp"]
 ATTENTION = ("gmp-head", "movement-head")  # methods run on :class:`AttentionNet`
+#: methods run with :class:`Distillation` beside (its teacher saved, so that a resumed run distils from the same model)
+DISTILLED = ("gmp-distill",)
+
+
+def callbacks_for(method: str) -> list:
+    """The compression callback of ``method`` (first), and Distillation where ``method`` has it."""
+    return [CALLBACKS[method]()] + ([Distillation(alpha=0.5, save_teacher=True)] if method in DISTILLED else [])
 
 
 def masks_of(callback) -> dict:
@@ -176,9 +184,9 @@ def summary(model: MLP, callback, record: Record | None = None) -> dict:
 
 
 def straight(method: str, strategy: str, epochs: int = 2) -> dict:
-    model, callback = model_for(strategy, method), CALLBACKS[method]()
-    record = Record(callback)
-    run = trainer(strategy, epochs, [callback, record])
+    model, callbacks = model_for(strategy, method), callbacks_for(method)
+    callback, record = callbacks[0], Record(callbacks[0])
+    run = trainer(strategy, epochs, [*callbacks, record])
     run.fit(model, DigitsDataModule(batch_size=16))
     if method == EXPORTED:  # every rank saves (the shards are gathered), each to its own file
         export.save_compressed(model, run.default_root_dir + f"/{method}-{strategy}-rank{run.global_rank}.lsz", verbose=False)
@@ -187,16 +195,20 @@ def straight(method: str, strategy: str, epochs: int = 2) -> dict:
 
 def resumed(method: str, first: str, second: str, out_dir: Path, distributed_checkpoint: bool = True) -> dict:
     """One epoch under ``first``, a checkpoint, then the second epoch under ``second`` resumed from it."""
-    model, callback = model_for(first, method), CALLBACKS[method]()
+    model, callbacks = model_for(first, method), callbacks_for(method)
     path = out_dir / f"{method}-{first}-{second}-{int(distributed_checkpoint)}.ckpt"
-    run = trainer(first, 2, [callback, StopAfterFirstEpoch(path)], distributed_checkpoint)
+    run = trainer(first, 2, [*callbacks, StopAfterFirstEpoch(path)], distributed_checkpoint)
     run.fit(model, DigitsDataModule(batch_size=16))
     written_sharded = path.is_dir()
     if written_sharded and second != "fsdp2":  # a sharded checkpoint for an unsharded run: consolidate it first
         path = consolidate(run, path)
-    model, callback = model_for(second, method), CALLBACKS[method]()
-    trainer(second, 2, [callback]).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
-    return {**summary(model, callback), "sharded_checkpoint": written_sharded}
+    model, callbacks = model_for(second, method), callbacks_for(method)
+    if method in DISTILLED:  # the weights the resumed run starts from are not the teacher's: it must load the saved one
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1.0)
+    trainer(second, 2, callbacks).fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
+    return {**summary(model, callbacks[0]), "sharded_checkpoint": written_sharded}
 
 
 def consolidate(run: pl.Trainer, path: Path) -> Path:

@@ -14,7 +14,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_sparse import Distillation, OneShotPruning
-from lightning_sparse.core.shards import full_tensor
+from lightning_sparse.core.shards import any_sharded, full_tensor
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -36,15 +36,32 @@ class MLP(Classifier):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
 
 
+def shard(model: MLP, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model.net, mesh=mesh)
+
+
 class ShardedMLP(MLP):
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
+        shard(self, self.device_mesh["data_parallel"])
 
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+
+class ShardedMLPWithTeacher(ShardedMLP):
+    """A user's sharded teacher: a second model (not a submodule) ``fully_shard``-ed over the same mesh."""
+
+    @classmethod
+    def beside(cls, teacher: MLP) -> "ShardedMLPWithTeacher":
+        model = cls()  # (not an __init__ argument: the hyperparameters saved in checkpoints would hold it)
+        object.__setattr__(model, "teacher", teacher)  # not a submodule: not trained, not in the checkpoint
+        return model
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        shard(self.teacher, self.device_mesh["data_parallel"])
 
 
 class SaveBatches(pl.Callback):
@@ -56,13 +73,32 @@ class SaveBatches(pl.Callback):
         torch.save(batches, self.out / f"batches-{self.method}-{trainer.global_rank}.pt")
 
 
+#: method suffixes: with Distillation from the dense model (the teacher copied on every rank) at alpha 0.5 (and SquareHead
+#: on the two hidden Linear layers) or 0 (nothing else), or
+#: none but as many steps (the baseline of ``+kd0``); ``+kdgiven``: as ``+kd`` with a given teacher, sharded like the
+#: model under FSDP2, initialised as the model is (so the same teacher as ``+kd``'s copy)
+SUFFIXES = {"+kd": 0.5, "+kdgiven": 0.5, "+kd0": 0.0, "+steps": None}
+
+
 def run(out: Path, strategy: str, method: str) -> None:
+    suffix = "+" + method.split("+")[1] if "+" in method else ""
+    given = None
+    if suffix == "+kdgiven":
+        pl.seed_everything(3)
+        given = MLP()
     pl.seed_everything(3)
     model = ShardedMLP() if strategy == "fsdp2" else MLP()
-    distill = method.endswith("+kd")  # with distillation from the dense model (the teacher copied on every rank)
-    method = method.removesuffix("+kd")
+    if given is not None and strategy == "fsdp2":
+        pl.seed_everything(3)
+        model = ShardedMLPWithTeacher.beside(given)
+    distill = bool(suffix)  # the longer runs: 3 steps
+    method = method.split("+")[0]
     callback = OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False)
-    callbacks = [callback, Distillation(alpha=0.5)] if distill else [callback]
+    kd = None
+    if SUFFIXES.get(suffix) is not None:  # with SquareHead on the hidden layers too, where distilling
+        alpha = SUFFIXES[suffix]
+        kd = Distillation(given, save_teacher=given is not None, alpha=alpha, hidden_weight=0.1 if alpha else 0.0, hidden_modules=["net.1", "net.3"])
+    callbacks = [callback, kd] if kd is not None else [callback]
     if strategy == "ddp" and not distill:
         callbacks.append(SaveBatches(out, method))
     kwargs = {"strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)} if strategy == "fsdp2" else {"strategy": "ddp"}
@@ -72,16 +108,44 @@ def run(out: Path, strategy: str, method: str) -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit(model, DigitsDataModule(batch_size=16))
     rank = trainer.global_rank
-    run_name = f"{strategy}-{method}{'+kd' if distill else ''}"
+    run_name = f"{strategy}-{method}{suffix}"
     if strategy == "ddp" and rank == 0 and not distill:
         torch.save(initial, out / f"initial-{method}.pt")
     masks = {name: callback.masks.mask(name) for name in callback.masks}
     weights = {name: full_tensor(p.detach()) for name, p in callback.masks.params.items()}
     result = {"masks": crc(masks.values()), "weights": crc(weights.values()),
               "sparsity": {name: float((~m).float().mean()) for name, m in masks.items()}}  # fmt: skip
+    if kd is not None:  # the teacher: whole (plain tensors), the dense weights of fit start, untouched by training
+        teacher = dict(kd.teacher.named_parameters())
+        result["teacher"] = {"crc": crc(full_tensor(p) for p in teacher.values()), "initial": crc(full_tensor(initial[n]) for n in teacher),
+                             "plain": not any_sharded(teacher.values()), "trainable": any(p.requires_grad for p in teacher.values())}  # fmt: skip
+        if given is not None:  # saved whole, and resumed into another sharded teacher initialised otherwise
+            result["teacher"]["resumed"] = resume_teacher(out, trainer, strategy, method)
+        result["kl"] = float(trainer.callback_metrics["distill/kl"])  # this rank's batch: differs between the ranks
+        result["hidden"] = float(trainer.callback_metrics.get("distill/hidden", -1.0))
     if rank == 0:
         torch.save({"masks": masks, "weights": weights}, out / f"{run_name}-final.pt")
     (out / f"{run_name}-rank{rank}.json").write_text(json.dumps(result))
+
+
+def resume_teacher(out: Path, trainer: pl.Trainer, strategy: str, method: str) -> int:
+    """Save a checkpoint of the run (its teacher saved), resume it for a step with a teacher initialised from another
+    seed, and return the CRC of the teacher's whole weights after that step."""
+    path = out / f"{strategy}-{method}-kdgiven.ckpt"
+    trainer.save_checkpoint(path)
+    pl.seed_everything(4)
+    other = MLP()
+    pl.seed_everything(3)
+    model = ShardedMLPWithTeacher.beside(other) if strategy == "fsdp2" else MLP()
+    kd = Distillation(other, save_teacher=True, alpha=0.5)
+    kwargs = {"strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)} if strategy == "fsdp2" else {"strategy": "ddp"}
+    resumed = pl.Trainer(accelerator="cpu", devices=2, max_steps=4, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[OneShotPruning(0.5, method, calibration_batches=CALIBRATION, verbose=False), kd],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         **kwargs)  # fmt: skip
+    resumed.fit(model, DigitsDataModule(batch_size=16), ckpt_path=path)
+    assert resumed.global_step == 4
+    return crc(full_tensor(p) for p in kd.teacher.parameters())
 
 
 if __name__ == "__main__":

@@ -93,6 +93,28 @@ def test_save_teacher_keeps_it_in_the_checkpoint(tmp_path):
     assert torch.equal(saved["net.1.weight"], distill.teacher.net[1].weight)
 
 
+@pytest.mark.parametrize("save_teacher", [True, False])
+def test_resumed_run_distils_from_the_saved_teacher_or_says_it_copies_the_resumed_model(tmp_path, save_teacher):
+    torch.manual_seed(0)
+    first, model = Distillation(save_teacher=save_teacher), digits_model()
+    dense = copy.deepcopy(model)
+    make_trainer(tmp_path / "a", [first], max_steps=3, enable_checkpointing=True).fit(model, DigitsDataModule())
+    (path,) = (tmp_path / "a").glob("**/*.ckpt")
+    resumed_model = digits_model()  # other weights: the checkpoint's are loaded into it
+    second = Distillation(save_teacher=save_teacher)
+    trainer = make_trainer(tmp_path / "b", [second], max_steps=4)
+    if save_teacher:
+        trainer.fit(resumed_model, DigitsDataModule(), ckpt_path=path)
+        expected = dense  # the model the first run started from
+    else:
+        with pytest.warns(UserWarning, match="resumed without the teacher's weights"):
+            trainer.fit(resumed_model, DigitsDataModule(), ckpt_path=path)
+        expected = model  # the model as the checkpoint holds it (after 3 steps)
+    assert not torch.equal(dense.net[1].weight, model.net[1].weight)
+    for name, param in expected.named_parameters():
+        assert torch.equal(second.teacher.get_parameter(name), param), name
+
+
 def test_composes_with_gmp(tmp_path):
     gmp = GradualMagnitudePruning(0.8, start=0, end=20, frequency=5, verbose=False)
     model = fit(tmp_path, [gmp, Distillation(alpha=0.5, hidden_weight=0.0)])

@@ -1,7 +1,8 @@
 """FSDP2-sharded training (``ModelParallelStrategy`` + ``fully_shard``, 2 CPU processes, gloo) against the unsharded
 run (``strategy="ddp"``, same processes, data and seed): masks, zero counts and final weights identical after the
 gather, for every callback (GMP uniform, global, ERK, N:M, coupled channel groups, neurons and attention heads;
-movement pruning by weight and by head; RigL; SET; QAT; L-C); checkpoints of both kinds resumed bit-exactly, across
+movement pruning by weight and by head; RigL; SET; QAT; L-C; GMP with ``Distillation`` from the dense model, whose
+teacher is a whole copy of the sharded model and is saved in the sharded checkpoint when asked); checkpoints of both kinds resumed bit-exactly, across
 the two layouts.
 
 One spawned job runs everything (``fsdp_worker.py``, about 45 s on 2 cores); the tests read its per-rank JSON and
@@ -23,12 +24,12 @@ pytestmark = pytest.mark.slow  # subprocesses / several processes: `make test` r
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 METHODS = [
     "gmp", "gmp-global", "gmp-erk", "gmp-nm", "gmp-channel", "gmp-neuron", "gmp-head", "movement", "movement-head",
-    "rigl", "set", "qat", "qat-kmeans", "lc",
+    "rigl", "set", "qat", "qat-kmeans", "lc", "gmp-distill",
 ]  # fmt: skip
 RESUMES = [
     "gmp-global:full", "gmp-global:into-sharded", "rigl:sharded", "rigl:into-unsharded",
     "movement:sharded", "qat-kmeans:sharded", "qat-kmeans:into-sharded", "lc:into-unsharded", "lc:full",
-    "gmp-channel:into-unsharded", "gmp-head:sharded",
+    "gmp-channel:into-unsharded", "gmp-head:sharded", "gmp-distill:sharded",
 ]  # fmt: skip
 SPARSITY = {"gmp": 0.8}  # uniform: every layer at exactly round(0.8 · N) zeros
 
@@ -112,3 +113,20 @@ def test_report_and_export_read_a_sharded_checkpoint_folder_whole(job):
     whole = export.load_compressed(job / "from-folder.lsz")
     checkpoint = export.load_checkpoint(file)
     assert all(torch.equal(whole[name], tensor) for name, tensor in checkpoint["state_dict"].items())
+
+
+def test_distillation_teacher_is_saved_whole_in_the_sharded_checkpoint(job):
+    """``save_teacher=True`` under FSDP2: the distributed checkpoint folder holds the teacher as whole tensors, the
+    dense model of fit start (``gmp-distill:sharded`` above resumes from it bit-exactly)."""
+    from fsdp_worker import model_for
+
+    from lightning_sparse import export
+
+    folder = job / "gmp-distill-fsdp2-fsdp2-1.ckpt"
+    assert (folder / ".metadata").is_file()
+    state = export.load_distributed_checkpoint(folder, trusted=True)
+    (teacher,) = [value["teacher"] for key, value in state["callbacks"].items() if key.startswith("Distillation")]
+    initial = model_for("ddp", "gmp-distill").state_dict()
+    assert teacher.keys() == initial.keys()
+    assert all(torch.equal(teacher[name], initial[name]) for name in initial)  # whole, dense, untouched by training
+    assert not torch.equal(state["state_dict"]["net.1.weight"], initial["net.1.weight"])  # while the student trained
