@@ -139,7 +139,7 @@ def unsharded_copy(module: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for param in module.parameters():
         if is_sharded(param):
-            memo[id(param)] = nn.Parameter(param.full_tensor().detach().clone(), requires_grad=param.requires_grad)
+            memo[id(param)] = nn.Parameter(full_tensor(param).detach().clone(), requires_grad=param.requires_grad)
     swapped: list[tuple[nn.Module, type]] = []
     try:
         for sub in module.modules():
