@@ -101,7 +101,7 @@ def test_qat_by_flags_with_per_layer_bits(tmp_path):
     run_cli(
         "fit", *DIGITS, f"--trainer.default_root_dir={tmp_path}",
         "--trainer.callbacks+=lightning_sparse.QuantizationAwareTraining",
-        '--trainer.callbacks.bits={"net.1.weight": 2, "net.3.*": 4}', "--trainer.callbacks.granularity=per_tensor",
+        '--trainer.callbacks.bits={"net.1.weight": 2, "net.3.*": 4}', "--trainer.callbacks.scale=per_tensor",
         cwd=tmp_path,
     )  # fmt: skip
     (path,) = tmp_path.glob("**/checkpoints/*.ckpt")
