@@ -66,7 +66,9 @@ ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90", "reference-50
 METHODS = {"gmp": GradualMagnitudePruning, "movement": MovementPruning, "random": RandomPruning}
 #: Ablation switches of the reference port, appended to a row after a colon (``reference-90:freeze+sum``): each moves
 #: it one difference towards the library's MovementPruning of before issue 31 (benchmarks/movement_reference.py).
-SWITCHES = {"freeze": ("freeze", True), "frozen": ("frozen_pruned", True), "sum": ("score_rule", "sum"), "f10": ("frequency", 10)}
+#: ``frozen`` is ``held+reset``: pruned weights held at their value and their AdamW state reset.
+SWITCHES = {"freeze": {"freeze": True}, "held": {"held_pruned": True}, "reset": {"reset_pruned": True},
+            "frozen": {"held_pruned": True, "reset_pruned": True}, "sum": {"score_rule": "sum"}, "f10": {"frequency": 10}}
 
 
 def check_row(row: str) -> str:
@@ -151,7 +153,7 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
     callbacks: list[pl.Callback] = []
     noise = None
     if method == "reference":
-        settings = dict(SWITCHES[s] for s in switches.split("+") if s)
+        settings = {key: value for s in switches.split("+") if s for key, value in SWITCHES[s].items()}
         callbacks.append(ReferenceSchedule(int(percent) / 100, args.start, args.end, **settings))
     elif row != "dense":
         frequency = args.frequency or (1 if method == "movement" else 10)  # movement: the paper's every step

@@ -17,8 +17,10 @@ written again here for our ``TextClassifier``:
   ``initial_warmup=1, final_warmup=2`` with ``warmup_steps`` 10% of training is ``start=0.1, end=0.8``).
 
 Switches move it one difference at a time towards the library's ``MovementPruning`` of before issue 31 (the ablation of
-``benchmarks/finetune.py --ablation``): ``freeze`` (masks and scores frozen after ``end``), ``frozen_pruned`` (pruned
-weights held at their value when pruned, their AdamW state reset: the library's zeroed weight with a frozen latent copy),
+``benchmarks/finetune.py --ablation``): ``freeze`` (masks and scores frozen after ``end``), ``held_pruned`` (pruned
+weights held at their value while pruned, their AdamW state kept), ``reset_pruned`` (the AdamW state of pruned entries
+zeroed at every step while pruned, so a revived entry restarts its moments at zero; values move as in the reference);
+both together are the library's zeroed weight with a frozen latent copy,
 ``score_rule="sum"`` (``S ← S − w⊙g``, no optimizer, instead of AdamW on ``S``) and ``frequency`` (masks recomputed every
 ``frequency`` steps instead of every forward).
 """
@@ -120,12 +122,13 @@ class ReferenceClassifier(TextClassifier):
 class ReferenceSchedule(pl.Callback):
     """Sets every masked layer's kept fraction at each step (``schedule_threshold``), and the ablation switches."""
 
-    def __init__(self, sparsity: float, start: float, end: float, freeze: bool = False, frozen_pruned: bool = False,
-                 score_rule: str = "adam", frequency: int = 1) -> None:  # fmt: skip
+    def __init__(self, sparsity: float, start: float, end: float, freeze: bool = False, held_pruned: bool = False,
+                 reset_pruned: bool = False, score_rule: str = "adam", frequency: int = 1) -> None:  # fmt: skip
         if score_rule not in ("adam", "sum"):
             raise ValueError(f"`score_rule` must be one of ('adam', 'sum'), got {score_rule!r}")
         self.sparsity, self.start, self.end = sparsity, start, end
-        self.freeze, self.frozen_pruned, self.score_rule, self.frequency = freeze, frozen_pruned, score_rule, frequency
+        self.freeze, self.score_rule, self.frequency = freeze, score_rule, frequency
+        self.held_pruned, self.reset_pruned = held_pruned, reset_pruned
         self._before: dict[str, Tensor] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: ReferenceClassifier) -> None:
@@ -160,17 +163,20 @@ class ReferenceSchedule(pl.Callback):
                 with torch.no_grad():
                     scores.sub_(scores.grad)  # S ← S − ∂L/∂S = S − w⊙g (w the dense weight, g the masked one's)
                 scores.grad = None
-            if self.frozen_pruned:
+            if self.held_pruned:
                 self._before[name] = module.weight.detach().clone()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: ReferenceClassifier, *args: Any) -> None:
-        if not self.frozen_pruned:
+        if not (self.held_pruned or self.reset_pruned):
             return
         optimizer = trainer.optimizers[0]
         for name, module in pl_module.masked.items():
             pruned = module.last_mask == 0  # the mask this step's forward used
             with torch.no_grad():
-                module.weight[pruned] = self._before[name][pruned]  # held where it was
+                if self.held_pruned:
+                    module.weight[pruned] = self._before[name][pruned]  # held where it was
+                if not self.reset_pruned:
+                    continue
                 for value in optimizer.state.get(module.weight, {}).values():
                     if torch.is_tensor(value) and value.shape == module.weight.shape:
                         value.masked_fill_(pruned, 0)

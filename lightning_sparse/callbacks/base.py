@@ -291,6 +291,10 @@ class SparsityCallback(CompressionCallback):
     exactly zero, makes every rank hold rank 0's masks, and logs ``sparsity/global`` and ``sparsity/<name>``.
     """
 
+    #: zero the optimizer state (momentum, Adam moments) of pruned weights when masks change; a subclass whose pruned
+    #: weights may come back with their old value sets it False (their state is kept, the weights re-masked every step)
+    reset_pruned_state = True
+
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         self.masks: MaskSet | None = None
@@ -332,7 +336,7 @@ class SparsityCallback(CompressionCallback):
         finite = check_finite(self, trainer, self.masks.params, step)
         if self._update_masks(trainer, pl_module, step):
             self._sync_masks(trainer)
-            for each in trainer.optimizers:  # stale momentum must not push pruned weights
+            for each in trainer.optimizers if self.reset_pruned_state else ():  # stale momentum must not push pruned weights
                 self.masks.mask_state_(each.state)
             self._log_sparsity(trainer)
         self.masks.mask_grads_(finite=finite)  # checked just now: the faster product is safe
@@ -348,7 +352,9 @@ class SparsityCallback(CompressionCallback):
             self._follow_parameters(trainer, pl_module)
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
-        self._reapply = not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
+        self._reapply = not self.reset_pruned_state or not all(
+            type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers
+        )
         refuse_several_manual_optimizers(
             self, trainer, pl_module, "masks decided at one optimizer's step would use another network's stale gradients"
         )
