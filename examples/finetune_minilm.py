@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is on disk: never rea
 import pytorch_lightning as pl  # noqa: E402
 
 from lightning_sparse import GradualMagnitudePruning, MovementPruning  # noqa: E402
-from lightning_sparse.text_models import TextClassifier  # noqa: E402
-from lightning_sparse.text_tasks import ShakespearePlaysDataModule  # noqa: E402
+from lightning_sparse.models import TextClassifier  # noqa: E402
+from lightning_sparse.data import ShakespearePlaysDataModule  # noqa: E402
 
 
 def main() -> None:

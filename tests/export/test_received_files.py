@@ -44,7 +44,7 @@ LSZ_BOMBS = MEASURE + textwrap.dedent("""
     import hashlib, lzma, struct, zlib
     import torch
     from lightning_sparse.core.codec import SCRATCH_BYTES, _lzma_filters
-    from lightning_sparse.export import load_compressed, _read_header, _working_bytes
+    from lightning_sparse.export.format import load_compressed, _read_header, _working_bytes
 
     def lsz(name, dtype, shape, encoding, params, streams):
         '''A version-2 file of one layer whose streams are (name, decoded bytes), each LZMA-compressed.'''

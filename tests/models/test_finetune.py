@@ -20,8 +20,8 @@ from support import StopAfterEpoch, make_trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning  # noqa: E402
 from lightning_sparse.core.allocation import round_half_up  # noqa: E402
 from lightning_sparse.data import shakespeare_archive  # noqa: E402
-from lightning_sparse.text_models import TextClassifier  # noqa: E402
-from lightning_sparse.text_tasks import (  # noqa: E402
+from lightning_sparse.models import TextClassifier  # noqa: E402
+from lightning_sparse.data import (  # noqa: E402
     SHAKESPEARE_PLAYS,
     THOU_WORDS,
     ShakespearePlaysDataModule,

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_sparse.models import fused_adam
-from lightning_sparse.text_tasks import resolve_pretrained
+from lightning_sparse.models.chargpt import fused_adam
+from lightning_sparse.data.text import resolve_pretrained
 
 #: Parameters AdamW does not decay: biases and norm weights (the usual BERT fine-tuning groups).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")

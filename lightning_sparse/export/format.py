@@ -34,8 +34,8 @@ fill the file) before anything is allocated, and the tensors it claims may decod
 working memory of each layer's decoding (``core.codec.working_bytes``: its bytes, the streams held, the pattern,
 the LZMA dictionary) must fit the same budget, so the reader's peak stays below twice ``max_bytes`` plus a fixed
 few MiB: a small crafted file cannot make it allocate gigabytes, neither in its output nor on the way. Every refusal is a ``ValueError`` naming the file and the layer
-and field. Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): a pickle in
-them cannot run code unless ``trusted=True``.
+and field. A checkpoint path given to :func:`save_compressed` is read by
+:func:`lightning_sparse.export.checkpoints.load_checkpoint` (weights only unless ``trusted``).
 """
 
 from __future__ import annotations
@@ -44,11 +44,7 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import stat
 import struct
-import warnings
-import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -56,12 +52,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from lightning_sparse.core.codec import MAX_DISTINCT, Encoded, check_entry, decode, decoded_bytes, encode, working_bytes
-from lightning_sparse.files import atomic_writer, write_text_atomic
+from lightning_sparse.export.tables import ExportReport, LayerExport, print_report
+from lightning_sparse.files import atomic_writer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -70,18 +65,10 @@ __all__ = [
     "MAX_EXPANSION",
     "MAX_HEADER_BYTES",
     "MIN_BUDGET_BYTES",
-    "ExportReport",
-    "LayerExport",
     "Source",
-    "atomic_writer",
-    "check_checkpoint_path",
-    "export_table",
     "iter_compressed",
-    "load_checkpoint",
     "load_compressed",
-    "print_report",
     "save_compressed",
-    "write_text_atomic",
 ]
 
 MAGIC = b"LSPARSE\0"
@@ -103,45 +90,6 @@ _DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isi
 Source = nn.Module | Mapping[str, Tensor] | str | os.PathLike
 
 
-@dataclass(frozen=True)
-class LayerExport:
-    """How one state-dict entry was stored; ``fp32_bytes`` is 0 for non-floating tensors."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    encoding: str
-    detail: str
-    sparsity: float | None
-    distinct: int | None
-    stored_bytes: int
-    fp32_bytes: int
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """What :func:`save_compressed` wrote: per-layer rows and the whole file's size."""
-
-    path: Path
-    layers: list[LayerExport]
-    file_bytes: int
-
-    @property
-    def fp32_bytes(self) -> int:
-        """Size of every floating tensor as dense fp32 (a tensor reached by two names, such as tied weights,
-        counted once: it is stored once)."""
-        return sum(layer.fp32_bytes for layer in self.layers)
-
-    @property
-    def ratio(self) -> float:
-        """fp32 dense bytes of the floating tensors / file size (the header included)."""
-        return self.fp32_bytes / self.file_bytes
-
-    @property
-    def compressed_layers(self) -> list[LayerExport]:
-        return [layer for layer in self.layers if layer.encoding not in ("raw", "alias")]
-
-
 # --- public API ---------------------------------------------------------------------------------------
 
 
@@ -152,7 +100,7 @@ def save_compressed(
 
     The file is written to a temporary file beside ``path`` and moved over it only once complete, so a
     failed save leaves any previous file untouched. With ``verbose``, prints the per-layer size table.
-    A checkpoint path is read by :func:`load_checkpoint` (weights only, unless ``trusted``). State-dict
+    A checkpoint path is read by :func:`~lightning_sparse.export.checkpoints.load_checkpoint` (weights only, unless ``trusted``). State-dict
     entries that are the same tensor (tied weights: same storage, offset, shape and strides) are stored once;
     the later names are aliases of the first.
     """
@@ -248,44 +196,6 @@ def iter_compressed(
     return _iter_layers(path, header, map_location)
 
 
-def print_report(report: ExportReport) -> None:
-    """Print the per-layer size table, and say so when no layer is compressed."""
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: room for all eight columns rather than rich's default 80
-        console.width = max(console.width, 132)
-    console.print(export_table(report))
-    if not report.compressed_layers:
-        console.print("The model has no compressed layers: every tensor is stored as it is (raw).")
-    console.print(f"Saved {report.path}: {report.file_bytes:,} bytes, {report.ratio:.1f}× smaller than fp32 dense.")
-
-
-def export_table(report: ExportReport) -> Table:
-    """A rich table: one row per state-dict entry, then the whole file against fp32 dense."""
-    table = Table(title=f"Compressed export: {report.path}")
-    table.add_column("layer", min_width=max(len(layer.name) for layer in report.layers))  # never cut a name
-    for column in ("shape", "encoding"):
-        table.add_column(column)
-    for column in ("sparsity", "distinct", "bytes", "fp32 bytes", "ratio"):
-        table.add_column(column, justify="right")
-    for layer in report.layers:
-        table.add_row(
-            layer.name,
-            "×".join(map(str, layer.shape)) or "scalar",
-            f"{layer.encoding} ({layer.detail})" if layer.detail else layer.encoding,
-            "-" if layer.sparsity is None else f"{layer.sparsity:.2%}",
-            "-" if layer.distinct is None else f"{layer.distinct:,}",
-            f"{layer.stored_bytes:,}",
-            f"{layer.fp32_bytes:,}" if layer.fp32_bytes else "-",
-            f"{layer.fp32_bytes / layer.stored_bytes:.1f}×" if layer.fp32_bytes and layer.stored_bytes else "-",
-        )
-    table.add_section()
-    table.add_row(
-        "whole file", "", "", "", "", f"{report.file_bytes:,}", f"{report.fp32_bytes:,}", f"{report.ratio:.1f}×",
-        style="bold",
-    )  # fmt: skip
-    return table
-
-
 # --- saving -------------------------------------------------------------------------------------------
 
 
@@ -293,6 +203,9 @@ def _state_dict_of(source: Source, trusted: bool = False) -> Mapping[str, Any]:
     if isinstance(source, nn.Module):
         return _whole(source.state_dict())
     if isinstance(source, (str, os.PathLike)):
+        # here, not at the top: the checkpoint reader refuses this format's files by their MAGIC
+        from lightning_sparse.export.checkpoints import checkpoint_state_dict, load_checkpoint
+
         return checkpoint_state_dict(load_checkpoint(source, trusted=trusted), source)
     if isinstance(source, Mapping):
         return _whole(source)
@@ -307,179 +220,6 @@ def _whole(state: Mapping[str, Any]) -> Mapping[str, Any]:
     if not any(is_sharded(value) for value in state.values()):
         return state
     return {name: full_tensor(value) if is_sharded(value) else value for name, value in state.items()}
-
-
-def load_distributed_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
-    """A distributed (sharded) checkpoint folder, as ``ModelParallelStrategy(save_distributed_checkpoint=True)``
-    writes it, read whole into one process: the full ``state_dict`` and optimizer states, plus the callbacks' and
-    loops' state from its ``meta.pt``. Callback masks and quantizer state are saved whole already, so the result is
-    an ordinary Lightning checkpoint (``optimizer_states`` as a list).
-
-    The folder's ``.metadata`` index is a pickle (``torch.distributed.checkpoint`` writes it so), which can run code
-    when read: it is refused unless ``trusted``.
-    """
-    path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path} is not a distributed checkpoint folder (it has no .metadata file)")
-    if not trusted:
-        raise ValueError(
-            f"{path} is a distributed checkpoint folder, whose .metadata index is a pickle that can run code when "
-            f"read: pass `--trust` (`trusted=True`) only if you trust where it came from"
-        )
-    warnings.warn(f"unpickling {path}/.metadata in full (trusted=True): this runs any code the file holds", stacklevel=2)
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    checkpoint: dict[str, Any] = {}
-    _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    meta = path / "meta.pt"  # Lightning's file beside the shards: everything but weights and optimizer states
-    if meta.is_file():  # weights-only when it can be (it can for this library's callbacks), in full only if not
-        try:
-            checkpoint.update(load_checkpoint(meta))
-        except ValueError:
-            checkpoint.update(load_checkpoint(meta, trusted=trusted))
-    count = sum(1 for key in checkpoint if key.startswith("optimizer_") and key[len("optimizer_"):].isdigit())
-    if count:
-        checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
-    return checkpoint
-
-
-#: Default bound on what a checkpoint's zip members may declare, as a multiple of the file's size (``torch.save``
-#: stores them uncompressed, so a real checkpoint declares about its own size) ...
-CHECKPOINT_EXPANSION = 2
-#: ... and at least this much, whatever the file's size.
-CHECKPOINT_MIN_BUDGET_BYTES = 64 << 20
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
-
-
-def check_checkpoint_path(path: str | os.PathLike) -> Path:
-    """``path`` if it is a checkpoint file or a distributed checkpoint folder; otherwise an error saying what it is
-    (missing, a directory, a Hugging Face model folder, a FIFO or device, which reading would block on or never
-    finish), without reading from it."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except OSError as error:
-        raise ValueError(f"checkpoint {path} cannot be read: {error.strerror or error}") from None
-    if stat.S_ISDIR(mode):
-        if (path / ".metadata").is_file():
-            return path
-        if (path / "config.json").is_file():
-            raise ValueError(f"{path} is a Hugging Face model folder (it holds config.json), not a checkpoint: load it "
-                             f"with transformers' from_pretrained and pass the model, or give its Lightning .ckpt")  # fmt: skip
-        raise ValueError(f"{path} is a directory, not a checkpoint file (nor a distributed checkpoint folder: it has "
-                         f"no .metadata)")  # fmt: skip
-    for test, kind in _FILE_KINDS:
-        if test(mode):
-            raise ValueError(f"{path} is {kind}, not a checkpoint file")
-    return path
-
-
-def load_checkpoint(
-    path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu", max_bytes: int | None = None
-) -> Any:
-    """What a Lightning checkpoint (or a ``torch.save``'d state dict) at ``path`` holds, without running its code.
-
-    Read with ``torch.load(weights_only=True)``: tensors, plain containers and numbers, and any global added with
-    ``torch.serialization.add_safe_globals``, which is all a Lightning checkpoint of this library needs. A file that
-    needs anything else is refused with a ``ValueError`` naming the global. ``trusted=True`` unpickles it in full,
-    with a warning: a pickle can run any code, so only for files you made or trust.
-
-    Before anything is read, the file must be what it claims: a ``torch.save`` zip archive whose members declare at
-    most ``max_bytes`` in all (default: the larger of ``CHECKPOINT_MIN_BUDGET_BYTES`` and ``CHECKPOINT_EXPANSION``
-    × the file size; a small archive of deflated zeros cannot make the reader allocate gigabytes). Anything else is
-    refused naming what it is: a directory, a FIFO or device, a compressed export, text, a bare pickle (torch's
-    pre-1.6 format, whose sizes cannot be checked before reading: with ``trusted`` only).
-    """
-    if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
-        raise ValueError(f"`max_bytes` must be an int >= 0, got {max_bytes!r}")
-    path = check_checkpoint_path(path)
-    if path.is_dir():  # a sharded (FSDP2) checkpoint folder
-        return load_distributed_checkpoint(path, trusted=trusted)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        start = f.read(64)
-    if start.startswith(MAGIC):
-        raise ValueError(f"{path} is a lightning_sparse compressed file, not a checkpoint: read it with load_compressed")
-    if zipfile.is_zipfile(path):
-        _check_zip_sizes(path, size, max_bytes)
-    elif not (trusted and start.startswith(b"\x80")):
-        raise ValueError(_not_a_checkpoint(path, start, size))
-    if trusted:
-        warnings.warn(f"unpickling {path} in full (trusted=True): this runs any code the file holds", stacklevel=2)
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as error:
-            raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from error
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = _unpickler_reason(str(error))
-        if "global" in reason:
-            raise ValueError(
-                f"{path} needs more than tensors and plain data to load ({reason}); a pickle can run code, so it is "
-                f"refused: pass `--trust` (`trusted=True`) only if you trust where the file came from"
-            ) from None
-        raise ValueError(f"{path} is a torch.save archive whose pickle a weights-only load cannot read ({reason})") from None
-    except Exception as error:  # a damaged archive
-        raise ValueError(f"{path} is a damaged torch.save archive: {_first_line(error)}") from None
-
-
-def _check_zip_sizes(path: Path, size: int, max_bytes: int | None) -> None:
-    """Refuse an archive whose members declare more than the budget, before any member is read."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            declared = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise ValueError(f"{path} is a damaged zip archive: {error}") from None
-    budget = max(CHECKPOINT_MIN_BUDGET_BYTES, CHECKPOINT_EXPANSION * size) if max_bytes is None else max_bytes
-    if declared > budget:
-        raise ValueError(
-            f"{path}: its zip members declare {declared:,} bytes, more than the {budget:,} allowed for a file of "
-            f"{size:,} bytes (torch.save stores members uncompressed); if you trust this file, pass `max_bytes` (at "
-            f"least {declared})"
-        )
-
-
-def _not_a_checkpoint(path: Path, start: bytes, size: int) -> str:
-    """Why a file that is neither a zip archive nor (untrusted) a pickle is refused, naming what it looks like."""
-    if start.startswith(b"\x80"):
-        return (f"{path} is a bare pickle (torch's pre-1.6 format, or pickle.dump), not a torch.save archive: its "
-                f"sizes cannot be checked before reading and it can run code, so it is refused; re-save it with a "
-                f"current torch.save, or pass `--trust` (`trusted=True`) only if you trust where it came from")  # fmt: skip
-    if size == 0:
-        what = "an empty file"
-    elif all(32 <= b < 127 or b in b"\t\r\n" for b in start):
-        what = f"a text file (it starts {start[:24].decode()!r})"
-    else:
-        what = "binary data"
-    return f"{path} is not a checkpoint a weights-only load can read: it is {what}, not a torch.save archive"
-
-
-def checkpoint_state_dict(checkpoint: Any, path: str | os.PathLike) -> Mapping[str, Any]:
-    """The ``state_dict`` of a loaded Lightning checkpoint, or the checkpoint itself when it is a state dict."""
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping):
-        held = type(checkpoint if state is None else state).__name__
-        raise ValueError(f"{path} holds neither a Lightning checkpoint nor a state dict (it holds a {held})")
-    return state
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(error).__name__
-
-
-def _unpickler_reason(text: str) -> str:
-    """What torch's weights-only unpickler refused: the first line after ``WeightsUnpickler error:``."""
-    _, marker, rest = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
-    reason = lines[0] if lines else "refused by the weights-only unpickler"
-    return reason.replace("Unsupported operand", "unsupported pickle opcode")
 
 
 def _checked_tensor(name: Any, value: Any) -> Tensor:

