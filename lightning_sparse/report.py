@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from lightning_sparse.core.counting import count_zeros, tensor_key
+from lightning_sparse.core.counting import count_zeros, tensor_key, zero_fraction
 from lightning_sparse.core.layouts import WEIGHT_NAME
 from lightning_sparse.core.masks import MaskSet
 
@@ -54,14 +54,10 @@ def stats_from_tensors(tensors: Mapping[str, Tensor]) -> list[LayerSparsity]:
     return stats
 
 
-def global_sparsity(stats: Iterable[LayerSparsity]) -> float:
-    """Zeros over entries of the counted layers, each tied tensor once (``zeros / total`` of
-    :func:`~lightning_sparse.core.counting.count_zeros` over the same tensors)."""
-    zeros, total = _global_counts(stats)
-    return zeros / total if total else 0.0
-
-
-def _global_counts(stats: Iterable[LayerSparsity]) -> tuple[int, int]:
+def global_counts(stats: Iterable[LayerSparsity]) -> tuple[int, int]:
+    """``(zeros, total)`` over the counted layers, each tied tensor once: for rows of the same tensors, what
+    :func:`~lightning_sparse.core.counting.count_zeros` gives (their global sparsity is
+    :func:`~lightning_sparse.core.counting.zero_fraction` of it, equal to ``core.global_sparsity`` of the tensors)."""
     distinct = [s for s in stats if s.tied_to is None]
     return sum(s.zeros for s in distinct), sum(s.numel for s in distinct)
 
@@ -74,9 +70,9 @@ def sparsity_table(stats: list[LayerSparsity], title: str = "Sparsity per layer"
     for s in stats:
         name = s.name if s.tied_to is None else f"{s.name} (= {s.tied_to})"
         table.add_row(name, "×".join(map(str, s.shape)), f"{s.numel:,}", f"{s.numel - s.zeros:,}", f"{s.sparsity:.2%}")
-    zeros, total = _global_counts(stats)
+    zeros, total = global_counts(stats)
     table.add_section()
-    table.add_row("global", "", f"{total:,}", f"{total - zeros:,}", f"{global_sparsity(stats):.2%}", style="bold")
+    table.add_row("global", "", f"{total:,}", f"{total - zeros:,}", f"{zero_fraction(zeros, total):.2%}", style="bold")
     return table
 
 
@@ -148,7 +144,7 @@ def plot_sparsity(stats: list[LayerSparsity], path: str | Path, title: str = "Sp
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(stats) + 2), 3.5))
     ax.bar(range(len(stats)), [100 * s.sparsity for s in stats], color="tab:blue")
-    ax.axhline(100 * global_sparsity(stats), color="tab:red", linestyle="--", label="global")
+    ax.axhline(100 * zero_fraction(*global_counts(stats)), color="tab:red", linestyle="--", label="global")
     ax.set_xticks(range(len(stats)), [s.name for s in stats], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)

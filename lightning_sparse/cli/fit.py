@@ -177,8 +177,8 @@ class SparseCLI(LightningCLI):
         for logger in self.trainer.loggers:
             logger.log_metrics({f"dense/{name}": value for name, value in dense.items()})
         names = self._sparsified_names()
-        sparse["sparsity"] = _global_sparsity(self.model, names)
-        dense["sparsity"] = _global_sparsity(init["model"], names)
+        sparse["sparsity"] = global_sparsity(_compared_weights(self.model, names))
+        dense["sparsity"] = global_sparsity(_compared_weights(init["model"], names))
         _print_comparison(dense, sparse)
 
     def _sparsified_names(self) -> list[str]:
@@ -208,10 +208,11 @@ def replace_callbacks_whole(args: list[str]) -> list[str]:
     return result
 
 
-def _global_sparsity(model: Any, names: list[str] | None = None) -> float:
-    """Fraction of exact zeros over the sparsified parameters (default: every Linear/Conv weight)."""
+def _compared_weights(model: Any, names: list[str] | None = None) -> list[Any]:
+    """The parameters whose sparsity the dense comparison reports: the sparsified ones (default: every Linear/Conv
+    weight)."""
     params = dict(model.named_parameters())
-    return global_sparsity(params[n] for n in names or prunable_names(model))
+    return [params[n] for n in names or prunable_names(model)]
 
 
 @rank_zero_only

@@ -4,7 +4,7 @@ Nothing in this package imports Lightning, W&B or Ax, so it works from a plain P
 """
 
 from lightning_sparse.core.allocation import DISTRIBUTIONS, erk_sparsities, zero_counts
-from lightning_sparse.core.counting import count_zeros, global_sparsity
+from lightning_sparse.core.counting import count_zeros, global_sparsity, zero_fraction
 from lightning_sparse.core.criteria import exact_mask, magnitude, top_k_mask
 from lightning_sparse.core.dynamic import cosine_fraction, drop_and_grow, is_dynamic_update_step, move_connections, random_masks
 from lightning_sparse.core.lc import LearningCompressor
@@ -48,5 +48,6 @@ __all__ = [
     "top_k_mask",
     "uniform_quantize",
     "zero_counts",
+    "zero_fraction",
     "zero_smallest",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_sparse.core.shards import local_tensor, sum_over_shards
 
-__all__ = ["count_zeros", "global_sparsity", "tensor_key"]
+__all__ = ["count_zeros", "global_sparsity", "tensor_key", "zero_fraction"]
 
 
 def tensor_key(tensor: Tensor) -> tuple:
@@ -51,6 +51,15 @@ def count_zeros(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> tuple[int, 
 
 
 def global_sparsity(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> float:
-    """``zeros / total`` of :func:`count_zeros` (0.0 for no entries)."""
-    zeros, total = count_zeros(tensors)
+    """The package's one global sparsity: ``zeros / total`` of :func:`count_zeros` over the distinct tensors given (a
+    mapping's values, or any iterable of tensors; 0.0 for no entries). Every other figure of a whole model's sparsity
+    (the report's global row, the sweep's metric, the CLI's dense comparison, L-C's log) is this one."""
+    return zero_fraction(*count_zeros(tensors))
+
+
+def zero_fraction(zeros: int, total: int) -> float:
+    """``zeros / total``, 0.0 when there are no entries: the ratio for counts already taken (e.g. per-layer rows that
+    :func:`count_zeros` counted one tensor at a time, each tied tensor once)."""
+    if isinstance(zeros, bool) or isinstance(total, bool) or not 0 <= zeros <= total:
+        raise ValueError(f"`zeros` and `total` must be ints with 0 <= zeros <= total, got zeros={zeros!r}, total={total!r}")
     return zeros / total if total else 0.0

@@ -2,14 +2,16 @@
 a tied tensor counted once; and GMP logs its schedule's target under ``gmp/``."""
 
 import csv
+import io
 from pathlib import Path
 
 import pytest
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from rich.console import Console
 
 from lightning_sparse import GradualMagnitudePruning, report
-from lightning_sparse.core import count_zeros, global_sparsity
+from lightning_sparse.core import count_zeros, global_sparsity, zero_fraction
 from lightning_sparse.core.schedules import sparsity_at
 from lightning_sparse.core.targets import model_sparsity, weight_matrices
 from lightning_sparse.models import GPT
@@ -42,6 +44,32 @@ def test_a_tied_tensor_is_counted_once_however_many_names_reach_it():
     assert global_sparsity([]) == 0.0
 
 
+def test_global_sparsity_is_zeros_over_entries_of_the_distinct_tensors_from_a_mapping_or_an_iterable():
+    model = tied_gpt()
+    every_name = dict(model.named_parameters(remove_duplicate=False))
+    zeros, total = by_hand(list(model.parameters()))
+    assert global_sparsity(every_name) == global_sparsity(every_name.values()) == pytest.approx(zeros / total)
+    assert global_sparsity(p for p in every_name.values()) == pytest.approx(zeros / total)  # a generator is read once
+    assert global_sparsity([torch.zeros(3), torch.ones(1)]) == 0.75
+
+
+def test_zero_fraction_is_the_ratio_and_refuses_impossible_counts():
+    assert zero_fraction(3, 4) == 0.75 and zero_fraction(0, 0) == 0.0
+    for zeros, total in ((5, 4), (-1, 4), (True, 4)):
+        with pytest.raises(ValueError, match="`zeros` and `total` must be ints with 0 <= zeros <= total"):
+            zero_fraction(zeros, total)
+
+
+def test_the_reports_global_row_is_core_global_sparsity(tmp_path):
+    model = tied_gpt()
+    matrices = {n: p for n, p in model.named_parameters(remove_duplicate=False) if p.ndim >= 2}
+    console = Console(file=io.StringIO(), width=200)
+    console.print(report.sparsity_table(report.stats_from_tensors(matrices)))
+    global_row = [cell for cell in next(line for line in console.file.getvalue().splitlines() if "global" in line).split() if cell != "│"]
+    zeros, total = count_zeros(matrices)  # the tied head is not counted twice
+    assert global_row[-3:] == [f"{total:,}", f"{total - zeros:,}", f"{global_sparsity(matrices):.2%}"]
+
+
 def test_count_zeros_refuses_what_is_not_a_tensor():
     with pytest.raises(TypeError, match="count_zeros takes tensors, got list"):
         count_zeros([[0.0, 1.0]])
@@ -55,7 +83,7 @@ def test_report_of_a_saved_state_dict_counts_the_tied_tensor_once(tmp_path):
     assert rows["lm_head.weight"].tied_to == "transformer.wte.weight" and rows["transformer.wte.weight"].tied_to is None
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     zeros, total = by_hand(matrices)
-    assert report.global_sparsity(stats) == pytest.approx(zeros / total)
+    assert zero_fraction(*report.global_counts(stats)) == pytest.approx(zeros / total)
     assert model_sparsity(weight_matrices(model)) == pytest.approx(zeros / total)
 
 
@@ -68,7 +96,7 @@ def test_sweep_report_and_engine_agree_on_a_pruned_digits_model(digits_model, ma
     zeros, total = by_hand(weights)
     assert zeros / total == pytest.approx(0.7, abs=0.01)
     assert measure(model)["sparsity"] == pytest.approx(zeros / total)
-    assert report.global_sparsity(report.checkpoint_stats(tmp_path / "state.pt")) == pytest.approx(zeros / total)
+    assert zero_fraction(*report.global_counts(report.checkpoint_stats(tmp_path / "state.pt"))) == pytest.approx(zeros / total)
     assert callback.masks.sparsity() == pytest.approx(zeros / total)
 
 
