@@ -35,8 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_sparse.models import fused_adam
-from lightning_sparse.models import NO_DECAY, TextClassifier
+from lightning_sparse.models import NO_DECAY, TextClassifier, fused_adam
 
 
 class TopKBinarizer(torch.autograd.Function):

@@ -19,18 +19,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from support import StopAfterEpoch, make_trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning  # noqa: E402
 from lightning_sparse.core.allocation import round_half_up  # noqa: E402
-from lightning_sparse.data import shakespeare_archive  # noqa: E402
-from lightning_sparse.models import TextClassifier  # noqa: E402
 from lightning_sparse.data import (  # noqa: E402
     SHAKESPEARE_PLAYS,
     THOU_WORDS,
     ShakespearePlaysDataModule,
     ShakespeareThouDataModule,
-    _works,
     minilm_path,
     play_lines,
+    shakespeare_archive,
     thou_lines,
 )
+from lightning_sparse.data.text import _works  # noqa: E402
+from lightning_sparse.models import TextClassifier  # noqa: E402
 
 try:
     shakespeare_archive()
