@@ -270,5 +270,6 @@ def _check_granularity(granularity: Any, distribution: str, sparsity: Any) -> No
     if structured and distribution != "uniform" and not isinstance(sparsity, Mapping):
         raise ValueError(
             f"`distribution`={distribution!r} ranks single weights across layers, which `granularity`={structured[0]!r} "
-            f"does not prune; use distribution='uniform' or a per-layer `sparsity` mapping"
+            f"does not prune (and layers keeping different numbers of heads/neurons could not be saved with a standard "
+            f"config for `save_pretrained`); use distribution='uniform' or a per-layer `sparsity` mapping"
         )

@@ -516,13 +516,25 @@ def _remove_groups(original: nn.Module, inputs: tuple[Tensor, ...], reference: A
     """A copy of ``original`` with its all-zero attention heads and MLP neurons removed (:mod:`.groups`; those a
     ``plan`` drops), or ``original`` itself when there are none or the rebuilt model's outputs differ."""
     pruned = copy.deepcopy(original)
-    report.removed_groups = groups.remove_zero_groups(pruned, report.notes, plan)
+    notes: list[str] = []
+    report.removed_groups = groups.remove_zero_groups(pruned, notes, plan)
     if not any(row.removed for row in report.removed_groups):
         return original
-    if not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference)):
+    try:
+        failed = not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference))
+        why = _differed("the rebuilt model's", reference) + ": kept"
+    except Exception as error:  # a forward that reads a count the surgery could not state (a shared config)
+        failed, why = True, f"the rebuilt model fails ({type(error).__name__}: {str(error).splitlines()[0][:160]}): kept"
+        if any("kept different numbers of units" in note for note in notes):
+            why += ("; its layers kept different numbers of units, which a forward reading its counts from the model's "
+                    "one config cannot run (Phi-3 splits qkv_proj at config.num_attention_heads): prune with "
+                    "distribution='uniform'")  # fmt: skip
+    if failed:
         for row in report.removed_groups:
-            row.reason, row.removed, row.rebuilt_as = _differed("the rebuilt model's", reference) + ": kept", [], ""
+            row.reason, row.removed, row.rebuilt_as = why, [], ""
+        report.notes.append(f"heads and neurons not removed: {why}")
         return original
+    report.notes += notes
     for row in report.removed_groups:
         for member in row.members if row.removed else []:
             layer = _row_or_none(report, member.rpartition(".")[0])

@@ -278,9 +278,10 @@ def remove_zero_groups(model: nn.Module, notes: list[str] | None = None, plan: S
             continue
         row.removed = dropped
         row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
+    # every layer, resized or not: a layer that kept all its units is one the config must describe too
     resized = [Resized(r.module, r.kind, r.before, r.after, r.query_heads, r.width, tuple(r.params), r.kv_heads)
-               for r in reports if r.removed]  # fmt: skip
-    config_notes = update_configs(model, resized) if resized else []
+               for r in reports]  # fmt: skip
+    config_notes = update_configs(model, resized) if any(r.removed for r in reports) else []
     if notes is not None:
         notes += config_notes
     for module in model.modules():  # its nested-tensor path runs the layers' fused kernel on the packed projections
