@@ -78,7 +78,8 @@ def deploy_model(
             (its batch size is the one the kernels are timed at).
         device: where the deployed model runs; default the device of ``example_input``.
         kernel: ``auto`` (per layer, the form measured fastest), ``sparse`` (every Linear with zeros in its
-            fastest sparse form, for memory) or ``dense`` (only remove channels).
+            fastest sparse form, for memory) or ``dense`` (only remove channels, heads and neurons: what
+            ``torch.onnx.export`` needs, since a CSR ``SparseLinear`` does not export).
         repeats: interleaved timing runs per layer and for the whole model.
         plan: the structured units found at training set-up and which are kept (a pruning callback's
             ``structure_plan``, or the ``"structure_plan"`` entry of its checkpoint state): its heads and neurons are
