@@ -12,8 +12,9 @@ Built in:
 * **separate projections**: a module holding q/k/v/o Linears under one of the names of :data:`QKVO_NAMES`
   (Llama, Qwen2, Qwen3 with ``q_norm``/``k_norm``, Mistral, Gemma, ViT: ``q_proj/k_proj/v_proj/o_proj``; OPT, BART:
   ``…/out_proj``; DistilBERT ``q_lin/…/out_lin``; ALBERT ``query/key/value/dense``; BERT ``self.query/…`` with
-  ``output.dense``; Swin with its per-head relative position bias table; T5 ``q/k/v/o``, kept dense for now: its
-  relative position bias is computed once and shared),
+  ``output.dense``; Swin with its per-head relative position bias table),
+* **a stack sharing a position bias** (T5 ``q/k/v/o``: the first layer's ``relative_attention_bias`` is added in
+  every layer, so head h of every layer of the stack, with bias column h, is one unit),
 * **fused q|k|v blocks** (Phi-3 ``qkv_proj``: ``H·d`` query rows, then ``KV·d`` key rows, then ``KV·d`` value rows),
 * **interleaved q/k/v per head** (GPT-NeoX ``query_key_value``: rows ``[3d·h, 3d·(h+1))`` are head h's q, k, v),
 * **gated MLPs** (SwiGLU/GeGLU ``gate_proj/up_proj/down_proj``; T5 ``wi_0/wi_1/wo``; Phi-3's fused
