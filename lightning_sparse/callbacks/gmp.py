@@ -24,6 +24,7 @@ from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
 from lightning_sparse.core.structured import NORMS, Granularity, channels_to_prune, check_shape, expand_granularity, parse_granularity
 from lightning_sparse.core.targets import each_setting
+from lightning_sparse.structure.plan import StructurePlan
 
 
 class GradualMagnitudePruning(SparsityCallback):
@@ -243,8 +244,17 @@ class GradualMagnitudePruning(SparsityCallback):
         if self._heads:
             prune_groups_by_magnitude(self.masks, self._heads, target, self.channel_norm)
 
+    @property
+    def structure_plan(self) -> StructurePlan | None:
+        """The heads/neurons ``granularity`` prunes, found once at set-up, and which the masks keep (``None`` without
+        such units): ``lightning_sparse.deploy(model, x, plan=callback.structure_plan)`` removes them without finding
+        them again. Also in the checkpoint state as ``"structure_plan"`` (plain data)."""
+        return StructurePlan.from_masks(self._heads, self.masks) if self._heads and self.masks is not None else None
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps}
+        plan = self.structure_plan
+        return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps,
+                "structure_plan": plan.state_dict() if plan is not None else None}  # fmt: skip
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
@@ -260,5 +270,6 @@ def _check_granularity(granularity: Any, distribution: str, sparsity: Any) -> No
     if structured and distribution != "uniform" and not isinstance(sparsity, Mapping):
         raise ValueError(
             f"`distribution`={distribution!r} ranks single weights across layers, which `granularity`={structured[0]!r} "
-            f"does not prune; use distribution='uniform' or a per-layer `sparsity` mapping"
+            f"does not prune (and layers keeping different numbers of heads/neurons could not be saved with a standard "
+            f"config for `save_pretrained`); use distribution='uniform' or a per-layer `sparsity` mapping"
         )

@@ -104,6 +104,18 @@ def _check_model_size(parser: argparse.ArgumentParser, parsed: argparse.Namespac
                      f"weights, but the checkpoint holds {held:,}: they do not describe the same model")  # fmt: skip
 
 
+def stored_plan(parser: argparse.ArgumentParser, parsed: argparse.Namespace, checkpoint: Mapping[str, Any]) -> Any:
+    """The structure plan a pruning callback stored in the checkpoint (its ``"structure_plan"`` state: the heads and
+    neurons found at set-up and which are kept), so deploy reuses it instead of finding them again; ``None`` when no
+    callback stored one. Two callbacks with different plans are refused."""
+    plans = [state["structure_plan"] for state in (checkpoint.get("callbacks") or {}).values()
+             if isinstance(state, Mapping) and state.get("structure_plan") is not None]  # fmt: skip
+    if any(plan != plans[0] for plan in plans[1:]):
+        fail(parser, f"{parsed.checkpoint} holds {len(plans)} different structure plans (one per pruning callback): "
+                     f"deploy removes one model's units, so train with one callback pruning heads/neurons")  # fmt: skip
+    return plans[0] if plans else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = checkpoint_parser(
         "deploy",
@@ -139,6 +151,7 @@ def main(args: list[str]) -> None:
         parser.error(f"--model {parsed.model!r} is not a LightningModule (it has no load_from_checkpoint)")
     checkpoint = _read_checkpoint(parser, parsed)
     _check_model_size(parser, parsed, cls, checkpoint)  # before any real model is built from its hyper-parameters
+    plan = stored_plan(parser, parsed, checkpoint)
     source: Any = parsed.checkpoint
     if Path(parsed.checkpoint).is_dir():  # a distributed folder, read whole: hand Lightning one in-memory file
         source = io.BytesIO()
@@ -152,7 +165,7 @@ def main(args: list[str]) -> None:
         fail(parser, f"cannot rebuild --model {parsed.model} from {parsed.checkpoint}: {first}")
     x = example_input(parsed, model, parser)
     try:
-        result = deploy_model(model, x, parsed.device, kernel=parsed.kernel)
+        result = deploy_model(model, x, parsed.device, kernel=parsed.kernel, plan=plan)
     except ValueError as error:  # the example input does not fit the model: the message names the layer
         fail(parser, error, parsed.checkpoint)
     print_deploy_report(result.report)

@@ -19,6 +19,7 @@ norm for coupled ones). Movement pruning sums the movement scores ``S`` over eve
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -322,5 +323,14 @@ def check_group_sparsity(groups: GroupSet, sparsity: float | Mapping[str, float]
                     f"The {layer.kind} groups of {layer.module!r} are pruned together, but their members are given "
                     f"different sparsities: {values}; give them one value"
                 )
-        groups_to_prune(layer, _sparsity_of(layer, sparsity))
+        asked = _sparsity_of(layer, sparsity)
+        removed = groups_to_prune(layer, asked)
+        if layer.kind == "head" and layer.query_heads > 1 and abs(removed / layer.count - asked) > 1e-9:
+            warnings.warn(
+                f"head pruning at sparsity {asked:.4g} removes {removed} of the {layer.count} key/value groups of "
+                f"{layer.module!r} ({removed * layer.query_heads} of its {layer.count * layer.query_heads} query heads, "
+                f"{removed / layer.count:.4g}): with grouped-query attention a unit is a KV head with its "
+                f"{layer.query_heads} query heads, so no other count keeps the group size the config states",
+                stacklevel=2,
+            )
 

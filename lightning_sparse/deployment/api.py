@@ -13,7 +13,7 @@ import copy
 import os
 import statistics
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_mat
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
 from lightning_sparse.files import atomic_writer
+from lightning_sparse.structure.plan import StructurePlan, as_plan
 
 #: The layers deploy reads: those compression targets by default (Linear, Conv1d/2d/3d).
 LAYERS = DEFAULT_MODULES
@@ -51,7 +52,7 @@ def deploy(model: nn.Module, example_input: ExampleInput, device: str | torch.de
     sparse form (PyTorch CSR/BSR, 2:4 semi-structured on a capable GPU) is faster on ``example_input`` become
     sparse, outputs are checked against the original, and parameter bytes, peak forward memory and forward time
     are reported before and after. A model without zeros in its Linear/Conv weights is returned unchanged.
-    ``options`` go to :func:`deploy_model` (``kernel``, ``repeats``, ``verbose``).
+    ``options`` go to :func:`deploy_model` (``kernel``, ``repeats``, ``plan``, ``verbose``).
     """
     verbose = options.pop("verbose", True)
     result = deploy_model(model, example_input, device, **options)
@@ -67,6 +68,7 @@ def deploy_model(
     *,
     kernel: str = "auto",
     repeats: int = 30,
+    plan: StructurePlan | Mapping[str, Any] | None = None,
 ) -> Deployment:
     """:func:`deploy`, returning the model and its :class:`DeployReport` instead of printing.
 
@@ -76,21 +78,29 @@ def deploy_model(
             (its batch size is the one the kernels are timed at).
         device: where the deployed model runs; default the device of ``example_input``.
         kernel: ``auto`` (per layer, the form measured fastest), ``sparse`` (every Linear with zeros in its
-            fastest sparse form, for memory) or ``dense`` (only remove channels).
+            fastest sparse form, for memory) or ``dense`` (only remove channels, heads and neurons: what
+            ``torch.onnx.export`` needs, since a CSR ``SparseLinear`` does not export).
         repeats: interleaved timing runs per layer and for the whole model.
+        plan: the structured units found at training set-up and which are kept (a pruning callback's
+            ``structure_plan``, or the ``"structure_plan"`` entry of its checkpoint state): its heads and neurons are
+            removed without finding them again (a model whose attention layout was registered only while it trained
+            deploys too). A plan stored for a LightningModule fits the model it holds too (the prefix is taken off).
+            Refused, naming the difference, when it does not describe ``model``. Default: units are found in
+            ``model`` by the structure registry.
     """
     if kernel not in KERNELS:
         raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be an int >= 1, got {repeats!r}")
     _check_model(model)
+    plan = as_plan(plan).for_model(model) if plan is not None else None
     inputs = _as_inputs(example_input)
     requested = device
     device = _as_device(device) if device is not None else inputs[0].device
     inputs = tuple(x.to(device).clone() for x in inputs)  # own storage: a batch sliced from a data set is not the data set
     report = DeployReport(device=str(device))
     sparse_layers = [name for name, m in model.named_modules() if isinstance(m, LAYERS) and bool((m.weight == 0).any())]
-    if not sparse_layers and not groups.has_zero_groups(model):  # GPT-2's Conv1D heads are not in LAYERS
+    if not sparse_layers and not groups.has_zero_groups(model, plan):  # GPT-2's Conv1D heads are not in LAYERS
         check_input(copy.deepcopy(model).to(device).eval(), inputs)  # a copy: training-mode BN would update statistics
         report.notes.append("no Linear/Conv weight has a zero: there is nothing to deploy, the model is returned unchanged")
         return Deployment(model.to(requested) if requested is not None else model, report)
@@ -101,7 +111,7 @@ def deploy_model(
     probe_reference = _run(original, probe) if probe is not None else None
     report.layers = _layer_rows(original)
 
-    work, traced = _trace(_remove_groups(original, inputs, reference, probe, probe_reference, report), inputs, report)
+    work, traced = _trace(_remove_groups(original, inputs, reference, probe, probe_reference, report, plan), inputs, report)
     report.traced = traced
     if traced:
         _cut_groups(work, inputs, reference, probe, probe_reference, report)
@@ -503,17 +513,29 @@ def _cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, 
 
 
 def _remove_groups(original: nn.Module, inputs: tuple[Tensor, ...], reference: Any, probe: Any, probe_reference: Any,
-                   report: DeployReport) -> nn.Module:  # fmt: skip
-    """A copy of ``original`` with its all-zero attention heads and MLP neurons removed (:mod:`.groups`), or
-    ``original`` itself when there are none or the rebuilt model's outputs differ."""
+                   report: DeployReport, plan: StructurePlan | None = None) -> nn.Module:  # fmt: skip
+    """A copy of ``original`` with its all-zero attention heads and MLP neurons removed (:mod:`.groups`; those a
+    ``plan`` drops), or ``original`` itself when there are none or the rebuilt model's outputs differ."""
     pruned = copy.deepcopy(original)
-    report.removed_groups = groups.remove_zero_groups(pruned, report.notes)
+    notes: list[str] = []
+    report.removed_groups = groups.remove_zero_groups(pruned, notes, plan)
     if not any(row.removed for row in report.removed_groups):
         return original
-    if not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference)):
+    try:
+        failed = not _same(_run(pruned, inputs), reference) or (probe is not None and not _same(_run(pruned, probe), probe_reference))
+        why = _differed("the rebuilt model's", reference) + ": kept"
+    except Exception as error:  # a forward that reads a count the surgery could not state (a shared config)
+        failed, why = True, f"the rebuilt model fails ({type(error).__name__}: {str(error).splitlines()[0][:160]}): kept"
+        if any("kept different numbers of units" in note for note in notes):
+            why += ("; its layers kept different numbers of units, which a forward reading its counts from the model's "
+                    "one config cannot run (Phi-3 splits qkv_proj at config.num_attention_heads): prune with "
+                    "distribution='uniform'")  # fmt: skip
+    if failed:
         for row in report.removed_groups:
-            row.reason, row.removed, row.rebuilt_as = _differed("the rebuilt model's", reference) + ": kept", [], ""
+            row.reason, row.removed, row.rebuilt_as = why, [], ""
+        report.notes.append(f"heads and neurons not removed: {why}")
         return original
+    report.notes += notes
     for row in report.removed_groups:
         for member in row.members if row.removed else []:
             layer = _row_or_none(report, member.rpartition(".")[0])

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_sparse.core.heads import GroupLayer, Member, find_group_layers, zero_groups
 from lightning_sparse.structure.hf_config import Resized, update_configs
+from lightning_sparse.structure.plan import StructurePlan
 from lightning_sparse.structure.surgery import KeptDense, register_rebuild, remove_units, slice_units
 
 
@@ -222,17 +223,42 @@ def _describe_member(member: Member, width: int) -> str:
     return f"{member.param} axis {member.axis}: [{starts}] + {width}·g, {width} each ({member.role})"
 
 
+def _planned_drops(model: nn.Module, plan: StructurePlan) -> dict[str, Tensor]:
+    """Bool per unit of each of ``plan``'s layers: True where the plan drops it; refused where such a unit is not zero
+    in ``model`` (the plan was not stored with these weights)."""
+    plan.check(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    drops = {}
+    for layer in plan.layers:
+        zero = zero_groups(layer, params)
+        drop = torch.ones(layer.count, dtype=torch.bool, device=zero.device)
+        drop[plan.kept(layer)] = False
+        nonzero = (drop & ~zero).nonzero().flatten().tolist()
+        if nonzero:
+            raise ValueError(f"`plan` does not describe `model`: it drops {layer.kind}s {nonzero} of {layer.module!r}, "
+                             f"which are not zero in the model (the weights are not those the plan was stored with)")  # fmt: skip
+        drops[layer.module + "/" + layer.kind] = drop
+    return drops
+
+
 @torch.no_grad()
-def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list[GroupReport]:
+def remove_zero_groups(model: nn.Module, notes: list[str] | None = None, plan: StructurePlan | None = None) -> list[GroupReport]:
     """Rebuild, in place, every attention module without its all-zero heads and every MLP without its all-zero neurons
     (at least one group is kept in each); return one :class:`GroupReport` per module found (removed or not).
 
-    A Hugging Face model's config is then rewritten to describe the smaller model where it can
-    (:func:`lightning_sparse.structure.hf_config.update_configs`); what it says is appended to ``notes``."""
+    With a ``plan`` (:class:`lightning_sparse.structure.plan.StructurePlan`, stored by the pruning callback) its units
+    are used as they are, without discovery, and the units it drops are removed (each must be zero in ``model``; a plan
+    that does not describe ``model`` is refused). A Hugging Face model's config is then rewritten to describe the
+    smaller model where it can (:func:`lightning_sparse.structure.hf_config.update_configs`); what it says is appended
+    to ``notes``."""
     reports = []
-    layers = find_group_layers(model)
-    params = dict(model.named_parameters())
-    zero = {layer.module + "/" + layer.kind: zero_groups(layer, params) for layer in layers}
+    if plan is not None:
+        layers = list(plan.layers)
+        zero = _planned_drops(model, plan)
+    else:
+        layers = find_group_layers(model)
+        params = dict(model.named_parameters())
+        zero = {layer.module + "/" + layer.kind: zero_groups(layer, params) for layer in layers}
     for layer in layers:  # every zero test is made before any module changes (a Sequential's layers share tensors)
         row = GroupReport(layer.module, layer.kind, layer.module_type, layer.count,
                           members=[_describe_member(m, layer.width) for m in layer.members], params=layer.params,
@@ -252,9 +278,10 @@ def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list
             continue
         row.removed = dropped
         row.reason = f"{len(dropped)} of {layer.count} {layer.kind}s had every member zero: removed"
+    # every layer, resized or not: a layer that kept all its units is one the config must describe too
     resized = [Resized(r.module, r.kind, r.before, r.after, r.query_heads, r.width, tuple(r.params), r.kv_heads)
-               for r in reports if r.removed]  # fmt: skip
-    config_notes = update_configs(model, resized) if resized else []
+               for r in reports]  # fmt: skip
+    config_notes = update_configs(model, resized) if any(r.removed for r in reports) else []
     if notes is not None:
         notes += config_notes
     for module in model.modules():  # its nested-tensor path runs the layers' fused kernel on the packed projections
@@ -265,8 +292,11 @@ def remove_zero_groups(model: nn.Module, notes: list[str] | None = None) -> list
     return reports
 
 
-def has_zero_groups(model: nn.Module) -> bool:
-    """True when some attention head or MLP neuron of ``model`` has all its members zero."""
+def has_zero_groups(model: nn.Module, plan: StructurePlan | None = None) -> bool:
+    """True when some attention head or MLP neuron of ``model`` has all its members zero (with a ``plan``: when the
+    plan drops a unit)."""
+    if plan is not None:
+        return any(len(plan.kept(layer)) < layer.count for layer in plan.layers)
     params = dict(model.named_parameters())
     return any(bool(zero_groups(layer, params).any()) for layer in find_group_layers(model))
 

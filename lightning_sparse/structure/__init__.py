@@ -16,10 +16,12 @@ from lightning_sparse.structure.patterns import (
     register_pattern,
     unregister_pattern,
 )
+from lightning_sparse.structure.plan import StructurePlan
 from lightning_sparse.structure.surgery import register_resize, register_slicer
 
 __all__ = [
     "Match",
+    "StructurePlan",
     "register_attention",
     "register_mlp",
     "register_pattern",

@@ -111,15 +111,16 @@ def _check(owner: nn.Module, prefix: str, rows: Sequence[Resized]) -> str | None
 
 
 def update_configs(model: nn.Module, rows: Sequence[Resized]) -> list[str]:
-    """Rewrite the Hugging Face configs in ``model`` to describe the layers ``rows`` resized (see the module doc);
-    return notes for the deploy report (what was set, or why the config cannot express the model)."""
+    """Rewrite the Hugging Face configs in ``model`` to describe the layers ``rows`` resized (see the module doc; give
+    every group layer, those that kept all their units too, so that one key is not set for layers it does not
+    describe); return notes for the deploy report (what was set, or why the config cannot express the model)."""
     notes = []
     for prefix, owner in _config_owners(model):
-        mine = [r for r in rows if r.after != r.before and _relative(r.module, prefix) is not None]
+        mine = [r for r in rows if _relative(r.module, prefix) is not None]
         for kind in ("neuron", "head"):
             subset = [r for r in mine if r.kind == kind]
-            if not subset:
-                continue
+            if not any(r.after != r.before for r in subset):
+                continue  # the layers that kept every unit are in `subset`: one key must describe them too
             what = "MLP width" if kind == "neuron" else "attention heads"
             changes, problems = _changes(owner.config, subset)
             if problems or not changes:

@@ -12,8 +12,9 @@ Built in:
 * **separate projections**: a module holding q/k/v/o Linears under one of the names of :data:`QKVO_NAMES`
   (Llama, Qwen2, Qwen3 with ``q_norm``/``k_norm``, Mistral, Gemma, ViT: ``q_proj/k_proj/v_proj/o_proj``; OPT, BART:
   ``…/out_proj``; DistilBERT ``q_lin/…/out_lin``; ALBERT ``query/key/value/dense``; BERT ``self.query/…`` with
-  ``output.dense``; Swin with its per-head relative position bias table; T5 ``q/k/v/o``, kept dense for now: its
-  relative position bias is computed once and shared),
+  ``output.dense``; Swin with its per-head relative position bias table),
+* **a stack sharing a position bias** (T5 ``q/k/v/o``: the first layer's ``relative_attention_bias`` is added in
+  every layer, so head h of every layer of the stack, with bias column h, is one unit),
 * **fused q|k|v blocks** (Phi-3 ``qkv_proj``: ``H·d`` query rows, then ``KV·d`` key rows, then ``KV·d`` value rows),
 * **interleaved q/k/v per head** (GPT-NeoX ``query_key_value``: rows ``[3d·h, 3d·(h+1))`` are head h's q, k, v),
 * **gated MLPs** (SwiGLU/GeGLU ``gate_proj/up_proj/down_proj``; T5 ``wi_0/wi_1/wo``; Phi-3's fused
@@ -354,8 +355,10 @@ def _separate_projections(name: str, module: nn.Module) -> Match | None:
         else:
             continue  # q/k/v without an output projection here (BERT's self-attention: its parent holds the output)
         if hasattr(holder, "has_relative_attention_bias"):
-            return Match(dense=f"kept dense because {name!r} ({type(module).__name__}) adds a per-head relative position "
-                               f"bias that the first layer computes and the others share; its heads are not split yet")  # fmt: skip
+            return Match(dense=f"kept dense because {name!r} ({type(module).__name__}) adds a per-head position bias that "
+                               f"the first layer of its stack computes and the others share: its heads are units of the "
+                               f"whole stack (pattern 'attention:shared-position-bias'), found when the stack that "
+                               f"holds its layers is in the model")  # fmt: skip
         parts = {"q": getattr(holder, q), "k": getattr(holder, k), "v": getattr(holder, v), "o": module.get_submodule(out_path)}
         heads = _read(holder, HEAD_ATTRS) or _read(module, HEAD_ATTRS)
         return _separate(name, module, parts, [_join(name, prefix, q), _join(name, prefix, k), _join(name, prefix, v),
@@ -363,6 +366,70 @@ def _separate_projections(name: str, module: nn.Module) -> Match | None:
                          _read(holder, ("head_dim",)) if isinstance(getattr(holder, "head_dim", None), int) else None,
                          "attention:separate")  # fmt: skip
     return None
+
+
+def _biased_attention(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "has_relative_attention_bias", None), bool) and all(
+        _linear(getattr(module, p, None)) for p in "qkvo"
+    )
+
+
+@_builtin("attention:shared-position-bias")
+def _shared_position_bias(name: str, module: nn.Module) -> Match | None:
+    """A stack of layers whose attention adds a position bias that the first layer computes and every later one reuses
+    (T5, mT5, LongT5, Switch: ``T5Stack`` holds ``block``, a ModuleList; block 0's self-attention holds
+    ``relative_attention_bias``, an ``Embedding(buckets, heads)``, and returns ``position_bias`` of shape
+    ``(1, heads, q, k)``, which the stack passes to every later block; cross-attention shares a zero bias plus the mask
+    in the same way). Adding that bias to another layer's scores pairs head h of every layer with head h of the first,
+    so **a unit is head h of every layer of the stack together** (q/k/v rows and output columns of each, and column h
+    of the bias table): removing it keeps the bias's heads aligned with every layer's, exactly. One coupled unit layer
+    per attention position inside a block (self-attention, cross-attention), named by the first block's module."""
+    blocks = [(child_name, child) for child_name, child in module.named_children() if isinstance(child, nn.ModuleList)]
+    if len(blocks) != 1 or len(blocks[0][1]) == 0:
+        return None
+    block_name, stack = blocks[0]
+    chains: dict[str, list[tuple[str, nn.Module]]] = {}  # path inside a block -> that attention in every block
+    for index, block in enumerate(stack):
+        for path, child in block.named_modules():
+            if _biased_attention(child):
+                chains.setdefault(path, []).append((_join(name, block_name, str(index), path), child))
+    if not any(attention.has_relative_attention_bias for chain in chains.values() for _, attention in chain):
+        return None
+    layers = []
+    for path, chain in chains.items():
+        first_name, first = chain[0]
+        biased = [n for n, attention in chain if attention.has_relative_attention_bias]
+        if len(chain) != len(stack) or biased not in ([], [first_name]):
+            return Match(dense=f"kept dense because the attention {path!r} of {name!r}'s blocks is not in every block, or "
+                               f"holds its own position bias in a later block ({biased}): the shared-bias units are "
+                               f"head h of every block with the first block's bias")  # fmt: skip
+        members: list[Member] = []
+        units = None
+        for attention_name, attention in chain:
+            found = attention_units(attention_name, attention, q=attention.q, k=attention.k, v=attention.v,
+                                    heads=_read(attention, HEAD_ATTRS), head_dim=_read(attention, DIM_ATTRS))  # fmt: skip
+            if isinstance(found, str):
+                return Match(dense=found)
+            if units is not None and found != units:
+                return Match(dense=f"kept dense because the {path!r} attentions of {name!r} do not all have "
+                                   f"{units[0]} heads of {units[2]} ({attention_name!r}: {found[0]} of {found[2]}), so "
+                                   f"the shared position bias cannot pair their heads")  # fmt: skip
+            units = found
+            if found[1] != 1:
+                return Match(dense=f"kept dense because {attention_name!r} has grouped key/value heads, which the "
+                                   f"shared-position-bias pattern does not pair across layers")  # fmt: skip
+            d = found[2]
+            members += _rows(_join(attention_name, "q"), attention.q, "q", d) + _rows(_join(attention_name, "k"), attention.k, "k", d)
+            members += _rows(_join(attention_name, "v"), attention.v, "v", d)
+            members.append(_columns(_join(attention_name, "o"), attention.o, "out", d))
+        table = getattr(first, "relative_attention_bias", None)
+        if first.has_relative_attention_bias:
+            if not (isinstance(table, nn.Embedding) and table.embedding_dim == units[0]):
+                return Match(dense=f"kept dense because {first_name!r}'s relative_attention_bias is not an Embedding with "
+                                   f"a column per head ({units[0]})")  # fmt: skip
+            members.append(Member(_join(first_name, "relative_attention_bias.weight"), 1, (0,), "position bias", 1))
+        layers.append(_layer("head", first_name, first, units[0], units[2], members, "attention:shared-position-bias"))
+    return Match(layers)
 
 
 @_builtin("attention:interleaved")

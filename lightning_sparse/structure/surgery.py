@@ -155,3 +155,18 @@ def slice_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
     if layer.kind == "head" and layer.kv_heads:
         return f"{layer.module_type} ({len(keep)} query heads per KV head × {layer.kv_heads})"
     return f"{layer.module_type} ({len(keep)} {layer.kind}s)"
+
+
+def _rebuild_shared_bias(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
+    """Units coupled across a stack (``attention:shared-position-bias``): slice every layer's projections and the
+    bias table, then every attention of the chain (the modules holding the ``q`` members) states the new count."""
+    description = slice_units(model, layer, keep)
+    for member in layer.members:
+        if member.role == "q" and member.param.endswith(".q.weight"):
+            attention = member.param[: -len(".q.weight")]
+            if attention != layer.module:
+                default_resize(model.get_submodule(attention), layer, len(keep))
+    return f"{description}, in each of its stack's layers"
+
+
+register_rebuild("attention:shared-position-bias", _rebuild_shared_bias)

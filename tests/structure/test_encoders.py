@@ -1,5 +1,5 @@
 """Encoders and encoder-decoders, found by the structure registry: BERT, ViT, DistilBERT, ALBERT (one shared layer),
-BART (self- and cross-attention) and T5 (gated MLP; relative-bias attention kept dense, saying why). Structured GMP
+BART (self- and cross-attention) and T5 (gated MLP; heads, with the position bias its layers share). Structured GMP
 at 0.5 in a short real fit on the digits (8×8 images; as pixels for ViT, as 64 tokens of 17 grey levels for the text
 models), deploy with outputs equal to the masked model, fewer parameters, and the config rewritten so that
 ``save_pretrained`` → the stock ``from_pretrained`` gives the deployed outputs where the config can say it."""
@@ -87,7 +87,7 @@ def build(kind):
                               use_cache=False, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)  # fmt: skip
         return Wrapped(t.BartForConditionalGeneration(config), seq2seq=True), t.AutoModelForSeq2SeqLM
     if kind == "t5":
-        config = t.T5Config(vocab_size=17, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4,
+        config = t.T5Config(vocab_size=17, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
                             feed_forward_proj="gated-gelu", use_cache=False, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
         return Wrapped(t.T5ForConditionalGeneration(config), seq2seq=True), t.AutoModelForSeq2SeqLM
     raise AssertionError(kind)
@@ -158,26 +158,36 @@ def test_encoder_heads_and_neurons_deploy_and_the_config_follows(kind, digits, t
     assert (outputs(reloaded, x) - outputs(deployed, x)).abs().max() <= 1e-5
 
 
-def test_t5_gated_mlp_neurons_deploy_and_reload_and_its_attention_is_kept_dense_saying_why(digits, tmp_path):
+def test_t5_heads_are_pruned_together_across_the_layers_sharing_the_position_bias_and_reload_with_stock_t5(digits, tmp_path):
     net, auto = build("t5")
-    from lightning_sparse.core.heads import _find
+    layers = {layer.module: layer for layer in find_group_layers(net)}
+    self_attention = layers["model.encoder.block.0.layer.0.SelfAttention"]  # head h of both encoder layers is one unit
+    assert (self_attention.pattern, self_attention.count, self_attention.width) == ("attention:shared-position-bias", 4, 8)
+    assert {m.param.split(".layer.")[0] for m in self_attention.members} == {"model.encoder.block.0", "model.encoder.block.1"}
+    assert self_attention.members[-1].param.endswith("block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    assert "model.decoder.block.0.layer.1.EncDecAttention" in layers  # cross-attention: its zero bias is shared too
+    assert any(layer.pattern == "mlp:gated" for layer in layers.values())  # wi_0 / wi_1 rows with the wo column
 
-    layers, reasons = _find(net)
-    assert any(layer.pattern == "mlp:gated" for layer in layers)  # wi_0 / wi_1 rows with the wo column
-    assert not any(layer.kind == "head" for layer in layers)
-    dense = dict(reasons)
-    assert "relative position bias" in dense["model.encoder.block.0.layer.0.SelfAttention"]
-    with pytest.raises(ValueError, match=r"SelfAttention.*relative position bias"):
-        fit(net, (digits[0], digits[2]), {"*.SelfAttention.*": "head"})
-
-    net, auto = build("t5")
-    fit(net, (digits[0], digits[2]), {"*.DenseReluDense.*": "neuron"})
+    fit(net, (digits[0], digits[2]), {"*Attention.*": "head", "*.DenseReluDense.*": "neuron"})
+    encoder = net.model.encoder.block
+    table = encoder[0].layer[0].SelfAttention.relative_attention_bias.weight
+    pruned = (table == 0).all(0)
+    assert int(pruned.sum()) == 2  # the pruned heads' bias columns
+    for block in encoder:  # the same heads are zero in every layer that adds the shared bias
+        rows = block.layer[0].SelfAttention.q.weight.view(4, 8, -1)
+        assert torch.equal((rows == 0).flatten(1).all(1), pruned)
     x = digits[0][:16]
-    deployed = deploy_model(net, x, kernel="dense", repeats=1).model
+    result = deploy_model(net, x, kernel="dense", repeats=1)
+    deployed = result.model
+    assert result.report.changed, result.report.notes
     assert torch.allclose(outputs(deployed, x), outputs(net, x), atol=1e-5)
-    assert deployed.model.config.d_ff == 24
+    assert (deployed.model.config.num_heads, deployed.model.config.d_ff) == (2, 24)
+    attention = deployed.model.decoder.block[1].layer[1].EncDecAttention
+    assert (attention.n_heads, attention.inner_dim, attention.q.out_features) == (2, 16, 16)
+    assert tuple(deployed.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape) == (32, 2)
     deployed.model.save_pretrained(tmp_path / "t5")
     reloaded = Wrapped(auto.from_pretrained(tmp_path / "t5"), seq2seq=True).eval()
+    assert type(reloaded.model) is type(deployed.model)
     assert (outputs(reloaded, x) - outputs(deployed, x)).abs().max() <= 1e-5
 
 
