@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import support
 from lightning_sparse.data import DigitsDataModule
@@ -120,3 +122,26 @@ def pytest_collection_modifyitems(config, items):
     missing = [f"{file}::{name}" for file, module in modules.items() for name in SLOW.get(file, ()) if not hasattr(module, name)]
     if missing:
         raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {missing}")
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # a pytest-xdist worker (`make test` runs `-n auto`)
+        _slow_files_first(items)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores as torch threads (and so does every process a test
+    starts, through ``OMP_NUM_THREADS``): two workers of two threads each on two cores would only contend."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers))))
+        torch.set_num_threads(threads)
+
+
+def _slow_files_first(items) -> None:
+    """Files holding the most slow tests (counted by name, not by parametrization) first; a stable sort keeps the
+    order inside a file. ``--dist loadfile`` hands out whole files in this order, so the long ones start at once and
+    the many short files fill the end, instead of one long file running alone after the rest."""
+    slow: dict[Path, set[str]] = {}
+    for item in items:
+        names = slow.setdefault(item.path, set())
+        if item.get_closest_marker("slow") is not None:
+            names.add(item.originalname)
+    items.sort(key=lambda item: -len(slow[item.path]))

@@ -162,6 +162,7 @@ def _quant_log(log_dir: Path) -> list[dict[str, float]]:
 
 
 def test_qat_trains_with_quantized_weights_and_saves_them(digits_model, make_trainer, tmp_path, digits):
+    pl.seed_everything(0)  # not the global RNG state earlier tests left (seeds 0-5: test_acc 0.933-0.961)
     callback = QuantizationAwareTraining(bits=4)
     logger = CSVLogger(tmp_path)
     model = digits_model()

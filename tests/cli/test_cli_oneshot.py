@@ -1,9 +1,12 @@
 """The one-shot preset with distillation from the command line, as a user runs it."""
 
+import pytest
 import torch
 
 from support import DIGITS, ROOT, run_cli
 from lightning_sparse.core.structured import nm_counts
+
+pytestmark = pytest.mark.slow  # `lightning-sparse fit` in a subprocess: `make test` runs it, `make test-fast` does not
 
 
 def test_2of4_distillation_preset_holds_the_pattern(tmp_path):

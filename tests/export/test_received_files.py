@@ -92,6 +92,7 @@ def run_child(script: str, *args: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a child Python under a memory limit
 @pytest.mark.skipif(sys.platform != "linux", reason="measures /proc/self/status")
 def test_lsz_decoders_work_in_bounded_memory_and_count_it_against_the_budget(tmp_path):
     outcome = run_child(LSZ_BOMBS, str(tmp_path))
@@ -147,6 +148,7 @@ ZIP_BOMB = MEASURE + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a child Python under a memory limit
 @pytest.mark.skipif(sys.platform != "linux", reason="measures /proc/self/status")
 def test_a_checkpoint_zip_of_deflated_zeros_is_refused_by_its_declared_sizes(tmp_path):
     outcome = run_child(ZIP_BOMB, str(tmp_path))
@@ -195,6 +197,7 @@ DEPLOY_WIDE = MEASURE + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a child Python under a memory limit
 @pytest.mark.skipif(sys.platform != "linux", reason="measures /proc/self/status")
 def test_deploy_refuses_hyper_parameters_that_build_other_weights_before_building_them(checkpoints, tmp_path):
     kind, message, peak_kib = run_child(DEPLOY_WIDE, str(checkpoints["wide"]), str(tmp_path / "out.pt"))
@@ -245,6 +248,7 @@ YAML_BOMB = MEASURE + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a child Python under a memory limit
 @pytest.mark.skipif(sys.platform != "linux", reason="measures /proc/self/status")
 def test_yaml_aliases_that_expand_a_sweep_or_fit_file_beyond_a_bound_are_refused(tmp_path):
     (tmp_path / "a").mkdir()
@@ -381,6 +385,7 @@ def test_deploy_reads_a_distributed_checkpoint_folder_as_report_and_export_do(ch
     assert (tmp_path / "out.pt").is_file()
 
 
+@pytest.mark.slow  # `lightning-sparse fit` in a subprocess
 def test_the_lc_preset_refusing_a_short_run_is_one_line_in_fit(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "lightning_sparse.cli", "fit", "--config", str(repo / "examples" / "digits_gmp.yaml"),

@@ -58,6 +58,7 @@ def test_cosine_schedule_can_end_early_and_stay_at_zero(digits_model, make_train
 
 
 def test_dense_lenet_learns_digits(digits_model, make_trainer, tmp_path, digits):
+    pl.seed_everything(0)  # not the global RNG state earlier tests left (seeds 0-5: 0.947-0.961)
     model = digits_model()
     trainer = make_trainer(tmp_path, max_epochs=5)
     trainer.fit(model, digits)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ax import Client
 
 from lightning_sparse.cli import main as cli_main
 from lightning_sparse.sweep import load_sweep, run_sweep
@@ -45,6 +44,13 @@ FIT = {
 SPARSITY = {"sparsity": {"key": "trainer.callbacks.0.init_args.sparsity", "bounds": [0.5, 0.95]}}
 
 
+def short_fit(epochs: int = 2) -> dict:
+    """``FIT`` in fewer epochs, for the tests that check what the sweeper does with its trials, not their accuracy."""
+    fit = json.loads(json.dumps(FIT))
+    fit["trainer"]["max_epochs"] = epochs
+    return fit
+
+
 @pytest.fixture(autouse=True)
 def one_thread_per_trial(monkeypatch):
     """Trial subprocesses on a shared 2-core machine: one torch thread each; they can import tests' helpers."""
@@ -58,6 +64,14 @@ def write_sweep(tmp_path: Path, fit: dict | None = None, **spec) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def ax_trials(folder: Path) -> dict:
+    """The trials of the Ax experiment saved in ``folder`` (Ax is imported here, not at collection: it takes seconds
+    to import and only the real sweeps read it)."""
+    from ax import Client
+
+    return Client.load_from_json_file(str(folder / "ax_state.json"))._experiment.trials
 
 
 def read_trials(folder: Path) -> list[dict]:
@@ -162,7 +176,7 @@ def test_sweep_finds_the_smallest_feasible_model_and_writes_its_outputs(tmp_path
     smallest = min(feasible, key=lambda row: float(row["compressed_bytes"]))
     assert result.best is not None and result.best.index == int(smallest["index"])
     assert (folder / "sweep.png").stat().st_size > 10_000
-    assert len(Client.load_from_json_file(str(folder / "ax_state.json"))._experiment.trials) == 3
+    assert len(ax_trials(folder)) == 3
     # every trial logged to W&B offline, in the sweep's group, with its parameters in the run config
     runs = sorted((folder / "trials").glob("*/wandb/offline-run-*"))
     assert len(runs) == 3
@@ -182,7 +196,7 @@ def test_sweep_finds_the_smallest_feasible_model_and_writes_its_outputs(tmp_path
 
 
 def test_failed_and_hanging_trials_mark_only_themselves(tmp_path):
-    fit = json.loads(json.dumps(FIT))
+    fit = short_fit()  # trial 2 must finish well inside the timeout on a loaded machine
     fit["trainer"]["callbacks"].append({"class_path": "sweep_helpers.FailInTrial", "init_args": {"crash": "trial-0", "hang": "trial-1"}})
     # the timeout leaves a normal trial room on a loaded 2-core machine (a trial that only crashes took 26 s there)
     sweep = write_sweep(tmp_path, fit=fit, baseline=0.95, trial_timeout=90)
@@ -193,7 +207,7 @@ def test_failed_and_hanging_trials_mark_only_themselves(tmp_path):
     assert "trial-0 crashes on purpose" in (tmp_path / "out" / rows["0"]["log"]).read_text()
     assert rows["1"]["status"] == "failed" and rows["1"]["error"] == "timed out after 90 s"
     assert rows["2"]["status"] == "completed"
-    statuses = {i: t.status.name for i, t in Client.load_from_json_file(str(tmp_path / "out" / "ax_state.json"))._experiment.trials.items()}
+    statuses = {i: t.status.name for i, t in ax_trials(tmp_path / "out").items()}
     assert statuses == {0: "FAILED", 1: "FAILED", 2: "COMPLETED"}
     assert result.best is None or result.best.index == 2
 
@@ -214,7 +228,7 @@ def test_per_layer_bounds_and_values_become_one_parameter_per_glob(tmp_path):
 
 def test_a_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
     # two objectives: the result also reports the Pareto front
-    sweep = write_sweep(tmp_path, baseline=0.95, max_trials=3, objective="val_acc, -compressed_bytes")
+    sweep = write_sweep(tmp_path, fit=short_fit(), baseline=0.95, max_trials=3, objective="val_acc, -compressed_bytes")
     folder = tmp_path / "out"
     command = [sys.executable, "-m", "lightning_sparse.cli", "sweep", "--config", str(sweep), "--output", str(folder)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -237,8 +251,7 @@ def test_a_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
         if record.index in before:  # kept as it was: same metrics, log untouched (not run again)
             assert record.metrics == before[record.index]["metrics"]
             assert (folder / record.log).stat().st_mtime_ns == logs[record.index]
-    client = Client.load_from_json_file(str(folder / "ax_state.json"))
-    trials = client._experiment.trials
+    trials = ax_trials(folder)
     assert len(trials) == 3 and all(t.status.name == "COMPLETED" for t in trials.values())
     points = {r.index: (r.metrics["val_acc"], -r.metrics["compressed_bytes"]) for r in result.records}
     front = [i for i, p in points.items() if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())]
@@ -248,7 +261,7 @@ def test_a_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path):
 
 
 def test_wandb_agent_command_line_runs_a_trial(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, parameters={**SPARSITY, "end": {"key": "trainer.callbacks.0.init_args.end", "bounds": [0.3, 0.8]}}))
+    sweep = load_sweep(write_sweep(tmp_path, fit=short_fit(), parameters={**SPARSITY, "end": {"key": "trainer.callbacks.0.init_args.end", "bounds": [0.3, 0.8]}}))
     path = export_wandb_sweep(sweep, tmp_path / "wandb_sweep.yaml")
     spec = yaml.safe_load(path.read_text())
     assert spec["method"] == "bayes" and spec["metric"] == {"name": "compressed_bytes", "goal": "minimize"}
@@ -272,5 +285,5 @@ def test_ray_launcher_runs_trials_as_ray_tasks(tmp_path):
     from lightning_sparse.sweep import RayLauncher
 
     launcher = RayLauncher(cpus_per_trial=1, num_cpus=2)  # a local Ray instance, started here
-    result = run_sweep(write_sweep(tmp_path, baseline=0.95, max_trials=1), output=tmp_path / "out", launcher=launcher)
+    result = run_sweep(write_sweep(tmp_path, fit=short_fit(), baseline=0.95, max_trials=1), output=tmp_path / "out", launcher=launcher)
     assert [r.status for r in result.records] == ["completed"] and result.records[0].metrics["sparsity"] > 0.45
