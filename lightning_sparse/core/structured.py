@@ -30,7 +30,6 @@ from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.layouts import Layout
 from lightning_sparse.core.targets import per_layer
 
-GRANULARITIES = ("unstructured", "channel", "N:M", "head", "neuron")  # head/neuron: see core/heads.py
 NORMS = ("l1", "l2")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
