@@ -76,6 +76,9 @@ class Pruner(ABC):
         reset_pruned_state: zero the optimizer state (momentum, Adam moments) of pruned weights when masks change.
         grows: the pruner revives weights and zeroes their optimizer state (so an optimizer whose state it cannot
             reset deserves a warning).
+
+    ``__init__`` selects the parameters (:meth:`select`) and builds :attr:`masks`, so a subclass sets the attributes
+    its ``select`` reads before calling it. ``update`` is the one abstract member.
     """
 
     metric_prefix = ""
