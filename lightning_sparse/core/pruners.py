@@ -209,7 +209,7 @@ class MagnitudePruner(Pruner):
         self.scheduled: Sparsity | None = None  # the schedule's target at the last mask update
         super().__init__(model, sparsity, schedule or StepSchedule(), include=include, exclude=exclude,
                          dense_first_layer=dense_first_layer, name=name, warn=warn)  # fmt: skip
-        self.layer_granularity: dict[str, Granularity] = expand_granularity(self.granularity, list(self.targets))
+        self.layer_granularity: dict[str, Granularity] = expand_granularity(self.granularity, self.targets)
         for layer in self.heads.layers:  # every member of a head/neuron group (biases too) follows its group
             self.layer_granularity.update({name: Granularity(layer.kind) for name in layer.params})
         channel = [name for name, g in self.layer_granularity.items() if g.kind == "channel"]
@@ -222,7 +222,7 @@ class MagnitudePruner(Pruner):
         """The base's targets, plus every member of the heads/neurons ``granularity`` asks for (biases, output
         projections), each given its group layer's sparsity."""
         targets = super().select(model)
-        self.heads = select_groups(model, targets, expand_granularity(self.granularity, list(targets)))
+        self.heads = select_groups(model, targets, expand_granularity(self.granularity, targets))
         if not self.heads:
             return targets
         if self.layer_sparsity:
@@ -544,7 +544,7 @@ class OneShotPruner(Pruner):
         self.given: dict[str, float] = {}  # what each layer was given (OWL, N:M, a mapping)
         self.seconds: float | None = None
         super().__init__(model, sparsity, None, include=include, exclude=exclude, name=name, warn=warn)
-        self.layer_granularity = expand_granularity(self.granularity, list(self.targets))
+        self.layer_granularity = expand_granularity(self.granularity, self.targets)
         for each, kind in self.layer_granularity.items():
             check_shape(each, self.masks.params[each].shape, kind)  # N:M: M must divide the inputs
 
