@@ -43,23 +43,35 @@ from rich.table import Table
 
 from benchmarks.common import emit, quiet, trainer
 from lightning_sparse import GradualMagnitudePruning, MovementPruning
+from lightning_sparse.core.pruners import MovementPruner
 from lightning_sparse.models import TextClassifier
 from lightning_sparse.data import ShakespearePlaysDataModule, ShakespeareThouDataModule
 from benchmarks.movement_reference import ReferenceClassifier, ReferenceSchedule, bake
 from lightning_sparse.core.counting import global_sparsity
 
 
-class RandomPruning(MovementPruning):
-    """Control: the same schedule and masks machinery, ranking by scores drawn once at random (uniform, seed 0)
-    instead of movement. Masks are then nested as the sparsity rises, as for magnitude pruning: gradual random pruning."""
+class RandomPruner(MovementPruner):
+    """The movement pruner ranking by scores drawn once at random (uniform, seed 0) instead of movement."""
 
-    def _prune(self, target: float | dict[str, float]) -> None:
+    def prune(self, target: float | dict[str, float], step: int | None = None) -> None:
         if not hasattr(self, "_random"):
             generator = torch.Generator().manual_seed(0)
             self._random = {name: torch.rand(s.shape, generator=generator).to(s) for name, s in self.scores.scores.items()}
         for name, score in self.scores.scores.items():
             score.copy_(self._random[name])
-        super()._prune(target)
+        super().prune(target, step)
+
+
+class RandomPruning(MovementPruning):
+    """Control: the same schedule and masks machinery, ranking by scores drawn once at random (uniform, seed 0)
+    instead of movement. Masks are then nested as the sparsity rises, as for magnitude pruning: gradual random pruning."""
+
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RandomPruner:
+        return RandomPruner(
+            pl_module, self.sparsity, self.step_schedule(), score_rule=self.score_rule, score_lr=self.score_lr,
+            distribution=self.distribution, granularity=self.granularity, include=self.include, exclude=self.exclude,
+            dense_first_layer=self.dense_first_layer, name=type(self).__name__,
+        )  # fmt: skip
 
 
 ROWS = ("dense", "gmp-50", "gmp-90", "movement-50", "movement-90", "reference-50", "reference-90", "random-50", "random-90")
@@ -98,17 +110,17 @@ class ScoreNoise(pl.Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        step, scores = trainer.global_step, self.movement.scores
-        if not self.movement._scoring(step):
+        step, scores, schedule = trainer.global_step, self.movement.scores, self.movement.pruner.schedule
+        if schedule.end_step is not None and step > schedule.end_step:  # the scores stop with the last mask update
             return
         products = {}
         for name, param in scores.params.items():  # w·g with the pruned weights' kept values, as the scores use
             dense = param + scores.latent[name] if name in scores.latent else param
             products[name] = (dense * param.grad).float()
             self.squares[name] = self.squares.get(name, 0) + products[name] ** 2
-        if step in (self.movement._start_step, self.movement._end_step):  # S after this step's -w·g
+        if step in (schedule.start_step, schedule.end_step):  # S after this step's -w·g
             t = [(scores.scores[n] - products[n]) / self.squares[n].sqrt().clamp_min(1e-30) for n in products]
-            label = "start" if step == self.movement._start_step else "end"
+            label = "start" if step == schedule.start_step else "end"
             self.median_abs_t[label] = float(torch.cat([x.flatten() for x in t]).abs().median())
 
 

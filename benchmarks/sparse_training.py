@@ -31,15 +31,29 @@ from rich.table import Table
 
 from benchmarks.common import datamodule, emit, lenet300_parser, lenet300_test_error, quiet
 from lightning_sparse import SET, GradualMagnitudePruning, RigL
+from lightning_sparse.core.pruners import RigLPruner
+from lightning_sparse.core.schedules import StepSchedule
 
 TARGET_ACCURACY = {0.9: 98.2, 0.98: 97.7}  # RigL's test accuracy (%) at these sparsities
+
+
+class StaticPruner(RigLPruner):
+    """RigL's random ERK start, never moved."""
+
+    def decides(self, step: int) -> bool:
+        return False
+
+    def update(self, step: int, optimizer_states: Any = ()) -> bool:
+        return False
 
 
 class StaticSparse(RigL):
     """The random ERK start of RigL, kept fixed: the static sparse baseline."""
 
-    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        return False
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StaticPruner:
+        schedule = StepSchedule(self.start, self.end, self.frequency, updates="moves")
+        return StaticPruner(pl_module, self.sparsity, schedule, distribution=self.distribution, seed=self.seed,
+                            erk_power_scale=self.erk_power_scale, name=type(self).__name__)  # fmt: skip
 
 
 def methods(args: argparse.Namespace) -> dict[str, Callable[[float], pl.Callback]]:

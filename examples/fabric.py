@@ -13,7 +13,7 @@ import torch
 from lightning_fabric import Fabric
 from torch import nn
 
-from lightning_sparse.core import FakeQuantizer, MaskSet, is_update_step, prune_by_magnitude, select_targets, sparsity_at
+from lightning_sparse.core import FakeQuantizer, MagnitudePruner, StepSchedule, select_targets
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import lenet_300_100
 
@@ -25,12 +25,14 @@ def train(epochs: int = 4, sparsity: float = 0.9, bits: int = 4, start: int = 8,
     torch.manual_seed(0)
     net = lenet_300_100((1, 8, 8), 10)
     targets = select_targets(net)  # names and parameters of the unwrapped module
-    masks = MaskSet(targets)
+    pruner = MagnitudePruner(net, sparsity, StepSchedule(start, end, frequency))  # the object GradualMagnitudePruning drives
+    masks = pruner.masks
     quantizer = FakeQuantizer(targets, {name: bits for name in targets})
     model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
     data = DigitsDataModule(batch_size=64)
     data.setup("fit")
     loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False, move_to_device=True)
+    pruner.start(total_steps=epochs * len(loader))
     step = 0
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
@@ -40,10 +42,7 @@ def train(epochs: int = 4, sparsity: float = 0.9, bits: int = 4, start: int = 8,
             optimizer.zero_grad()
             fabric.backward(nn.functional.cross_entropy(model(x), y))
             quantizer.restore()  # the straight-through estimator: the gradient at q(w) steps w
-            if is_update_step(step, start, end, frequency):
-                prune_by_magnitude(masks, sparsity_at(step, start, end, 0.0, sparsity))
-                masks.mask_state_(optimizer.state)
-            masks.mask_grads_()
+            pruner.step(step, [optimizer.state])  # prune on the schedule, zero stale momentum, mask the gradients
             optimizer.step()
             masks.apply_()
             step += 1

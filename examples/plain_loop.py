@@ -1,10 +1,15 @@
-"""GMP, RigL, QAT and L-C from a plain PyTorch loop: no Trainer, the same `lightning_sparse.core` verbs the callbacks call.
+"""GMP, movement, RigL, QAT and L-C from a plain PyTorch loop: no Trainer, the same `lightning_sparse.core` objects the
+callbacks drive.
 
-    python examples/plain_loop.py gmp      # or rigl, qat, lc
+    python examples/plain_loop.py gmp      # or movement, rigl, qat, lc
+
+The pruning methods are one pruner object each (:mod:`lightning_sparse.core.pruners`: the protocol the callbacks are
+hooks over): built over the model, planned with the run's optimizer steps, then ``pruner.step(step, states)`` between
+``backward`` and ``optimizer.step()``.
 
 Each function below is one method written out: it trains LeNet-300-100 on sklearn's real 8×8 digits with SGD and
 returns the network. With the same seed, data order and settings, the weights are bit for bit those of a Lightning
-``Trainer`` running the matching callback (``tests/test_plain_loop.py`` checks it). ``step`` is the optimizer step.
+``Trainer`` running the matching callback (``tests/core/test_plain_loop.py`` checks it). ``step`` is the optimizer step.
 """
 
 from __future__ import annotations
@@ -18,15 +23,12 @@ from torch import Tensor, nn
 from lightning_sparse.core import (
     FakeQuantizer,
     LearningCompressor,
-    MaskSet,
-    cosine_fraction,
-    is_dynamic_update_step,
-    is_update_step,
-    move_connections,
-    prune_by_magnitude,
-    random_masks,
+    MagnitudePruner,
+    MovementPruner,
+    Pruner,
+    RigLPruner,
+    StepSchedule,
     select_targets,
-    sparsity_at,
 )
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import lenet_300_100
@@ -54,37 +56,35 @@ def loss_of(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(net(x), y)
 
 
-def gmp(sparsity: float = 0.9, start: int = 8, end: int = 40, frequency: int = 8) -> nn.Module:
-    """Gradual magnitude pruning (Zhu & Gupta 2017): masks on the cubic schedule, pruned weights held at 0."""
-    net, optimizer = network()
-    masks = MaskSet(select_targets(net))
+def prune(net: nn.Module, optimizer: torch.optim.Optimizer, pruner: Pruner) -> nn.Module:
+    """The loop every pruner runs in: the dense gradient to the pruner, the masked one to the optimizer."""
+    pruner.start(total_steps=EPOCHS * 20)  # 20 batches of 64 per epoch: fractional start/end resolve against this
     for step, (x, y) in enumerate(batches()):
         optimizer.zero_grad()
         loss_of(net, x, y).backward()
-        if is_update_step(step, start, end, frequency):
-            prune_by_magnitude(masks, sparsity_at(step, start, end, 0.0, sparsity))
-            masks.mask_state_(optimizer.state)  # stale momentum must not push pruned weights
-        masks.mask_grads_()
+        pruner.step(step, [optimizer.state])  # observe, update on the schedule (stale state zeroed), mask gradients
         optimizer.step()
-        masks.apply_()  # a no-op for SGD/Adam (zero gradient and state keep 0 at 0), needed for other optimizers
+        pruner.masks.apply_()  # keeps pruned weights at 0 whatever the optimizer does
     return net
+
+
+def gmp(sparsity: float = 0.9, start: int = 8, end: int = 40, frequency: int = 8) -> nn.Module:
+    """Gradual magnitude pruning (Zhu & Gupta 2017): masks on the cubic schedule, pruned weights held at 0."""
+    net, optimizer = network()
+    return prune(net, optimizer, MagnitudePruner(net, sparsity, StepSchedule(start, end, frequency)))
+
+
+def movement(sparsity: float = 0.9, start: int = 8, end: int = 40, frequency: int = 1) -> nn.Module:
+    """Movement pruning (Sanh et al. 2020): the same schedule, masks from scores trained on ``w · ∂L/∂w``."""
+    net, optimizer = network()
+    return prune(net, optimizer, MovementPruner(net, sparsity, StepSchedule(start, end, frequency)))
 
 
 def rigl(sparsity: float = 0.9, frequency: int = 10, alpha: float = 0.3, end: int = 60, seed: int = 0) -> nn.Module:
     """RigL (Evci et al. 2020): sparse from the start (ERK), connections moved by magnitude drop and gradient growth."""
     net, optimizer = network()
-    masks = MaskSet(select_targets(net))
-    random_masks(masks, sparsity, "erk", seed)
-    for step, (x, y) in enumerate(batches()):
-        optimizer.zero_grad()
-        loss_of(net, x, y).backward()
-        if is_dynamic_update_step(step, 0, end, frequency):  # the dense gradient, before masking
-            move_connections(masks, cosine_fraction(step, 0, end, alpha), "gradient", [optimizer.state], seed, step)
-            masks.mask_state_(optimizer.state)
-        masks.mask_grads_()
-        optimizer.step()
-        masks.apply_()
-    return net
+    schedule = StepSchedule(0, end, frequency, updates="moves")
+    return prune(net, optimizer, RigLPruner(net, sparsity, schedule, alpha=alpha, seed=seed))
 
 
 def qat(bits: int = 4, start: int = 8) -> nn.Module:
@@ -131,7 +131,7 @@ def lc(sparsity: float = 0.8, lc_steps: int = 4, every: int = 15, first: int = 1
     return net
 
 
-METHODS: dict[str, Callable[[], nn.Module]] = {"gmp": gmp, "rigl": rigl, "qat": qat, "lc": lc}
+METHODS: dict[str, Callable[[], nn.Module]] = {"gmp": gmp, "movement": movement, "rigl": rigl, "qat": qat, "lc": lc}
 
 
 def zeros_and_values(net: nn.Module) -> str:

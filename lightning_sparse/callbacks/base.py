@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from lightning_sparse import report
 from lightning_sparse.compat import logged_step
 from lightning_sparse.core.masks import MaskSet, non_finite
+from lightning_sparse.core.pruners import Pruner, lr_factor
 from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import (
     Targets,
@@ -24,7 +25,6 @@ from lightning_sparse.core.targets import (
     each_setting,
     format_targets,
     model_sparsity,
-    per_layer,
     select_targets,
     weight_matrices,
 )
@@ -48,16 +48,6 @@ RESETTABLE_OPTIMIZERS = (
     torch.optim.RAdam,
     torch.optim.RMSprop,
 )
-
-
-def check_fraction_or_step(name: str, value: Any) -> None:
-    """``start``/``end`` style arguments: a float in [0, 1] (fraction of training) or an int >= 0 (a step)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a float in [0, 1] (fraction of training) or an int >= 0 (step), got {value!r}")
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` as a fraction of training must be in [0, 1], got {value}")
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"`{name}` as an optimizer step must be >= 0, got {value}")
 
 
 def check_sparsity(name: str, value: Any) -> None:
@@ -91,18 +81,6 @@ def check_bool(name: str, value: Any) -> None:
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
-
-
-def resolve_step(name: str, value: int | float, total_steps: float) -> int:
-    """Turn a fraction of training into an optimizer step (the last step at most); ints pass through."""
-    if isinstance(value, int):
-        return value
-    if total_steps == float("inf"):
-        raise ValueError(
-            f"`{name}`={value} is a fraction of training, but the Trainer has no max_steps/max_epochs; "
-            f"give `{name}` as an int optimizer step instead"
-        )
-    return min(int(round(value * total_steps)), max(int(total_steps) - 1, 0))
 
 
 def grads_are_scaled(trainer: pl.Trainer) -> bool:
@@ -160,6 +138,18 @@ def warn_if_no_steps(callback: Callback, trainer: pl.Trainer) -> None:
             f"{type(callback).__name__}: this run has 0 optimizer steps (empty train dataloader, or "
             f"`limit_train_batches`/`max_steps` of 0), so it compresses nothing"
         )
+
+
+def warn_if_optimizer_state_not_reset(callback: Callback, trainer: pl.Trainer) -> None:
+    """A pruner that grows weights zeroes their optimizer state: say so for an optimizer whose state it cannot
+    fully reset."""
+    for optimizer in trainer.optimizers:
+        if type(optimizer) not in RESETTABLE_OPTIMIZERS:
+            rank_zero_warn(
+                f"{type(callback).__name__}: cannot reset the state of optimizer {type(optimizer).__name__} for grown "
+                f"weights: only its tensors shaped like a weight are zeroed at grown positions; any other state "
+                f"it keeps is not reset. Fully reset: {[cls.__name__ for cls in RESETTABLE_OPTIMIZERS]}"
+            )
 
 
 def hint_fused_adam(callback: Callback, trainer: pl.Trainer, params: Mapping[str, torch.Tensor]) -> None:
@@ -283,173 +273,165 @@ class CompressionCallback(*CALLBACK_BASES):
 
 
 class SparsityCallback(CompressionCallback):
-    """Base class: owns a :class:`~lightning_sparse.core.masks.MaskSet` over the selected parameters.
+    """Base class of the pruning callbacks: Lightning hooks over a :class:`~lightning_sparse.core.pruners.Pruner`.
 
-    Subclasses set :attr:`sparsity` (the target: a number or ``{glob: sparsity}``), implement :meth:`_update_masks`
-    (what happens at an optimizer step) and may extend
-    :meth:`_extra_state` / :meth:`_load_extra_state`. The base keeps pruned weights and their gradients at
-    exactly zero, makes every rank hold rank 0's masks, and logs ``sparsity/global`` and ``sparsity/<name>``.
+    **The one override point** is :meth:`make_pruner`: a subclass validates its arguments in ``__init__`` and returns,
+    from ``make_pruner(trainer, pl_module)`` at ``setup``, the core pruner that does the method (which parameters, its
+    schedule, how masks change at a step, its metrics and checkpoint state). Everything else is here and is the same
+    for every method: the overlap check, the finiteness check before each decision, masks synchronised across ranks,
+    the optimizer state of pruned weights zeroed (``pruner.reset_pruned_state``), pruned weights and their gradients
+    held at exactly zero, ``sparsity/*`` and ``pruner.metrics()`` logged to every logger, and ``state_dict`` being the
+    pruner's. The base reads only the attributes declared below.
     """
 
-    #: zero the optimizer state (momentum, Adam moments) of pruned weights when masks change; a subclass whose pruned
-    #: weights may come back with their old value sets it False (their state is kept, the weights re-masked every step)
-    reset_pruned_state = True
+    #: the core object doing the method; built by :meth:`make_pruner` at ``setup`` (``None`` before)
+    pruner: Pruner | None
+    #: every weight matrix of the model, for ``sparsity/model``
+    _matrices: dict[str, Any]
+    #: the last optimizer step whose masks were decided, and the last one after which weights were re-masked
+    _decided_step: int
+    _masked_step: int
+    #: re-mask weights after each optimizer step (unless the optimizer keeps zeros zero)
+    _reapply: bool
 
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
-        self.masks: MaskSet | None = None
-        self.sparsity: float | dict[str, float] = 0.0  # set by the subclass
-        self.targets: Targets | None = None  # the masked parameters, with the aliases of tied tensors
-        self._matrices: dict[str, Any] = {}  # every weight matrix of the model, for `sparsity/model`
-        self.layer_sparsity: dict[str, float] | None = None  # per-layer targets, when `sparsity` is a mapping
-        self._decided_step = -1  # last optimizer step whose masks were decided
-        self._masked_step = -1  # last optimizer step after which weights were re-masked
-        self._reapply = True  # re-mask weights after each optimizer step (unless the optimizer keeps zeros zero)
+        self.pruner = None
+        self._matrices = {}
+        self._decided_step = self._masked_step = -1
+        self._reapply = True
+
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
+        """Build this method's pruner over ``pl_module`` (called once per ``fit``, in ``setup``): the one method a
+        pruning callback implements. Pass ``name=type(self).__name__`` so the pruner's messages name the callback."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `make_pruner(trainer, pl_module)`")
+
+    @property
+    def masks(self) -> MaskSet | None:
+        """The pruner's masks (``None`` before ``setup``)."""
+        return self.pruner.masks if self.pruner is not None else None
+
+    @property
+    def targets(self) -> Targets | None:
+        """The pruned parameters, with the aliases of tied tensors (``None`` before ``setup``)."""
+        return self.pruner.targets if self.pruner is not None else None
 
     # ----------------------------------------------------------------- hooks: when
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.targets = self._targets(pl_module)
-            self.masks = MaskSet(self.targets)
-            self.compressed = {name: frozenset({"zeros"}) for name in self.masks}
+            self.pruner = self.make_pruner(trainer, pl_module)
+            self.pruner.warn = rank_zero_warn
+            self.compressed = {name: frozenset({"zeros"}) for name in self.pruner.masks}
             self._refuse_overlaps(trainer)
             self._matrices = weight_matrices(pl_module)
             self._decided_step = self._masked_step = -1
             if self.verbose:
-                print_targets(type(self).__name__, pl_module, self.targets)
+                print_targets(type(self).__name__, pl_module, self.pruner.targets)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
-        if self.masks is None:
+        if self.pruner is None:
             return
-        step = trainer.global_step
+        masks, step = self.pruner.masks, trainer.global_step
         if step == self._decided_step:  # a second optimizer step within one step: its gradients only need masking
-            self.masks.mask_grads_()
+            masks.mask_grads_()
             return
         self._decided_step = step
-        if self._decides(step) or grads_are_scaled(trainer):
-            self._decide(trainer, pl_module, step)
-        elif not self.masks.mask_grads_and_check_():  # the steps between decisions: one pass masks and checks
-            check_finite(self, trainer, self.masks.params, step)  # names the tensors (or clears an overflowing sum)
+        self.pruner.observe(step, lr_factor(optimizer))  # dense gradients: masked below, after deciding
+        if self.pruner.decides(step) or grads_are_scaled(trainer):
+            self._decide(trainer, step)
+        elif not masks.mask_grads_and_check_():  # the steps between decisions: one pass masks and checks
+            check_finite(self, trainer, masks.params, step)  # names the tensors (or clears an overflowing sum)
 
-    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Check weights and gradients, update the masks if ``step`` is an update step, then mask the gradients."""
-        finite = check_finite(self, trainer, self.masks.params, step)
-        if self._update_masks(trainer, pl_module, step):
-            self._sync_masks(trainer)
-            for each in trainer.optimizers if self.reset_pruned_state else ():  # stale momentum must not push pruned weights
-                self.masks.mask_state_(each.state)
-            self._log_sparsity(trainer)
-        self.masks.mask_grads_(finite=finite)  # checked just now: the faster product is safe
+    def _decide(self, trainer: pl.Trainer, step: int) -> None:
+        """Check weights and gradients, let the pruner update the masks, then mask the gradients."""
+        pruner = self.pruner
+        finite = check_finite(self, trainer, pruner.masks.params, step)
+        if pruner.update(step, [optimizer.state for optimizer in trainer.optimizers]):
+            self._masks_changed(trainer)
+        pruner.masks.mask_grads_(finite=finite)  # checked just now: the faster product is safe
 
-    def _decides(self, step: int) -> bool:
-        """Whether optimizer ``step`` may change the masks, so that weights and gradients must be checked before
-        anything is decided by them (subclasses say when; between such steps only the gradients are checked, in the
-        masking pass, and a NaN weight shows in the next step's gradients)."""
-        return True
+    def _masks_changed(self, trainer: pl.Trainer) -> None:
+        """After the pruner changed the masks: the same masks on every rank, no stale optimizer state, a log line."""
+        self._sync_masks(trainer)
+        for each in trainer.optimizers if self.pruner.reset_pruned_state else ():  # stale momentum must not push pruned weights
+            self.pruner.masks.mask_state_(each.state)
+        self._log_sparsity(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks is not None:
+        if self.pruner is not None:
             self._follow_parameters(trainer, pl_module)
+            self._plan(trainer)
         # With zero gradients and zero state (both kept so at pruned positions), these optimizers leave a pruned
         # weight at exactly 0, so re-masking the weights after every step would be a wasted pass over them.
-        self._reapply = not self.reset_pruned_state or not all(
-            type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers
-        )
+        resets = self.pruner is None or self.pruner.reset_pruned_state
+        self._reapply = not resets or not all(type(optimizer) in RESETTABLE_OPTIMIZERS for optimizer in trainer.optimizers)
         refuse_several_manual_optimizers(
             self, trainer, pl_module, "masks decided at one optimizer's step would use another network's stale gradients"
         )
         warn_if_no_steps(self, trainer)
-        if self.masks is not None:
-            hint_fused_adam(self, trainer, self.masks.params)
+        if self.pruner is not None:
+            hint_fused_adam(self, trainer, self.pruner.masks.params)
+            if self.pruner.grows:
+                warn_if_optimizer_state_not_reset(self, trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.masks is not None and self._reapply and trainer.global_step != self._masked_step:
+        if self.pruner is not None and self._reapply and trainer.global_step != self._masked_step:
             self._masked_step = trainer.global_step  # an optimizer step ran: it may have moved pruned weights
-            self.masks.apply_()
+            self.pruner.masks.apply_()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks is not None and self.verbose:
+        if self.pruner is not None and self.verbose:
             self._print_table()
 
-    def _resolve_schedule(self, trainer: pl.Trainer) -> float | None:
-        """Turn fractional ``start``/``end`` into optimizer steps once, for this run's length (returned, so the
-        subclass can check its own schedule); a resumed run keeps its checkpoint's steps and gets ``None``, with a
-        warning when the run length changed since they were resolved."""
-        if self._start_step is not None:
-            if isinstance(self.start, float) or isinstance(self.end, float):
-                where = f"start step {self._start_step}, end step {self._end_step}"
-                warn_if_run_length_changed(self, trainer, self._planned_steps, where)
-            return None
-        total = trainer.estimated_stepping_batches
-        self._planned_steps = int(total) if math.isfinite(total) else None
-        self._start_step = resolve_step("start", self.start, total)
-        self._end_step = resolve_step("end", self.end, total)
-        return total
+    def _plan(self, trainer: pl.Trainer) -> None:
+        """Plan the pruner's schedule for this run's length once; a resumed run keeps its checkpoint's steps, with a
+        warning when the run length changed since they were planned."""
+        schedule = self.pruner.schedule
+        if schedule is not None and schedule.resolved:
+            if schedule.fractional:
+                where = f"start step {schedule.start_step}, end step {schedule.end_step}"
+                warn_if_run_length_changed(self, trainer, schedule.planned_steps, where)
+            return
+        self.pruner.start(trainer.estimated_stepping_batches)
 
     # ----------------------------------------------------------------- what
     def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Point the masks at the model's parameters as they are at ``fit`` start (FSDP2 replaced them by sharded
+        """Point the pruner at the model's parameters as they are at ``fit`` start (FSDP2 replaced them by sharded
         ``DTensor`` ones after ``setup``); masks set before (a sparse start) are cut to each rank's shard."""
-        current = current_parameters(self, trainer, pl_module, list(self.masks.params))
-        if all(current[name] is param for name, param in self.masks.params.items()):
+        masks = self.pruner.masks
+        current = current_parameters(self, trainer, pl_module, list(masks.params))
+        if all(current[name] is param for name, param in masks.params.items()):
             return
-        self.masks.rebind(current)
-        old = self.targets
-        self.targets = old.rebound(current)
+        self.pruner.rebind(current)
         self._matrices = weight_matrices(pl_module)
-
-    def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Parameters to sparsify: ``include``/``exclude`` applied, then the layers a per-layer mapping names."""
-        targets = self._select(pl_module)
-        if getattr(self, "dense_first_layer", False) and len(targets) > 1:
-            targets = targets.subset(list(targets)[1:])  # the first selected parameter, in model order, stays dense
-        self.layer_sparsity = per_layer("sparsity", self.sparsity, targets) if isinstance(self.sparsity, Mapping) else None
-        return targets.subset(self.layer_sparsity) if self.layer_sparsity else targets
-
-    def _target(self) -> float | dict[str, float]:
-        """The final sparsity: one number, or ``{parameter name: sparsity}`` from a per-layer mapping."""
-        return self.layer_sparsity if self.layer_sparsity else self.sparsity
-
-    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        """Change the masks for optimizer ``step`` if it is an update step; return whether they changed."""
-        raise NotImplementedError
 
     def _sync_masks(self, trainer: pl.Trainer) -> None:
         """Make every rank hold rank 0's masks (they agree already; this guards against nondeterministic kernels)."""
         if trainer.world_size > 1:
-            self.masks.load_state_dict(trainer.strategy.broadcast(self.masks.state_dict(), src=0))
-
-    def _update_metrics(self) -> dict[str, float]:
-        """Metrics logged beside ``sparsity/*`` at each mask update (subclasses add their own)."""
-        return {}
+            masks = self.pruner.masks
+            masks.load_state_dict(trainer.strategy.broadcast(masks.state_dict(), src=0))
 
     def _log_sparsity(self, trainer: pl.Trainer) -> None:
-        metrics = {"sparsity/global": self.masks.sparsity(), "sparsity/model": model_sparsity(self._matrices)}
-        metrics.update({f"sparsity/{name}": self.masks.sparsity(name) for name in self.masks})
-        metrics.update(self._update_metrics())
+        masks = self.pruner.masks
+        metrics = {"sparsity/global": masks.sparsity(), "sparsity/model": model_sparsity(self._matrices)}
+        metrics.update({f"sparsity/{name}": masks.sparsity(name) for name in masks})
+        metrics.update(self.pruner.metrics())
         self._log(trainer, metrics)
 
     def _print_table(self) -> None:
-        stats = report.stats_from_masks(self.masks, self.targets.label if self.targets is not None else None)
+        pruner = self.pruner
+        stats = report.stats_from_masks(pruner.masks, pruner.targets.label)
         print_rank_zero(report.sparsity_table(stats, title=f"{type(self).__name__}: sparsity per layer"))
 
     # ----------------------------------------------------------------- checkpoint state
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
-        if self.masks is None:
-            return {}
-        return {"masks": self.masks.state_dict(), **self._extra_state()}
+        """The pruner's state: masks (packed bits), the resolved schedule and the method's own state."""
+        return self.pruner.state_dict() if self.pruner is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "masks" not in state_dict:
             return
-        if self.masks is None:
+        if self.pruner is None:
             rank_zero_warn(f"{type(self).__name__}: checkpoint masks were given before `setup`; they are ignored")
             return
-        self.masks.load_state_dict(state_dict["masks"])  # validates every mask before loading any
-        self._load_extra_state(state_dict)
+        self.pruner.load_state_dict(state_dict)  # the masks are validated before any is loaded

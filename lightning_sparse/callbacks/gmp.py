@@ -7,22 +7,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_sparse.callbacks.base import (
     SparsityCallback,
     as_sparsity,
     check_choice,
-    check_fraction_or_step,
     check_sparsity,
     check_steps,
 )
-from lightning_sparse.callbacks.grouping import setup_channel_groups
+from lightning_sparse.callbacks.grouping import example_input, report_channel_groups
 from lightning_sparse.core.allocation import DISTRIBUTIONS
-from lightning_sparse.core.heads import GroupSet, check_group_sparsity, extend_targets, prune_groups_by_magnitude, select_groups
-from lightning_sparse.core.pruning import prune_by_magnitude
-from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
-from lightning_sparse.core.structured import NORMS, Granularity, channels_to_prune, check_shape, expand_granularity, parse_granularity
+from lightning_sparse.core.pruners import MagnitudePruner
+from lightning_sparse.core.schedules import SCHEDULES, StepSchedule, check_fraction_or_step
+from lightning_sparse.core.structured import NORMS, parse_granularity
 from lightning_sparse.core.targets import each_setting
 from lightning_sparse.structure.plan import StructurePlan
 
@@ -103,7 +100,7 @@ class GradualMagnitudePruning(SparsityCallback):
         if type(start) is type(end) and end < start:
             raise ValueError(f"`end` must not come before `start`: allowed range is [{start}, ...], got end={end}")
         check_steps("frequency", frequency)
-        check_choice("schedule", schedule, tuple(SCHEDULES))
+        check_choice("schedule", schedule, SCHEDULES)
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not 1 <= power < math.inf:
             raise ValueError(f"`power` must be a finite number >= 1, got {power!r}")
         if power != 3 and schedule != "cubic":
@@ -125,140 +122,34 @@ class GradualMagnitudePruning(SparsityCallback):
         self.granularity = dict(granularity) if isinstance(granularity, Mapping) else granularity
         self.channel_norm = channel_norm
         self.channel_multiple = channel_multiple
-        self._granularity: dict[str, Granularity] = {}  # per parameter, resolved in setup
-        self._groups = None  # coupled channel groups (core.groups.GroupedChannels), found in setup
-        self._heads = GroupSet()  # heads / neurons pruned whole (core/heads.py), found in setup
-        self._start_step: int | None = None
-        self._end_step: int | None = None
-        self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
-        self._scheduled: float | dict[str, float] | None = None  # the schedule's target at the last mask update
-
-    metric_prefix = "gmp"
 
     @property
     def state_key(self) -> str:
         extra = {} if self.granularity == "unstructured" else {"granularity": self.granularity}  # old keys unchanged
         return self._generate_state_key(sparsity=self.sparsity, include=self.include, exclude=self.exclude, **extra)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
-            self._planned_steps = None
-            self._granularity = expand_granularity(self.granularity, self.targets)
-            for layer in self._heads.layers:  # every member of a head/neuron group (biases too) follows its group
-                self._granularity.update({name: Granularity(layer.kind) for name in layer.params})
-            self._groups = setup_channel_groups(self, trainer, pl_module)
-            self._check_layers()
+    def step_schedule(self) -> StepSchedule:
+        """The :class:`StepSchedule` that ``start``, ``end``, ``frequency``, ``schedule``, ``power`` and
+        ``initial_sparsity`` describe (resolved against the run's steps at fit start)."""
+        return StepSchedule(self.start, self.end, self.frequency, initial=self.initial_sparsity, schedule=self.schedule,
+                            power=self.power)  # fmt: skip
 
-    def _targets(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The base's targets, plus every member of the heads/neurons ``granularity`` asks for (biases, output
-        projections), each given its group layer's sparsity."""
-        targets = super()._targets(pl_module)
-        self._heads = select_groups(pl_module, targets, expand_granularity(self.granularity, targets))
-        if not self._heads:
-            return targets
-        if self.layer_sparsity:
-            check_group_sparsity(self._heads, self.layer_sparsity)
-            for layer in self._heads.layers:
-                value = next(self.layer_sparsity[p] for p in layer.params if p in self.layer_sparsity)
-                self.layer_sparsity.update({p: value for p in layer.params})
-        return extend_targets(pl_module, targets, self._heads)
-
-    def _check_layers(self) -> None:
-        """Refuse, before training, a granularity a layer's shape cannot hold or a channel target removing every channel."""
-        final = self._final_sparsity()
-        for name, granularity in self._granularity.items():
-            shape = self.masks.params[name].shape
-            check_shape(name, shape, granularity)
-            layer_final = final[name] if isinstance(final, dict) else final
-            if granularity.kind == "channel":
-                channels_to_prune(name, layer_final, shape[granularity.axis or 0], self.channel_multiple)
-            if name in self._heads.params:
-                continue  # a head/neuron member: checked with its group below
-            if self.initial_sparsity > layer_final:
-                raise ValueError(
-                    f"`initial_sparsity`={self.initial_sparsity} is above the final sparsity {layer_final:.4g} of {name!r} "
-                    f"({granularity})"
-                )
-        if self._groups is not None:
-            self._groups.check(final, self.channel_multiple)
-        check_group_sparsity(self._heads, final)
-
-    def _final_sparsity(self) -> float | dict[str, float]:
-        """The target of every layer: :meth:`_target`, with N:M layers at 1 - N/M."""
-        final = self._target()
-        fixed = {name: g.final_sparsity for name, g in self._granularity.items() if g.kind == "nm"}
-        if not fixed:
-            return final
-        return {name: fixed.get(name, final[name] if isinstance(final, dict) else final) for name in self._granularity}
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        total = self._resolve_schedule(trainer)
-        if total is not None:
-            if self._end_step < self._start_step:
-                raise ValueError(
-                    f"`end` (step {self._end_step}) must not come before `start` (step {self._start_step})"
-                )
-            if self._end_step >= total:
-                rank_zero_warn(
-                    f"{type(self).__name__}: `end` is step {self._end_step} but training has only {total} "
-                    f"optimizer steps; sparsity {self.sparsity} will not be reached"
-                )
-
-    def _decides(self, step: int) -> bool:
-        return is_update_step(step, self._start_step, self._end_step, self.frequency)
-
-    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        if not self._decides(step):
-            return False
-        def at(final: float) -> float:
-            schedule = "polynomial" if self.schedule == "cubic" else self.schedule
-            return sparsity_at(step, self._start_step, self._end_step, self.initial_sparsity, final, schedule, self.power)
-
-        final = self._final_sparsity()
-        target = {name: at(s) for name, s in final.items()} if isinstance(final, dict) else at(final)
-        self._prune(target)
-        self._scheduled = target
-        return True
-
-    def _update_metrics(self) -> dict[str, float]:
-        """``<prefix>/target_sparsity``: the schedule's target at this update (per layer too when they differ)."""
-        if self._scheduled is None:
-            return {}
-        prefix = self.metric_prefix
-        if not isinstance(self._scheduled, dict):
-            return {f"{prefix}/target_sparsity": float(self._scheduled)}
-        sizes = {name: self.masks.numel(name) for name in self._scheduled}
-        mean = sum(self._scheduled[n] * sizes[n] for n in sizes) / (sum(sizes.values()) or 1)
-        return {f"{prefix}/target_sparsity": mean, **{f"{prefix}/target_sparsity/{n}": float(s) for n, s in self._scheduled.items()}}
-
-    def _prune(self, target: float | dict[str, float]) -> None:
-        """Write the masks for ``target`` (one sparsity, or one per parameter): the smallest magnitudes go."""
-        skip = self._groups.names if self._groups is not None else ()
-        prune_by_magnitude(self.masks, target, self.distribution, self._granularity, self.channel_norm, skip=skip,
-                           channel_multiple=self.channel_multiple)  # fmt: skip
-        if self._groups is not None:
-            self._groups.prune(self.masks, target, self.channel_norm, self.channel_multiple)
-        if self._heads:
-            prune_groups_by_magnitude(self.masks, self._heads, target, self.channel_norm)
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MagnitudePruner:
+        pruner = MagnitudePruner(
+            pl_module, self.sparsity, self.step_schedule(), distribution=self.distribution, granularity=self.granularity,
+            channel_norm=self.channel_norm, channel_multiple=self.channel_multiple, include=self.include,
+            exclude=self.exclude, dense_first_layer=self.dense_first_layer,
+            example_inputs=lambda: example_input(trainer, pl_module), name=type(self).__name__,
+        )  # fmt: skip
+        report_channel_groups(self, pruner.groups)
+        return pruner
 
     @property
     def structure_plan(self) -> StructurePlan | None:
-        """The heads/neurons ``granularity`` prunes, found once at set-up, and which the masks keep (``None`` without
-        such units): ``lightning_sparse.deploy(model, x, plan=callback.structure_plan)`` removes them without finding
-        them again. Also in the checkpoint state as ``"structure_plan"`` (plain data)."""
-        return StructurePlan.from_masks(self._heads, self.masks) if self._heads and self.masks is not None else None
-
-    def _extra_state(self) -> dict[str, Any]:
-        plan = self.structure_plan
-        return {"start_step": self._start_step, "end_step": self._end_step, "planned_steps": self._planned_steps,
-                "structure_plan": plan.state_dict() if plan is not None else None}  # fmt: skip
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
-        self._planned_steps = state.get("planned_steps")
+        """The heads/neurons ``granularity`` prunes, found once at set-up, and which the masks keep (``None`` before
+        set-up or without such units): ``lightning_sparse.deploy(model, x, plan=callback.structure_plan)`` removes them
+        without finding them again. Also in the checkpoint state as ``"structure_plan"`` (plain data)."""
+        return self.pruner.structure_plan if isinstance(self.pruner, MagnitudePruner) else None
 
 
 def _check_granularity(granularity: Any, distribution: str, sparsity: Any) -> None:

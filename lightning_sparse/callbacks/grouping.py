@@ -1,10 +1,9 @@
-"""Coupled channel groups for the pruning callbacks: find them once at ``setup`` (on one example input) and mask
-their companions (biases, BatchNorm affine entries) with the weights. The algorithm is
-:mod:`lightning_sparse.core.groups`; this file only finds the example input and wires the result in."""
+"""Coupled channel groups for the pruning callbacks: the example input the pruner traces at ``setup`` and what is
+said about the groups it found. The algorithm is :mod:`lightning_sparse.core.groups`, used by
+:class:`lightning_sparse.core.pruners.MagnitudePruner`; this file only finds the example input and reports."""
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,8 +11,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_sparse.compat import train_dataloader
-from lightning_sparse.core.groups import GroupedChannels, find_groups
-from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.groups import GroupedChannels
 
 
 def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...] | None:
@@ -39,22 +37,11 @@ def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[t
     return None
 
 
-def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GroupedChannels | None:
-    """The coupled groups of the callback's ``channel``-granularity targets (``None`` when it has none); their
-    companions join its :class:`MaskSet` (so they are masked, checkpointed and restored like the weights)."""
-    channel = [name for name, g in callback._granularity.items() if g.kind == "channel"]
-    if not channel:
-        return None
-    inputs = example_input(trainer, pl_module)
-    device = next(iter(callback.masks.params.values())).device
-    plan = find_groups(pl_module, tuple(x.to(device) for x in inputs) if inputs else None)
-    params = dict(pl_module.named_parameters())
-    excluded = [name for name in params if callback.exclude and any(fnmatchcase(name, p) for p in callback.exclude)]
-    grouped = GroupedChannels(plan, callback.targets, channel, params, excluded)
-    if grouped.companions:
-        callback.masks = MaskSet({**callback.masks.params, **grouped.companions})
-        callback.compressed = {name: frozenset({"zeros"}) for name in callback.masks}
-        callback._refuse_overlaps(trainer)
+def report_channel_groups(callback: Any, grouped: GroupedChannels | None) -> None:
+    """Say what the pruner's coupled channel groups are (when ``verbose``), and warn about a group reaching the
+    model's output and about ``channel`` layers left dense because their coupling is not proved."""
+    if grouped is None:
+        return
     if callback.verbose:
         rank_zero_only(print)(f"{type(callback).__name__}: {grouped.summary()}")
     warn_if_output_is_pruned(callback, grouped)
@@ -64,7 +51,6 @@ def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.Light
             f"their channel coupling is not proved: "
             + "; ".join(f"{name}: {reason}" for name, reason in grouped.unpruned.items())
         )
-    return grouped
 
 
 #: The reason :mod:`lightning_sparse.core.groups` gives a group whose channels are the model's output.

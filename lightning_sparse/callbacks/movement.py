@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytorch_lightning as pl
-from torch.optim import Optimizer
 
-from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
-from lightning_sparse.core.heads import GROUP_KINDS, prune_groups_by_scores
 from lightning_sparse.callbacks.base import check_choice
-from lightning_sparse.core.movement import SCORE_RULES, MovementScores, prune_by_movement
+from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
+from lightning_sparse.core.heads import GROUP_KINDS
+from lightning_sparse.core.movement import SCORE_RULES, MovementScores
+from lightning_sparse.core.pruners import MovementPruner
 from lightning_sparse.core.targets import each_setting
 
 
@@ -61,15 +60,14 @@ class MovementPruning(GradualMagnitudePruning):
             ranked by the sum of ``S`` over all their members' entries, biases included; the sparsity is the fraction
             of heads or neurons removed per module), or ``{glob: granularity}`` per layer, as for
             :class:`GradualMagnitudePruning`.
+        power: the exponent of the ``cubic`` schedule (3: Zhu & Gupta's cubic), as for :class:`GradualMagnitudePruning`.
+        dense_first_layer: leave the first selected parameter dense, as for :class:`GradualMagnitudePruning`.
         score_rule: ``adam`` (the paper's code: scores trained by Adam, betas (0.9, 0.999), eps 1e-8, no weight
             decay) or ``sum`` (``S = -Σ_t w_t ⊙ ∂L/∂w_t``, the paper's section 4 with plain SGD on the scores).
         score_lr: the scores' Adam learning rate with ``score_rule="adam"`` (the paper's
             ``mask_scores_learning_rate``, 1e-2), scaled by the weights' schedule (current over initial learning rate
             of the optimizer's first parameter group).
     """
-
-    metric_prefix = "movement"  # its own method: `movement/target_sparsity`, not GMP's `gmp/`
-    reset_pruned_state = False  # a pruned weight keeps its optimizer state, as the paper's dense W does (see above)
 
     def __init__(
         self,
@@ -84,6 +82,8 @@ class MovementPruning(GradualMagnitudePruning):
         initial_sparsity: float = 0.0,
         verbose: bool = True,
         granularity: str | dict[str, str] = "unstructured",
+        power: float = 3.0,
+        dense_first_layer: bool = False,
         score_rule: str = "adam",
         score_lr: float = 1e-2,
     ) -> None:
@@ -96,56 +96,26 @@ class MovementPruning(GradualMagnitudePruning):
         super().__init__(
             sparsity=sparsity, start=start, end=end, frequency=frequency, schedule=schedule, distribution=distribution,
             include=include, exclude=exclude, initial_sparsity=initial_sparsity, verbose=verbose, granularity=granularity,
+            power=power, dense_first_layer=dense_first_layer,
         )  # fmt: skip
         self.score_rule, self.score_lr = score_rule, float(score_lr)
-        self.scores: MovementScores | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self.scores = MovementScores(self.masks.params, rule=self.score_rule, lr=self.score_lr)
+    @property
+    def scores(self) -> MovementScores | None:
+        """The pruner's movement scores (``None`` before ``setup``)."""
+        return self.pruner.scores if isinstance(self.pruner, MovementPruner) else None
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
-        if self.masks is not None and trainer.global_step != self._decided_step and self._scoring(trainer.global_step):
-            self.scores.accumulate_(lr_factor(optimizer))  # dense gradients: the base masks them below, after deciding
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-
-    def _follow_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super()._follow_parameters(trainer, pl_module)
-        self.scores.rebind(self.masks.params)  # FSDP2 replaced the parameters after setup
-
-    def _scoring(self, step: int) -> bool:
-        """Scores matter until the last mask update (``end``); after it they would be computed for nothing."""
-        return self._end_step is None or step <= self._end_step
-
-    def _prune(self, target: float | dict[str, float]) -> None:
-        missing = self.scores.missing()
-        if missing:
-            raise ValueError(
-                f"MovementPruning: no gradient has reached parameter {missing[0]!r} by optimizer step "
-                f"{self._decided_step}, so its movement scores (S = -sum of w * dL/dw over the steps) were never "
-                f"accumulated and cannot rank its weights (frozen or unused in forward?). Leave it out with "
-                f"`exclude`, or begin later with `start`. Without scores: {missing}"
-            )
-        grouped = set(self._heads.params)
-        prune_by_movement(self.masks, self.scores, target, self.distribution, [n for n in self.masks if n not in grouped])
-        if self._heads:  # whole heads / neurons by their summed scores; a pruned one may come back, as a weight may
-            masks, _ = prune_groups_by_scores(self._heads, self.scores.scores, target, self.masks.params)
-            for name, mask in masks.items():
-                self.scores.set_mask(self.masks, name, mask)
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {**super()._extra_state(), "movement": self.scores.state_dict()}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        super()._load_extra_state(state)
-        if "movement" in state:
-            self.scores.load_state_dict(state["movement"])
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MovementPruner:
+        return MovementPruner(
+            pl_module, self.sparsity, self.step_schedule(), score_rule=self.score_rule, score_lr=self.score_lr,
+            distribution=self.distribution, granularity=self.granularity, include=self.include, exclude=self.exclude,
+            dense_first_layer=self.dense_first_layer, name=type(self).__name__,
+        )  # fmt: skip
 
 
-def lr_factor(optimizer: Optimizer) -> float:
-    """Where the weights' learning-rate schedule stands: the first group's learning rate over its initial one (1 without
-    a scheduler). The paper's scores follow the weights' warm-up and decay."""
-    group = optimizer.param_groups[0]
-    initial = group.get("initial_lr")
-    return float(group["lr"]) / float(initial) if initial else 1.0
+#: :class:`GradualMagnitudePruning`'s arguments that :class:`MovementPruning` does not take: it ranks heads and neurons
+#: by their scores, not a norm, and prunes no channels. Every other GMP argument it takes, with GMP's meaning, type and
+#: default (``tests/callbacks/test_arguments.py`` compares the signatures)
+NOT_FROM_GMP = ("channel_norm", "channel_multiple")
+#: the defaults it chooses differently from GMP's: the paper recomputes the top-k at every step
+OWN_DEFAULTS = {"frequency": 1}

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_sparse.callbacks.base import SparsityCallback, as_sparsity, check_choice, check_sparsity, check_steps
 from lightning_sparse.core.calibration import evaluation_mode, find_layers
-from lightning_sparse.core.oneshot import METHODS, ONE_SHOT_DISTRIBUTIONS, prune_one_shot
+from lightning_sparse.core.oneshot import METHODS, ONE_SHOT_DISTRIBUTIONS
+from lightning_sparse.core.pruners import OneShotPruner
 from lightning_sparse.core.shards import is_sharded
-from lightning_sparse.core.structured import check_shape, expand_granularity, parse_granularity
+from lightning_sparse.core.structured import parse_granularity
 from lightning_sparse.core.targets import each_setting
 
 #: methods that read calibration inputs (``magnitude`` does too under ``distribution="owl"``)
@@ -77,8 +77,6 @@ class OneShotPruning(SparsityCallback):
         verbose: print what is pruned at setup and the per-layer table when fitting ends.
     """
 
-    metric_prefix = "oneshot"
-
     def __init__(
         self,
         sparsity: float | dict[str, float] = 0.5,
@@ -134,10 +132,6 @@ class OneShotPruning(SparsityCallback):
         self.blocks, self.block_size, self.dampening = blocks, block_size, float(dampening)
         self.owl_threshold, self.owl_spread = float(owl_threshold), float(owl_spread)
         self.dataloader, self.calibrate = dataloader, calibrate
-        self._granularity: dict[str, Any] = {}
-        self._pruned_step: int | None = None  # the optimizer step pruning happened at (checkpointed)
-        self._layer_sparsity: dict[str, float] = {}  # what each layer was given (OWL, N:M, a mapping)
-        self._seconds: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -147,64 +141,49 @@ class OneShotPruning(SparsityCallback):
     @property
     def seconds(self) -> float | None:
         """Wall time of the calibration and pruning (``None`` until pruning happened in this process)."""
-        return self._seconds
+        return self.pruner.seconds if isinstance(self.pruner, OneShotPruner) else None
 
     def _calibrated(self) -> bool:
         return self.method in CALIBRATED or (self.method == "magnitude" and self.distribution == "owl")
 
-    # ----------------------------------------------------------------- hooks: when
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        self._pruned_step, self._layer_sparsity, self._seconds = None, {}, None
-        self._granularity = expand_granularity(self.granularity, self.targets)
-        for name, granularity in self._granularity.items():
-            check_shape(name, self.masks.params[name].shape, granularity)  # N:M: M must divide the inputs
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OneShotPruner:
+        pruner = OneShotPruner(
+            pl_module, self.sparsity, method=self.method, granularity=self.granularity, distribution=self.distribution,
+            step=self.step, include=self.include, exclude=self.exclude, name=type(self).__name__,
+            options=dict(blocks=self.blocks, block_size=self.block_size, dampening=self.dampening,
+                         owl_threshold=self.owl_threshold, owl_spread=self.owl_spread),
+        )  # fmt: skip
         if self._calibrated():
-            find_layers(pl_module, self.targets, self.targets.aliases)  # refuse a layer without (tokens, inputs) inputs now
+            find_layers(pl_module, pruner.targets, pruner.targets.aliases)  # refuse a layer without (tokens, inputs) inputs now
             if self.calibrate is None and not pl_module.automatic_optimization:
                 raise ValueError(
                     "OneShotPruning calibrates by running `training_step` under no_grad, which manual optimization "
                     "cannot (it steps optimizers there); give `calibrate=lambda module, batch: module(batch[0])` (a "
                     "function running the model's forward on one batch)"
                 )
+        return pruner
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        total = trainer.estimated_stepping_batches
-        if self._pruned_step is None and self.step >= total:
-            rank_zero_warn(f"OneShotPruning: `step`={self.step} but training has only {int(total)} optimizer steps; nothing will be pruned")
-
+    # ----------------------------------------------------------------- hooks: when
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.masks is not None and self._pruned_step is None and trainer.global_step >= self.step:
-            self._prune(trainer, pl_module)
-
-    def _decides(self, step: int) -> bool:
-        return False  # masks change only in on_train_batch_start, before the step's forward
-
-    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        return False
+        if isinstance(self.pruner, OneShotPruner) and self.pruner.due(trainer.global_step):
+            self._prune(trainer, pl_module, self.pruner)
 
     # ----------------------------------------------------------------- what
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: OneShotPruner) -> None:
+        """Calibration batches and the model runner from the Trainer, the pruning by the core pruner, then the masks
+        (and SparseGPT's updated weights) made the same on every rank."""
         start = time.perf_counter()
         batches = self._batches(trainer) if self._calibrated() else []
         run = self._runner(pl_module)
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
         with evaluation_mode(pl_module), _muted_logging(pl_module):
-            self._layer_sparsity = prune_one_shot(
-                pl_module, self.masks, batches, run, self.method, self._target(), self._granularity, self.distribution,
-                aliases=self.targets.aliases, blocks=self.blocks, block_size=self.block_size, dampening=self.dampening,
-                owl_threshold=self.owl_threshold, owl_spread=self.owl_spread, reduce=reduce,
-            )  # fmt: skip
-        self._pruned_step = trainer.global_step
+            pruner.prune(pl_module, batches, run, trainer.global_step, reduce)
         self._sync_masks(trainer)
         if self.method == "sparsegpt":
             self._sync_weights(trainer)
         for optimizer in trainer.optimizers:  # the dense weights' momentum must not push pruned weights
-            self.masks.mask_state_(optimizer.state)
-        self._seconds = time.perf_counter() - start
+            pruner.masks.mask_state_(optimizer.state)
+        pruner.seconds = time.perf_counter() - start
         self._log_sparsity(trainer)
 
     def _batches(self, trainer: pl.Trainer) -> list[Any]:
@@ -237,25 +216,6 @@ class OneShotPruning(SparsityCallback):
             for param in self.masks.params.values():
                 if not is_sharded(param):
                     torch.distributed.broadcast(param.data, src=0)
-
-    def _update_metrics(self) -> dict[str, float]:
-        if not self._layer_sparsity:
-            return {}
-        sizes = {name: self.masks.numel(name) for name in self._layer_sparsity}
-        mean = sum(self._layer_sparsity[n] * sizes[n] for n in sizes) / (sum(sizes.values()) or 1)
-        metrics = {"oneshot/target_sparsity": mean}
-        if len(set(self._layer_sparsity.values())) > 1:
-            metrics.update({f"oneshot/target_sparsity/{n}": float(s) for n, s in self._layer_sparsity.items()})
-        if self._seconds is not None:
-            metrics["oneshot/seconds"] = self._seconds
-        return metrics
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"pruned_step": self._pruned_step, "layer_sparsity": dict(self._layer_sparsity)}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._pruned_step = state.get("pruned_step")
-        self._layer_sparsity = dict(state.get("layer_sparsity") or {})
 
 
 @contextlib.contextmanager

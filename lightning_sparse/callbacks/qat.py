@@ -20,17 +20,16 @@ from lightning_sparse.callbacks.base import (
     CompressionCallback,
     SparsityCallback,
     check_choice,
-    check_fraction_or_step,
     check_sparsity,
     check_steps,
     current_parameters,
     print_rank_zero,
     print_targets,
     refuse_several_manual_optimizers,
-    resolve_step,
     warn_if_no_steps,
     whole_tensors,
 )
+from lightning_sparse.core.schedules import check_fraction_or_step, resolve_step
 from lightning_sparse.core.quantize import METHODS, SCALES, FakeQuantizer, check_bits, uniform_quantize
 from lightning_sparse.core.targets import each_setting, per_layer
 

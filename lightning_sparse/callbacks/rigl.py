@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_sparse.callbacks.base import (
-    RESETTABLE_OPTIMIZERS,
     SparsityCallback,
     as_sparsity,
     check_choice,
-    check_fraction_or_step,
     check_sparsity,
     check_steps,
 )
-from lightning_sparse.core.allocation import zero_counts
-from lightning_sparse.core.dynamic import DECAYS, GROW_INITS, is_dynamic_update_step, move_connections, random_masks, update_fraction
-from lightning_sparse.core.masks import pack, unpack
-from lightning_sparse.core.pruning import prune_by_magnitude
+from lightning_sparse.core.dynamic import DECAYS, GROW_INITS
+from lightning_sparse.core.pruners import RigLPruner, check_first_update
+from lightning_sparse.core.schedules import StepSchedule, check_fraction_or_step
 
 GROWTH = ("gradient", "random")
 DISTRIBUTIONS = ("erk", "uniform", "er")
@@ -109,7 +103,7 @@ class RigL(SparsityCallback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
         if isinstance(start, int) and isinstance(end, int):
-            _check_first_update(start, end, frequency)
+            check_first_update(start, end, frequency)
         self.sparsity = as_sparsity(sparsity)
         self.distribution = distribution
         self.frequency = frequency
@@ -121,117 +115,18 @@ class RigL(SparsityCallback):
         self.erk_power_scale = float(erk_power_scale)
         self.dense_first_layer = dense_first_layer
         self.grow_init, self.grow_scale = grow_init, float(grow_scale)
-        self._start_step: int | None = None
-        self._end_step: int | None = None
-        self._planned_steps: int | None = None  # run length the fractional start/end were resolved for
-        self._initial: dict[str, torch.Tensor] = {}  # packed masks at the sparse start, for the churn metric
-        self._moved: dict[str, int] = {}
-        self._warned_no_grad = False
-
-    @property
-    def metric_prefix(self) -> str:  # type: ignore[override]
-        """``rigl`` for gradient growth, ``set`` for random growth (SET)."""
-        return "rigl" if self.grow == "gradient" else "set"
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(sparsity=self.sparsity, grow=self.grow, include=self.include, exclude=self.exclude)
 
-    # ----------------------------------------------------------------- hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        self._start_step = self._end_step = None  # resolved in on_fit_start, or restored from a checkpoint
-        self._planned_steps = None
-        self._initial, self._moved = {}, {}
-        frozen = [name for name, param in self.masks.params.items() if not param.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"{type(self).__name__} cannot train the connections it grows in frozen parameters {frozen} "
-                f"(requires_grad=False): leave them out with `exclude`, or prune them with GradualMagnitudePruning"
-            )
-        counts = zero_counts(self.distribution, self.masks.params, self._target(), power_scale=self.erk_power_scale)
-        if not any(counts.values()):
-            raise ValueError(
-                f"`sparsity`={self.sparsity} with distribution {self.distribution!r} leaves every layer dense "
-                f"({list(counts)}): there is nothing for {type(self).__name__} to move; raise `sparsity`"
-            )
-        if self.start == 0:  # sparse from the first forward pass; a checkpoint being resumed replaces these masks
-            random_masks(self.masks, self._target(), self.distribution, self.seed, self.erk_power_scale)
-            self._record_initial()
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self._resolve_schedule(trainer) is not None:
-            _check_first_update(self._start_step, self._end_step, self.frequency)
-        for optimizer in trainer.optimizers:
-            if type(optimizer) not in RESETTABLE_OPTIMIZERS:
-                rank_zero_warn(
-                    f"{type(self).__name__}: cannot reset the state of optimizer {type(optimizer).__name__} for grown "
-                    f"weights: only its tensors shaped like a weight are zeroed at grown positions; any other state "
-                    f"it keeps is not reset. Fully reset: {[cls.__name__ for cls in RESETTABLE_OPTIMIZERS]}"
-                )
-
-    # ----------------------------------------------------------------- what
-    def _decides(self, step: int) -> bool:
-        if self.masks.is_empty:  # dense until `start`, then keep the largest magnitudes
-            return step >= self._start_step
-        return is_dynamic_update_step(step, self._start_step, self._end_step, self.frequency)
-
-    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        if not self._decides(step):
-            return False
-        if self.masks.is_empty:
-            prune_by_magnitude(self.masks, self._target(), self.distribution, power_scale=self.erk_power_scale)
-            self._record_initial()
-            return True
-        if self.grow == "gradient":
-            missing = [name for name, param in self.masks.params.items() if param.grad is None]
-            if missing and not self._warned_no_grad:
-                self._warned_no_grad = True
-                rank_zero_warn(
-                    f"{type(self).__name__}: {missing} have no gradient at step {step} (frozen, or unused in the "
-                    f"forward pass); their connections do not move while that lasts"
-                )
-        fraction = update_fraction(step, self._start_step, self._end_step, self.alpha, self.decay)
-        states = [optimizer.state for optimizer in trainer.optimizers]
-        self._moved = move_connections(
-            self.masks, fraction, self.grow, states, self.seed, step, self.grow_init, self.grow_scale
-        )
-        return True
-
-    def _record_initial(self) -> None:
-        self._initial = {name: pack(self.masks.mask(name)) for name in self.masks}
-
-    def _update_metrics(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        new_total = active_total = 0
-        for name in self.masks:
-            mask = self.masks.mask(name)
-            new = int((mask & ~unpack(self._initial[name], mask.shape)).sum())
-            active = int(mask.sum())
-            metrics[f"{self.metric_prefix}/churn/{name}"] = new / active if active else 0.0
-            new_total, active_total = new_total + new, active_total + active
-        metrics[f"{self.metric_prefix}/churn/global"] = new_total / active_total if active_total else 0.0
-        if self._moved:
-            metrics.update({f"{self.metric_prefix}/moved/{name}": float(count) for name, count in self._moved.items()})
-            metrics[f"{self.metric_prefix}/moved/global"] = float(sum(self._moved.values()))
-        return metrics
-
-    # ----------------------------------------------------------------- checkpoint state
-    def _extra_state(self) -> dict[str, Any]:
-        return {
-            "start_step": self._start_step,
-            "end_step": self._end_step,
-            "planned_steps": self._planned_steps,
-            "initial": {name: packed.cpu().clone() for name, packed in self._initial.items()},
-        }
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._start_step, self._end_step = state.get("start_step"), state.get("end_step")
-        self._planned_steps = state.get("planned_steps")
-        self._initial = {name: packed.to(self.masks.params[name].device) for name, packed in state.get("initial", {}).items()}
+    def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RigLPruner:
+        return RigLPruner(
+            pl_module, self.sparsity, StepSchedule(self.start, self.end, self.frequency, updates="moves"),
+            distribution=self.distribution, alpha=self.alpha, grow=self.grow, seed=self.seed, decay=self.decay,
+            erk_power_scale=self.erk_power_scale, grow_init=self.grow_init, grow_scale=self.grow_scale,
+            include=self.include, exclude=self.exclude, dense_first_layer=self.dense_first_layer, name=type(self).__name__,
+        )  # fmt: skip
 
 
 class SET(RigL):
@@ -266,10 +161,6 @@ class SET(RigL):
         )  # fmt: skip
 
 
-def _check_first_update(start: int, end: int, frequency: int) -> None:
-    first = start + frequency
-    if end <= first:
-        raise ValueError(
-            f"`end` (step {end}) must come after the first connection update at step {first} "
-            f"(`start` {start} + `frequency` {frequency}); allowed: end > {first}"
-        )
+#: :class:`RigL`'s arguments that :class:`SET` does not take: its growth is random by definition. Every other RigL
+#: argument it takes, with RigL's meaning, type and default (``tests/callbacks/test_arguments.py`` compares them)
+NOT_FROM_RIGL = ("grow",)

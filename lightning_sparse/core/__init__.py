@@ -11,19 +11,25 @@ from lightning_sparse.core.lc import LearningCompressor
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.quantize import FakeQuantizer, codebook_quantize, fit_codebook, kmeans_1d, uniform_quantize, zero_smallest
-from lightning_sparse.core.schedules import SCHEDULES, is_update_step, sparsity_at
-from lightning_sparse.core.structured import GRANULARITIES, Granularity, channel_mask, nm_mask, parse_granularity
+from lightning_sparse.core.pruners import MagnitudePruner, MovementPruner, OneShotPruner, Pruner, RigLPruner
+from lightning_sparse.core.schedules import SCHEDULES, StepSchedule, is_update_step, sparsity_at
+from lightning_sparse.core.structured import Granularity, channel_mask, nm_mask, parse_granularity
 from lightning_sparse.core.targets import DEFAULT_MODULES, prunable_names, select_targets
 
 __all__ = [
     "DEFAULT_MODULES",
     "DISTRIBUTIONS",
     "FakeQuantizer",
-    "GRANULARITIES",
     "Granularity",
     "LearningCompressor",
+    "MagnitudePruner",
     "MaskSet",
+    "MovementPruner",
+    "OneShotPruner",
+    "Pruner",
+    "RigLPruner",
     "SCHEDULES",
+    "StepSchedule",
     "codebook_quantize",
     "count_zeros",
     "channel_mask",

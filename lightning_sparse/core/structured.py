@@ -28,9 +28,8 @@ from torch import Tensor
 from lightning_sparse.core.allocation import round_half_up
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.layouts import Layout
-from lightning_sparse.core.targets import per_layer
+from lightning_sparse.core.targets import Targets, per_layer
 
-GRANULARITIES = ("unstructured", "channel", "N:M", "head", "neuron")  # head/neuron: see core/heads.py
 NORMS = ("l1", "l2")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -197,7 +196,7 @@ def nm_counts(weight: Tensor, m: int, axis: int = 0) -> Tensor:
     return (rows != 0).reshape(rows.shape[0], -1, m).sum(-1)
 
 
-def expand_granularity(value: str | Mapping[str, str], names: Sequence[str]) -> dict[str, Granularity]:
+def expand_granularity(value: str | Mapping[str, str], names: Sequence[str] | Targets) -> dict[str, Granularity]:
     """``{name: Granularity}`` for every name: one value for all, or ``{glob: value}`` (first match wins) with the
     names no glob matches pruned ``unstructured``. A glob matching no name is an error. With
     :class:`~lightning_sparse.core.targets.Targets`, globs match every alias and each layer gets its output axis and

@@ -81,3 +81,49 @@ def test_mu_multiplier_must_be_a_sane_factor(value):
     with pytest.raises(ValueError, match=r"`mu_multiplier` must be at most 10 \(μ's factor per C step"):
         LearningCompression(mu_multiplier=value)
     assert LearningCompression(mu_multiplier=1.2174).mu_multiplier == 1.2174
+
+
+def test_movement_pruning_takes_gmps_arguments_so_they_cannot_drift():
+    """MovementPruning's signature is GMP's less the channel arguments it has no use for (named in NOT_FROM_GMP), with
+    GMP's types and defaults (except OWN_DEFAULTS), then its own: an argument added to GMP fails here until movement
+    takes it or names why not."""
+    import inspect
+
+    from lightning_sparse.callbacks.movement import NOT_FROM_GMP, OWN_DEFAULTS
+
+    gmp = inspect.signature(GradualMagnitudePruning.__init__).parameters
+    movement = inspect.signature(MovementPruning.__init__).parameters
+    shared = [name for name in gmp if name not in NOT_FROM_GMP]
+    assert list(movement)[: len(shared)] == shared
+    assert list(movement)[len(shared) :] == ["score_rule", "score_lr"]
+    for name in shared:
+        assert movement[name].annotation == gmp[name].annotation, name
+        assert movement[name].default == OWN_DEFAULTS.get(name, gmp[name].default), name
+    callback = MovementPruning(sparsity=0.5, power=2.0, dense_first_layer=True)
+    assert (callback.power, callback.dense_first_layer) == (2.0, True)
+
+
+def test_a_new_pruning_method_is_one_make_pruner(tmp_path):
+    """The documented override point (docs/contributing.md, "Adding a method"): a callback that only validates its
+    arguments and builds a core pruner trains, logs and checkpoints through the base's hooks alone."""
+    from lightning_sparse.callbacks.base import SparsityCallback
+    from lightning_sparse.core.pruners import MagnitudePruner
+    from lightning_sparse.core.schedules import StepSchedule
+
+    class OneShotMagnitude(SparsityCallback):
+        def __init__(self, sparsity: float = 0.5, at: int = 3) -> None:
+            super().__init__(verbose=False)
+            self.sparsity, self.at = sparsity, at
+
+        def make_pruner(self, trainer, pl_module):
+            return MagnitudePruner(pl_module, self.sparsity, StepSchedule(self.at, self.at, 1, schedule="constant"),
+                                   name=type(self).__name__)  # fmt: skip
+
+    assert set(SparsityCallback.__annotations__) >= {"pruner", "_matrices", "_decided_step", "_masked_step", "_reapply"}
+    callback = OneShotMagnitude(sparsity=0.7)
+    model = digits_model()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, datamodule=DigitsDataModule(batch_size=64))
+    assert callback.masks.sparsity() == pytest.approx(0.7, abs=1e-3)
+    assert all(float((p == 0).float().mean()) == pytest.approx(0.7, abs=1e-2) for p in callback.masks.params.values())
+    state = callback.state_dict()
+    assert set(state) == {"masks", "start_step", "end_step", "planned_steps"} and state["start_step"] == 3

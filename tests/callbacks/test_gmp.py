@@ -165,7 +165,7 @@ def test_resume_restores_masks_and_schedule_position(digits_model, make_trainer,
     # max_epochs differs from the original run: the restored schedule (steps 8..56) must still win.
     trainer = make_trainer(tmp_path / "resumed", [resumed_cb], max_epochs=1)
     trainer.fit(model, DigitsDataModule(), ckpt_path=tmp_path / "cut" / "interrupted.ckpt")
-    assert (resumed_cb._start_step, resumed_cb._end_step) == (saved["start_step"], saved["end_step"]) == (8, 56)
+    assert (resumed_cb.pruner.schedule.start_step, resumed_cb.pruner.schedule.end_step) == (saved["start_step"], saved["end_step"]) == (8, 56)
     assert resumed_cb.masks.checksum() == cut_cb.masks.checksum()
 
 
@@ -183,7 +183,7 @@ def test_resuming_masks_that_do_not_fit_the_model_fails_and_loads_nothing(digits
     with pytest.raises(ValueError, match=r"mask for 'net.3.weight' has shape \[100, 301\] but the parameter has shape \[100, 300\]"):
         trainer.fit(digits_model(optimizer="adam", lr=1e-3), DigitsDataModule(), ckpt_path=path)
     assert not any(callback.masks.is_masked(name) for name in callback.masks.params)  # nothing half-loaded
-    assert callback._start_step is None
+    assert callback.pruner.schedule.start_step is None
 
 
 def test_sparsity_reaches_wandb_offline_run(digits_model, make_trainer, tmp_path, digits, monkeypatch):
@@ -324,14 +324,14 @@ def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(digits_model, m
     callback = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
     trainer = make_trainer(tmp_path / "first", [callback], **first)
     trainer.fit(digits_model(), digits)
-    planned = (callback._start_step, callback._end_step)
+    planned = (callback.pruner.schedule.start_step, callback.pruner.schedule.end_step)
     assert planned == ((4, 20) if direction == "longer max_epochs" else (3, 15))
     trainer.save_checkpoint(tmp_path / "first.ckpt")
     resumed = GradualMagnitudePruning(sparsity=0.8, start=0.1, end=0.5, frequency=5)
     total = 40 if direction == "longer max_epochs" else 30
     with pytest.warns(UserWarning, match=rf"GradualMagnitudePruning: resumed with the schedule planned for {total} optimizer steps \(start step {planned[0]}, end step {planned[1]}\); this run has 80. The schedule is kept"):
         make_trainer(tmp_path / "second", [resumed], max_epochs=4).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
-    assert (resumed._start_step, resumed._end_step) == planned
+    assert (resumed.pruner.schedule.start_step, resumed.pruner.schedule.end_step) == planned
 
 
 def test_resume_with_int_steps_does_not_warn(digits_model, make_trainer, tmp_path, digits, recwarn):

@@ -49,7 +49,7 @@ def test_sparsegpt_prunes_at_fit_start_and_recovery_holds_the_masks(tmp_path):
         # SparseGPT updated the kept weights (not dense weights under a mask)
         kept = ~pruned
         assert not torch.allclose(first.weights[name][kept], dense.get_parameter(name).detach()[kept])
-    assert callback._pruned_step == 0
+    assert callback.pruner.pruned_step == 0
     metrics = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
     assert "sparsity/global" in metrics and "oneshot/target_sparsity" in metrics and "oneshot/seconds" in metrics
 
@@ -83,7 +83,7 @@ def test_pruning_at_a_later_step_waits_for_it(tmp_path):
     make_trainer(tmp_path, [callback, Watch()], max_steps=8).fit(digits_model(), DigitsDataModule())
     assert [s for step, s in seen if step <= 5] == [0.0] * 5
     assert all(s == 0.5 for step, s in seen if step > 5)
-    assert callback._pruned_step == 5
+    assert callback.pruner.pruned_step == 5
 
 
 def test_resume_holds_the_masks_and_does_not_prune_again(tmp_path):
@@ -96,7 +96,7 @@ def test_resume_holds_the_masks_and_does_not_prune_again(tmp_path):
     callback = OneShotPruning(0.5, "sparsegpt", calibration_batches=2, verbose=False)
     model = digits_model()
     make_trainer(tmp_path, [callback, first], max_epochs=2).fit(model, DigitsDataModule(), ckpt_path=ckpt)
-    assert callback._pruned_step == 0  # restored, not a new pruning
+    assert callback.pruner.pruned_step == 0  # restored, not a new pruning
     for name in LAYERS:
         assert torch.equal(first.weights[name], saved[name])  # pruning again would have moved the kept weights
         assert torch.equal(zeros(model, name), saved[name] == 0)
@@ -134,7 +134,7 @@ def test_owl_gives_layers_different_sparsities_averaging_the_target(tmp_path):
     callback = OneShotPruning(0.6, "wanda", distribution="owl", calibration_batches=2, owl_spread=0.1, verbose=False)
     model = digits_model()
     make_trainer(tmp_path, [callback], max_steps=2).fit(model, DigitsDataModule())
-    given = callback._layer_sparsity
+    given = callback.pruner.given
     assert len(set(given.values())) == 3 and max(given.values()) - min(given.values()) == pytest.approx(0.2)
     for name in LAYERS:
         inputs = model.get_parameter(name).shape[1]  # Wanda prunes a whole number per row

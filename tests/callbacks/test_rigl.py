@@ -194,7 +194,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, cls):
     for (name, full), (_, resumed) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(full, resumed), name
     churn = f"{'set' if cls is SET else 'rigl'}/churn/global"  # SET logs under set/
-    assert resumed_cb._update_metrics()[churn] == full_cb._update_metrics()[churn]
+    assert resumed_cb.pruner.metrics()[churn] == full_cb.pruner.metrics()[churn]
 
 
 def test_checkpoint_keys_stay_dense(digits_model, make_trainer, tmp_path, digits):
@@ -245,8 +245,8 @@ def test_a_layer_frozen_during_training_keeps_its_mask_with_a_warning(digits_mod
     callback = RigL(sparsity=0.8, frequency=4, end=0.5)
     with pytest.warns(UserWarning, match=r"RigL: \['net.3.weight'\] have no gradient at step 4"):
         make_trainer(tmp_path, [callback, FreezeAfterSetup()], max_epochs=1).fit(digits_model(), digits)
-    assert callback._moved["net.3.weight"] == 0 and callback._moved["net.1.weight"] > 0
-    assert torch.equal(callback.masks.mask("net.3.weight"), unpack(callback._initial["net.3.weight"], (100, 300)))
+    assert callback.pruner.moved["net.3.weight"] == 0 and callback.pruner.moved["net.1.weight"] > 0
+    assert torch.equal(callback.masks.mask("net.3.weight"), unpack(callback.pruner.initial["net.3.weight"], (100, 300)))
 
 
 def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(digits_model, make_trainer, tmp_path, digits):
@@ -257,7 +257,7 @@ def test_resume_into_a_longer_run_keeps_the_schedule_and_says_so(digits_model, m
     resumed = RigL(sparsity=0.8, frequency=4, end=0.5)
     with pytest.warns(UserWarning, match=r"RigL: resumed with the schedule planned for 20 optimizer steps \(start step 0, end step 10\); this run has 40"):
         make_trainer(tmp_path / "second", [resumed], max_epochs=2).fit(digits_model(), digits, ckpt_path=tmp_path / "first.ckpt")
-    assert resumed._end_step == 10
+    assert resumed.pruner.schedule.end_step == 10
 
 
 def test_er_power_scale_linear_decay_and_dense_first_layer(digits_model, make_trainer, tmp_path, digits):
@@ -273,7 +273,7 @@ def test_er_power_scale_linear_decay_and_dense_first_layer(digits_model, make_tr
     active = int(callback.masks.mask("net.3.weight").sum())
     # constant decay moves alpha = 30% at the last update too (step 8; regrown drops are not counted), where the
     # cosine would move 0.15 · (1 + cos(0.8π)) = 2.9%
-    assert 0.15 * active < callback._moved["net.3.weight"] <= 0.3 * active
+    assert 0.15 * active < callback.pruner.moved["net.3.weight"] <= 0.3 * active
 
 
 def test_set_takes_every_rigl_argument_but_grow():

@@ -161,7 +161,7 @@ def resnet(data, tmp_path_factory):
 def test_every_member_of_a_group_loses_the_same_channels(resnet):
     model, callback = resnet
     params = dict(model.named_parameters())
-    for group, _ in callback._groups.selected:
+    for group, _ in callback.pruner.groups.selected:
         zero = None
         for name, (member, slots) in group.members.items():
             slot_zero = torch.zeros(group.channels, dtype=torch.bool)
@@ -239,7 +239,7 @@ def test_resnet_pruned_with_a_channel_multiple_deploys_at_widths_of_that_multipl
     callback = _gmp(sparsity=0.3, channel_multiple=8, exclude=["net.fc.weight"])
     model = _train(model, callback, data, tmp_path, epochs=2)
     widths = {}
-    for group, _ in callback._groups.selected:
+    for group, _ in callback.pruner.groups.selected:
         name = group.weights[0]
         kept = int((~_zero_channels(dict(model.named_parameters())[name])).sum())
         widths[name] = kept

@@ -111,10 +111,10 @@ def test_gmp_logs_the_schedules_target_under_gmp_and_keeps_the_sparsity_names(di
     trainer = make_trainer(tmp_path, [callback], logger=logger, max_epochs=1)
     trainer.fit(digits_model(), digits)
     rows = _rows(Path(logger.log_dir), "gmp/target_sparsity")
-    end = callback._end_step
+    end = callback.pruner.schedule.end_step
     assert [int(r["step"]) for r in rows] == sorted({*range(0, end, 5), end})  # every 5 steps, and at `end`
     for row in rows:
-        expected = sparsity_at(int(row["step"]), 0, end, 0.0, 0.8, "polynomial", 3.0)
+        expected = sparsity_at(int(row["step"]), 0, end, 0.0, 0.8, "cubic", 3.0)
         assert float(row["gmp/target_sparsity"]) == pytest.approx(expected)
         assert float(row["sparsity/global"]) == pytest.approx(expected, abs=0.01)  # the masks follow the target
         assert row["sparsity/model"] and all(row[f"sparsity/{name}"] for name in callback.masks)

@@ -271,7 +271,7 @@ def test_rigl_moves_connections_of_an_lstm_and_export_round_trips_it(tmp_path, s
     for name in callback.masks:  # drop-and-grow keeps every layer's count
         assert int((~callback.masks.mask(name)).sum()) == counts[name], name
     moved = [name for name in RECURRENT["LSTM"]
-             if bool((callback.masks.mask(name) & ~unpack(callback._initial[name], callback.masks.params[name].shape)).any())]
+             if bool((callback.masks.mask(name) & ~unpack(callback.pruner.initial[name], callback.masks.params[name].shape)).any())]
     assert moved == RECURRENT["LSTM"]  # connections of every recurrent weight were regrown elsewhere
 
     path = tmp_path / "lstm.lsz"

@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_sparse import GradualMagnitudePruning, LearningCompression, QuantizationAwareTraining, RigL
+from lightning_sparse import GradualMagnitudePruning, LearningCompression, MovementPruning, QuantizationAwareTraining, RigL
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -23,6 +23,7 @@ def _example():
 
 CALLBACKS = {
     "gmp": lambda: GradualMagnitudePruning(sparsity=0.9, start=8, end=40, frequency=8, verbose=False),
+    "movement": lambda: MovementPruning(sparsity=0.9, start=8, end=40, frequency=1, verbose=False),
     "rigl": lambda: RigL(sparsity=0.9, frequency=10, alpha=0.3, end=60, seed=0, verbose=False),
     "qat": lambda: QuantizationAwareTraining(bits=4, start=8, verbose=False),
     "lc": lambda: LearningCompression(sparsity=0.8, lc_steps=4, steps_per_l=15, first_l_steps=10, verbose=False),
