@@ -6,12 +6,13 @@ import math
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
 from lightning_sparse.core.heads import GROUP_KINDS, prune_groups_by_scores
 from lightning_sparse.callbacks.base import check_choice
-from lightning_sparse.core.movement import SCORE_RULES, MovementScores, prune_by_movement
+from lightning_sparse.core.movement import SCORE_RULES, MovementScores, prune_by_movement, signal_warning
 from lightning_sparse.core.targets import each_setting
 
 
@@ -66,6 +67,11 @@ class MovementPruning(GradualMagnitudePruning):
         score_lr: the scores' Adam learning rate with ``score_rule="adam"`` (the paper's
             ``mask_scores_learning_rate``, 1e-2), scaled by the weights' schedule (current over initial learning rate
             of the optimizer's first parameter group).
+        check_signal: at the first mask update that prunes, warn once (rank zero) when the scores are still
+            minibatch noise (:func:`lightning_sparse.core.movement.signal_warning`: fewer than 10 scored steps, or a
+            median ``|t| = |Σ w·g| / sqrt(Σ (w·g)²)`` below 1.0, 0.674 for pure noise), saying what to try. Costs two
+            more weight-sized fp32 tensors until that update (then freed; not checkpointed, so a run resumed after
+            it does not check again).
     """
 
     metric_prefix = "movement"  # its own method: `movement/target_sparsity`, not GMP's `gmp/`
@@ -86,6 +92,7 @@ class MovementPruning(GradualMagnitudePruning):
         granularity: str | dict[str, str] = "unstructured",
         score_rule: str = "adam",
         score_lr: float = 1e-2,
+        check_signal: bool = True,
     ) -> None:
         for label, value in each_setting("granularity", granularity):
             if value not in ("unstructured", *GROUP_KINDS):
@@ -97,13 +104,15 @@ class MovementPruning(GradualMagnitudePruning):
             sparsity=sparsity, start=start, end=end, frequency=frequency, schedule=schedule, distribution=distribution,
             include=include, exclude=exclude, initial_sparsity=initial_sparsity, verbose=verbose, granularity=granularity,
         )  # fmt: skip
-        self.score_rule, self.score_lr = score_rule, float(score_lr)
+        if not isinstance(check_signal, bool):
+            raise ValueError(f"`check_signal` must be True or False, got {check_signal!r}")
+        self.score_rule, self.score_lr, self.check_signal = score_rule, float(score_lr), check_signal
         self.scores: MovementScores | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.scores = MovementScores(self.masks.params, rule=self.score_rule, lr=self.score_lr)
+            self.scores = MovementScores(self.masks.params, rule=self.score_rule, lr=self.score_lr, track_signal=self.check_signal)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         if self.masks is not None and trainer.global_step != self._decided_step and self._scoring(trainer.global_step):
@@ -127,6 +136,12 @@ class MovementPruning(GradualMagnitudePruning):
                 f"accumulated and cannot rank its weights (frozen or unused in forward?). Leave it out with "
                 f"`exclude`, or begin later with `start`. Without scores: {missing}"
             )
+        if self.scores.signal_sums and max(target.values() if isinstance(target, dict) else [target]) > 0:
+            steps = max(self.scores.steps.values())
+            message = signal_warning(self.scores.signal(), steps, self._decided_step, self.score_rule)
+            self.scores.release_signal()  # once: the first mask update that prunes
+            if message:
+                rank_zero_warn(message)
         grouped = set(self._heads.params)
         prune_by_movement(self.masks, self.scores, target, self.distribution, [n for n in self.masks if n not in grouped])
         if self._heads:  # whole heads / neurons by their summed scores; a pruned one may come back, as a weight may
