@@ -161,7 +161,11 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
     base, _, switches = row.partition(":")
     method, _, percent = base.partition("-")
     options = dict(pretrained="minilm", num_classes=dm.num_classes, lr=args.lr)
+    if args.recipe == "paper":
+        options["weight_decay"] = 0.0  # masked_run_glue.py: --weight_decay defaults to 0.0
     model = shrink(ReferenceClassifier(**options, score_lr=args.score_lr) if method == "reference" else TextClassifier(**options), args.layers)
+    if args.recipe == "paper":
+        model.backbone.embeddings.requires_grad_(False)  # emmental/modeling_bert_masked.py, MaskedBertModel.__init__
     callbacks: list[pl.Callback] = []
     noise = None
     if method == "reference":
@@ -173,7 +177,8 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
                                   distribution=args.distribution, exclude=["head.*"], verbose=False)  # fmt: skip
         noise = ScoreNoise(pruning) if method == "movement" and pruning.score_rule == "sum" else None  # |t| reads summed S
         callbacks.extend([noise, pruning] if noise else [pruning])
-    fitter = trainer(callbacks, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0)
+    clip = {"gradient_clip_val": 1.0} if args.recipe == "paper" else {}  # masked_run_glue.py: --max_grad_norm 1.0
+    fitter = trainer(callbacks, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0, **clip)
     started = time.perf_counter()
     fitter.fit(model, datamodule=dm)
     train_s = time.perf_counter() - started
@@ -206,6 +211,10 @@ def main() -> None:
     parser.add_argument("--output", default="finetune", help="results go to benchmarks/results/OUTPUT.json")
     parser.add_argument("--score-lr", type=float, default=1e-2, help="reference: AdamW learning rate of the scores")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=("ours", "paper"), default="ours",
+                        help="paper: every row with the paper's training recipe (masked_run_glue.py): embeddings frozen, "
+                             "gradient norm clipped at 1.0, no weight decay; ours: embeddings trained, no clipping, "
+                             "weight decay 0.01")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--per-play", type=int, default=1200, help="lines per play, split 80/10/10")

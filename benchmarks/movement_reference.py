@@ -16,6 +16,26 @@ written again here for our ``TextClassifier``:
   the last ``final_warmup × warmup_steps``, cubic in between; here given as ``start``/``end`` steps (the paper's
   ``initial_warmup=1, final_warmup=2`` with ``warmup_steps`` 10% of training is ``start=0.1, end=0.8``).
 
+Checked against the paper's code itself (``huggingface/transformers`` at commit 00e12e7c for ``masked_run_glue.py``,
+0140b285 for ``emmental/modeling_bert_masked.py``, 66979d22 for ``emmental/modules/masked_nn.py``, 76aa58e0 for
+``emmental/modules/binarizer.py``; read again for issue 31). The method is ported as it is there: scores initialised to
+0 (``MaskedLinear.init_mask``, ``mask_init="constant"``, ``mask_scale=0.0``); ``TopKBinarizer.forward`` keeps the
+``int(threshold × numel)`` highest scores, gradient straight through; ``schedule_threshold`` as above, evaluated at
+``global_step`` before each batch; scores in their own AdamW group at ``mask_scores_learning_rate`` with no weight
+decay (the group sets none and ``transformers.AdamW`` defaults to 0), under ``get_linear_schedule_with_warmup``; no
+regularisation (``--regularization`` defaults to None for ``topK``); ``global_topk`` off (its default), so top-k per
+matrix, as our ``distribution="uniform"``; the masked layers are the encoder's query/key/value, attention output and
+both FFN matrices (``BertSelfAttention``, ``BertSelfOutput``, ``BertIntermediate``, ``BertOutput``), while the pooler
+and the classifier stay plain ``nn.Linear`` (``BertPooler``; our ``TextClassifier`` has no pooler and a dense head);
+no teacher unless ``--teacher_type`` is given. Three differences are in the training *recipe*, not the method, and
+``benchmarks/finetune.py --recipe paper`` applies them to every row: the embeddings are frozen
+(``MaskedBertModel.__init__``: ``self.embeddings.requires_grad_(requires_grad=False)``), the gradient norm of all
+parameters, scores included, is clipped at ``--max_grad_norm`` 1.0 (``train()``:
+``nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)``), and ``--weight_decay`` defaults to 0.0 (ours:
+embeddings trained, no clipping, 0.01). Left as they are: the model (mean pooling and a dense head on our MiniLM
+against BERT's CLS pooler), the learning-rate warm-up's first step (``get_linear_schedule_with_warmup`` starts at 0,
+``TextClassifier`` at ``1 / warmup``), and the paper's ``--learning_rate`` 3e-5 for BERT-base (ours 1e-4).
+
 Switches move it one difference at a time towards the library's ``MovementPruning`` of before issue 31 (the ablation of
 ``benchmarks/finetune.py --ablation``): ``freeze`` (masks and scores frozen after ``end``), ``held_pruned`` (pruned
 weights held at their value while pruned, their AdamW state kept), ``reset_pruned`` (the AdamW state of pruned entries

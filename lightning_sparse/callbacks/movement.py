@@ -67,6 +67,11 @@ class MovementPruning(GradualMagnitudePruning):
         score_lr: the scores' Adam learning rate with ``score_rule="adam"`` (the paper's
             ``mask_scores_learning_rate``, 1e-2), scaled by the weights' schedule (current over initial learning rate
             of the optimizer's first parameter group).
+        check_signal: at the first mask update that prunes, warn once (rank zero) when the scores are still
+            minibatch noise (:func:`lightning_sparse.core.movement.signal_warning`: fewer than 10 scored steps, or a
+            median ``|t| = |Σ w·g| / sqrt(Σ (w·g)²)`` below 1.0, 0.674 for pure noise), saying what to try. Costs two
+            more weight-sized fp32 tensors until that update (then freed; not checkpointed, so a run resumed after
+            it does not check again).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class MovementPruning(GradualMagnitudePruning):
         dense_first_layer: bool = False,
         score_rule: str = "adam",
         score_lr: float = 1e-2,
+        check_signal: bool = True,
     ) -> None:
         for label, value in each_setting("granularity", granularity):
             if value not in ("unstructured", *GROUP_KINDS):
@@ -98,7 +104,9 @@ class MovementPruning(GradualMagnitudePruning):
             include=include, exclude=exclude, initial_sparsity=initial_sparsity, verbose=verbose, granularity=granularity,
             power=power, dense_first_layer=dense_first_layer,
         )  # fmt: skip
-        self.score_rule, self.score_lr = score_rule, float(score_lr)
+        if not isinstance(check_signal, bool):
+            raise ValueError(f"`check_signal` must be True or False, got {check_signal!r}")
+        self.score_rule, self.score_lr, self.check_signal = score_rule, float(score_lr), check_signal
 
     @property
     def scores(self) -> MovementScores | None:
@@ -108,7 +116,8 @@ class MovementPruning(GradualMagnitudePruning):
     def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MovementPruner:
         return MovementPruner(
             pl_module, self.sparsity, self.step_schedule(), score_rule=self.score_rule, score_lr=self.score_lr,
-            distribution=self.distribution, granularity=self.granularity, include=self.include, exclude=self.exclude,
+            check_signal=self.check_signal, distribution=self.distribution, granularity=self.granularity,
+            include=self.include, exclude=self.exclude,
             dense_first_layer=self.dense_first_layer, name=type(self).__name__,
         )  # fmt: skip
 

@@ -38,7 +38,7 @@ from lightning_sparse.core.dynamic import DECAYS, GROW_INITS, move_connections, 
 from lightning_sparse.core.groups import GroupedChannels, find_groups
 from lightning_sparse.core.heads import GroupSet, check_group_sparsity, extend_targets, prune_groups_by_magnitude, prune_groups_by_scores, select_groups
 from lightning_sparse.core.masks import MaskSet, pack, unpack
-from lightning_sparse.core.movement import MovementScores, prune_by_movement
+from lightning_sparse.core.movement import MovementScores, prune_by_movement, signal_warning
 from lightning_sparse.core.oneshot import prune_one_shot
 from lightning_sparse.core.pruning import prune_by_magnitude
 from lightning_sparse.core.schedules import StepSchedule
@@ -340,17 +340,22 @@ class MovementPruner(MagnitudePruner):
     the top ``1 - s_t`` of the movement scores ``S`` (:class:`~lightning_sparse.core.movement.MovementScores`,
     trained from ``w ⊙ ∂L/∂w`` by :meth:`observe` at every step until ``end``), recomputed from ``S`` alone so a pruned
     weight whose score rose comes back with its old value. Pruned weights keep their optimizer state, as the paper's
-    dense ``W`` does."""
+    dense ``W`` does.
+
+    ``check_signal``: at the first mask update that prunes, warn once (through ``warn``) when the scores are still
+    minibatch noise (:func:`~lightning_sparse.core.movement.signal_warning`); costs two more weight-sized fp32 tensors
+    until that update."""
 
     metric_prefix = "movement"
     reset_pruned_state = False
 
     def __init__(
         self, model: nn.Module, sparsity: Sparsity = 0.9, schedule: StepSchedule | None = None, *, score_rule: str = "adam",
-        score_lr: float = 1e-2, **options: Any,
+        score_lr: float = 1e-2, check_signal: bool = True, **options: Any,
     ) -> None:  # fmt: skip
         super().__init__(model, sparsity, schedule, **options)
-        self.scores = MovementScores(self.masks.params, rule=score_rule, lr=score_lr)
+        self.score_rule = score_rule
+        self.scores = MovementScores(self.masks.params, rule=score_rule, lr=score_lr, track_signal=check_signal)
 
     def observe(self, step: int, lr_factor: float = 1.0) -> None:
         """One step of the scores on the dense gradients, until the last mask update (``end``; after it they would
@@ -368,6 +373,11 @@ class MovementPruner(MagnitudePruner):
                 f"weights (frozen or unused in forward?). Leave it out with `exclude`, or begin later with `start`. "
                 f"Without scores: {missing}"
             )
+        if self.scores.signal_sums and max(target.values() if isinstance(target, dict) else [target]) > 0:
+            message = signal_warning(self.scores.signal(), max(self.scores.steps.values()), step, self.score_rule)
+            self.scores.release_signal()  # once: the first mask update that prunes
+            if message:
+                self.warn(message)
         grouped = set(self.heads.params)
         prune_by_movement(self.masks, self.scores, target, self.distribution, [n for n in self.masks if n not in grouped])
         if self.heads:  # whole heads / neurons by their summed scores; a pruned one may come back, as a weight may

@@ -95,7 +95,7 @@ def test_movement_pruning_takes_gmps_arguments_so_they_cannot_drift():
     movement = inspect.signature(MovementPruning.__init__).parameters
     shared = [name for name in gmp if name not in NOT_FROM_GMP]
     assert list(movement)[: len(shared)] == shared
-    assert list(movement)[len(shared) :] == ["score_rule", "score_lr"]
+    assert list(movement)[len(shared) :] == ["score_rule", "score_lr", "check_signal"]
     for name in shared:
         assert movement[name].annotation == gmp[name].annotation, name
         assert movement[name].default == OWN_DEFAULTS.get(name, gmp[name].default), name

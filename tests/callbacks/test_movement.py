@@ -1,6 +1,7 @@
 """MovementPruning (Sanh, Wolf & Rush 2020): movement scores in core, the callback in real Trainer.fit runs on digits."""
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from lightning_sparse import GradualMagnitudePruning, MovementPruning
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import MaskSet
-from lightning_sparse.core.movement import MovementScores, prune_by_movement
+from lightning_sparse.core.movement import (
+    NOISE_MEDIAN_ABS_T, SIGNAL_MEDIAN_ABS_T, MovementScores, prune_by_movement, signal_warning,
+)
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import Classifier
 
@@ -297,3 +300,70 @@ def test_fit_with_the_movement_preset(run_cli, tmp_path):
     )  # fmt: skip
     assert "MovementPruning: sparsity per layer" in output
     assert checkpoint_sparsity(tmp_path) == pytest.approx(0.8, abs=1e-4)
+
+
+# ----------------------------------------------------------------- score-signal warning (issue 31)
+class RandomLabels(Classifier):
+    """LeNet-300-100 on digits trained on labels drawn at random for every batch: every w·g is minibatch noise."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="lenet300", input_shape=(1, 8, 8), lr=0.05)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return super().training_step((x, torch.randint(0, 10, y.shape, generator=self.generator)), batch_idx)
+
+
+def _signal_after(model: nn.Module, steps: int, labels_at_random: bool) -> float:
+    """``MovementScores.signal()`` after ``steps`` SGD steps of ``model`` on digits (plain loop)."""
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    params = {name: p for name, p in model.named_parameters() if name in LAYERS}
+    scores = MovementScores(params, rule="adam", track_signal=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    for _, (x, y) in zip(range(steps), data.train_dataloader()):
+        if labels_at_random:
+            y = torch.randint(0, 10, y.shape, generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        scores.accumulate_()
+        optimizer.step()
+    return scores.signal()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_score_signal_is_noise_level_on_random_labels_and_well_above_on_true_ones(seed):
+    pl.seed_everything(seed)
+    noise = _signal_after(digits_model(), 20, labels_at_random=True)
+    pl.seed_everything(seed)
+    signal = _signal_after(digits_model(), 20, labels_at_random=False)
+    assert abs(noise - NOISE_MEDIAN_ABS_T) < 0.1 < SIGNAL_MEDIAN_ABS_T - noise
+    assert signal > 1.5 * SIGNAL_MEDIAN_ABS_T
+    assert "median |t| = " in signal_warning(noise, 20, 20, "adam")
+    assert signal_warning(signal, 20, 20, "adam") is None
+    assert "only 3 scored step(s)" in signal_warning(signal, 3, 3, "adam")  # too few steps to tell
+
+
+def _signal_warnings(model, make_trainer, tmp_path, digits, **kwargs) -> list[str]:
+    callback = MovementPruning(sparsity=0.5, start=20, end=26, frequency=2, verbose=False, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [callback], max_steps=28).fit(model, digits)
+    assert not callback.scores.signal_sums  # freed after the first pruning update
+    return [str(w.message) for w in caught if "movement scores" in str(w.message)]
+
+
+def test_callback_warns_once_when_scores_at_the_first_update_are_noise(make_trainer, tmp_path, digits):
+    pl.seed_everything(0)
+    messages = _signal_warnings(RandomLabels(), make_trainer, tmp_path, digits)
+    assert len(messages) == 1
+    assert "optimizer step 22, 23 scored steps" in messages[0] and "`start`" in messages[0]  # step 20: target 0
+
+
+def test_callback_does_not_warn_on_a_clear_signal_or_when_switched_off(digits_model, make_trainer, tmp_path, digits):
+    pl.seed_everything(0)
+    assert _signal_warnings(digits_model(), make_trainer, tmp_path, digits) == []
+    pl.seed_everything(0)
+    assert _signal_warnings(RandomLabels(), make_trainer, tmp_path, digits, check_signal=False) == []
