@@ -17,7 +17,7 @@ from lightning_sparse.callbacks.base import (
     check_sparsity,
     check_steps,
 )
-from lightning_sparse.callbacks.grouping import setup_channel_groups
+from lightning_sparse.callbacks.grouping import check_readers, setup_channel_groups
 from lightning_sparse.core.allocation import DISTRIBUTIONS
 from lightning_sparse.core.heads import GroupSet, check_group_sparsity, extend_targets, prune_groups_by_magnitude, select_groups
 from lightning_sparse.core.pruning import prune_by_magnitude
@@ -150,6 +150,7 @@ class GradualMagnitudePruning(SparsityCallback):
             self._granularity = expand_granularity(self.granularity, self.targets)
             for layer in self._heads.layers:  # every member of a head/neuron group (biases too) follows its group
                 self._granularity.update({name: Granularity(layer.kind) for name in layer.params})
+            check_readers(trainer, pl_module, self._heads)
             self._groups = setup_channel_groups(self, trainer, pl_module)
             self._check_layers()
 

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_sparse.compat import train_dataloader
 from lightning_sparse.core.groups import GroupedChannels, find_groups
+from lightning_sparse.core.heads import GroupSet
 from lightning_sparse.core.masks import MaskSet
 
 
@@ -37,6 +38,18 @@ def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[t
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return (batch[0][:2],)
     return None
+
+
+def check_readers(trainer: pl.Trainer, pl_module: pl.LightningModule, heads: GroupSet) -> None:
+    """Refuse recurrent units whose reader (found by module order) does not read the recurrent output, checked on the
+    example input (:func:`lightning_sparse.structure.recurrent.check_readers`)."""
+    if not any(layer.pattern == "recurrent:rnn" for layer in heads.layers):
+        return
+    from lightning_sparse.structure.recurrent import check_readers as check
+
+    inputs = example_input(trainer, pl_module)
+    device = next(iter(pl_module.parameters())).device
+    check(pl_module, heads.layers, tuple(x.to(device) for x in inputs) if inputs else None)
 
 
 def setup_channel_groups(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GroupedChannels | None:

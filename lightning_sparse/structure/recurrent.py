@@ -32,15 +32,19 @@ members are zero is a constant after the activations (``f(0)``), which the consu
 contributes exactly nothing. Plain Conv→Conv chains are left to the coupled channel groups of
 :mod:`lightning_sparse.core.groups`.
 
-The reader is found by module order and shapes, not by running the model; deploy checks that the rebuilt model's
-outputs equal the masked model's before it keeps it (:func:`lightning_sparse.deploy`).
+The reader is found by module order and shapes; where an example batch is at hand (the pruning callbacks' set-up)
+:func:`check_readers` runs the model once and refuses a reader that does not read the recurrent module's output, and
+deploy keeps a rebuilt model only where its outputs equal the masked model's (:func:`lightning_sparse.deploy`).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lightning_sparse.core.heads import GroupLayer, Member
 from lightning_sparse.structure.patterns import ELEMENTWISE, Match, _builtin, _join
@@ -130,8 +134,8 @@ def _channels(module: nn.Module, produce: bool) -> tuple[int, int] | None:
 @_builtin("transposed:sequential")
 def _transposed(name: str, module: nn.Module) -> Match | None:
     """Producer → elementwise… → consumer pairs in an ``nn.Sequential`` where one of the two is transposed."""
-    if not isinstance(module, nn.Sequential):
-        return None
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+        return None  # a subclass with a forward of its own may not run its children in order
     children = list(module.named_children())
     layers, reasons = [], []
     for i, (child_name, child) in enumerate(children):
@@ -158,6 +162,68 @@ def _transposed(name: str, module: nn.Module) -> Match | None:
         members.append(Member(_join(name, consumer_name, "weight"), into[0], (0,), READER))
         layers.append(GroupLayer("neuron", path, type(child).__name__, out[1], 1, tuple(members), "transposed:sequential"))
     return Match(layers, "; ".join(reasons)) if layers or reasons else None
+
+
+def _reads(read: Tensor, outputs: list[Tensor], width: int) -> bool:
+    """Whether ``read`` (a reader's input) is the recurrent output itself or a view of it whose rows are whole
+    output rows (same storage, last axis the output width, contiguous along it, rows starting at multiples of it)."""
+    if read.shape[-1] != width or read.stride(-1) != 1 or read.storage_offset() % width:
+        return False
+    if any(stride % width for stride in read.stride()[:-1] if stride):
+        return False
+    pointer = read.untyped_storage().data_ptr()
+    return any(out.untyped_storage().data_ptr() == pointer for out in outputs)
+
+
+@torch.no_grad()
+def check_readers(model: nn.Module, layers: Sequence[GroupLayer], inputs: tuple[Tensor, ...] | None) -> None:
+    """Run ``model`` once on ``inputs`` (eval mode, restored after) and refuse, naming the layer, each recurrent unit
+    layer whose reader Linear (found by module order) does not read that module's output as it is: a LayerNorm, a
+    concatenation or a copy in between would break the unit (its columns would not be the ones its units feed).
+    Without ``inputs`` nothing is checked (deploy still compares outputs)."""
+    readers = {}
+    for layer in layers:
+        if layer.pattern != "recurrent:rnn" or not layer.members[-1].param.endswith(".weight") or ".weight_ih_l" in layer.members[-1].param:
+            continue
+        path = layer.module.rpartition("/")[0]
+        readers[path] = (layer, layer.members[-1].param.rpartition(".")[0])
+    if not readers or inputs is None:
+        return
+    seen: dict[str, list[Tensor]] = {}
+    read: dict[str, list[bool]] = {}
+    handles = []
+    for path, (layer, reader) in readers.items():
+        rnn = model.get_submodule(path)
+        width = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+
+        def output(module: nn.Module, args: Any, out: Any, path: str = path) -> None:
+            flat = [out] if isinstance(out, Tensor) else [t for part in out for t in (part if isinstance(part, tuple) else (part,))]
+            seen.setdefault(path, []).extend(t for t in flat if isinstance(t, Tensor))
+
+        def reading(module: nn.Module, args: Any, path: str = path, width: int = width) -> None:
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            read.setdefault(path, []).append(first is not None and _reads(first, seen.get(path, []), width))
+
+        handles.append(rnn.register_forward_hook(output))
+        handles.append(model.get_submodule(reader).register_forward_pre_hook(reading))
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    for path, (layer, reader) in readers.items():
+        if not read.get(path) or not all(read[path]):
+            how = "is not called" if not read.get(path) else "reads something other than its output as it is"
+            raise ValueError(
+                f"`granularity`='channel' on the hidden units of {path!r} ({layer.module_type}): the Linear registered "
+                f"after it, {reader!r}, {how} (e.g. a norm, a concatenation or a copy in between), so its units cannot "
+                f"be pruned as channels. Prune {path!r} 'unstructured' or 'N:M' (a {{glob: granularity}} mapping) or "
+                f"leave it out (`exclude`)"
+            )
 
 
 # ----------------------------------------------------------------------------- deploy's surgery

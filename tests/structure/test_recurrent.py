@@ -244,6 +244,21 @@ def test_channel_on_units_whose_reader_is_not_proved_is_refused_naming_the_layer
         select_groups(model, targets, expand_granularity("channel", targets))
 
 
+class NormedLM(CharLM):
+    """The decoder is registered right after the LSTM, but the forward normalises the LSTM's output first (a
+    functional LayerNorm: no module between them tells)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(self.embed(x))[0]
+        return self.decoder(F.layer_norm(out, out.shape[-1:]))
+
+
+def test_a_reader_that_does_not_read_the_lstm_output_as_it_is_is_refused_at_setup(tmp_path, sonnets):
+    callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", verbose=False)
+    with pytest.raises(ValueError, match=r"hidden units of 'rnn' \(LSTM\).*'decoder', reads something other than its output"):
+        trainer(tmp_path, [callback]).fit(NormedLM(len(sonnets.chars)), sonnets)
+
+
 def test_two_four_on_an_lstm_fan_in_that_four_does_not_divide_is_refused_naming_it():
     targets = select_targets(nn.Sequential(nn.LSTM(6, 8)))
     granularity = expand_granularity("2:4", targets)
