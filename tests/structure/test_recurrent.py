@@ -259,6 +259,13 @@ def test_a_reader_that_does_not_read_the_lstm_output_as_it_is_is_refused_at_setu
         trainer(tmp_path, [callback]).fit(NormedLM(len(sonnets.chars)), sonnets)
 
 
+def test_channel_on_a_recurrent_cell_is_refused_naming_it():
+    model = nn.Sequential(nn.LSTMCell(8, 16), nn.Linear(16, 4))
+    targets = select_targets(model)
+    with pytest.raises(ValueError, match=r"'0\.weight_ih' \(LSTMCell\).*a recurrent cell"):
+        select_groups(model, targets, expand_granularity("channel", targets))
+
+
 def test_two_four_on_an_lstm_fan_in_that_four_does_not_divide_is_refused_naming_it():
     targets = select_targets(nn.Sequential(nn.LSTM(6, 8)))
     granularity = expand_granularity("2:4", targets)
