@@ -25,12 +25,13 @@ so is a last layer whose reader cannot be found from the module structure (the r
 
 **Transposed convolutions** (``nn.ConvTranspose1d/2d/3d``, weight ``(in, out/groups, k…)``). In an
 ``nn.Sequential``, a producer (``nn.Conv*d``: output axis 0; ``nn.ConvTranspose*d``: output axis 1; ``groups=1``)
-followed, after only elementwise modules (activations, dropout), by a consumer (``nn.ConvTranspose*d``: input axis 0;
+followed, after only elementwise modules (activations, dropout) and BatchNorms (their affine entries are members,
+their running statistics are sliced at deploy), by a consumer (``nn.ConvTranspose*d``: input axis 0;
 ``nn.Conv*d``: input axis 1; ``groups=1``), with one of the two a transposed convolution: output channel ``j`` of the
 producer (its weight slice and bias entry) with input channel ``j`` of the consumer is one unit. A channel whose
 members are zero is a constant after the activations (``f(0)``), which the consumer's zero inputs weigh by 0, so it
-contributes exactly nothing. Plain Conv→Conv chains are left to the coupled channel groups of
-:mod:`lightning_sparse.core.groups`.
+contributes exactly nothing (a BatchNorm's zero affine entries make it exactly zero already). Plain Conv→Conv
+chains are left to the coupled channel groups of :mod:`lightning_sparse.core.groups`.
 
 The reader is found by module order and shapes; where an example batch is at hand (the pruning callbacks' set-up)
 :func:`check_readers` runs the model once and refuses a reader that does not read the recurrent module's output, and
@@ -53,6 +54,7 @@ from lightning_sparse.structure.surgery import KeptDense, register_rebuild, slic
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 READER = "reader"  # the role of a member that only reads the units (the next layer's input columns)
 _PASS = (nn.Dropout, nn.Identity)
@@ -142,7 +144,7 @@ def _transposed(name: str, module: nn.Module) -> Match | None:
         if not isinstance(child, (*CONVS, *TRANSPOSED)):
             continue
         j = i + 1
-        while j < len(children) and isinstance(children[j][1], ELEMENTWISE):
+        while j < len(children) and isinstance(children[j][1], (*ELEMENTWISE, *NORMS)):
             j += 1
         if j >= len(children) or not isinstance(children[j][1], (*CONVS, *TRANSPOSED)):
             continue
@@ -156,9 +158,15 @@ def _transposed(name: str, module: nn.Module) -> Match | None:
                            f"{_join(name, consumer_name)!r} ({type(consumer).__name__}) through a grouped convolution "
                            f"(groups > 1), whose channels are not removed one by one")  # fmt: skip
             continue
+        norms = [(n, m) for n, m in children[i + 1 : j] if isinstance(m, NORMS)]
+        if any(m.num_features != out[1] for _, m in norms):
+            continue
         members = [Member(_join(path, "weight"), out[0], (0,), "output channel")]
         if child.bias is not None:
             members.append(Member(_join(path, "bias"), 0, (0,), "output channel bias"))
+        for norm_name, norm in norms:  # BatchNorm's affine entries (its running statistics go at deploy)
+            members += [Member(_join(name, norm_name, p), 0, (0,), f"norm {p}") for p in ("weight", "bias")
+                        if getattr(norm, p, None) is not None]  # fmt: skip
         members.append(Member(_join(name, consumer_name, "weight"), into[0], (0,), READER))
         layers.append(GroupLayer("neuron", path, type(child).__name__, out[1], 1, tuple(members), "transposed:sequential"))
     return Match(layers, "; ".join(reasons)) if layers or reasons else None
@@ -264,4 +272,25 @@ def _rebuild_rnn(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
     return f"{type(rnn).__name__}(hidden_size={len(keep)})"
 
 
+def _rebuild_sequential(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
+    """Slice a producer/consumer pair's units, and the running statistics of the BatchNorms between them."""
+    slice_members(model, layer, keep)
+    parent, _, first = layer.module.rpartition(".")
+    sequential = model.get_submodule(parent) if parent else model
+    names = [n for n, _ in sequential.named_children()]
+    index = torch.tensor(keep, dtype=torch.long)
+    for child_name in names[names.index(first) + 1 :]:
+        child = sequential.get_submodule(child_name)
+        if isinstance(child, (*CONVS, *TRANSPOSED)):
+            break
+        if isinstance(child, NORMS):
+            for buffer in ("running_mean", "running_var"):
+                value = getattr(child, buffer, None)
+                if value is not None:
+                    setattr(child, buffer, value.index_select(0, index.to(value.device)).clone())
+            child.num_features = len(keep)
+    return f"{layer.module_type} ({len(keep)} channels)"
+
+
 register_rebuild("recurrent:rnn", _rebuild_rnn)
+register_rebuild("transposed:sequential", _rebuild_sequential)

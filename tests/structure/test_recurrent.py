@@ -52,12 +52,15 @@ class CharLM(pl.LightningModule):
 class ConvDecoder(pl.LightningModule):
     """Digits 8×8 → a strided Conv2d (4×4) → ConvTranspose2d back to 8×8 → ConvTranspose2d to one channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
+        def bn(channels: int) -> list[nn.Module]:
+            return [nn.BatchNorm2d(channels)] if norm else []
+
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, stride=2, padding=1), *bn(16), nn.ReLU(),
+            nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1, output_padding=1), *bn(16), nn.ReLU(),
             nn.ConvTranspose2d(16, 1, 3, padding=1),
         )  # fmt: skip
 
@@ -184,23 +187,29 @@ def test_layers_of_one_module_keeping_different_unit_counts_stay_whole_saying_wh
 
 
 # ----------------------------------------------------------------------------------------------- transposed convolutions
-def test_a_conv_transpose_decoder_loses_half_its_channels_in_training_and_at_deploy(tmp_path):
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "batchnorm"])
+def test_a_conv_transpose_decoder_loses_half_its_channels_in_training_and_at_deploy(tmp_path, norm):
     data = DigitsDataModule(batch_size=64)
     data.setup()
-    model = ConvDecoder()
+    model = ConvDecoder(norm)
     layers = {layer.module: layer for layer in find_group_layers(model)}
-    assert set(layers) == {"net.0", "net.2"}  # Conv2d → ConvT, ConvT → ConvT; the last one is the model's output
-    assert [(m.param, m.axis) for m in layers["net.2"].members] == [("net.2.weight", 1), ("net.2.bias", 0), ("net.4.weight", 0)]
+    convt, last = ("net.3", "net.6") if norm else ("net.2", "net.4")
+    assert set(layers) == {"net.0", convt}  # Conv2d → ConvT, ConvT → ConvT; the last one is the model's output
+    norm_members = [("net.4.weight", 0), ("net.4.bias", 0)] if norm else []
+    assert [(m.param, m.axis) for m in layers[convt].members] == [(f"{convt}.weight", 1), (f"{convt}.bias", 0), *norm_members, (f"{last}.weight", 0)]
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", frequency=4, end=8, verbose=False)
     trainer(tmp_path, [callback]).fit(model, data)
     model.eval()
     x = next(iter(data.val_dataloader()))[0][:16]
-    assert int(model.net[2].weight.abs().sum((0, 2, 3)).eq(0).sum()) == 8  # 8 of 16 output channels (axis 1) pruned
+    pruned = model.get_submodule(convt).weight.abs().sum((0, 2, 3)).eq(0)
+    assert int(pruned.sum()) == 8  # 8 of 16 output channels (axis 1) pruned
     reference = model(x)
     deployed = deploy_model(model, x, kernel="dense").model
     convs = [m for m in deployed.modules() if isinstance(m, nn.modules.conv._ConvNd)]  # deploy flattens the graph
     assert [tuple(m.weight.shape[:2]) for m in convs] == [(8, 1), (8, 8), (8, 1)]
     assert convs[1].out_channels == 8 and convs[2].in_channels == 8
+    norms = [m for m in deployed.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [(m.num_features, m.running_mean.shape[0], m.weight.shape[0]) for m in norms] == [(8, 8, 8)] * (2 if norm else 0)
     assert torch.allclose(deployed(x), reference, atol=1e-5)
     assert conv_macs(deployed, x) < 0.4 * conv_macs(model, x)
     assert sum(p.numel() for p in deployed.parameters()) < 0.4 * sum(p.numel() for p in model.parameters())
