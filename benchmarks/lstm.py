@@ -17,7 +17,8 @@ Every row uses the same seed, data order and steps; only the model width and the
   half the hidden units of each LSTM layer pruned whole (gate rows, ``weight_hh`` column, reader columns), then
   ``deploy(kernel="dense")`` rebuilds the LSTM with hidden 64; its val loss is the deployed model's, and its speed is
   tokens/s of one forward at batch 32 × 64 against the dense row's model (median of ``--rounds`` interleaved runs,
-  one thread, same process: run it with ``dense``).
+  one thread, same process: run it with ``dense``);
+* ``dense 64``: hidden 64, no callback: the deployed channel model's architecture trained dense from the start.
 
 AdamW (fused, lr 3e-3, no weight decay) with a cosine to 3e-4, gradient clipping 1.0, batch 32, one thread. Val loss:
 mean cross-entropy (nats per character) over the first ``--val-batches`` held-out batches.
@@ -50,7 +51,7 @@ from lightning_sparse.deployment import deploy_model
 
 EMBED, LAYERS, HIDDEN, BLOCK, BATCH = 64, 2, 128, 64, 32
 CHANNEL = "GMP channel 50% deployed"
-ROWS = ("dense", "GMP 90%", "small dense", CHANNEL)
+ROWS = ("dense", "GMP 90%", "small dense", CHANNEL, "dense 64")
 
 
 class CharLSTM(pl.LightningModule):
@@ -168,7 +169,8 @@ def main() -> None:
     reference = CharLSTM(vocab)
     matmul = set(prunable_names(reference))
     target = sum(round(0.1 * p.numel()) if n in matmul else p.numel() for n, p in reference.named_parameters())
-    widths = {"dense": HIDDEN, "GMP 90%": HIDDEN, "small dense": small_dense_hidden(target, vocab), CHANNEL: HIDDEN}
+    widths = {"dense": HIDDEN, "GMP 90%": HIDDEN, "small dense": small_dense_hidden(target, vocab), CHANNEL: HIDDEN,
+              "dense 64": HIDDEN // 2}
     results = {row: run(row, data, args, widths[row]) for row in args.rows}
     models = {row: results[row].pop("model") for row in results}
     speed = {}
