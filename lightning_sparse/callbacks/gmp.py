@@ -56,7 +56,10 @@ class GradualMagnitudePruning(SparsityCallback):
             (:mod:`lightning_sparse.core.groups`, found at setup from a ``torch.fx`` trace on
             ``example_input_array`` or the first training batch): every layer writing into one residual stream, with
             its biases and BatchNorm affine entries, loses the same channels, so ``deploy`` can remove them; a layer
-            whose coupling is not proved stays dense, with the reason printed. For heads and neurons the sparsity is
+            whose coupling is not proved stays dense, with the reason printed. The hidden units of an
+            ``nn.LSTM``/``GRU``/``RNN`` (rows in every gate, ``weight_hh`` column, the reader's columns) and the
+            channels of an ``nn.ConvTranspose*d`` in an ``nn.Sequential`` are ``channel`` units too, found from the
+            module structure (:mod:`lightning_sparse.structure.recurrent`). For heads and neurons the sparsity is
             the fraction of heads (neurons) of each module removed, and every member of a group (biases too) is
             masked; see :mod:`lightning_sparse.core.heads`.
         channel_norm: ``l1`` or ``l2``: the norm that ranks output channels for ``channel`` granularity, and heads

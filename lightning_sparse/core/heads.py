@@ -33,6 +33,9 @@ from lightning_sparse.core.shards import full_tensor
 from lightning_sparse.core.targets import Targets, parameter_roles
 
 GROUP_KINDS = ("head", "neuron")
+#: structure patterns whose ``neuron`` units ``granularity="channel"`` also prunes: recurrent hidden units and the
+#: channels of transposed convolutions (:mod:`lightning_sparse.structure.recurrent`)
+CHANNEL_PATTERNS = ("recurrent:rnn", "transposed:sequential")
 
 
 @dataclass(frozen=True)
@@ -157,13 +160,19 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
     is a target with another granularity (two rules would write its mask).
     """
     wanted = {name: str(g) for name, g in granularity.items() if str(g) in GROUP_KINDS}
-    if not wanted:
+    channel = [name for name, g in granularity.items() if str(g) == "channel"]
+    if not wanted and not channel:
         return GroupSet()
     layers, dense = _find(model)
     chosen: list[GroupLayer] = []
     for layer in layers:
-        if any(wanted.get(p) == layer.kind for p in layer.params):
+        if any(wanted.get(p) == layer.kind for p in layer.params) or (
+            layer.pattern in CHANNEL_PATTERNS and any(m.param in channel for m in layer.members if m.role != "reader")
+        ):
             chosen.append(layer)
+    _refuse_unproved_channels(model, channel, chosen, dense)
+    if not chosen and not wanted:
+        return GroupSet()
     covered = {(p, layer.kind) for layer in chosen for p in (*layer.params, *layer.shared)}
     for name, kind in wanted.items():
         if (name, kind) not in covered:
@@ -179,8 +188,9 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
                 f"`lightning_sparse.structure.register_attention` / `register_mlp`"
             )
     for layer in chosen:
+        allowed = (layer.kind, "channel") if layer.pattern in CHANNEL_PATTERNS else (layer.kind,)
         for param in layer.params:
-            if param in granularity and str(granularity[param]) != layer.kind:
+            if param in granularity and str(granularity[param]) not in allowed:
                 raise ValueError(
                     f"{param!r} is a member of the {layer.kind} groups of {layer.module!r} ({layer.module_type}) but is "
                     f"given granularity {str(granularity[param])!r}: a group's members are pruned together, so give every "
@@ -188,6 +198,31 @@ def select_groups(model: nn.Module, targets: Targets, granularity: Mapping[str, 
                 )
     shared = [p for layer in chosen for p in layer.shared if wanted.get(p) == layer.kind]
     return GroupSet(chosen, shared)
+
+
+def _refuse_unproved_channels(model: nn.Module, channel: list[str], chosen: list[GroupLayer],
+                              dense: list[tuple[str, str]]) -> None:  # fmt: skip
+    """A recurrent weight given ``channel`` must be a member of a chosen unit layer: its rows are gates, so it has no
+    channels of its own. Refused with the structure layer's reason (proj_size, a reader not proved) where it is not."""
+    from lightning_sparse.core.layouts import RECURRENT_KINDS, matmul_layout
+
+    members = {m.param for layer in chosen for m in layer.members}
+    for name in [name for name in channel if name not in members]:  # model order
+        owner, _, attribute = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        found = matmul_layout(module, attribute)
+        if found is None or found[0] not in RECURRENT_KINDS:
+            continue
+        why = [reason for where, reason in dense if name.startswith(where + ".") or owner == where or not where]
+        why = [reason for reason in why if repr(owner) in reason] or why
+        raise ValueError(
+            f"`granularity`='channel' on {name!r} ({found[0]}): its hidden units cannot be pruned as channels here"
+            + (f": {'; '.join(why)}" if why else " (a recurrent cell or a module the structure layer does not know)")
+            + f". Prune {owner!r} 'unstructured' or 'N:M' (a {{glob: granularity}} mapping) or leave it out (`exclude`)"
+        )
 
 
 def extend_targets(model: nn.Module, targets: Targets, groups: GroupSet) -> Targets:

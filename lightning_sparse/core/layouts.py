@@ -136,8 +136,9 @@ ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj
 
 def _no_unit_channels(kind: str) -> str:
     return (
-        f"a row of an {kind} weight is one gate of one hidden unit, and its hidden units (their rows in every gate, "
-        f"their column of weight_hh and the inputs that read them) are not yet pruned as channels"
+        f"a row of an {kind} weight is one gate of one hidden unit; hidden units (their rows in every gate, their "
+        f"column of weight_hh and the inputs that read them) are pruned as channels only as whole units of an "
+        f"nn.LSTM/GRU/RNN whose reader the structure layer finds (lightning_sparse.structure.recurrent)"
     )
 
 

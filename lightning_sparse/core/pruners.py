@@ -215,6 +215,8 @@ class MagnitudePruner(Pruner):
         self.layer_granularity: dict[str, Granularity] = expand_granularity(self.granularity, self.targets)
         for layer in self.heads.layers:  # every member of a head/neuron group (biases too) follows its group
             self.layer_granularity.update({name: Granularity(layer.kind) for name in layer.params})
+        if any(layer.pattern == "recurrent:rnn" for layer in self.heads.layers):
+            self._check_recurrent_readers(model, example_inputs)
         channel = [name for name, g in self.layer_granularity.items() if g.kind == "channel"]
         if channel:
             self.groups = self._channel_groups(model, channel, example_inputs)
@@ -234,6 +236,15 @@ class MagnitudePruner(Pruner):
                 value = next(self.layer_sparsity[p] for p in layer.params if p in self.layer_sparsity)
                 self.layer_sparsity.update({p: value for p in layer.params})
         return extend_targets(model, targets, self.heads)
+
+    def _check_recurrent_readers(self, model: nn.Module, example_inputs: Any) -> None:
+        """Refuse recurrent hidden units whose reader (found by module order) does not read the recurrent output as it
+        is, checked on the example input (:func:`lightning_sparse.structure.recurrent.check_readers`)."""
+        from lightning_sparse.structure.recurrent import check_readers  # the structure package imports core
+
+        inputs = example_inputs() if callable(example_inputs) else example_inputs
+        device = next(iter(self.masks.params.values())).device
+        check_readers(model, self.heads.layers, tuple(x.to(device) for x in inputs) if inputs else None)
 
     def _channel_groups(self, model: nn.Module, channel: list[str], example_inputs: Any) -> GroupedChannels:
         """The coupled groups of the ``channel`` targets; their companions (biases, BatchNorm affine entries) join

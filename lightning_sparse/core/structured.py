@@ -76,7 +76,7 @@ def parse_granularity(argument: str, value: object) -> Granularity:
 def check_shape(name: str, shape: Sequence[int], granularity: Granularity) -> None:
     """Refuse a granularity the parameter's shape cannot hold: channels and N:M need a weight of >= 2 dims with an
     output axis (not an embedding table), channels a layer whose output units can be pruned whole (not a recurrent
-    layer's gate rows), and M must divide the inputs of one output unit (the product of the other dims; a grouped
+    layer's gate rows: its hidden units are pruned whole by :mod:`lightning_sparse.structure.recurrent`), and M must divide the inputs of one output unit (the product of the other dims; a grouped
     ``ConvTranspose``: of one group's)."""
     if granularity.kind in ("unstructured", "head", "neuron"):  # heads/neurons: checked as groups (core/heads.py)
         return

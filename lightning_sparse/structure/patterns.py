@@ -565,3 +565,7 @@ def _two_layer(name: str, module: nn.Module) -> Match | None:
         if found is not None:
             return found
     return None
+
+
+# recurrent hidden units and transposed-convolution channels (granularity "channel"): their own module, registered here
+from lightning_sparse.structure import recurrent as _recurrent  # noqa: E402,F401

@@ -61,8 +61,24 @@ def _embedding(module: nn.Embedding) -> None:
     module.num_embeddings, module.embedding_dim = module.weight.shape
 
 
+def _conv(module: nn.Module) -> None:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    rows, cols = module.weight.shape[:2]
+    if module.transposed:  # (in, out/groups, k…)
+        module.in_channels, module.out_channels = rows, cols * module.groups
+    else:  # (out, in/groups, k…)
+        module.out_channels, module.in_channels = rows, cols * module.groups
+
+
+def _recurrent(module: nn.Module) -> None:
+    assert isinstance(module, nn.RNNBase)
+    module.input_size = module.weight_ih_l0.shape[1]  # the first layer's inputs (a producer's units removed)
+
+
 register_slicer(nn.Linear, _linear)
 register_slicer(nn.Embedding, _embedding)
+register_slicer(nn.modules.conv._ConvNd, _conv)
+register_slicer(nn.RNNBase, _recurrent)
 
 
 def _slice_shapes(module: nn.Module) -> None:
@@ -128,6 +144,25 @@ def remove_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
 def slice_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
     """The generic surgery (module doc): delete the dropped units' entries of every member, re-read the owners'
     shape attributes, and resize the module that holds the units."""
+    slice_members(model, layer, keep)
+    module = model.get_submodule(layer.module) if layer.module else model
+    for cls in type(module).__mro__:
+        if cls in _RESIZERS:
+            _RESIZERS[cls](module, layer, len(keep))
+            break
+    else:
+        default_resize(module, layer, len(keep))
+    if layer.kind == "head" and layer.query_heads > 1:
+        return f"{layer.module_type} ({len(keep)} KV groups × {layer.query_heads} query heads)"
+    if layer.kind == "head" and layer.kv_heads:
+        return f"{layer.module_type} ({len(keep)} query heads per KV head × {layer.kv_heads})"
+    return f"{layer.module_type} ({len(keep)} {layer.kind}s)"
+
+
+@torch.no_grad()
+def slice_members(model: nn.Module, layer: GroupLayer, keep: list[int]) -> None:
+    """Delete the dropped units' entries of every member of ``layer`` and re-read the owners' shape attributes (the
+    tensor half of :func:`slice_units`, for a rebuild that states the new size itself)."""
     dropped = [g for g in range(layer.count) if g not in set(keep)]
     by_tensor: dict[tuple[str, int], list] = {}
     for member in layer.members:
@@ -143,18 +178,6 @@ def slice_units(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
         owners[owner_name] = owner
     for owner in owners.values():
         _slice_shapes(owner)
-    module = model.get_submodule(layer.module) if layer.module else model
-    for cls in type(module).__mro__:
-        if cls in _RESIZERS:
-            _RESIZERS[cls](module, layer, len(keep))
-            break
-    else:
-        default_resize(module, layer, len(keep))
-    if layer.kind == "head" and layer.query_heads > 1:
-        return f"{layer.module_type} ({len(keep)} KV groups × {layer.query_heads} query heads)"
-    if layer.kind == "head" and layer.kv_heads:
-        return f"{layer.module_type} ({len(keep)} query heads per KV head × {layer.kv_heads})"
-    return f"{layer.module_type} ({len(keep)} {layer.kind}s)"
 
 
 def _rebuild_shared_bias(model: nn.Module, layer: GroupLayer, keep: list[int]) -> str:
