@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--dense-epochs", type=int, default=2)
     parser.add_argument("--prune-epochs", type=int, default=2)
     parser.add_argument("--train-batches", type=int, default=200, help="batches of 128 per epoch (430 is all of MNIST)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of every group's channels pruned")
+    parser.add_argument("--sparsity", type=float, default=0.3, help="fraction of every group's channels pruned (0.3 with --multiple 16: 16-48-96 of 32-64-128)")
     parser.add_argument("--multiple", type=int, default=16, help="channel_multiple: kept channels per group")
     parser.add_argument("--batch-size", type=int, default=64, help="batch the forward is timed at")
     parser.add_argument("--rounds", type=int, default=200, help="interleaved timing rounds")

@@ -201,7 +201,11 @@ class _Recorder(TorchFunctionMode):
         self.consumers: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}  # a layer called again writes the same channels
         self.values: dict[int, tuple[Tensor, Any]] = {}  # id(tensor) -> (tensor, _Value | FREE | OPAQUE)
-        self.params = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        self.params = {id(p): name for name, p in model.named_parameters()}  # the canonical (first) name of each
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        self.tied = {i: names for i, names in aliases.items() if len(names) > 1}  # one tensor in several modules
         self.buffers = {id(b): name for name, b in model.named_buffers(remove_duplicate=False)}
         self.stack: list[str] = []  # the modules whose forward is running
         self.failure: BaseException | None = None
@@ -342,6 +346,8 @@ class _Recorder(TorchFunctionMode):
         if found is None:
             return self.unknown(name, [x] if isinstance(x, _Value) else [], "a convolution with a weight that is not a parameter")
         layer = found[0]
+        if id(weight) in self.tied:
+            return self.tied_layer(name, x, int(out.shape[1]), 1, weight)
         c_in, c_out = int(args[0].shape[1]), int(out.shape[1])
         if isinstance(x, _Value) and x.dim != 1:
             self.ids.block(x.ids, f"its channels reach {layer} ({name}) on another axis")
@@ -378,6 +384,16 @@ class _Recorder(TorchFunctionMode):
         layers = (x.layers if isinstance(x, _Value) else frozenset()) | {layer}
         return _Value(1, ids, torch.zeros(c_out, dtype=torch.bool), layers)
 
+    def tied_layer(self, op: str, x: Any, channels: int, dim: int, weight: Tensor) -> _Value:
+        """A layer whose weight is tied to another module's (an LM head sharing the embedding): its channels, and
+        the channels it reads, are not followed (removing them would change the other module)."""
+        reason = f"{op} with weight tied to several modules ({', '.join(self.tied[id(weight)])})"
+        if isinstance(x, _Value):
+            self.ids.block(x.ids, f"its channels reach {reason}")
+        ids = self.ids.fresh(channels)
+        self.ids.block(ids, f"written by {reason}")
+        return _Value(dim, ids, torch.zeros(channels, dtype=torch.bool), frozenset())
+
     def linear(self, args: tuple, kwargs: dict, out: Tensor, x: Any, inputs: list[Any]) -> Any:
         weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         found = self.layer_of(weight)
@@ -385,6 +401,8 @@ class _Recorder(TorchFunctionMode):
             return self.unknown("linear", [x] if isinstance(x, _Value) else [], "a linear map with a weight that is not a parameter")
         layer = found[0]
         last = out.dim() - 1
+        if id(weight) in self.tied:
+            return self.tied_layer("linear", x, int(out.shape[-1]), last, weight)
         if isinstance(x, _Value):
             if x.dim != args[0].dim() - 1:
                 self.ids.block(x.ids, f"its channels reach {layer} (linear) on another axis than its input features")
@@ -500,7 +518,8 @@ class _Recorder(TorchFunctionMode):
         for v in tracked[1:]:
             self.ids.union(base.ids, v.ids)
         product = name in ops.MUL or name in ops.DIV
-        if name in ops.DIV and (len(operands) < 2 or isinstance(values[1], _Value)):
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        if name in ops.DIV and isinstance(divisor, Tensor) and isinstance(self.value(divisor), _Value):
             return self.unknown(name, tracked, "a division by the channels")
         const = base.const.clone()
         for v in tracked[1:]:
@@ -768,7 +787,7 @@ class GroupedChannels:
         grouped = {name for group, _ in self.selected for name in group.weights}
         for name in channel:
             if name not in grouped and name not in self.unpruned:
-                self.unpruned[name] = plan.note or "it is not a Linear/Conv producing channels in the traced forward"
+                self.unpruned[name] = plan.note or "it is not a Linear/Conv producing channels in the example forward"
 
     @property
     def names(self) -> set[str]:
@@ -810,7 +829,7 @@ class GroupedChannels:
 
     def summary(self) -> str:
         """What is pruned as which group, what is not removable and what stays dense, with the reasons."""
-        lines = [f"channel groups ({'torch.fx trace' if self.plan.traced else self.plan.note or 'module structure'}):"]
+        lines = [f"channel groups ({'from a real forward' if self.plan.traced else self.plan.note or 'none found'}):"]
         for group, names in self.selected:
             line = f"  {group.describe().split('; not pruned')[0].split('; pruned but')[0]}; scored by {', '.join(names)}"
             if group.index in self.not_removable:

@@ -156,8 +156,9 @@ def cut_groups(gm: nn.Module, inputs: tuple[Tensor, ...], matches: Callable[[], 
                 cut.detail += f"; not cut: {name} ({type(module).__name__}) cannot be rebuilt"
             return cuts, []
     old_params = {name: gm.get_parameter(name) for name in params}
-    for name, module in old.items():
-        set_module(gm, name, rebuild(module, out_keep.get(name), in_keep.get(name)))
+    new = {name: rebuild(module, out_keep.get(name), in_keep.get(name)) for name, module in old.items()}  # all, then swap
+    for name, module in new.items():
+        set_module(gm, name, module)
     for name, (axis, keep) in params.items():
         parent, _, attribute = name.rpartition(".")
         value = old_params[name].detach().index_select(axis, keep.nonzero().flatten().to(old_params[name].device))

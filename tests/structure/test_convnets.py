@@ -149,3 +149,16 @@ def test_channel_on_a_layer_feeding_something_unprovable_states_the_reason_namin
     with pytest.warns(UserWarning, match=r"net.conv.weight: its channels reach getitem in net \(SlicedChannels\)"):
         make_trainer(tmp_path, [callback], max_steps=2, limit_val_batches=0).fit(model, data)
     assert not bool((model.net.conv.weight == 0).any())
+
+
+def test_channel_multiple_keeps_every_deployed_hf_resnet_width_a_multiple(data, tmp_path):
+    model = _module("resnet")
+    callback = GradualMagnitudePruning(sparsity=0.4, granularity="channel", channel_multiple=8, exclude=["net.model.classifier*"],
+                                       start=0, end=2, frequency=1, verbose=False)  # fmt: skip
+    make_trainer(tmp_path, [callback], max_steps=3, limit_val_batches=0).fit(model, data)
+    x = data.splits["test"].tensors[0]
+    result = deploy_model(model.eval(), x[:64], kernel="dense", repeats=1)
+    widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [8, 8, 8, 16, 16, 16]  # 16-16-16-32-32-32 at 0.4, rounded to multiples of 8
+    with torch.inference_mode():
+        assert torch.allclose(result.model(x), model(x), atol=1e-5, rtol=1e-4)
