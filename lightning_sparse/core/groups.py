@@ -272,9 +272,13 @@ class _Recorder(TorchFunctionMode):
 
     def record(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
         outs = _tensors(result)
+        name = ops.op_name(func)
+        if name == "setitem" and args and isinstance(args[0], Tensor):  # x[...] = y writes into x's channels
+            self.block_all([self.value(t) for t in _tensors(args)], f"its channels are written in place by setitem{self.where()}")
+            self.set(args[0], OPAQUE)
+            return
         if not outs:
             return  # sizes, shapes, booleans: no channel flows on
-        name = ops.op_name(func)
         inputs = [self.value(t) for t in _tensors(args) + _tensors(kwargs)]
         tracked = [v for v in inputs if isinstance(v, _Value)]
         out = self.step(name, func, args, kwargs, outs, inputs, tracked)
@@ -647,7 +651,7 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | No
 
     def enter(module: nn.Module, args: Any) -> None:
         if module in names:
-            recorder.stack.append(f"{names[module]} ({type(module).__name__})")
+            recorder.stack.append(f"{names[module] or 'the model'} ({type(module).__name__})")
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output is unchanged
         if module in names and recorder.stack:
