@@ -254,9 +254,6 @@ class _Recorder(TorchFunctionMode):
             if isinstance(value, _Value):
                 self.ids.block(value.ids, reason)
 
-    def fresh(self, count: int, layer: str) -> _Value:
-        return _Value(0, self.ids.fresh(count), torch.zeros(count, dtype=torch.bool), frozenset({layer}))
-
     # --- the mode
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -264,9 +261,7 @@ class _Recorder(TorchFunctionMode):
         if self.failure is None:
             try:
                 self.record(func, args, kwargs, result)
-            except GroupError as error:
-                self.failure = error
-            except Exception as error:  # noqa: BLE001 - a bug or an unforeseen op must not break the user's forward
+            except Exception as error:  # noqa: BLE001 - GroupError is raised after the forward; nothing else may break it
                 self.failure = error
         return result
 
@@ -300,9 +295,9 @@ class _Recorder(TorchFunctionMode):
         out = outs[0]
         x = self.value(args[0]) if args else None
         if name in ops.CONVS:
-            return self.conv(name, args, kwargs, out, x, inputs)
+            return self.conv(name, args, kwargs, out, x)
         if name == "linear":
-            return self.linear(args, kwargs, out, x, inputs)
+            return self.linear(args, kwargs, out, x)
         if name in ("batch_norm", "group_norm", "instance_norm", "layer_norm"):
             return self.norm(name, args, kwargs, out, x, inputs, tracked)
         if not tracked:
@@ -343,7 +338,7 @@ class _Recorder(TorchFunctionMode):
         return self.unknown(name, tracked)
 
     # --- layers
-    def conv(self, name: str, args: tuple, kwargs: dict, out: Tensor, x: Any, inputs: list[Any]) -> Any:
+    def conv(self, name: str, args: tuple, kwargs: dict, out: Tensor, x: Any) -> Any:
         weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         groups = int(_arg(args, kwargs, 6, "groups", 1))
         found = self.layer_of(weight)
@@ -398,7 +393,7 @@ class _Recorder(TorchFunctionMode):
         self.ids.block(ids, f"written by {reason}")
         return _Value(dim, ids, torch.zeros(channels, dtype=torch.bool), frozenset())
 
-    def linear(self, args: tuple, kwargs: dict, out: Tensor, x: Any, inputs: list[Any]) -> Any:
+    def linear(self, args: tuple, kwargs: dict, out: Tensor, x: Any) -> Any:
         weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         found = self.layer_of(weight)
         if found is None:
@@ -435,14 +430,16 @@ class _Recorder(TorchFunctionMode):
         ndim = args[0].dim()
         if name == "layer_norm":
             shape = _arg(args, kwargs, 1, "normalized_shape")
-            if x.dim >= ndim - len(shape):
-                return self.unknown(name, tracked, f"LayerNorm {layer} normalizes over the channels (removing one changes the others)")
+            if x.dim >= ndim - len(shape):  # blocked; its output keeps the (blocked) channels, so what meets it says why
+                self.unknown(name, tracked, f"LayerNorm {layer} normalizes over the channels (removing one changes the others)")
+                return x
             const = torch.ones_like(x.const) if bias is not None else x.const  # a zero row normalizes to its bias
             return _Value(x.dim, x.ids, const, x.layers)
         if x.dim != 1:
             return self.unknown(name, tracked, f"{layer} normalizes another axis than the channels")
         if name == "group_norm" and int(_arg(args, kwargs, 1, "num_groups")) != int(args[0].shape[1]):
-            return self.unknown(name, tracked, f"GroupNorm {layer} normalizes several channels together")
+            self.unknown(name, tracked, f"GroupNorm {layer} normalizes several channels together")
+            return x
         if name == "instance_norm" and weight is None:
             return self.unknown(name, tracked, f"InstanceNorm {layer} has no affine entries")
         if isinstance(weight, Tensor) and isinstance(bias, Tensor) and self.layer_of(weight) and self.layer_of(bias):

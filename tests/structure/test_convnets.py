@@ -71,8 +71,8 @@ DENSE = {
     "efficientnet": {},
     "convnext": {  # the residual stream is normalized over its channels by LayerNorm; each block's MLP is pruned
         "net.model.convnext.embeddings.patch_embeddings.weight": "LayerNorm net.model.convnext.embeddings.layernorm normalizes over the channels",
-        "net.model.convnext.encoder.stages.0.layers.0.dwconv.weight": "dwconv (depthwise conv) reads channels that are not followed",
-        "net.model.convnext.encoder.stages.0.layers.0.pwconv2.weight": "not followed at add in net.model.convnext.encoder.stages.0.layers.0 (ConvNextLayer)",
+        "net.model.convnext.encoder.stages.0.layers.0.dwconv.weight": "LayerNorm net.model.convnext.encoder.stages.0.layers.0.layernorm normalizes over the channels",
+        "net.model.convnext.encoder.stages.0.layers.0.pwconv2.weight": "LayerNorm net.model.convnext.encoder.stages.0.layers.0.layernorm normalizes over the channels",
         "net.model.convnext.encoder.stages.1.downsampling_layer.1.weight": "LayerNorm net.model.convnext.encoder.stages.1.layers.0.layernorm normalizes over the channels",
         "net.model.convnext.encoder.stages.1.layers.0.dwconv.weight": "LayerNorm net.model.convnext.encoder.stages.1.layers.0.layernorm normalizes over the channels",
         "net.model.convnext.encoder.stages.1.layers.0.pwconv2.weight": "LayerNorm net.model.convnext.encoder.stages.1.layers.0.layernorm normalizes over the channels",
