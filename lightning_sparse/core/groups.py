@@ -1,13 +1,24 @@
 """Coupled channel groups: the output channels that must be pruned, and removed, together.
 
 Structure first, as in Torch-Pruning's DepGraph (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023,
-arXiv 2301.12900): the model is traced once with ``torch.fx`` (shapes from one example input) and every channel of
-every tensor gets an id. A Linear/Conv (``groups=1``) makes fresh ids for its outputs; elementwise operations,
-pooling, BatchNorm and flatten pass them on; a residual add (or a product) of two tensors *unites* their ids
-position by position (every layer writing into one residual stream shares its channel index); a concat along the
-channels places the ids of its parts at their offsets; a depthwise conv shares the ids of its input. What reads a
-channel (the input columns of the next layers) is recorded as a *consumer*; what holds per-channel entries (the
-producing weights and biases, BatchNorm's affine ``weight``/``bias``, a depthwise conv's filters) is a *member*.
+arXiv 2301.12900), found from one **real forward** of the example input, not from a ``torch.fx`` trace (Hugging Face
+models and forwards with data-dependent branches do not trace): a :class:`~torch.overrides.TorchFunctionMode`
+records every torch operation the forward runs, with its arguments and its real output, and layers are identified
+by the parameters they are called with (``F.conv2d(x, weight, …)`` with ``weight`` the parameter
+``…convolution.weight``). Every channel of every tensor gets an id. A Linear/Conv (``groups=1``) makes fresh ids for
+its outputs; elementwise operations, pooling, padding, BatchNorm, permutes and reshapes pass them on (to the axis
+they move to); a residual add, or a product such as a squeeze-and-excitation gate, *unites* its operands' ids
+position by position; a concat along the channels places the ids of its parts at their offsets; a depthwise conv
+shares the ids of its input, and a grouped conv (``1 < groups < in_channels``) unites each of its groups into one
+slot (a group keeps whole conv groups). What reads a channel (the input columns of the next layers) is a *consumer*;
+what holds per-channel entries (producing weights and biases, BatchNorm/GroupNorm affine entries, depthwise/grouped
+filters, a layer-scale parameter multiplying the channels) is a *member*. What each operation does is read from
+the library's one op table, :mod:`lightning_sparse.structure.ops`.
+
+A pruned slot's channel is followed as *zero* or *constant*: a zero channel stays zero through zero-preserving
+operations and products; a constant one (after a sigmoid, a BatchNorm without affine entries, a constant added)
+is zero again after a BatchNorm whose affine entries are members, or in a product with a zero channel (the SE
+gate); a layer reading a constant channel, or the model output receiving one, makes the group not removable.
 
 A **group** is a set of channel slots joined by shared members: every slot holds one channel (or more) of each
 member. It is the unit of scoring, ``score(slot) = Σ_members ||W_member[slot]||`` (L1 or L2 norm of the producing
@@ -15,58 +26,33 @@ weights' channels, :data:`~lightning_sparse.core.structured.NORMS`), and of remo
 channel in every member, biases and norm affine entries included, so the channel is exactly zero wherever it goes
 and :mod:`lightning_sparse.deployment.residual` can cut it out of every member and consumer.
 
-Where a channel reaches an operation this analysis does not understand (a transpose, an indexing, a LayerNorm over
-the channels, a grouped conv, an untraceable forward), its coupling is not proved: the group stays unpruned and
-:attr:`ChannelGroup.reason` says why. Where a group's channels meet the model input or reach the model output they
-are pruned (the masks are exact) but cannot be removed (:attr:`ChannelGroup.removable` is False, with the reason).
+Where a channel reaches an operation this analysis does not understand (an indexing, a LayerNorm over the channels,
+a reduction over the channels, an unknown function), its coupling is not proved: the group stays unpruned and
+:attr:`ChannelGroup.reason` names the op and the module running it. Where a group's channels meet the model input
+or reach the model output they are pruned (the masks are exact) but cannot be removed
+(:attr:`ChannelGroup.removable` is False, with the reason).
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_sparse.core.criteria import exact_mask
-from lightning_sparse.core.structured import NORMS
 from lightning_sparse.core.shards import full_tensor
+from lightning_sparse.core.structured import NORMS
+from lightning_sparse.structure import ops
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: f(0) = 0: a pruned (zero) channel stays zero through them.
-ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh,
-    nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout,
-)  # fmt: skip
-#: elementwise, but f(0) != 0: the channel is a constant after them, so it is pruned but not removed.
-CONSTANT_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
-POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-ZERO_PRESERVING_FUNCTIONS = (
-    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, torch.tanh, F.tanh, F.hardtanh,
-    F.hardswish, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-)  # fmt: skip
-CONSTANT_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
-POOL_FUNCTIONS = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-)  # fmt: skip
-PASS_METHODS = ("relu", "relu_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach")
-RESHAPE_METHODS = ("flatten", "view", "reshape")
-REDUCE = ("mean", "sum", "amax")
-UNITING = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, operator.mul, operator.imul, torch.mul)
+#: Member roles whose entries are whole parameters of a module that is not rebuilt (sliced in place at deploy).
+PARAMETER_ROLES = ("scale", "shift")
 
 
 class GroupError(ValueError):
@@ -78,7 +64,9 @@ class Member:
     """A tensor with one entry (row, filter, affine value) per channel of a group, along ``axis``.
 
     ``role``: ``weight`` (a Linear/Conv producing the channels: scored), ``bias`` (its bias), ``norm`` (a BatchNorm's
-    affine weight or bias), ``depthwise`` (a depthwise conv's filters or bias, which read the channel one to one).
+    or per-channel GroupNorm's affine weight or bias), ``depthwise`` / ``grouped`` (a depthwise or grouped conv's
+    filters or bias, which read their input group), ``scale`` / ``shift`` (a parameter multiplied with / added to
+    the channels, such as ConvNeXt's layer-scale ``gamma``).
     """
 
     name: str
@@ -103,7 +91,7 @@ class ChannelGroup:
     @property
     def weights(self) -> list[str]:
         """The producing weights (scored members), in model order."""
-        return [name for name, (member, _) in self.members.items() if member.role in ("weight", "depthwise") and name.endswith("weight")]
+        return [name for name, (member, _) in self.members.items() if member.role in ("weight", "depthwise", "grouped") and name.endswith("weight")]
 
     @property
     def layers(self) -> list[str]:
@@ -124,7 +112,8 @@ class ChannelGroup:
 
 @dataclass
 class GroupPlan:
-    """Every group of a model, and how it was found."""
+    """Every group of a model, and how it was found (``traced``: True when the example forward ran and was
+    followed to its outputs; ``note`` says why not)."""
 
     groups: list[ChannelGroup]
     traced: bool
@@ -135,7 +124,7 @@ class GroupPlan:
         return next((g for g in self.groups if name in g.members), None)
 
 
-# ----------------------------------------------------------------------------- channel ids through a graph
+# ----------------------------------------------------------------------------- channel ids through a real forward
 class _Ids:
     """Union-find over channel ids, with the reasons a class is blocked (unproved) or fixed (not removable)."""
 
@@ -174,322 +163,429 @@ class _Ids:
 
 @dataclass
 class _Value:
-    """A tensor whose channels along ``dim`` carry ``ids``; ``layers`` wrote into it (for error messages)."""
+    """A tensor whose channels along ``dim`` carry ``ids``; ``const[i]``: channel ``i`` is a non-zero constant (not
+    zero) when its slot is pruned; ``layers`` wrote into it (for error messages)."""
 
     dim: int
     ids: Tensor
+    const: Tensor
     layers: frozenset[str]
 
 
-INPUT = "input"  # a tensor computed from the model input alone
-OPAQUE = "opaque"  # a tensor whose channels are not followed (a buffer, the result of an unknown operation)
+FREE = "free"  # computed from the model input and constants alone (no layer's channels in it)
+OPAQUE = "opaque"  # computed by an operation that is not followed, or from a parameter used in an unknown way
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def _tensors(tree: Any) -> list[Tensor]:
+    """The tensors in a (nested) tuple/list/dict/ModelOutput, in order."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (tuple, list)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
 
 
-def _name(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    return getattr(node.target, "__name__", str(node.target)) + f" ({node.name})"
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
 
 
-class _Walker:
-    def __init__(self, gm: fx.GraphModule, prefix: str) -> None:
-        self.gm, self.prefix = gm, prefix
+class _Recorder(TorchFunctionMode):
+    """Follows channel ids through every torch operation of one forward (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self.ids = _Ids()
         self.members: dict[str, tuple[Member, Tensor]] = {}
         self.consumers: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}  # a module called again writes the same channels
-        self.env: dict[fx.Node, Any] = {}
+        self.outputs: dict[str, Tensor] = {}  # a layer called again writes the same channels
+        self.values: dict[int, tuple[Tensor, Any]] = {}  # id(tensor) -> (tensor, _Value | FREE | OPAQUE)
+        self.params = {id(p): name for name, p in model.named_parameters()}  # the canonical (first) name of each
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        self.tied = {i: names for i, names in aliases.items() if len(names) > 1}  # one tensor in several modules
+        self.buffers = {id(b): name for name, b in model.named_buffers(remove_duplicate=False)}
+        self.stack: list[str] = []  # the modules whose forward is running
+        self.failure: BaseException | None = None
 
-    def full(self, target: str) -> str:
-        return f"{self.prefix}{target}"
+    # --- bookkeeping
+    def value(self, tensor: Any) -> Any:
+        if not isinstance(tensor, Tensor):
+            return None
+        if id(tensor) in self.params:
+            return ("param", self.params[id(tensor)])
+        entry = self.values.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else FREE
 
-    def add_member(self, layer: str, attribute: str, role: str, ids: Tensor) -> None:
-        module = self.gm.get_submodule(layer)
-        param = getattr(module, attribute, None)
-        if isinstance(param, nn.Parameter):
-            name = self.full(f"{layer}.{attribute}" if layer else attribute)
-            if name in self.members:
-                self.ids.union(self.members[name][1], ids)
-            else:
-                self.members[name] = (Member(name, self.full(layer), role, 0), ids)
+    def set(self, tensor: Tensor, value: Any) -> None:
+        self.values[id(tensor)] = (tensor, value)
 
-    def block_inputs(self, node: fx.Node, reason: str) -> None:
-        for value in self.tensor_inputs(node):
+    def where(self) -> str:
+        return f" in {self.stack[-1]}" if self.stack and self.stack[-1] else ""
+
+    def layer_of(self, param: Any) -> tuple[str, str] | None:
+        name = self.params.get(id(param)) if isinstance(param, Tensor) else None
+        if name is None:
+            return None
+        layer, _, attribute = name.rpartition(".")
+        return layer, attribute
+
+    def add_member(self, param: Any, role: str, ids: Tensor, axis: int = 0) -> None:
+        name = self.params.get(id(param)) if isinstance(param, Tensor) else None
+        if name is None:
+            return
+        if name in self.members:
+            self.ids.union(self.members[name][1], ids)
+        else:
+            self.members[name] = (Member(name, name.rpartition(".")[0], role, axis), ids)
+
+    def consume(self, layer: str, value: _Value, op: str) -> None:
+        if bool(value.const.any()):
+            self.ids.fix(value.ids[value.const], f"a pruned channel is a non-zero constant where {layer} ({op}) reads it")
+        if layer in self.consumers:  # a layer called twice reads the same columns twice
+            self.ids.union(self.consumers[layer], value.ids)
+        else:
+            self.consumers[layer] = value.ids
+
+    def block_all(self, inputs: list[Any], reason: str) -> None:
+        for value in inputs:
             if isinstance(value, _Value):
                 self.ids.block(value.ids, reason)
 
-    def tensor_inputs(self, node: fx.Node) -> list[Any]:
-        return [self.env.get(n) for n in node.all_input_nodes if self.env.get(n) is not None]
+    # --- the mode
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.failure is None:
+            try:
+                self.record(func, args, kwargs, result)
+            except Exception as error:  # noqa: BLE001 - GroupError is raised after the forward; nothing else may break it
+                self.failure = error
+        return result
 
-    def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            self.env[node] = self.step(node)
+    def record(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
+        outs = _tensors(result)
+        name = ops.op_name(func)
+        if name == "setitem" and args and isinstance(args[0], Tensor):  # x[...] = y writes into x's channels
+            self.block_all([self.value(t) for t in _tensors(args)], f"its channels are written in place by setitem{self.where()}")
+            self.set(args[0], OPAQUE)
+            return
+        if not outs:
+            return  # sizes, shapes, booleans: no channel flows on
+        inputs = [self.value(t) for t in _tensors(args) + _tensors(kwargs)]
+        tracked = [v for v in inputs if isinstance(v, _Value)]
+        out = self.step(name, func, args, kwargs, outs, inputs, tracked)
+        if ops.is_inplace(func) and args and isinstance(args[0], Tensor):
+            self.set(args[0], out)
+        for t in outs:
+            self.set(t, out)
 
-    # one node: the value of its output
-    def step(self, node: fx.Node) -> Any:
-        shape = _shape(node)
-        if node.op == "placeholder":
-            return INPUT
-        if node.op == "get_attr":
-            return OPAQUE
-        if node.op == "output":
-            for value in self.tensor_inputs(node):
-                if isinstance(value, _Value):
-                    self.ids.fix(value.ids, "its channels reach the model's output")
-            return None
-        if shape is None and not self.tensor_inputs(node):
-            return None  # sizes and other non-tensor values
-        if shape is None:  # x.size(1), x.shape: not a tensor, reads no channel
-            if node.op == "call_method" and node.target in ("size", "dim") or node.op == "call_function" and node.target in (getattr, len):
-                return None
-            if node.op == "call_function" and node.target is operator.getitem and not isinstance(self.env.get(node.args[0]), _Value):
-                return None
-            self.block_inputs(node, f"its channels reach {_name(node)}, whose output is not a tensor")
-            return OPAQUE
-        if node.op == "call_module":
-            return self.module(node, self.gm.get_submodule(node.target), shape)
-        if node.op == "call_function":
-            return self.function(node, shape)
-        if node.op == "call_method":
-            return self.method(node, shape)
-        return self.unknown(node)
+    def plain(self, inputs: list[Any]) -> str:
+        """The value of an output computed without any followed channel."""
+        return OPAQUE if any(v == OPAQUE or isinstance(v, tuple) for v in inputs) else FREE
 
-    def unknown(self, node: fx.Node, why: str = "not an operation the channel analysis understands") -> Any:
-        self.block_inputs(node, f"its channels reach {_name(node)}: {why}")
+    def unknown(self, name: str, tracked: list[_Value], why: str = "not an operation the channel analysis understands") -> str:
+        self.block_all(tracked, f"its channels reach {name}{self.where()}: {why}")
         return OPAQUE
 
-    def first(self, node: fx.Node) -> Any:
-        return self.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-
-    def single_input(self, node: fx.Node) -> bool:
-        return len(self.tensor_inputs(node)) <= 1
-
-    def passed(self, node: fx.Node, value: Any, shape: tuple[int, ...], constant: str | None = None) -> Any:
-        """Output carrying ``value``'s ids unchanged, if the channel axis keeps its place and size."""
-        if not isinstance(value, _Value):
-            return value
-        in_shape = _shape(node.args[0])
-        if in_shape is None or len(shape) != len(in_shape) or shape[value.dim] != in_shape[value.dim]:
-            return self.unknown(node, "it changes the channel axis")
-        if constant:
-            self.ids.fix(value.ids, constant)
-        return value
-
-    def module(self, node: fx.Node, module: nn.Module, shape: tuple[int, ...]) -> Any:
-        target, value = str(node.target), self.first(node)
-        if not self.single_input(node):
-            return self.unknown(node, "a module with several tensor inputs")
-        if type(module) is nn.Linear or (type(module) in CONVS and module.groups == 1):
-            dim = len(shape) - 1 if type(module) is nn.Linear else 1
-            if isinstance(value, _Value):
-                if value.dim != dim:
-                    self.ids.block(value.ids, f"its channels reach {target} on another axis")
-                else:
-                    self.consume(target, value.ids)
-            if target not in self.outputs:
-                self.outputs[target] = self.ids.fresh(shape[dim])
-            ids = self.outputs[target]
-            self.add_member(target, "weight", "weight", ids)
-            self.add_member(target, "bias", "bias", ids)
-            return _Value(dim, ids, frozenset({self.full(target)}))
-        if type(module) in CONVS:
-            depthwise = module.groups == module.in_channels
-            if not depthwise:
-                self.block_inputs(node, f"its channels reach {target}, a grouped conv (groups={module.groups})")
-                ids = self.ids.fresh(shape[1])
-                self.ids.block(ids, f"{target} is a grouped conv (groups={module.groups}): its channels go in groups")
-                return _Value(1, ids, frozenset({self.full(target)}))
-            ids = value.ids.repeat_interleave(module.out_channels // module.in_channels) if isinstance(value, _Value) else self.ids.fresh(shape[1])
-            if isinstance(value, _Value) and value.dim != 1:
-                return self.unknown(node, "a depthwise conv over another axis")
-            if value == OPAQUE:
-                self.ids.block(ids, f"{target} (depthwise) reads channels that are not followed")
-            self.add_member(target, "weight", "depthwise", ids)
-            self.add_member(target, "bias", "depthwise", ids)
-            return _Value(1, ids, (value.layers if isinstance(value, _Value) else frozenset()) | {self.full(target)})
-        if type(module) in BATCH_NORMS:
-            if isinstance(value, _Value):
-                if value.dim != 1:
-                    return self.unknown(node, "BatchNorm over another axis")
-                if module.affine:
-                    self.add_member(target, "weight", "norm", value.ids)
-                    self.add_member(target, "bias", "norm", value.ids)
-                else:
-                    self.ids.fix(value.ids, f"{target} has no affine entries: a zero channel leaves it as -running_mean/std")
-            return value
-        if type(module) is nn.GroupNorm:
-            if isinstance(value, _Value):
-                if module.num_groups != module.num_channels or value.dim != 1:
-                    return self.unknown(node, "GroupNorm normalizes several channels together")
-                if module.affine:
-                    self.add_member(target, "weight", "norm", value.ids)
-                    self.add_member(target, "bias", "norm", value.ids)
-            return value
-        if type(module) is nn.LayerNorm:
-            if isinstance(value, _Value) and value.dim >= len(shape) - len(module.normalized_shape):
-                return self.unknown(node, "LayerNorm normalizes over the channels (removing one changes the others)")
-            return value
-        if type(module) in ZERO_PRESERVING_MODULES:
-            return self.passed(node, value, shape)
-        if type(module) in CONSTANT_MODULES:
-            return self.passed(node, value, shape, f"{target} maps a pruned (zero) channel to a non-zero constant")
-        if type(module) in POOL_MODULES:
-            if isinstance(value, _Value) and value.dim != 1:
-                return self.unknown(node, "pooling over the channels")
-            return self.passed(node, value, shape)
-        if type(module) is nn.Flatten:
-            return self.reshape(node, value, shape)
-        return self.unknown(node)
-
-    def consume(self, layer: str, ids: Tensor) -> None:
-        layer = self.full(layer) if not layer.startswith(self.prefix) else layer
-        if layer in self.consumers:  # a module called twice reads the same columns twice
-            self.ids.union(self.consumers[layer], ids)
-        else:
-            self.consumers[layer] = ids
-
-    def function(self, node: fx.Node, shape: tuple[int, ...]) -> Any:
-        fn, value = node.target, self.first(node)
-        if fn in UNITING:
-            return self.unite(node, shape)
-        if fn is torch.cat:
-            return self.concat(node, shape)
-        if fn in ZERO_PRESERVING_FUNCTIONS and self.single_input(node):
-            return self.passed(node, value, shape)
-        if fn in CONSTANT_FUNCTIONS and self.single_input(node):
-            return self.passed(node, value, shape, f"{_name(node)} maps a pruned (zero) channel to a non-zero constant")
-        if fn in POOL_FUNCTIONS and self.single_input(node):
-            if isinstance(value, _Value) and value.dim != 1:
-                return self.unknown(node, "pooling over the channels")
-            return self.passed(node, value, shape)
-        if fn is torch.flatten and self.single_input(node):
-            return self.reshape(node, value, shape)
-        if fn in (torch.mean, torch.sum, torch.amax) and self.single_input(node):
-            return self.reduce(node, value, shape)
-        return self.unknown(node)
-
-    def method(self, node: fx.Node, shape: tuple[int, ...]) -> Any:
-        value = self.first(node)
-        if not self.single_input(node):
-            return self.unknown(node)
-        if node.target in PASS_METHODS:
-            return self.passed(node, value, shape)
-        if node.target in RESHAPE_METHODS:
-            return self.reshape(node, value, shape)
-        if node.target in REDUCE:
-            return self.reduce(node, value, shape)
-        if node.target == "sigmoid":
-            return self.passed(node, value, shape, f"{_name(node)} maps a pruned (zero) channel to a non-zero constant")
-        return self.unknown(node)
-
-    def reshape(self, node: fx.Node, value: Any, shape: tuple[int, ...]) -> Any:
-        """Unchanged shapes pass; merging the axes after the channels keeps them; ``(N, C, *S) → (N, C·ΠS)`` makes
-        each channel a block of ΠS columns."""
-        if not isinstance(value, _Value):
-            return value
-        in_shape = _shape(node.args[0])
-        dim = value.dim
-        if in_shape == shape:
-            return value
-        if in_shape is not None and len(shape) == dim + 1 and shape[:dim] == in_shape[:dim] and shape[dim] == math.prod(in_shape[dim:]):
-            return _Value(dim, value.ids.repeat_interleave(math.prod(in_shape[dim + 1 :])), value.layers)
-        if in_shape is not None and len(shape) > dim and shape[: dim + 1] == in_shape[: dim + 1]:
-            return value
-        return self.unknown(node, f"a reshape from {list(in_shape or [])} to {list(shape)} that moves the channels")
-
-    def reduce(self, node: fx.Node, value: Any, shape: tuple[int, ...]) -> Any:
-        if not isinstance(value, _Value):
-            return value
-        in_shape = _shape(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if in_shape is None or dims is None:
-            return self.unknown(node, "a reduction over every axis")
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        dims = sorted(d % len(in_shape) for d in dims)
-        if value.dim in dims:
-            return self.unknown(node, "a reduction over the channels")
-        keepdim = len(shape) == len(in_shape)
-        return _Value(value.dim if keepdim else value.dim - sum(d < value.dim for d in dims), value.ids, value.layers)
-
-    def unite(self, node: fx.Node, shape: tuple[int, ...]) -> Any:
-        """An add/sub/mul: tensors of one shape share their channels (position by position)."""
-        tensors = [arg for arg in list(node.args) + list(node.kwargs.values()) if isinstance(arg, fx.Node) and _shape(arg) is not None]
-        values = [self.env.get(arg) for arg in tensors]
-        tracked = [(arg, v) for arg, v in zip(tensors, values) if isinstance(v, _Value)]
+    def step(self, name: str, func: Any, args: tuple, kwargs: dict, outs: list[Tensor], inputs: list[Any],
+             tracked: list[_Value]) -> Any:  # fmt: skip
+        out = outs[0]
+        x = self.value(args[0]) if args else None
+        if name in ops.CONVS:
+            return self.conv(name, args, kwargs, out, x)
+        if name == "linear":
+            return self.linear(args, kwargs, out, x)
+        if name in ("batch_norm", "group_norm", "instance_norm", "layer_norm"):
+            return self.norm(name, args, kwargs, out, x, inputs, tracked)
         if not tracked:
-            return INPUT if values and all(v == INPUT for v in values) else OPAQUE
-        base_arg, base = tracked[0]
-        dim = base.dim - len(_shape(base_arg)) + len(shape)  # broadcast aligns the trailing axes
-        for arg, v in tracked:
-            in_shape = _shape(arg)
-            if v.dim - len(in_shape) + len(shape) != dim:
-                return self.unknown(node, "the channels of its inputs lie on different axes")
-        sizes = {v.ids.numel() for _, v in tracked}
-        if len(sizes) > 1 or sizes != {shape[dim]}:
-            layers = sorted(set().union(*(v.layers for _, v in tracked)))
-            described = ", ".join(f"{sorted(v.layers)} with {v.ids.numel()}" for _, v in tracked)
+            return self.plain(inputs)
+        if name in ops.ADD | ops.MUL | ops.DIV:
+            return self.combine(name, args, kwargs, out, tracked)
+        if name in ops.CONCAT:
+            return self.concat(name, args, kwargs, out)
+        if len(tracked) > 1 or (len(outs) > 1 and name not in ops.POOL) or not isinstance(x, _Value):
+            return self.unknown(name, tracked)
+        if any(isinstance(v, tuple) or v == OPAQUE for v in inputs[1:]):
+            return self.unknown(name, tracked, "it takes another tensor that is not followed")
+        in_shape, shape = tuple(args[0].shape), tuple(out.shape)
+        if name in ops.ZERO_PRESERVING or name in ops.PASS:
+            return self.passed(name, x, in_shape, shape)
+        if name in ops.CONSTANT:
+            kept = self.passed(name, x, in_shape, shape)
+            return _Value(kept.dim, kept.ids, torch.ones_like(kept.const), kept.layers) if isinstance(kept, _Value) else kept
+        if name in ops.POOL:
+            if x.dim != 1 or len(in_shape) < 3:
+                return self.unknown(name, tracked, "pooling over the channels")
+            return self.passed(name, x, in_shape, shape)
+        if name in ops.PAD:
+            pad = _arg(args, kwargs, 1, "pad")
+            mode, fill = _arg(args, kwargs, 2, "mode", "constant"), _arg(args, kwargs, 3, "value", None)
+            if x.dim >= len(in_shape) - len(pad) // 2:
+                return self.unknown(name, tracked, "padding of the channel axis")
+            kept = self.passed(name, x, in_shape, shape)
+            if mode == "constant" and fill not in (None, 0, 0.0) and isinstance(kept, _Value):
+                kept = _Value(kept.dim, kept.ids, torch.ones_like(kept.const), kept.layers)
+            return kept
+        if name in ops.RESHAPE:
+            return self.reshape(name, x, in_shape, shape)
+        if name in ops.PERMUTE:
+            return self.permute(name, args, kwargs, x, len(in_shape), shape)
+        if name in ops.REDUCE:
+            return self.reduce(name, args, kwargs, x, in_shape, shape)
+        return self.unknown(name, tracked)
+
+    # --- layers
+    def conv(self, name: str, args: tuple, kwargs: dict, out: Tensor, x: Any) -> Any:
+        weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        groups = int(_arg(args, kwargs, 6, "groups", 1))
+        found = self.layer_of(weight)
+        if found is None:
+            return self.unknown(name, [x] if isinstance(x, _Value) else [], "a convolution with a weight that is not a parameter")
+        layer = found[0]
+        if id(weight) in self.tied:
+            return self.tied_layer(name, x, int(out.shape[1]), 1, weight)
+        c_in, c_out = int(args[0].shape[1]), int(out.shape[1])
+        if isinstance(x, _Value) and x.dim != 1:
+            self.ids.block(x.ids, f"its channels reach {layer} ({name}) on another axis")
+            x = OPAQUE
+        if groups == 1:
+            if isinstance(x, _Value):
+                self.consume(layer, x, name)
+            if layer not in self.outputs:
+                self.outputs[layer] = self.ids.fresh(c_out)
+            ids = self.outputs[layer]
+            self.add_member(weight, "weight", ids)
+            self.add_member(bias, "bias", ids)
+            return _Value(1, ids, torch.zeros(c_out, dtype=torch.bool), frozenset({layer}))
+        role = "depthwise" if groups == c_in else "grouped"
+        if isinstance(x, _Value):
+            in_ids = x.ids
+        else:
+            in_ids = self.ids.fresh(c_in)
+            if x == OPAQUE:
+                self.ids.block(in_ids, f"{layer} ({role} conv) reads channels that are not followed")
+            else:
+                self.ids.fix(in_ids, f"{layer} ({role} conv) reads channels that no layer wrote (the model input)")
+        per_in, per_out = c_in // groups, c_out // groups
+        if role == "depthwise":
+            ids = in_ids.repeat_interleave(per_out)
+        else:  # a conv group is one slot: its input channels and its output channels go together
+            blocks = in_ids.view(groups, per_in)
+            for k in range(groups):
+                self.ids.union(blocks[k, :1].expand(per_in).clone(), blocks[k])
+            ids = self.ids.fresh(c_out)
+            self.ids.union(blocks[:, :1].repeat_interleave(per_out, 0).flatten(), ids)
+        self.add_member(weight, role, ids)
+        self.add_member(bias, role, ids)
+        layers = (x.layers if isinstance(x, _Value) else frozenset()) | {layer}
+        return _Value(1, ids, torch.zeros(c_out, dtype=torch.bool), layers)
+
+    def tied_layer(self, op: str, x: Any, channels: int, dim: int, weight: Tensor) -> _Value:
+        """A layer whose weight is tied to another module's (an LM head sharing the embedding): its channels, and
+        the channels it reads, are not followed (removing them would change the other module)."""
+        reason = f"{op} with weight tied to several modules ({', '.join(self.tied[id(weight)])})"
+        if isinstance(x, _Value):
+            self.ids.block(x.ids, f"its channels reach {reason}")
+        ids = self.ids.fresh(channels)
+        self.ids.block(ids, f"written by {reason}")
+        return _Value(dim, ids, torch.zeros(channels, dtype=torch.bool), frozenset())
+
+    def linear(self, args: tuple, kwargs: dict, out: Tensor, x: Any) -> Any:
+        weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        found = self.layer_of(weight)
+        if found is None:
+            return self.unknown("linear", [x] if isinstance(x, _Value) else [], "a linear map with a weight that is not a parameter")
+        layer = found[0]
+        last = out.dim() - 1
+        if id(weight) in self.tied:
+            return self.tied_layer("linear", x, int(out.shape[-1]), last, weight)
+        if isinstance(x, _Value):
+            if x.dim != args[0].dim() - 1:
+                self.ids.block(x.ids, f"its channels reach {layer} (linear) on another axis than its input features")
+            else:
+                self.consume(layer, x, "linear")
+        if layer not in self.outputs:
+            self.outputs[layer] = self.ids.fresh(int(out.shape[-1]))
+        ids = self.outputs[layer]
+        self.add_member(weight, "weight", ids)
+        self.add_member(bias, "bias", ids)
+        return _Value(last, ids, torch.zeros(ids.numel(), dtype=torch.bool), frozenset({layer}))
+
+    def norm(self, name: str, args: tuple, kwargs: dict, out: Tensor, x: Any, inputs: list[Any], tracked: list[_Value]) -> Any:
+        index = {"batch_norm": 3, "group_norm": 2, "instance_norm": 3, "layer_norm": 2}[name]
+        weight, bias = _arg(args, kwargs, index, "weight"), _arg(args, kwargs, index + 1, "bias")
+        found = self.layer_of(weight) or self.layer_of(bias)
+        if found is None and name == "batch_norm":
+            mean = _arg(args, kwargs, 1, "running_mean")
+            buffer = self.buffers.get(id(mean)) if isinstance(mean, Tensor) else None
+            found = (buffer.rpartition(".")[0], "") if buffer else None
+        layer = found[0] if found is not None else f"{name}{self.where()}"
+        if not isinstance(x, _Value):
+            if tracked:
+                return self.unknown(name, tracked, "its statistics or affine entries are tensors that are not followed")
+            return self.plain(inputs)
+        ndim = args[0].dim()
+        if name == "layer_norm":
+            shape = _arg(args, kwargs, 1, "normalized_shape")
+            if x.dim >= ndim - len(shape):  # blocked; its output keeps the (blocked) channels, so what meets it says why
+                self.unknown(name, tracked, f"LayerNorm {layer} normalizes over the channels (removing one changes the others)")
+                return x
+            const = torch.ones_like(x.const) if bias is not None else x.const  # a zero row normalizes to its bias
+            return _Value(x.dim, x.ids, const, x.layers)
+        if x.dim != 1:
+            return self.unknown(name, tracked, f"{layer} normalizes another axis than the channels")
+        if name == "group_norm" and int(_arg(args, kwargs, 1, "num_groups")) != int(args[0].shape[1]):
+            self.unknown(name, tracked, f"GroupNorm {layer} normalizes several channels together")
+            return x
+        if name == "instance_norm" and weight is None:
+            return self.unknown(name, tracked, f"InstanceNorm {layer} has no affine entries")
+        if isinstance(weight, Tensor) and isinstance(bias, Tensor) and self.layer_of(weight) and self.layer_of(bias):
+            self.add_member(weight, "norm", x.ids)
+            self.add_member(bias, "norm", x.ids)
+            return _Value(1, x.ids, torch.zeros_like(x.const), x.layers | {layer})  # w·x̂ + b = 0 where w, b are pruned
+        return _Value(1, x.ids, torch.ones_like(x.const), x.layers)  # -mean/std: a pruned channel is a constant
+
+    # --- channels moved
+    def passed(self, name: str, x: _Value, in_shape: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+        if len(shape) != len(in_shape) or shape[x.dim] != in_shape[x.dim]:
+            return self.unknown(name, [x], "it changes the channel axis")
+        return x
+
+    def reshape(self, name: str, x: _Value, in_shape: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+        """Unchanged shapes pass; merging axes before or after the channels, or adding/removing axes of size 1, keeps
+        them; ``(N, C, *S) → (N, C·ΠS)`` makes each channel a block of ΠS columns."""
+        dim = x.dim
+        if in_shape == shape:
+            return x
+        if len(shape) == dim + 1 and shape[:dim] == in_shape[:dim] and shape[dim] == math.prod(in_shape[dim:]):
+            block = math.prod(in_shape[dim + 1 :])
+            return _Value(dim, x.ids.repeat_interleave(block), x.const.repeat_interleave(block), x.layers)
+        tail = in_shape[dim:]
+        if len(shape) >= len(tail) and shape[len(shape) - len(tail) :] == tail and math.prod(shape) == math.prod(in_shape):
+            return _Value(len(shape) - len(tail), x.ids, x.const, x.layers)  # axes before the channels merged or split
+        if len(shape) > dim and shape[: dim + 1] == in_shape[: dim + 1]:
+            return x  # axes after the channels merged or split
+        if in_shape[dim] > 1:
+            old = [i for i, s in enumerate(in_shape) if s != 1]
+            new = [i for i, s in enumerate(shape) if s != 1]
+            if [in_shape[i] for i in old] == [shape[i] for i in new]:
+                return _Value(new[old.index(dim)], x.ids, x.const, x.layers)
+        return self.unknown(name, [x], f"a reshape from {list(in_shape)} to {list(shape)} that moves the channels")
+
+    def permute(self, name: str, args: tuple, kwargs: dict, x: _Value, ndim: int, shape: tuple[int, ...]) -> Any:
+        if name == "permute":
+            dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else _arg(args, kwargs, 1, "dims")
+            order = [int(d) % ndim for d in dims]
+            return _Value(order.index(x.dim), x.ids, x.const, x.layers)
+        a, b = (int(_arg(args, kwargs, 1, "dim0")) % ndim, int(_arg(args, kwargs, 2, "dim1")) % ndim)
+        dim = b if x.dim == a else a if x.dim == b else x.dim
+        return _Value(dim, x.ids, x.const, x.layers)
+
+    def reduce(self, name: str, args: tuple, kwargs: dict, x: _Value, in_shape: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+        dims = _arg(args, kwargs, 1, "dim")
+        if dims is None:
+            return self.unknown(name, [x], "a reduction over every axis")
+        dims = sorted({int(d) % len(in_shape) for d in ([dims] if isinstance(dims, int) else dims)})
+        if x.dim in dims:
+            return self.unknown(name, [x], "a reduction over the channels")
+        keepdim = len(shape) == len(in_shape)
+        return _Value(x.dim if keepdim else x.dim - sum(d < x.dim for d in dims), x.ids, x.const, x.layers)
+
+    # --- tensors combined
+    def combine(self, name: str, args: tuple, kwargs: dict, out: Tensor, tracked: list[_Value]) -> Any:
+        """An add/sub/mul/div: operands of one shape share their channels (position by position). A pruned channel is
+        zero after a product when one factor is zero, after a sum when every term is."""
+        where = f"{name}{self.where()}"
+        operands = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
+        values = [self.value(a) for a in operands]
+        ndim = out.dim()
+        dims = {v.dim - a.dim() + ndim for a, v in zip(operands, values) if isinstance(v, _Value)}
+        if len(dims) > 1:
+            return self.unknown(name, tracked, "the channels of its operands lie on different axes")
+        dim = dims.pop()
+        sizes = {v.ids.numel() for v in tracked}
+        if len(sizes) > 1 or sizes != {out.shape[dim]}:
+            layers = sorted(set().union(*(v.layers for v in tracked)))
+            described = ", ".join(f"{sorted(v.layers)} with {v.ids.numel()}" for v in tracked)
             raise GroupError(
-                f"channel groups: layers {layers} meet at {_name(node)} with channels that disagree in size ({described}, "
-                f"result {shape[dim]}): a coupled group needs one channel count; make them equal, or prune these "
+                f"channel groups: layers {layers} meet at {where} with channels that disagree in size ({described}, "
+                f"result {out.shape[dim]}): a coupled group needs one channel count; make them equal, or prune these "
                 f"layers 'unstructured' (a {{glob: granularity}} mapping)"
             )
-        for _, v in tracked[1:]:
+        base = tracked[0]
+        for v in tracked[1:]:
             self.ids.union(base.ids, v.ids)
-        untracked = [v for v in values if not isinstance(v, _Value)]
-        if INPUT in untracked:
-            self.ids.fix(base.ids, f"its channels meet the model input at {_name(node)}")
-        if OPAQUE in untracked:
-            self.ids.block(base.ids, f"its channels meet a tensor that is not followed at {_name(node)}")
-        if node.target in (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub):
-            numbers = [a for a in node.args if isinstance(a, (int, float)) and a != 0]
+        product = name in ops.MUL or name in ops.DIV
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        if name in ops.DIV and isinstance(divisor, Tensor) and isinstance(self.value(divisor), _Value):
+            return self.unknown(name, tracked, "a division by the channels")
+        const = base.const.clone()
+        for v in tracked[1:]:
+            const = const & v.const if product else const | v.const
+        for a, v in zip(operands, values):
+            if isinstance(v, _Value):
+                continue
+            axis = dim - (ndim - a.dim())
+            per_channel = 0 <= axis < a.dim() and a.shape[axis] == out.shape[dim] and out.shape[dim] > 1
+            if isinstance(v, tuple):  # a parameter: a layer scale or shift with one entry per channel
+                if per_channel and all(s == 1 for i, s in enumerate(a.shape) if i != axis):
+                    self.add_member(a, "scale" if product else "shift", base.ids, axis)
+                    continue
+                if per_channel or product is False:
+                    self.ids.block(base.ids, f"its channels meet parameter {v[1]} at {where}, which is not one entry per channel")
+                continue
+            if v == OPAQUE:
+                self.ids.block(base.ids, f"its channels meet a tensor that is not followed at {where}")
+            elif not product:
+                self.ids.fix(base.ids, f"its channels meet a tensor no layer wrote (the model input or a constant) at {where}")
+            elif per_channel:
+                self.ids.fix(base.ids, f"its channels are multiplied by a tensor no layer wrote at {where}")
+        if not product:
+            numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool) and a != 0]
             if numbers:
-                self.ids.fix(base.ids, f"{_name(node)} adds a constant to the channels")
-        return _Value(dim, base.ids, frozenset().union(*(v.layers for _, v in tracked)))
+                const = torch.ones_like(const)
+        return _Value(dim, base.ids, const, frozenset().union(*(v.layers for v in tracked)))
 
-    def concat(self, node: fx.Node, shape: tuple[int, ...]) -> Any:
-        parts = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, fx.Node) for p in parts):
-            return self.unknown(node)
-        dim %= len(shape)
-        values = [self.env.get(p) for p in parts]
+    def concat(self, name: str, args: tuple, kwargs: dict, out: Tensor) -> Any:
+        parts = _arg(args, kwargs, 0, "tensors")
+        dim = int(_arg(args, kwargs, 1, "dim", 0)) % out.dim()
+        values = [self.value(p) for p in parts]
         tracked = [v for v in values if isinstance(v, _Value)]
-        if not tracked:
-            return INPUT if all(v == INPUT for v in values) else OPAQUE
         if any(v.dim != tracked[0].dim for v in tracked):
-            return self.unknown(node, "the channels of its parts lie on different axes")
+            return self.unknown(name, tracked, "the channels of its parts lie on different axes")
         if tracked[0].dim != dim:  # a concat along another axis: the parts share their channels
-            return self.unite_same(node, tracked, values)
-        ids = []
+            for v in tracked[1:]:
+                if v.ids.numel() != tracked[0].ids.numel():
+                    return self.unknown(name, tracked, "parts with different channel counts")
+                self.ids.union(tracked[0].ids, v.ids)
+            if len(tracked) < len(values):
+                self.ids.block(tracked[0].ids, f"its channels meet a tensor that is not followed at {name}{self.where()}")
+            const = torch.stack([v.const for v in tracked]).any(0)
+            return _Value(dim, tracked[0].ids, const, frozenset().union(*(v.layers for v in tracked)))
+        ids, const = [], []
         for part, value in zip(parts, values):
             if isinstance(value, _Value):
                 ids.append(value.ids)
+                const.append(value.const)
                 continue
-            fresh = self.ids.fresh(_shape(part)[dim])
-            (self.ids.fix if value == INPUT else self.ids.block)(fresh, f"part of a concat ({_name(node)}) that is not a layer's output")
+            fresh = self.ids.fresh(int(part.shape[dim]))
+            if value == FREE:
+                self.ids.fix(fresh, f"part of a concat ({name}{self.where()}) that no layer wrote")
+            else:
+                self.ids.block(fresh, f"part of a concat ({name}{self.where()}) that is not followed")
             ids.append(fresh)
-        return _Value(dim, torch.cat(ids), frozenset().union(*(v.layers for v in tracked)))
-
-    def unite_same(self, node: fx.Node, tracked: list[_Value], values: list[Any]) -> Any:
-        for v in tracked[1:]:
-            if v.ids.numel() != tracked[0].ids.numel():
-                return self.unknown(node, "parts with different channel counts")
-            self.ids.union(tracked[0].ids, v.ids)
-        if len(tracked) < len(values):
-            self.ids.block(tracked[0].ids, f"its channels meet a tensor that is not followed at {_name(node)}")
-        return tracked[0]
+            const.append(torch.ones(fresh.numel(), dtype=torch.bool))
+        return _Value(dim, torch.cat(ids), torch.cat(const), frozenset().union(*(v.layers for v in tracked)))
 
 
-def _groups(walker: _Walker, order: Sequence[str]) -> list[ChannelGroup]:
+def _groups(recorder: _Recorder, order: Sequence[str]) -> list[ChannelGroup]:
     """Slots (classes of ids) joined into groups by the members that hold them, in model order."""
-    ids = walker.ids
+    ids = recorder.ids
     rank = {name: i for i, name in enumerate(order)}
-    members = sorted(walker.members.items(), key=lambda item: rank.get(item[0], len(rank)))
+    members = sorted(recorder.members.items(), key=lambda item: rank.get(item[0], len(rank)))
     parent: dict[int, int] = {}
 
     def find(c: int) -> int:
@@ -516,101 +612,79 @@ def _groups(walker: _Walker, order: Sequence[str]) -> list[ChannelGroup]:
             if r not in slots:
                 slots[r] = len(slots)
         groups[g].members[name] = (member, torch.tensor([slots[r] for r in roots], dtype=torch.long))
+    blocked: dict[int, set[str]] = {}
+    fixed: dict[int, set[str]] = {}
+    for i, reason in ids.blocked.items():
+        blocked.setdefault(ids.find(i), set()).add(reason)
+    for i, reason in ids.fixed.items():
+        fixed.setdefault(ids.find(i), set()).add(reason)
     for g, group in groups.items():
         group.channels = len(slot_of[g])
-        classes = set(slot_of[g])
-        blocked = sorted({ids.blocked[i] for i in range(len(ids.parent)) if i in ids.blocked and ids.find(i) in classes})
-        fixed = sorted({ids.fixed[i] for i in range(len(ids.parent)) if i in ids.fixed and ids.find(i) in classes})
-        if blocked:
-            group.prunable, group.removable, group.reason = False, False, "; ".join(blocked)
-        elif fixed:
-            group.removable, group.reason = False, "; ".join(fixed)
-        for layer, columns in walker.consumers.items():
+        why_blocked = sorted(set().union(*(blocked.get(c, set()) for c in slot_of[g])))
+        why_fixed = sorted(set().union(*(fixed.get(c, set()) for c in slot_of[g])))
+        if why_blocked:
+            group.prunable, group.removable, group.reason = False, False, "; ".join(why_blocked)
+        elif why_fixed:
+            group.removable, group.reason = False, "; ".join(why_fixed)
+        for layer, columns in recorder.consumers.items():
             slots = torch.tensor([slot_of[g].get(ids.find(i), -1) for i in columns.tolist()], dtype=torch.long)
             if bool((slots >= 0).any()):
                 group.consumers[layer] = slots
     return list(groups.values())
 
 
-def _propagate(gm: fx.GraphModule, inputs: Sequence[Tensor]) -> None:
-    """Record shapes on ``gm``'s nodes without changing the model: eval mode (no BatchNorm statistics updated), no
-    gradients, every module's mode restored."""
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        gm.eval()
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def find_groups(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None) -> GroupPlan:
-    """The coupled channel groups of ``model``, from a ``torch.fx`` trace with shapes of ``example_inputs``.
-
-    Where the model cannot be traced, the module structure stands in: each ``nn.Sequential`` (traced alone, on the
-    input it receives in a forward) gives the groups inside it, their channels unproved where they leave it. Without
-    an example input (or where nothing can be traced) no group is proved and :attr:`GroupPlan.note` says why.
-    Raises :class:`GroupError` for a group whose members disagree in size.
+    """The coupled channel groups of ``model``, from one real forward of ``example_inputs`` (eval mode, no
+    gradients, every module's mode restored; no ``torch.fx`` trace, so data-dependent branches and Hugging Face
+    models work). Without an example input, or where the forward fails, no group is proved and
+    :attr:`GroupPlan.note` says why. Raises :class:`GroupError` for a group whose members disagree in size.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs or ())
     order = [name for name, _ in model.named_parameters()]
     if not inputs:
-        return GroupPlan([], False, "no example input to trace the model with, so no coupling is proved")
-    try:
-        gm = fx.symbolic_trace(model)
-        _propagate(gm, inputs)
-    except GroupError:
-        raise
-    except Exception as error:  # fx cannot trace data-dependent control flow and more
-        why = f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
-        return _from_structure(model, inputs, order, why)
-    walker = _Walker(gm, "")
-    walker.run()
-    return GroupPlan(_groups(walker, order), True)
+        return GroupPlan([], False, "no example input to run the model with, so no coupling is proved")
+    recorder = _Recorder(model)
+    names = {module: name for name, module in model.named_modules()}
 
+    def enter(module: nn.Module, args: Any) -> None:
+        if module in names:
+            recorder.stack.append(f"{names[module] or 'the model'} ({type(module).__name__})")
 
-def _from_structure(model: nn.Module, inputs: tuple[Tensor, ...], order: list[str], why: str) -> GroupPlan:
-    """Groups inside each outermost ``nn.Sequential``, traced on the input it receives when the model runs."""
-    seen: dict[str, tuple[Tensor, ...]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential) and not any(name.startswith(f"{s}.") for s in seen) and name:
-            def hook(m: nn.Module, args: tuple, name: str = name) -> None:
-                seen.setdefault(name, tuple(a for a in args if isinstance(a, Tensor)))
-            handles.append(module.register_forward_pre_hook(hook))
+    def leave(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output is unchanged
+        if module in names and recorder.stack:
+            recorder.stack.pop()
+
+    handles = [
+        torch.nn.modules.module.register_module_forward_pre_hook(enter),
+        torch.nn.modules.module.register_module_forward_hook(leave),
+    ]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    except Exception:  # noqa: BLE001 - the input does not fit: nothing can be proved
-        seen.clear()
+        with torch.no_grad(), recorder:
+            for x in inputs:
+                recorder.set(x, FREE)
+            output = model(*inputs)
+    except GroupError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the input does not fit the model: nothing can be proved
+        why = f"the example forward of {type(model).__name__} failed ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+        return GroupPlan([], False, f"{why}, so no coupling is proved")
     finally:
         for handle in handles:
             handle.remove()
         for m, mode in modes.items():
             m.training = mode
-    groups: list[ChannelGroup] = []
-    for name, args in seen.items():
-        if any(name.startswith(f"{other}.") for other in seen if other != name):
-            continue
-        try:
-            gm = fx.symbolic_trace(model.get_submodule(name))
-            _propagate(gm, args)
-        except Exception:  # noqa: BLE001 - this part cannot be traced either: nothing proved in it
-            continue
-        walker = _Walker(gm, f"{name}.")
-        walker.run()
-        for node in gm.graph.nodes:  # what leaves the Sequential goes where the fallback cannot see
-            if node.op == "output":
-                for value in walker.tensor_inputs(node):
-                    if isinstance(value, _Value):
-                        walker.ids.block(value.ids, f"its channels leave {name} (nn.Sequential), and {why}")
-        for group in _groups(walker, order):
-            group.index = len(groups)
-            groups.append(group)
-    return GroupPlan(groups, False, f"{why}: groups found inside nn.Sequential containers only")
+    if isinstance(recorder.failure, GroupError):
+        raise recorder.failure
+    if recorder.failure is not None:
+        error = recorder.failure
+        return GroupPlan([], False, f"the channel analysis failed ({type(error).__name__}: {str(error).splitlines()[0][:160]}), so no coupling is proved")
+    for tensor in _tensors(output):
+        value = recorder.value(tensor)
+        if isinstance(value, _Value):
+            recorder.ids.fix(value.ids, "its channels reach the model's output")
+    return GroupPlan(_groups(recorder, order), True)
 
 
 # ----------------------------------------------------------------------------- scoring and pruning groups
@@ -714,7 +788,7 @@ class GroupedChannels:
         grouped = {name for group, _ in self.selected for name in group.weights}
         for name in channel:
             if name not in grouped and name not in self.unpruned:
-                self.unpruned[name] = plan.note or "it is not a Linear/Conv producing channels in the traced forward"
+                self.unpruned[name] = plan.note or "it is not a Linear/Conv producing channels in the example forward"
 
     @property
     def names(self) -> set[str]:
@@ -756,7 +830,7 @@ class GroupedChannels:
 
     def summary(self) -> str:
         """What is pruned as which group, what is not removable and what stays dense, with the reasons."""
-        lines = [f"channel groups ({'torch.fx trace' if self.plan.traced else self.plan.note or 'module structure'}):"]
+        lines = [f"channel groups ({'from a real forward' if self.plan.traced else self.plan.note or 'none found'}):"]
         for group, names in self.selected:
             line = f"  {group.describe().split('; not pruned')[0].split('; pruned but')[0]}; scored by {', '.join(names)}"
             if group.index in self.not_removable:

@@ -113,11 +113,12 @@ def deploy_model(
 
     work, traced = _trace(_remove_groups(original, inputs, reference, probe, probe_reference, report, plan), inputs, report)
     report.traced = traced
+    _cut_groups(work, inputs, reference, probe, probe_reference, report, traced)  # from a real forward: no trace needed
     if traced:
-        _cut_groups(work, inputs, reference, probe, probe_reference, report)
         _thin_all(work, inputs, reference, probe, probe_reference, report)
     else:
-        report.notes.append("channels were not removed (that needs the traced graph)")
+        report.notes.append("coupled channel groups were found from a real forward; the per-layer pass that folds a "
+                            "zero channel's constant into the next layer's bias needs the traced graph and was skipped")
     sparse_linear = kernel != "dense" and any(type(m) is nn.Linear and bool((m.weight == 0).any()) for m in work.modules())
     structural = copy.deepcopy(work) if sparse_linear else work  # the "dense layers" variant (before kernels)
     rows = copy.deepcopy(report.layers)  # and its report rows
@@ -482,8 +483,8 @@ def _thin_all(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, pr
                     consumer.deployed_as = "thinned"
 
 
-def _cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, probe: Any, probe_reference: Any,
-                report: DeployReport) -> None:  # fmt: skip
+def _cut_groups(gm: nn.Module, inputs: tuple[Tensor, ...], reference: Any, probe: Any, probe_reference: Any,
+                report: DeployReport, traced: bool = True) -> None:  # fmt: skip
     """Remove the coupled channel groups (residual streams, concats) whose channels are zero in every member."""
 
     def matches() -> bool:
@@ -495,7 +496,7 @@ def _cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], reference: Any, 
         report.notes.append(f"channel groups not cut: {error}")
         return
     report.groups = [cut.describe() for cut in cuts]
-    if layers:
+    if layers and traced:
         ShapeProp(gm).propagate(*inputs)  # the shapes the per-producer pass reads are the cut model's
     for cut in cuts:
         if not cut.removed or not layers:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from lightning_sparse.structure import ops as op_table
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -224,12 +226,9 @@ def flat_graph_module(gm: fx.GraphModule) -> DeployedGraphModule:
 
 
 #: Modules that act on each element alone (dropout: nothing in eval), so they give the same result on a transposed
-#: activation. PReLU (a weight per channel) and channel dropout are not: a chain stops there.
-ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout,
-    nn.Identity,
-)  # fmt: skip
+#: activation: the op table's elementwise modules (:data:`lightning_sparse.structure.ops.ELEMENTWISE_MODULES`).
+#: PReLU (a weight per channel) and channel dropout are not: a chain stops there.
+ELEMENTWISE = op_table.ELEMENTWISE_MODULES
 
 
 class TransposedChain(nn.Module):

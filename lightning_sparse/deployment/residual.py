@@ -1,12 +1,14 @@
 """Removing coupled channel groups physically: residual streams, concats, BatchNorm and depthwise convs included.
 
 :mod:`.thinning` follows one producer's channels and stops where they meet another tensor (a residual add, a concat).
-Here the channels are handled as the groups of :mod:`lightning_sparse.core.groups`: a slot is removed when every
+Here the channels are handled as the groups of :mod:`lightning_sparse.core.groups` (found from one real forward,
+so models that ``torch.fx`` cannot trace, Hugging Face convnets among them, are cut too): a slot is removed when every
 member holds exact zeros there (the producing weights' channels, their biases, BatchNorm affine entries, depthwise
-filters: what ``GradualMagnitudePruning(granularity="channel")`` prunes together), so the channel is exactly zero in
-every tensor it reaches; then every member loses that channel (outputs of Linear/Conv, BatchNorm features, depthwise
-channels) and every consumer the input columns reading it. All groups are cut at once (a layer may lose outputs to
-one group and inputs to another), and the result is checked against the model's outputs and undone if they differ.
+and grouped filters, layer-scale parameters: what ``GradualMagnitudePruning(granularity="channel")`` prunes
+together), so the channel is exactly zero in every tensor it reaches; then every member loses that channel (outputs
+of Linear/Conv, BatchNorm features, depthwise channels, whole groups of a grouped conv, entries of a scale parameter)
+and every consumer the input columns reading it. All groups are cut at once (a layer may lose outputs to one group
+and inputs to another), and the result is checked against the model's outputs and undone if they differ.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from lightning_sparse.core.groups import BATCH_NORMS, CONVS, ChannelGroup, find_groups
+from lightning_sparse.core.groups import BATCH_NORMS, CONVS, PARAMETER_ROLES, ChannelGroup, find_groups
 from lightning_sparse.deployment.thinning import set_module, slice_norm
 
 
@@ -46,14 +48,16 @@ def zero_slots(gm: nn.Module, group: ChannelGroup) -> Tensor:
     return zero
 
 
-def plan_cuts(gm: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[list[GroupCut], dict[str, Tensor], dict[str, Tensor]]:
-    """Which channels to cut: per group its outcome, and per layer the output channels / input columns kept."""
+def plan_cuts(gm: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[list[GroupCut], dict[str, Tensor], dict[str, Tensor], dict[str, tuple[int, Tensor]]]:
+    """Which channels to cut: per group its outcome, per layer the output channels / input columns kept, and per
+    scale/shift parameter (sliced in place) its axis and the entries kept."""
     plan = find_groups(gm, inputs)
     cuts: list[GroupCut] = []
     out_keep: dict[str, Tensor] = {}
     in_keep: dict[str, Tensor] = {}
+    param_keep: dict[str, tuple[int, Tensor]] = {}
     if not plan.traced:
-        return cuts, out_keep, in_keep
+        return cuts, out_keep, in_keep, param_keep
     for group in plan.groups:
         zero = zero_slots(gm, group)
         count = int(zero.sum())
@@ -66,15 +70,30 @@ def plan_cuts(gm: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[list[GroupCut]
             cuts.append(GroupCut(group, 0, "every channel is zero (nothing would be left): kept"))
             continue
         for name, (member, slots) in group.members.items():
-            layer = member.layer
-            size = slots.numel()
-            keep = out_keep.setdefault(layer, torch.ones(size, dtype=torch.bool))
+            if member.role in PARAMETER_ROLES:
+                param_keep[name] = (member.axis, ~zero[slots])
+                continue
+            keep = out_keep.setdefault(member.layer, torch.ones(slots.numel(), dtype=torch.bool))
             keep &= ~zero[slots]
         for layer, slots in group.consumers.items():
             keep = in_keep.setdefault(layer, torch.ones(slots.numel(), dtype=torch.bool))
             keep &= ~((slots >= 0) & zero[slots.clamp(min=0)])
         cuts.append(GroupCut(group, count, f"{count} of {group.channels} channels removed"))
-    return cuts, out_keep, in_keep
+    return cuts, out_keep, in_keep, param_keep
+
+
+def conv_class(module: nn.Module) -> type[nn.Module] | None:
+    """The torch conv class ``module`` computes as (itself, or a subclass that only changes ``__init__``, such as
+    Hugging Face EfficientNet's depthwise conv), or None."""
+    for base in CONVS:
+        if isinstance(module, base) and type(module).forward is base.forward and type(module)._conv_forward is base._conv_forward:
+            return base
+    return None
+
+
+def rebuildable(module: nn.Module) -> bool:
+    """Whether :func:`rebuild` can remove channels of ``module``."""
+    return type(module) is nn.Linear or conv_class(module) is not None or type(module) in BATCH_NORMS or type(module) is nn.GroupNorm
 
 
 @torch.no_grad()
@@ -93,18 +112,22 @@ def rebuild(module: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None) 
             w = w[:, in_keep.to(weight.device)]
         new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
     else:
-        depthwise = module.groups > 1
-        if depthwise:  # groups == in_channels: the input channels go with the outputs reading them
-            multiplier = module.out_channels // module.in_channels
+        conv = conv_class(module)
+        assert conv is not None, f"{type(module).__name__} is not a conv that can be rebuilt"
+        if module.groups > 1:  # depthwise or grouped: whole conv groups go, their input channels with them
+            per_out = module.out_channels // module.groups
+            kept = out_keep.view(module.groups, per_out)
+            if not bool((kept.all(1) | ~kept.any(1)).all()):
+                raise ValueError(f"a {type(module).__name__} with groups={module.groups} can only lose whole groups")
+            groups = int(kept[:, 0].sum())
             w = weight[out_keep]
-            in_channels = int(out_keep.view(-1, multiplier)[:, 0].sum())
-            groups = in_channels
+            in_channels = groups * (module.in_channels // module.groups)
         else:
             w = weight[out_keep]
             if in_keep is not None:
                 w = w[:, in_keep.to(weight.device)]
             in_channels, groups = w.shape[1], 1
-        new = type(module)(
+        new = conv(
             in_channels, w.shape[0], module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=groups, bias=bias is not None, padding_mode=module.padding_mode,
             device=w.device, dtype=w.dtype,
@@ -115,29 +138,39 @@ def rebuild(module: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None) 
     return new.eval()
 
 
-def cut_groups(gm: fx.GraphModule, inputs: tuple[Tensor, ...], matches: Callable[[], bool]) -> tuple[list[GroupCut], list[str]]:
-    """Cut every removable group with zero channels out of ``gm`` in place; ``matches()`` says whether the model's
-    outputs are still the original's (else every module is put back). Returns the groups' outcomes and the layers
-    rebuilt."""
-    cuts, out_keep, in_keep = plan_cuts(gm, inputs)
+def cut_groups(gm: nn.Module, inputs: tuple[Tensor, ...], matches: Callable[[], bool]) -> tuple[list[GroupCut], list[str]]:
+    """Cut every removable group with zero channels out of ``gm`` (a model, traced or not) in place; ``matches()``
+    says whether the model's outputs are still the original's (else every module is put back). Returns the groups'
+    outcomes and the layers rebuilt."""
+    cuts, out_keep, in_keep, param_keep = plan_cuts(gm, inputs)
     layers = sorted(set(out_keep) | set(in_keep))
     layers = [name for name in layers if not bool(out_keep.get(name, torch.ones(1, dtype=torch.bool)).all())
               or not bool(in_keep.get(name, torch.ones(1, dtype=torch.bool)).all())]  # fmt: skip
-    if not layers:
+    params = {name: keep for name, keep in param_keep.items() if not bool(keep[1].all())}
+    if not layers and not params:
         return cuts, []
     old = {name: gm.get_submodule(name) for name in layers}
     for name, module in old.items():
-        if not (type(module) is nn.Linear or type(module) in CONVS or type(module) in BATCH_NORMS or type(module) is nn.GroupNorm):
+        if not rebuildable(module):
             for cut in cuts:
                 cut.detail += f"; not cut: {name} ({type(module).__name__}) cannot be rebuilt"
             return cuts, []
-    for name, module in old.items():
-        set_module(gm, name, rebuild(module, out_keep.get(name), in_keep.get(name)))
+    old_params = {name: gm.get_parameter(name) for name in params}
+    new = {name: rebuild(module, out_keep.get(name), in_keep.get(name)) for name, module in old.items()}  # all, then swap
+    for name, module in new.items():
+        set_module(gm, name, module)
+    for name, (axis, keep) in params.items():
+        parent, _, attribute = name.rpartition(".")
+        value = old_params[name].detach().index_select(axis, keep.nonzero().flatten().to(old_params[name].device))
+        setattr(gm.get_submodule(parent), attribute, nn.Parameter(value.clone(), requires_grad=False))
     if not matches():
         for name, module in old.items():
             set_module(gm, name, module)
+        for name, param in old_params.items():
+            parent, _, attribute = name.rpartition(".")
+            setattr(gm.get_submodule(parent), attribute, param)
         for cut in cuts:
             if cut.removed:
                 cut.detail = f"{cut.removed} zero channels kept: the cut model's outputs differed from the original (undone)"
         return cuts, []
-    return cuts, layers
+    return cuts, layers + [name.rpartition(".")[0] for name in params]

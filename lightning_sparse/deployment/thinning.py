@@ -13,40 +13,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from lightning_sparse.core.targets import DEFAULT_MODULES
+from lightning_sparse.structure import ops
 
 #: The convolutions among the default compression targets (Conv1d/2d/3d).
 CONVS = tuple(m for m in DEFAULT_MODULES if issubclass(m, nn.modules.conv._ConvNd))
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)  # fmt: skip
-POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-ELEMENTWISE_FUNCTIONS: tuple[Callable, ...] = (
-    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid,
-    torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d,
-)  # fmt: skip
-POOL_FUNCTIONS: tuple[Callable, ...] = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-)  # fmt: skip
-ELEMENTWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone")
-RESHAPE_METHODS = ("flatten", "view", "reshape")
 
 
 @dataclass
@@ -183,25 +160,25 @@ def _step(
             if not module.track_running_stats or module.running_mean is None:
                 return "BatchNorm without running statistics"
             return ("norm", dim, block) if dim == 1 and block == 1 else "BatchNorm over a different dimension"
-        if type(module) in ELEMENTWISE_MODULES:
+        if ops.op_name(module) in ops.ELEMENTWISE:  # the one op table: lightning_sparse.structure.ops
             return ("pass", dim, block)
-        if type(module) in POOL_MODULES:
+        if ops.op_name(module) in ops.POOL:
             return ("pass", dim, block) if dim == 1 and block == 1 and ndim >= 3 else "pooling over channels"
         if type(module) is nn.Flatten:
             return _reshape(user, dim, block, in_shape)
         return "not a per-channel operation this pass understands"
     if user.op == "call_function":
-        if user.target in ELEMENTWISE_FUNCTIONS:
+        if ops.op_name(user.target) in ops.ELEMENTWISE:
             return ("pass", dim, block)
-        if user.target in POOL_FUNCTIONS:
+        if ops.op_name(user.target) in ops.POOL:
             return ("pass", dim, block) if dim == 1 and block == 1 and ndim >= 3 else "pooling over channels"
         if user.target is torch.flatten:
             return _reshape(user, dim, block, in_shape)
         return "not a per-channel operation this pass understands"
     if user.op == "call_method":
-        if user.target in ELEMENTWISE_METHODS:
+        if ops.op_name(user.target) in ops.ELEMENTWISE | ops.PASS:
             return ("pass", dim, block)
-        if user.target in RESHAPE_METHODS:
+        if user.target in ("flatten", "view", "reshape"):
             return _reshape(user, dim, block, in_shape)
     return "not a per-channel operation this pass understands"
 

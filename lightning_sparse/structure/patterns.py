@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.heads import GroupLayer, Member
+from lightning_sparse.structure import ops
 
 #: ``(q, k, v, o)`` child names of attention with separate projections, tried in order.
 QKVO_NAMES: list[tuple[str, str, str, str]] = [
@@ -57,11 +58,8 @@ GATED_NAMES: list[tuple[str, str, str]] = [("gate_proj", "up_proj", "down_proj")
 TWO_LAYER_NAMES: list[tuple[str, str]] = [
     ("c_fc", "c_proj"), ("intermediate.dense", "output.dense"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"), ("wi", "wo"), ("ffn", "ffn_output"),
 ]  # fmt: skip
-#: Modules between an ``nn.Sequential``'s up- and down-projection that act on each hidden unit alone.
-ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
-)  # fmt: skip
+#: Modules between an ``nn.Sequential``'s up- and down-projection that act on each hidden unit alone (the op table's).
+ELEMENTWISE = ops.ELEMENTWISE_MODULES
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
 DIM_ATTRS = ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim")

@@ -315,7 +315,7 @@ def test_thinned_resnet_loads_in_a_process_without_the_training_code(resnet, dat
 
 def test_layer_whose_coupling_is_not_proved_stays_dense_and_says_why(data, tmp_path, capsys):
     model = _module(Transposed())
-    with pytest.warns(UserWarning, match=r"net.conv.weight: its channels reach transpose"):
+    with pytest.warns(UserWarning, match=r"net.conv.weight: its channels reach flatten in net \(Transposed\): a reshape from \[2, 8, 8, 8\] to \[2, 512\] that moves the channels"):
         _train(model, _gmp(verbose=True, exclude=["net.fc2.weight"]), data, tmp_path)
     assert not bool((model.net.conv.weight == 0).any())  # unproved: left dense
     assert int(_zero_channels(model.net.fc1.weight).sum()) == 16  # its own group: pruned
@@ -357,15 +357,23 @@ class Untraceable(nn.Module):
         return self.head(x.flatten(1))
 
 
-def test_untraceable_model_falls_back_to_the_groups_inside_its_sequentials():
-    plan = find_groups(Untraceable(), torch.zeros(2, 1, 8, 8))
-    assert not plan.traced and "torch.fx could not trace Untraceable" in plan.note
+def test_untraceable_model_is_followed_through_its_branch_by_a_real_forward():
+    plan = find_groups(Untraceable(), torch.zeros(2, 1, 8, 8))  # torch.fx cannot trace it; the real forward takes the branch
+    assert plan.traced and not plan.note
     inside = plan.group_of("features.0.weight")
     assert inside.prunable and sorted(inside.members) == ["features.0.bias", "features.0.weight", "features.1.bias", "features.1.weight"]
     assert list(inside.consumers) == ["features.3"]
-    leaving = plan.group_of("features.3.weight")
-    assert not leaving.prunable and "its channels leave features (nn.Sequential)" in leaving.reason
-    assert plan.group_of("head.weight") is None  # outside every Sequential: nothing proved
+    leaving = plan.group_of("features.3.weight")  # what leaves the Sequential is followed into the head (8×8 columns each)
+    assert leaving.prunable and leaving.removable and list(leaving.consumers) == ["head"]
+    assert leaving.consumers["head"].tolist() == torch.arange(8).repeat_interleave(64).tolist()
+    head = plan.group_of("head.weight")
+    assert head.prunable and not head.removable and "reach the model's output" in head.reason
+
+
+def test_a_forward_that_fails_on_the_example_input_proves_nothing_and_says_why():
+    plan = find_groups(Untraceable(), torch.zeros(2, 3, 8, 8))  # 3 channels into a 1-channel conv
+    assert not plan.traced and not plan.groups
+    assert "the example forward of Untraceable failed (RuntimeError" in plan.note
 
 
 def test_groups_prune_from_a_plain_pytorch_loop(data):
