@@ -53,8 +53,8 @@ class GradualMagnitudePruning(SparsityCallback):
             column) or an ``"N:M"`` string such as ``"2:4"`` (1 <= N < M, M dividing the layer's input dimension); or
             ``{glob: granularity}`` per layer (unmatched layers: ``unstructured``), so a sweep can set it layer by
             layer, e.g. ``{"*.attn.*": "head", "*.mlp.*": "neuron"}``. ``channel`` prunes coupled channel groups
-            (:mod:`lightning_sparse.core.groups`, found at setup from a ``torch.fx`` trace on
-            ``example_input_array`` or the first training batch): every layer writing into one residual stream, with
+            (:mod:`lightning_sparse.core.groups`, found at setup from one real forward on
+            ``example_input_array`` or the first training batch, no ``torch.fx`` trace): every layer writing into one residual stream, with
             its biases and BatchNorm affine entries, loses the same channels, so ``deploy`` can remove them; a layer
             whose coupling is not proved stays dense, with the reason printed. The hidden units of an
             ``nn.LSTM``/``GRU``/``RNN`` (rows in every gate, ``weight_hh`` column, the reader's columns) and the

@@ -178,8 +178,8 @@ class MagnitudePruner(Pruner):
     smallest-magnitude weights go until the schedule's sparsity ``s_t = s_f + (s_i - s_f)(1 - (t - start) /
     (end - start))^power`` is reached (``cubic``: power 3), then it is held.
 
-    ``granularity`` (one value or ``{glob: value}``): ``unstructured``, ``channel`` (coupled channel groups found by a
-    ``torch.fx`` trace on ``example_inputs``, a tensor tuple or a function returning one, called only when a layer
+    ``granularity`` (one value or ``{glob: value}``): ``unstructured``, ``channel`` (coupled channel groups found from one
+    real forward on ``example_inputs``, a tensor tuple or a function returning one, called only when a layer
     asks for channels), ``head``/``neuron`` (:mod:`lightning_sparse.core.heads`) or ``"N:M"``. ``channel_norm`` ranks
     channels, heads and neurons; ``channel_multiple`` rounds the channels kept. ``distribution`` allocates one
     ``sparsity`` over layers (``uniform``, ``global``, ``erk``).
