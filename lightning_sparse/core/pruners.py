@@ -334,6 +334,35 @@ class MagnitudePruner(Pruner):
         plan = self.structure_plan
         return {**super().state_dict(), **({"structure_plan": plan.state_dict()} if plan is not None else {})}
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint whose structure plan describes other units than this model's (a changed head count with
+        the same weight shapes would otherwise load masks that cut heads in the wrong places), then load."""
+        if state.get("structure_plan") is not None:
+            self.check_plan(state["structure_plan"])
+        super().load_state_dict(state)
+
+    def check_plan(self, stored: Mapping[str, Any]) -> None:
+        """A ``ValueError`` naming the first unit layer that differs between ``stored`` (a checkpoint's
+        ``"structure_plan"``) and the units found in this model at set-up."""
+        from lightning_sparse.structure.plan import StructurePlan  # the structure package imports core
+
+        found = {(layer.module, layer.kind): layer for layer in self.heads.layers}
+        advice = "the model's layout or `granularity` changed since the checkpoint was written; resume with the same ones"
+        for saved in StructurePlan.from_state(stored).layers:
+            mine = found.pop((saved.module, saved.kind), None)
+            if mine is None:
+                raise ValueError(f"{self.name}: the checkpoint prunes the {saved.kind}s of {saved.module!r} "
+                                 f"({saved.describe()}), which are not units of this model: {advice}")  # fmt: skip
+            if mine != saved:
+                field = next(f for f in ("count", "width", "query_heads", "kv_heads", "members", "pattern", "shared",
+                                         "module_type") if getattr(mine, f) != getattr(saved, f))  # fmt: skip
+                raise ValueError(f"{self.name}: the checkpoint's units of {saved.module!r} differ from this model's "
+                                 f"({field}: {getattr(saved, field)!r} in the checkpoint, {getattr(mine, field)!r} here; "
+                                 f"checkpoint: {saved.describe()}; here: {mine.describe()}): {advice}")  # fmt: skip
+        if found:
+            module, kind = next(iter(found))
+            raise ValueError(f"{self.name}: this model's {kind}s of {module!r} are units the checkpoint does not prune: {advice}")
+
     def metrics(self) -> dict[str, float]:
         """``<prefix>/target_sparsity``: the schedule's target at this update (per layer too when they differ)."""
         if self.scheduled is None:

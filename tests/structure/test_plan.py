@@ -118,6 +118,31 @@ def test_a_plan_that_is_not_the_models_is_refused_naming_the_difference(trained,
         deploy_model(model, x, kernel="dense", repeats=1, plan={"layers": "?"})
 
 
+def test_resuming_into_a_model_whose_units_differ_with_the_same_shapes_is_refused(trained, hamlet):
+    """16 query heads of 2 in 4 KV groups have the weight shapes of 8 heads of 4 in 2 groups: the masks would load and
+    cut the heads in the wrong places. The stored plan is compared with the units found at set-up, and differs."""
+    _, _, path = trained
+    config = transformers.LlamaConfig(vocab_size=hamlet.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=16, num_key_value_heads=4, head_dim=2, intermediate_size=48,
+                                      max_position_embeddings=32, use_cache=False, pad_token_id=0, bos_token_id=0,
+                                      eos_token_id=0)  # fmt: skip
+    other = transformers.AutoModelForCausalLM.from_config(config)
+    assert {n: p.shape for n, p in other.named_parameters()} == {n: p.shape for n, p in llama(hamlet.vocab_size).named_parameters()}
+    gmp = GradualMagnitudePruning(0.5, start=0, end=4, frequency=2, granularity={"*.self_attn.*": "head", "*.mlp.*": "neuron"},
+                                  exclude=["*lm_head*"], verbose=False)  # fmt: skip
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[gmp])  # fmt: skip
+    with pytest.raises(ValueError, match=r"units of 'model\.model\.layers\.0\.self_attn' differ from this model's \(count: 2 "
+                                         r"in the checkpoint, 4 here.*changed since the checkpoint was written"):  # fmt: skip
+        trainer.fit(CausalLM(other), hamlet, ckpt_path=path)
+    same = GradualMagnitudePruning(0.5, start=0, end=4, frequency=2, granularity={"*.self_attn.*": "head", "*.mlp.*": "neuron"},
+                                   exclude=["*lm_head*"], verbose=False)  # fmt: skip
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[same])  # fmt: skip
+    trainer.fit(CausalLM(llama(hamlet.vocab_size)), hamlet, ckpt_path=path)  # the same layout resumes
+    assert same.structure_plan.keep == trained[1].structure_plan.keep
+
+
 class MyAttention(torch.nn.Module):
     """Attention with ``wq/wk/wv/wo`` and 4 heads: no built-in pattern knows it."""
 
