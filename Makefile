@@ -27,11 +27,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install  ## train on digits with GMP to 90%, W&B offline, compare with a dense baseline
 	$(BIN)/lightning-sparse fit --config examples/digits_gmp.yaml
 
+# pytest-xdist: one worker per core (WORKERS=0: no workers, all in one process), whole files per worker, the files
+# with the most slow tests first (tests/conftest.py)
+WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
+
 test: install lint wheel-check  ## what CI runs (.ci/run): lint, the wheel alone in a clean venv, the whole suite
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: install  ## the fast tier: everything but the tests marked slow (subprocesses, several processes, long runs)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install  ## ruff (rules in pyproject.toml) and mypy on core/
 	$(BIN)/ruff check .

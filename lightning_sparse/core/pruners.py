@@ -297,7 +297,7 @@ class MagnitudePruner(Pruner):
         start, end = self.schedule.steps()
         if end < start:
             raise ValueError(f"`end` (step {end}) must not come before `start` (step {start})")
-        if end >= total_steps:
+        if 0 < total_steps <= end:  # a run with no steps at all is said once, by the callback
             self.warn(
                 f"{self.name}: `end` is step {end} but training has only {total_steps} optimizer steps; sparsity "
                 f"{self.sparsity} will not be reached"
