@@ -83,3 +83,13 @@ def test_only_a_whole_list_replacement_resets_the_callbacks():
         "--config", "c.yaml", "--trainer.callbacks=[]", "--trainer.callbacks=p.yaml", "--trainer.callbacks.sparsity=0.9",
         "--trainer.callbacks+=lightning_sparse.RigL", "--trainer.callbacks=[]", "--trainer.callbacks", "q.yaml",
     ]  # fmt: skip
+
+
+def test_set_takes_a_per_layer_sparsity_mapping_from_the_command_line(capsys, tmp_path):
+    """``SET.sparsity`` used to be annotated ``float``, so the CLI refused the mapping RigL and Python accept."""
+    preset = tmp_path / "set.yaml"
+    preset.write_text(yaml.safe_dump([{"class_path": "lightning_sparse.SET",
+                                       "init_args": {"sparsity": {"net.1.weight": 0.8, "net.3.weight": 0.5}}}]))  # fmt: skip
+    (callback,) = _printed_callbacks(capsys, "--config", str(ROOT / "examples" / "digits_gmp.yaml"), f"--trainer.callbacks={preset}")
+    assert callback["class_path"] == "lightning_sparse.SET"
+    assert callback["init_args"]["sparsity"] == {"net.1.weight": 0.8, "net.3.weight": 0.5}
