@@ -57,8 +57,9 @@ def print_report(report: ExportReport) -> None:
         console.width = max(console.width, 132)
     console.print(export_table(report))
     if not report.compressed_layers:
-        console.print("The model has no compressed layers: every tensor is stored as it is (raw).")
-    console.print(f"Saved {report.path}: {report.file_bytes:,} bytes, {report.ratio:.1f}× smaller than fp32 dense.")
+        console.print("The model has no compressed layers: every tensor is stored as it is (raw).", soft_wrap=True)
+    # one line however long the path: what a log or a grep reads
+    console.print(f"Saved {report.path}: {report.file_bytes:,} bytes, {report.ratio:.1f}× smaller than fp32 dense.", soft_wrap=True)
 
 
 def export_table(report: ExportReport) -> Table:
