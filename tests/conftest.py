@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import support
-from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.data import DigitsDataModule, load_shakespeare_works
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -145,3 +145,15 @@ def _slow_files_first(items) -> None:
         if item.get_closest_marker("slow") is not None:
             names.add(item.originalname)
     items.sort(key=lambda item: -len(slow[item.path]))
+
+
+@pytest.fixture(scope="session")
+def sonnets_path(tmp_path_factory) -> str:
+    """The first 20,000 characters of Shakespeare's sonnets, as a text file (skipped where the works are not on disk)."""
+    try:
+        text = load_shakespeare_works()["sonnets"][:20_000]
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)

@@ -37,6 +37,13 @@ def digits_model(arch: str = "lenet300", **kwargs) -> Classifier:
     return Classifier(arch=arch, input_shape=(1, 8, 8), **kwargs)
 
 
+def step_trainer(tmp_path, callbacks, steps: int = 12) -> pl.Trainer:
+    """A CPU trainer for ``steps`` optimizer steps: no logger, checkpoints, progress bar or validation."""
+    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=list(callbacks), limit_val_batches=0)  # fmt: skip
+
+
 def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     options = dict(
         max_epochs=4,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from support import step_trainer
 from lightning_sparse.callbacks import (
     GradualMagnitudePruning,
     LearningCompression,
@@ -26,11 +27,7 @@ from lightning_sparse.core.targets import (
     format_targets,
     select_targets,
 )
-from lightning_sparse.data import (
-    DigitsDataModule,
-    ShakespeareDataModule,
-    load_shakespeare_works,
-)
+from lightning_sparse.data import DigitsDataModule, ShakespeareDataModule
 from lightning_sparse.export import load_compressed, save_compressed
 
 
@@ -103,24 +100,6 @@ class CharRNN(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def trainer(tmp_path, callbacks, steps: int = 12) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=list(callbacks), limit_val_batches=0)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def sonnets(tmp_path_factory) -> str:
-    """The first 20,000 characters of Shakespeare's sonnets, as a text file."""
-    try:
-        text = load_shakespeare_works()["sonnets"][:20_000]
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 def text_data(path: str) -> ShakespeareDataModule:
     data = ShakespeareDataModule(path=path, block_size=32, batch_size=16)
     data.setup()
@@ -154,7 +133,7 @@ def test_conv_transpose_2_4_groups_run_along_its_real_input_axis(tmp_path, how):
     include = ["decoder.0.weight", "decoder.2.weight"] if how == "include" else None
     granularity = "2:4" if how == "include" else {"decoder.*": "2:4"}  # default targets: the encoder's fan-in 9 cannot
     callback = GradualMagnitudePruning(sparsity=0.5, granularity=granularity, include=include, frequency=4, end=8, verbose=False)
-    trainer(tmp_path, [callback]).fit(model, DigitsDataModule(batch_size=64))
+    step_trainer(tmp_path, [callback]).fit(model, DigitsDataModule(batch_size=64))
     for layer in (model.decoder[0], model.decoder[2]):
         counts = group_counts(convtranspose_fan_in(layer.weight.detach(), 1), 4)
         assert (counts == 2).all(), f"{counts.flatten().bincount(minlength=5).tolist()} groups hold 0..4 non-zeros"
@@ -169,12 +148,12 @@ def test_grouped_conv_transpose_n_m_groups_stay_inside_one_output_channel():
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_recurrent_weights_take_n_m_along_their_inputs(tmp_path, sonnets, kind):
+def test_recurrent_weights_take_n_m_along_their_inputs(tmp_path, sonnets_path, kind):
     torch.manual_seed(0)
-    data = text_data(sonnets)
+    data = text_data(sonnets_path)
     model = CharRNN(len(data.chars), kind)
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="2:4", frequency=4, end=8, verbose=False)
-    trainer(tmp_path, [callback]).fit(model, data)
+    step_trainer(tmp_path, [callback]).fit(model, data)
     params = dict(model.named_parameters())
     assert set(RECURRENT[kind]) <= set(callback.masks)
     for name in RECURRENT[kind]:  # (gates × hidden, inputs): groups of 4 along each row's inputs
@@ -183,12 +162,12 @@ def test_recurrent_weights_take_n_m_along_their_inputs(tmp_path, sonnets, kind):
 
 # ----------------------------------------------------------------------------------------------- exact sparsity by default
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_recurrent_language_model_is_pruned_exactly_on_every_matmul_weight_by_default(tmp_path, sonnets, kind, capsys):
+def test_recurrent_language_model_is_pruned_exactly_on_every_matmul_weight_by_default(tmp_path, sonnets_path, kind, capsys):
     torch.manual_seed(0)
-    data = text_data(sonnets)
+    data = text_data(sonnets_path)
     model = CharRNN(len(data.chars), kind)
     callback = GradualMagnitudePruning(sparsity=0.9, frequency=4, end=8)
-    trainer(tmp_path, [callback]).fit(model, data)
+    step_trainer(tmp_path, [callback]).fit(model, data)
     assert list(callback.masks) == RECURRENT[kind] + ["head.weight"]
     params = dict(model.named_parameters())
     for name in callback.masks:
@@ -204,7 +183,7 @@ def test_conv_transpose_decoder_is_pruned_exactly_by_default(tmp_path):
     torch.manual_seed(0)
     model = DigitsAutoencoder()
     callback = GradualMagnitudePruning(sparsity=0.8, frequency=4, end=8, verbose=False)
-    trainer(tmp_path, [callback]).fit(model, DigitsDataModule(batch_size=64))
+    step_trainer(tmp_path, [callback]).fit(model, DigitsDataModule(batch_size=64))
     assert list(callback.masks) == ["encoder.0.weight", "encoder.2.weight", "decoder.0.weight", "decoder.2.weight", "decoder.4.weight"]
     for name, param in model.named_parameters():
         if name in callback.masks:
@@ -215,7 +194,7 @@ def test_bilinear_model_is_pruned_exactly_by_default(tmp_path):
     torch.manual_seed(0)
     model = BilinearClassifier()
     callback = GradualMagnitudePruning(sparsity=0.75, frequency=4, end=8, verbose=False)
-    trainer(tmp_path, [callback]).fit(model, DigitsDataModule(batch_size=64))
+    step_trainer(tmp_path, [callback]).fit(model, DigitsDataModule(batch_size=64))
     assert list(callback.masks) == ["features.weight", "pairs.weight"]
     assert int((model.pairs.weight == 0).sum()) == round(0.75 * model.pairs.weight.numel())
 
@@ -237,7 +216,7 @@ def test_qat_scales_are_per_real_output_channel_of_a_conv_transpose(tmp_path, gr
     with torch.no_grad():  # the second half of the inputs (group 2 of 2) on a smaller range: one shared scale shows
         model.decoder[0].weight[8:] *= 0.3
     callback = QuantizationAwareTraining(bits=4, include=["decoder.0.weight"], verbose=False)
-    trainer(tmp_path, [callback], steps=4).fit(model, DigitsDataModule(batch_size=64))
+    step_trainer(tmp_path, [callback], steps=4).fit(model, DigitsDataModule(batch_size=64))
     weight = model.decoder[0].weight.detach()  # (in 16, out 8 / groups, 3, 3), holding q(w) after fit
     channels = convtranspose_fan_in(weight, groups)
     assert channels.shape == (8, 16 // groups * 9)
@@ -260,12 +239,12 @@ def test_layout_units_are_the_real_output_channels_and_invert():
     assert torch.equal(lstm.units(w), w) and torch.equal(lstm.from_units(w, w.shape), w)
 
 
-def test_rigl_moves_connections_of_an_lstm_and_export_round_trips_it(tmp_path, sonnets):
+def test_rigl_moves_connections_of_an_lstm_and_export_round_trips_it(tmp_path, sonnets_path):
     torch.manual_seed(0)
-    data = text_data(sonnets)
+    data = text_data(sonnets_path)
     model = CharRNN(len(data.chars), "LSTM")
     callback = RigL(sparsity=0.8, frequency=3, end=12, verbose=False)
-    trainer(tmp_path, [callback], steps=14).fit(model, data)
+    step_trainer(tmp_path, [callback], steps=14).fit(model, data)
     assert set(RECURRENT["LSTM"]) <= set(callback.masks)
     counts = zero_counts("erk", callback.masks.params, 0.8)  # what the random start gave each layer
     for name in callback.masks:  # drop-and-grow keeps every layer's count
@@ -283,12 +262,12 @@ def test_rigl_moves_connections_of_an_lstm_and_export_round_trips_it(tmp_path, s
     assert path.stat().st_size < 0.6 * sum(p.numel() * 4 for p in model.parameters())
 
 
-def test_lc_prunes_every_matmul_weight_of_a_gru_language_model(tmp_path, sonnets):
+def test_lc_prunes_every_matmul_weight_of_a_gru_language_model(tmp_path, sonnets_path):
     torch.manual_seed(0)
-    data = text_data(sonnets)
+    data = text_data(sonnets_path)
     model = CharRNN(len(data.chars), "GRU")
     callback = LearningCompression(sparsity=0.8, distribution="uniform", lc_steps=3, steps_per_l=4, verbose=False)
-    trainer(tmp_path, [callback], steps=12).fit(model, data)
+    step_trainer(tmp_path, [callback], steps=12).fit(model, data)
     params = dict(model.named_parameters())
     assert list(callback.params) == RECURRENT["GRU"] + ["head.weight"]
     for name in callback.params:
@@ -378,18 +357,18 @@ def test_n_m_that_a_layer_cannot_hold_is_refused_naming_it(layer, include, messa
             check_shape(name, param.shape, granularity[name])
 
 
-def test_channel_granularity_on_lstm_gate_rows_is_refused_with_the_reason(tmp_path, sonnets):
-    data = text_data(sonnets)
+def test_channel_granularity_on_lstm_gate_rows_is_refused_with_the_reason(tmp_path, sonnets_path):
+    data = text_data(sonnets_path)
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel")
     with pytest.raises(ValueError, match=r"'rnn\.weight_ih_l0' \(LSTM\).*proj_size=16"):
-        trainer(tmp_path, [callback]).fit(CharRNN(len(data.chars), "LSTM"), data)
+        step_trainer(tmp_path, [callback]).fit(CharRNN(len(data.chars), "LSTM"), data)
 
 
-def test_lstm_bias_opted_in_is_named_in_the_summary_and_pruned_unstructured(tmp_path, sonnets, capsys):
-    data = text_data(sonnets)
+def test_lstm_bias_opted_in_is_named_in_the_summary_and_pruned_unstructured(tmp_path, sonnets_path, capsys):
+    data = text_data(sonnets_path)
     model = CharRNN(len(data.chars), "LSTM")
     callback = GradualMagnitudePruning(sparsity=0.5, include=["rnn.*_l0"], frequency=4, end=8)
-    trainer(tmp_path, [callback]).fit(model, data)
+    step_trainer(tmp_path, [callback]).fit(model, data)
     assert "LSTM bias ×2" in capsys.readouterr().out.split("left dense")[0]
     assert int((model.rnn.bias_ih_l0 == 0).sum()) == 64
 

@@ -15,7 +15,7 @@ from lightning_sparse.callbacks import GradualMagnitudePruning, QuantizationAwar
 from lightning_sparse.core.layouts import EXPERTS_KIND, ROUTER_KIND
 from lightning_sparse.core.structured import check_shape, expand_granularity
 from lightning_sparse.core.targets import describe_targets, format_targets, select_targets
-from lightning_sparse.data import ShakespeareDataModule, load_shakespeare_works
+from lightning_sparse.data import ShakespeareDataModule
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,17 +39,11 @@ class CausalLM(pl.LightningModule):
 
 
 @pytest.fixture(scope="module")
-def sonnets(tmp_path_factory) -> ShakespeareDataModule:
-    try:
-        text = load_shakespeare_works()["sonnets"][:20_000]
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
-    path.write_text(text, encoding="utf-8")
-    data = ShakespeareDataModule(path=str(path), block_size=16, batch_size=8)
+def sonnets(sonnets_path) -> ShakespeareDataModule:
+    """Shakespeare's sonnets (their first 20,000 characters) in windows of 16."""
+    data = ShakespeareDataModule(path=sonnets_path, block_size=16, batch_size=8)
     data.setup()
     return data
-
 
 def moe(kind: str, vocab: int = 64) -> nn.Module:
     """A two-layer MoE decoder with 4 experts of which 2 run per token (hidden 32)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.resnet import macs
 from support import make_trainer
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.groups import find_groups
@@ -46,21 +47,6 @@ def _module(kind: str) -> Classifier:
     model = Classifier(arch="lenet300", input_shape=(1, 8, 8))
     model.net = Logits(_hf(kind), 32 if kind == "efficientnet" else 8)
     return model
-
-
-def macs(model: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def count(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() * (module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features)
-
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.inference_mode():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    return total
 
 
 #: Per model: the channel-pruned weights that stay dense, each with a phrase of its reason (naming layer and op).

@@ -15,12 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from support import step_trainer
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.heads import extend_targets, find_group_layers, prune_groups_by_magnitude, select_groups
 from lightning_sparse.core.masks import MaskSet
 from lightning_sparse.core.structured import check_shape, expand_granularity
 from lightning_sparse.core.targets import select_targets
-from lightning_sparse.data import DigitsDataModule, ShakespeareDataModule, load_shakespeare_works
+from lightning_sparse.data import DigitsDataModule, ShakespeareDataModule
 from lightning_sparse.deployment import deploy_model
 
 
@@ -75,25 +76,12 @@ class ConvDecoder(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def trainer(tmp_path, callbacks, steps: int = 12) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=list(callbacks), limit_val_batches=0)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def sonnets(tmp_path_factory) -> ShakespeareDataModule:
-    """The first 20,000 characters of Shakespeare's sonnets."""
-    try:
-        text = load_shakespeare_works()["sonnets"][:20_000]
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    path = tmp_path_factory.mktemp("text") / "sonnets.txt"
-    path.write_text(text, encoding="utf-8")
-    data = ShakespeareDataModule(path=str(path), block_size=32, batch_size=16)
+def sonnets(sonnets_path) -> ShakespeareDataModule:
+    """Shakespeare's sonnets (their first 20,000 characters) in windows of 32."""
+    data = ShakespeareDataModule(path=sonnets_path, block_size=32, batch_size=16)
     data.setup()
     return data
-
 
 def recurrent_macs(model: nn.Module, tokens: int) -> int:
     """Multiply-accumulates of the recurrent stacks and Linear layers for ``tokens`` tokens (torch's FLOP counter
@@ -135,7 +123,7 @@ def prune_with_core(model: nn.Module, sparsity: float) -> None:
 def test_a_char_lstm_lm_loses_half_its_hidden_units_in_training_and_at_deploy(tmp_path, sonnets):
     model = CharLM(len(sonnets.chars))
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", frequency=4, end=8, verbose=False)
-    trainer(tmp_path, [callback]).fit(model, sonnets)
+    step_trainer(tmp_path, [callback]).fit(model, sonnets)
     model.eval()
     x = next(iter(sonnets.val_dataloader()))[0][:4]
     hidden = hidden_outputs(model, x)
@@ -198,7 +186,7 @@ def test_a_conv_transpose_decoder_loses_half_its_channels_in_training_and_at_dep
     norm_members = [("net.4.weight", 0), ("net.4.bias", 0)] if norm else []
     assert [(m.param, m.axis) for m in layers[convt].members] == [(f"{convt}.weight", 1), (f"{convt}.bias", 0), *norm_members, (f"{last}.weight", 0)]
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", frequency=4, end=8, verbose=False)
-    trainer(tmp_path, [callback]).fit(model, data)
+    step_trainer(tmp_path, [callback]).fit(model, data)
     model.eval()
     x = next(iter(data.val_dataloader()))[0][:16]
     pruned = model.get_submodule(convt).weight.abs().sum((0, 2, 3)).eq(0)
@@ -230,7 +218,7 @@ def test_a_grouped_conv_transpose_keeps_its_channels_saying_why():
 def test_channel_on_an_lstm_with_proj_size_is_refused_naming_it(tmp_path, sonnets):
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", verbose=False)
     with pytest.raises(ValueError, match=r"'rnn\.weight_ih_l0' \(LSTM\).*proj_size=8.*'unstructured' or 'N:M'"):
-        trainer(tmp_path, [callback]).fit(CharLM(len(sonnets.chars), proj_size=8), sonnets)
+        step_trainer(tmp_path, [callback]).fit(CharLM(len(sonnets.chars), proj_size=8), sonnets)
 
 
 class HiddenReader(nn.Module):
@@ -265,7 +253,7 @@ class NormedLM(CharLM):
 def test_a_reader_that_does_not_read_the_lstm_output_as_it_is_is_refused_at_setup(tmp_path, sonnets):
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", verbose=False)
     with pytest.raises(ValueError, match=r"hidden units of 'rnn' \(LSTM\).*'decoder', reads something other than its output"):
-        trainer(tmp_path, [callback]).fit(NormedLM(len(sonnets.chars)), sonnets)
+        step_trainer(tmp_path, [callback]).fit(NormedLM(len(sonnets.chars)), sonnets)
 
 
 def test_channel_on_a_recurrent_cell_is_refused_naming_it():
@@ -294,7 +282,7 @@ def test_an_lstm_bias_included_with_channel_goes_with_its_units(tmp_path, sonnet
     model = CharLM(len(sonnets.chars), layers=1)
     callback = GradualMagnitudePruning(sparsity=0.5, granularity="channel", include=["rnn.*", "decoder.weight"],
                                        frequency=4, end=8, verbose=False)  # fmt: skip
-    trainer(tmp_path, [callback]).fit(model, sonnets)
+    step_trainer(tmp_path, [callback]).fit(model, sonnets)
     dead = model.rnn.weight_hh_l0.abs().sum(0) == 0
     assert int(dead.sum()) == 16
     for gate in range(4):  # the bias entries of a pruned unit, in every gate, are zero; the others are not
