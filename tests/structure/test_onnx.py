@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from support import CausalLM
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.data import ShakespeareDataModule, load_shakespeare_works, shakespeare_archive
 from lightning_sparse.deployment import deploy_model
@@ -17,20 +18,6 @@ from lightning_sparse.deployment import deploy_model
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
-
-
-class CausalLM(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
-        logits = self.model(input_ids=x).logits
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
 class Logits(torch.nn.Module):

@@ -7,43 +7,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from support import CausalLM
 from lightning_sparse import GradualMagnitudePruning
 from lightning_sparse.core.heads import find_group_layers
-from lightning_sparse.data import ShakespeareDataModule, load_shakespeare_works, shakespeare_archive
 from lightning_sparse.deployment import deploy_model
 
 transformers = pytest.importorskip("transformers")
 
 DECODER = {"*.self_attn.*": "head", "*.mlp.*": "neuron"}
-
-
-class CausalLM(pl.LightningModule):
-    """A Hugging Face causal LM predicting the next character."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
-        logits = self.model(input_ids=x).logits
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
-
-
-@pytest.fixture(scope="module")
-def hamlet(tmp_path_factory):
-    try:
-        works = load_shakespeare_works(str(shakespeare_archive()))
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    path = tmp_path_factory.mktemp("text") / "hamlet.txt"
-    path.write_text(works["hamlet"][:20_000], encoding="utf-8")
-    module = ShakespeareDataModule(path=str(path), block_size=16, batch_size=8)
-    module.setup()
-    return module
 
 
 def fit(model, data, granularity, steps=6, **options):
