@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from support import CausalLM
 from lightning_sparse.callbacks import GradualMagnitudePruning, QuantizationAwareTraining
 from lightning_sparse.core.layouts import EXPERTS_KIND, ROUTER_KIND
 from lightning_sparse.core.structured import check_shape, expand_granularity
@@ -20,22 +21,6 @@ from lightning_sparse.data import ShakespeareDataModule
 transformers = pytest.importorskip("transformers")
 
 EXPERTS = ["gate_up_proj", "down_proj"]
-
-
-class CausalLM(pl.LightningModule):
-    """A Hugging Face causal LM predicting the next character."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.model(input_ids=x).logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
 @pytest.fixture(scope="module")
