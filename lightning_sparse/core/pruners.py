@@ -215,11 +215,13 @@ class MagnitudePruner(Pruner):
         self.layer_granularity: dict[str, Granularity] = expand_granularity(self.granularity, self.targets)
         for layer in self.heads.layers:  # every member of a head/neuron group (biases too) follows its group
             self.layer_granularity.update({name: Granularity(layer.kind) for name in layer.params})
-        if any(layer.pattern == "recurrent:rnn" for layer in self.heads.layers):
-            self._check_recurrent_readers(model, example_inputs)
+        recurrent = any(layer.pattern == "recurrent:rnn" for layer in self.heads.layers)
         channel = [name for name, g in self.layer_granularity.items() if g.kind == "channel"]
+        inputs = self._example_inputs(example_inputs) if recurrent or channel else None  # read once, only if needed
+        if recurrent:
+            self._check_recurrent_readers(model, inputs)
         if channel:
-            self.groups = self._channel_groups(model, channel, example_inputs)
+            self.groups = self._channel_groups(model, channel, inputs)
         self.check_layers()
         self.schedule.final = self.final_sparsity()
 
@@ -237,23 +239,25 @@ class MagnitudePruner(Pruner):
                 self.layer_sparsity.update({p: value for p in layer.params})
         return extend_targets(model, targets, self.heads)
 
-    def _check_recurrent_readers(self, model: nn.Module, example_inputs: Any) -> None:
+    def _example_inputs(self, example_inputs: Any) -> tuple[Tensor, ...] | None:
+        """``example_inputs`` (called if it is a function) on the device of the pruned parameters."""
+        inputs = example_inputs() if callable(example_inputs) else example_inputs
+        device = next(iter(self.masks.params.values())).device
+        return tuple(x.to(device) for x in inputs) if inputs else None
+
+    def _check_recurrent_readers(self, model: nn.Module, inputs: tuple[Tensor, ...] | None) -> None:
         """Refuse recurrent hidden units whose reader (found by module order) does not read the recurrent output as it
         is, checked on the example input (:func:`lightning_sparse.structure.recurrent.check_readers`)."""
         from lightning_sparse.structure.recurrent import check_readers  # the structure package imports core
 
-        inputs = example_inputs() if callable(example_inputs) else example_inputs
-        device = next(iter(self.masks.params.values())).device
-        check_readers(model, self.heads.layers, tuple(x.to(device) for x in inputs) if inputs else None)
+        check_readers(model, self.heads.layers, inputs)
 
-    def _channel_groups(self, model: nn.Module, channel: list[str], example_inputs: Any) -> GroupedChannels:
+    def _channel_groups(self, model: nn.Module, channel: list[str], inputs: tuple[Tensor, ...] | None) -> GroupedChannels:
         """The coupled groups of the ``channel`` targets; their companions (biases, BatchNorm affine entries) join
         :attr:`masks`, so they are masked, checkpointed and restored like the weights."""
         from fnmatch import fnmatchcase
 
-        inputs = example_inputs() if callable(example_inputs) else example_inputs
-        device = next(iter(self.masks.params.values())).device
-        plan = find_groups(model, tuple(x.to(device) for x in inputs) if inputs else None)
+        plan = find_groups(model, inputs)
         params = dict(model.named_parameters())
         patterns = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude or [])
         excluded = [name for name in params if any(fnmatchcase(name, p) for p in patterns)]
