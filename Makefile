@@ -44,7 +44,7 @@ lint: install  ## ruff (rules in pyproject.toml) and mypy on core/
 
 WHEEL_VENV ?= build/wheel-venv
 wheel-check: install  ## build the wheel, install it alone (no extras) into a clean venv with constraints.txt, import every public name
-	rm -rf dist $(WHEEL_VENV)
+	rm -rf dist build/lib build/bdist.* $(WHEEL_VENV)  # a stale build/lib would put deleted modules in the wheel
 	$(BIN)/python -m build --wheel --no-isolation --outdir dist .
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/*.whl
