@@ -20,7 +20,7 @@ import torch
 
 from lightning_sparse.cli.args import INPUT_ERRORS, add_flag, at_least_one, checkpoint_parser, fail, parse_checkpoint_args
 from lightning_sparse.imports import import_object
-from lightning_sparse.deployment import KERNELS, deploy_model, print_deploy_report, save_deployed
+from lightning_sparse.deployment import KERNELS, MEMORY_FORMATS, deploy_model, print_deploy_report, save_deployed
 from lightning_sparse.export import load_checkpoint
 
 DEFAULT_MODEL = "lightning_sparse.models.Classifier"
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device the deployed model runs on (default cpu)")
     parser.add_argument("--kernel", choices=KERNELS, default="auto",
                         help="auto: per layer the form measured fastest; sparse: sparse wherever possible; dense: only remove channels")  # fmt: skip
+    add_flag(parser, "memory_format", choices=MEMORY_FORMATS, default="auto",
+                        help="convolution weights: auto: channels-last where the whole model is measured faster; channels_last; contiguous")  # fmt: skip
     return parser
 
 
@@ -165,7 +167,7 @@ def main(args: list[str]) -> None:
         fail(parser, f"cannot rebuild --model {parsed.model} from {parsed.checkpoint}: {first}")
     x = example_input(parsed, model, parser)
     try:
-        result = deploy_model(model, x, parsed.device, kernel=parsed.kernel, plan=plan)
+        result = deploy_model(model, x, parsed.device, kernel=parsed.kernel, plan=plan, memory_format=parsed.memory_format)
     except ValueError as error:  # the example input does not fit the model: the message names the layer
         fail(parser, error, parsed.checkpoint)
     print_deploy_report(result.report)

@@ -5,6 +5,7 @@ Pure torch (no Lightning import). ``lightning_sparse.deploy`` is :func:`deploy`.
 """
 
 from lightning_sparse.deployment.api import Deployment, check_input, deploy, deploy_model, load_deployed, save_deployed
+from lightning_sparse.deployment.channels_last import MEMORY_FORMATS
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern
 from lightning_sparse.deployment.modules import (
     FoldedConv,
@@ -17,6 +18,7 @@ from lightning_sparse.deployment.report import DeployReport, LayerReport, deploy
 
 __all__ = [
     "KERNELS",
+    "MEMORY_FORMATS",
     "DeployReport",
     "Deployment",
     "FoldedConv",

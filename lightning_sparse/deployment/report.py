@@ -36,6 +36,7 @@ class DeployReport:
     peak_forward_bytes: tuple[int, int] = (0, 0)
     forward_ms: tuple[float, float] | None = None
     traced: bool = False
+    memory_format: str = "contiguous"  # of the convolution weights: channels_last where deploy measured it faster
     chains: list[str] = field(default_factory=list)  # transposed chains tried: layers, times, used or not
     groups: list[str] = field(default_factory=list)  # coupled channel groups with zeros: members, consumers, outcome
     removed_groups: list = field(default_factory=list)  # attention heads / MLP neurons per module (groups.GroupReport)

@@ -26,6 +26,7 @@ def test_spellings_put_the_underscore_flag_first_and_add_the_hyphen_one():
         (sweep.build_parser, ["--config", "s.yaml"], "export_wandb", "w.yaml", "w.yaml"),
         (deploy.build_parser, ["a.ckpt", "out.pt"], "input_shape", "1,8,8", "1,8,8"),
         (deploy.build_parser, ["a.ckpt", "out.pt"], "batch_size", "16", 16),
+        (deploy.build_parser, ["a.ckpt", "out.pt"], "memory_format", "contiguous", "contiguous"),
     ],
 )
 def test_both_spellings_of_a_subcommand_flag_parse_to_the_same_value(build, before, flag, value, expected):
@@ -37,7 +38,7 @@ def test_both_spellings_of_a_subcommand_flag_parse_to_the_same_value(build, befo
 
 def test_the_underscore_spelling_is_the_one_help_shows_first():
     text = sweep.build_parser().format_help() + deploy.build_parser().format_help()
-    for flag in ("max_trials", "export_wandb", "input_shape", "batch_size"):
+    for flag in ("max_trials", "export_wandb", "input_shape", "batch_size", "memory_format"):
         assert f"--{flag}" in text and text.index(f"--{flag}") < text.index(f"--{flag.replace('_', '-')}")
 
 
