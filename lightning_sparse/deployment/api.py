@@ -3,8 +3,9 @@
 Steps: check the example input (naming the first layer that rejects it), trace the model with ``torch.fx``, remove
 zero output channels and the inputs that read them (:mod:`.thinning`), give each Linear layer with zeros the
 fastest of its dense and sparse forms as timed on its real input (:mod:`.kernels`), run chains of Linear layers
-(elementwise modules between them) on transposed activations where that is faster (:mod:`.chains`), check the outputs against the
-original model, and measure parameter bytes, peak forward memory and forward time before and after.
+(elementwise modules between them) on transposed activations where that is faster (:mod:`.chains`), make convolution
+weights channels-last where that is faster (:mod:`.channels_last`), check the outputs against the original model,
+and measure parameter bytes, peak forward memory and forward time before and after.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_sparse.core.counting import global_sparsity
 from lightning_sparse.core.targets import DEFAULT_MODULES
-from lightning_sparse.deployment import chains, fallback, groups, kernels, channels_last, memory, residual, thinning
+from lightning_sparse.deployment import chains, channels_last, fallback, groups, kernels, memory, residual, thinning
 from lightning_sparse.deployment.kernels import KERNELS, nm_pattern, outputs_match
 from lightning_sparse.deployment.modules import FoldedConv, SemiStructuredLinear, SparseLinear, flat_graph_module
 from lightning_sparse.deployment.report import DeployReport, LayerReport, print_deploy_report
@@ -50,8 +51,8 @@ def deploy(model: nn.Module, example_input: ExampleInput, device: str | torch.de
 
     Pruned output channels are removed (with the matching inputs of the layers that read them), Linear layers whose
     sparse form (PyTorch CSR/BSR, 2:4 semi-structured on a capable GPU) is faster on ``example_input`` become
-    sparse, outputs are checked against the original, and parameter bytes, peak forward memory and forward time
-    are reported before and after. A model without zeros in its Linear/Conv weights is returned unchanged.
+    sparse, convolution weights become channels-last where the whole model is faster so, outputs are checked against
+    the original, and parameter bytes, peak forward memory and forward time are reported before and after. A model without zeros in its Linear/Conv weights is returned unchanged.
     ``options`` go to :func:`deploy_model` (``kernel``, ``repeats``, ``plan``, ``memory_format``, ``verbose``).
     """
     verbose = options.pop("verbose", True)
