@@ -5,7 +5,7 @@ oneDNN (CPU) and cuDNN (GPU) run a 2-D or 3-D convolution in the channels-last l
 ``suggest_memory_format``; PyTorch's tutorial "Channels Last Memory Format"), so turning every convolution weight
 channels-last carries the whole network in that layout without touching the input. Values are unchanged, only the
 strides: ``W.contiguous(memory_format=torch.channels_last)``. Whether it is faster depends on the layers and the
-machine (on one AVX-512 core a Hugging Face ResNet at batch 64 runs about 1.5× faster: its convolutions and its
+machine (on one AVX-512 core a Hugging Face ResNet at batch 64 runs 1.1-1.5× faster: its convolutions and its
 max-pooling are faster in that layout), so :func:`choose` times it on the example input, interleaved with the model as it is.
 
 A forward that needs its activations in the default layout (``x.view(b, -1)`` on a convolution's output) fails or
