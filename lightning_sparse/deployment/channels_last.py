@@ -70,8 +70,8 @@ def choose(model: nn.Module, inputs: Sequence[Tensor], memory_format: str, repea
     with torch.inference_mode():
         samples = timings({"channels_last": lambda: candidate(*inputs), "contiguous": lambda: model(*inputs)}, repeats,
                           inputs[0].device, warmup=2, settled=lambda t: verdict(t["channels_last"], t["contiguous"]) is not None)  # fmt: skip
-    fast, slow = statistics.median(samples["channels_last"]), statistics.median(samples["contiguous"])
-    times = f"{fast:.4f} ms vs {slow:.4f} ms ({slow / fast:.2f}×, {len(samples['contiguous'])} interleaved runs)"
+    last, default = statistics.median(samples["channels_last"]), statistics.median(samples["contiguous"])
+    times = f"{last:.4f} ms vs {default:.4f} ms ({default / last:.2f}×, {len(samples['contiguous'])} interleaved runs)"
     if verdict(samples["channels_last"], samples["contiguous"]) is True:
         return candidate, f"{len(layers)} convolution weights in the channels-last memory format: the whole model runs {times}"
     return model, f"convolution weights kept in the default memory format: channels-last was not measurably faster ({times})"
