@@ -82,10 +82,12 @@ def test_hf_convnet_channel_groups_pruned_in_training_and_removed_by_deploy(kind
     assert pruned and all(bool((callback.masks.mask(name).reshape(callback.masks.mask(name).shape[0], -1).any(1)).float().mean() <= 0.5) for name in pruned)
 
     x = data.splits["test"].tensors[0]
-    result = deploy_model(model, x[:64], kernel="dense", repeats=1)
+    result = deploy_model(model, x[:64], kernel="dense", repeats=1, memory_format="channels_last")  # the layout HF code must take
     with torch.inference_mode():
         want, got = model(x), result.model(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+    convs = [m.weight for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert result.report.memory_format == "channels_last" and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in result.model.parameters())
     assert after < before
     assert macs(result.model, x[:64]) < 0.8 * macs(model, x[:64])
