@@ -113,11 +113,12 @@ def run_without_training_code(script: str) -> str:
 
 
 class CausalLM(pl.LightningModule):
-    """A Hugging Face causal LM (``model(input_ids=x).logits``) trained to predict the next character."""
+    """A Hugging Face causal LM (``model(input_ids=x).logits``) trained to predict the next character, as a user writes
+    it; AdamW at ``lr``."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, lr: float = 3e-3) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.lr = model, lr
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         x, y = batch
@@ -125,4 +126,4 @@ class CausalLM(pl.LightningModule):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)

@@ -5,6 +5,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from support import CausalLM
 from lightning_sparse import Distillation, OneShotPruning
 from lightning_sparse.core.calibration import find_blocks, find_layers
 from lightning_sparse.core.structured import nm_counts
@@ -18,24 +19,6 @@ except FileNotFoundError as error:
     pytest.skip(str(error), allow_module_level=True)
 
 
-class LM(pl.LightningModule):
-    """A Hugging Face causal LM under Lightning, written as a user writes it: ``self.model(input_ids=...).logits``."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
-        logits = self.model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-
 @pytest.fixture(scope="module")
 def hamlet(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "hamlet.txt"
@@ -45,11 +28,11 @@ def hamlet(tmp_path_factory):
     return module
 
 
-def llama(vocab_size: int) -> LM:
+def llama(vocab_size: int) -> CausalLM:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
-    return LM(transformers.LlamaForCausalLM(config))
+    return CausalLM(transformers.LlamaForCausalLM(config), lr=1e-3)
 
 
 def fit(module, data, callbacks, tmp_path, steps=4):
@@ -85,7 +68,7 @@ def test_gpt2_conv1d_wanda_prunes_per_output_along_its_inputs(hamlet, tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=hamlet.vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    module = LM(transformers.GPT2LMHeadModel(config))
+    module = CausalLM(transformers.GPT2LMHeadModel(config), lr=1e-3)
     oneshot = OneShotPruning(0.5, method="wanda", calibration_batches=3, verbose=False)
     fit(module, hamlet, [oneshot], tmp_path, steps=2)
     for name in oneshot.masks:  # Conv1D weights are (in, out): Wanda's per-output rows are columns here
