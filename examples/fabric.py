@@ -44,7 +44,7 @@ def train(epochs: int = 4, sparsity: float = 0.9, bits: int = 4, start: int = 8,
             quantizer.restore()  # the straight-through estimator: the gradient at q(w) steps w
             pruner.step(step, [optimizer.state])  # prune on the schedule, zero stale momentum, mask the gradients
             optimizer.step()
-            masks.apply_()
+            pruner.after_optimizer_step()
             step += 1
             if step >= end:
                 quantizer.quantize(step, [masks])  # pruned weights stay 0: q(0) = 0

@@ -64,7 +64,7 @@ def prune(net: nn.Module, optimizer: torch.optim.Optimizer, pruner: Pruner) -> n
         loss_of(net, x, y).backward()
         pruner.step(step, [optimizer.state])  # observe, update on the schedule (stale state zeroed), mask gradients
         optimizer.step()
-        pruner.masks.apply_()  # keeps pruned weights at 0 whatever the optimizer does
+        pruner.after_optimizer_step()  # pruned weights back to exactly 0 whatever the optimizer did
     return net
 
 

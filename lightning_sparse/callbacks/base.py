@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from lightning_sparse import report
 from lightning_sparse.compat import logged_step
@@ -293,6 +294,8 @@ class SparsityCallback(CompressionCallback):
     _masked_step: int
     #: re-mask weights after each optimizer step (unless the optimizer keeps zeros zero)
     _reapply: bool
+    #: the optimizer's one-shot step hook calling :meth:`Pruner.after_optimizer_step` (``None`` when not armed)
+    _after_step_hook: RemovableHandle | None
 
     def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None, verbose: bool = True) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
@@ -300,6 +303,7 @@ class SparsityCallback(CompressionCallback):
         self._matrices = {}
         self._decided_step = self._masked_step = -1
         self._reapply = True
+        self._after_step_hook = None
 
     def make_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
         """Build this method's pruner over ``pl_module`` (called once per ``fit``, in ``setup``): the one method a
@@ -334,21 +338,35 @@ class SparsityCallback(CompressionCallback):
         masks, step = self.pruner.masks, trainer.global_step
         if step == self._decided_step:  # a second optimizer step within one step: its gradients only need masking
             masks.mask_grads_()
-            return
-        self._decided_step = step
-        self.pruner.observe(step, lr_factor(optimizer))  # dense gradients: masked below, after deciding
-        if self.pruner.decides(step) or grads_are_scaled(trainer):
-            self._decide(trainer, step)
-        elif not masks.mask_grads_and_check_():  # the steps between decisions: one pass masks and checks
-            check_finite(self, trainer, masks.params, step)  # names the tensors (or clears an overflowing sum)
+        else:
+            self._decided_step = step
+            self.pruner.observe(step, lr_factor(optimizer))  # dense gradients: masked below, after deciding
+            if self.pruner.decides(step) or grads_are_scaled(trainer):
+                self._decide(trainer, step)
+            elif not masks.mask_grads_and_check_():  # the steps between decisions: one pass masks and checks
+                check_finite(self, trainer, masks.params, step)  # names the tensors (or clears an overflowing sum)
+        if self.pruner.before_optimizer_step(step):  # undone right after this optimizer's step
+            self._after_step_hook = getattr(optimizer, "optimizer", optimizer).register_step_post_hook(self._after_step)
+
+    def _after_step(self, *_: Any) -> None:
+        """Right after the optimizer step that :meth:`Pruner.before_optimizer_step` prepared (or at the end of the
+        batch if the step was skipped, as a gradient scaler does on overflow): let the pruner undo what it did."""
+        if self._after_step_hook is not None:
+            self._after_step_hook.remove()
+            self._after_step_hook = None
+            self.pruner.after_optimizer_step()
 
     def _decide(self, trainer: pl.Trainer, step: int) -> None:
-        """Check weights and gradients, let the pruner update the masks, then mask the gradients."""
+        """Check weights and gradients, let the pruner update the masks, then mask the gradients (or first, with
+        the masks the forward used, where the pruner asks for that)."""
         pruner = self.pruner
         finite = check_finite(self, trainer, pruner.masks.params, step)
+        if pruner.masks_grads_before_update:
+            pruner.masks.mask_grads_(finite=finite)
         if pruner.update(step, [optimizer.state for optimizer in trainer.optimizers]):
             self._masks_changed(trainer)
-        pruner.masks.mask_grads_(finite=finite)  # checked just now: the faster product is safe
+        if not pruner.masks_grads_before_update:
+            pruner.masks.mask_grads_(finite=finite)  # checked just now: the faster product is safe
 
     def _masks_changed(self, trainer: pl.Trainer) -> None:
         """After the pruner changed the masks: the same masks on every rank, no stale optimizer state, a log line."""
@@ -375,6 +393,7 @@ class SparsityCallback(CompressionCallback):
                 warn_if_optimizer_state_not_reset(self, trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._after_step()  # if the optimizer step was skipped
         if self.pruner is not None and self._reapply and trainer.global_step != self._masked_step:
             self._masked_step = trainer.global_step  # an optimizer step ran: it may have moved pruned weights
             self.pruner.masks.apply_()
@@ -382,6 +401,9 @@ class SparsityCallback(CompressionCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruner is not None and self.verbose:
             self._print_table()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._after_step()  # a crash between preparing an optimizer step and taking it leaves the model as pruned
 
     def _plan(self, trainer: pl.Trainer) -> None:
         """Plan the pruner's schedule for this run's length once; a resumed run keeps its checkpoint's steps, with a

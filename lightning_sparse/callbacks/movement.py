@@ -29,7 +29,14 @@ class MovementPruning(GradualMagnitudePruning):
     movement-pruning``, ``emmental``), an Adam step at ``score_lr`` that follows the weights' learning-rate schedule
     (``score_rule="adam"``); ``score_rule="sum"`` adds ``-w ⊙ ∂L/∂w`` instead. At each update step of the schedule
     the masks are recomputed as the top ``1 - s_t`` of ``S`` under ``distribution``, so a pruned weight whose score
-    has risen comes back with its old value, as in the paper. After ``end`` the masks are frozen and scores stop.
+    has risen comes back with its value, as in the paper. Until ``end`` pruned weights also move as the paper's dense
+    ``W`` does (its forward uses ``W ⊙ M``, AdamW steps all of ``W``): their gradients are masked with the masks of
+    the forward that took them, and the optimizer steps their values too (momentum, Adam moments, decoupled weight
+    decay): they are lent to the model for the optimizer step alone (from ``on_before_optimizer_step`` to a one-shot
+    step hook of the optimizer, or the end of the batch when the step is skipped) and taken back into the latent copy
+    right after, so the model holds exact zeros at pruned positions everywhere else (the LightningModule's own
+    ``on_before_optimizer_step`` and callbacks after this one see the dense values). After ``end`` the masks are
+    frozen and scores stop.
 
     Measured in ``benchmarks/finetune.py`` (a pretrained MiniLM fine-tuned on a 2-class task, 90%): on its first one
     or two layers, summed scores with masks held for 10 steps collapsed the model to a constant predictor where the

@@ -8,17 +8,22 @@ model is pruned while it is fine-tuned (BERT on SQuAD at 10% of the weights: F1 
 
 As in the paper the mask is the top-k of ``S`` recomputed at every update, so a pruned weight can come back: its
 score keeps accumulating ``-w·g`` from the dense gradient (the gradient with respect to the masked weight, which
-is non-zero at pruned positions) and its last value ``w``, which :class:`MovementScores` keeps in ``latent``
-while the model holds an exact zero there. Revived weights return with that value. Pure torch, usable from a plain
-loop::
+is non-zero at pruned positions) and its value ``w``, which :class:`MovementScores` keeps in ``latent`` while the
+model holds an exact zero there. Revived weights return with that value. As in the paper's code, where the forward
+uses ``W ⊙ M`` and the optimizer steps the whole dense ``W``, the optimizer steps pruned weights too: ``lend_`` puts
+their values into the model for the step and ``take_back_`` returns them to ``latent`` after it. Pure torch, usable
+from a plain loop (:class:`~lightning_sparse.core.pruners.MovementPruner` does these calls in ``step`` and
+``after_optimizer_step``)::
 
     scores = MovementScores(masks.params)
     ...
     loss.backward()
     scores.accumulate_()            # dense gradients, before they are masked
+    masks.mask_grads_()             # with the masks this forward used
     prune_by_movement(masks, scores, sparsity=0.9)
-    masks.mask_grads_()
+    scores.lend_()
     optimizer.step()
+    scores.take_back_(masks)
 """
 
 from __future__ import annotations
@@ -187,6 +192,22 @@ class MovementScores:
         zero = torch.zeros((), dtype=param.dtype, device=param.device)
         weight.copy_(torch.where(kept, dense, zero))
         self.latent[name] = from_local_like(torch.where(kept, zero, dense), param)
+
+    @torch.no_grad()
+    def lend_(self) -> None:
+        """Put the latent values into the model's pruned positions (which hold exact zeros, as ``latent`` does at kept
+        ones): the model holds the dense ``w``, for an optimizer step to move all of it as the paper's ``W``."""
+        for name, latent in self.latent.items():
+            local_tensor(self.params[name]).add_(local_tensor(latent))
+
+    @torch.no_grad()
+    def take_back_(self, masks: MaskSet) -> None:
+        """After :meth:`lend_` and an optimizer step: the pruned positions' values back into ``latent``, zeros in
+        the model."""
+        for name, latent in self.latent.items():
+            weight, kept = local_tensor(self.params[name]), masks.local_mask(name)
+            local_tensor(latent).copy_(weight).masked_fill_(kept, 0)
+            weight.masked_fill_(~kept, 0)
 
     # ----------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, dict]:

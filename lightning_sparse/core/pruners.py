@@ -16,7 +16,7 @@ loop drives the same object with :meth:`Pruner.step`::
         loss(net(x), y).backward()
         pruner.step(step, [optimizer.state])   # observe, update on the schedule, mask gradients and stale state
         optimizer.step()
-        pruner.masks.apply_()
+        pruner.after_optimizer_step()          # pruned weights back to exactly zero
 
 Implementations: :class:`MagnitudePruner` (gradual magnitude pruning, Zhu & Gupta 2017, with channel/head/neuron/N:M
 granularities), :class:`MovementPruner` (Sanh et al. 2020), :class:`RigLPruner` (Evci et al. 2020; SET with
@@ -79,6 +79,8 @@ class Pruner(ABC):
         reset_pruned_state: zero the optimizer state (momentum, Adam moments) of pruned weights when masks change.
         grows: the pruner revives weights and zeroes their optimizer state (so an optimizer whose state it cannot
             reset deserves a warning).
+        masks_grads_before_update: gradients are masked with the masks of the forward that took them, before an
+            update changes the masks (the paper's ``W ⊙ M`` for movement pruning); else with the updated masks.
 
     ``__init__`` selects the parameters (:meth:`select`) and builds :attr:`masks`, so a subclass sets the attributes
     its ``select`` reads before calling it. ``update`` is the one abstract member.
@@ -87,6 +89,7 @@ class Pruner(ABC):
     metric_prefix = ""
     reset_pruned_state = True
     grows = False
+    masks_grads_before_update = False
 
     def __init__(
         self,
@@ -131,6 +134,15 @@ class Pruner(ABC):
     def observe(self, step: int, lr_factor: float = 1.0) -> None:  # noqa: B027 - a hook most pruners leave empty
         """See the dense gradients of ``step`` (once per optimizer step, before any masking); a no-op by default."""
 
+    def before_optimizer_step(self, step: int) -> bool:
+        """Just before the optimizer steps (gradients masked): change the weights it steps, if the method needs to.
+        Returns whether it did; then :meth:`after_optimizer_step` must follow the step. A no-op by default."""
+        return False
+
+    def after_optimizer_step(self) -> None:
+        """Right after the optimizer step: pruned weights back to exactly zero (the step may have moved them)."""
+        self.masks.apply_()
+
     def decides(self, step: int) -> bool:
         """Whether optimizer ``step`` may change the masks (weights and gradients are checked before it does)."""
         return self.schedule is not None and self.schedule.is_update(step)
@@ -162,14 +174,18 @@ class Pruner(ABC):
     def step(self, step: int, optimizer_states: OptimizerStates = (), lr_factor: float = 1.0) -> bool:
         """One optimizer step of a plain loop, after ``backward`` and before ``optimizer.step()``: observe the dense
         gradients, update the masks if ``step`` is an update step (zeroing the optimizer state of pruned weights),
-        then mask the gradients. Returns whether the masks changed. After ``optimizer.step()`` call
-        ``masks.apply_()``."""
+        then mask the gradients (with the masks of this step's forward where ``masks_grads_before_update``).
+        Returns whether the masks changed. After ``optimizer.step()`` call :meth:`after_optimizer_step`."""
         self.observe(step, lr_factor)
+        if self.masks_grads_before_update:
+            self.masks.mask_grads_()
         changed = self.decides(step) and self.update(step, optimizer_states)
         if changed and self.reset_pruned_state:
             for state in optimizer_states:
                 self.masks.mask_state_(state)
-        self.masks.mask_grads_()
+        if not self.masks_grads_before_update:
+            self.masks.mask_grads_()
+        self.before_optimizer_step(step)
         return changed
 
 
@@ -383,8 +399,12 @@ class MovementPruner(MagnitudePruner):
     """Hard movement pruning (Sanh, Wolf & Rush 2020, arXiv 2005.07683) on the magnitude pruner's schedule: masks are
     the top ``1 - s_t`` of the movement scores ``S`` (:class:`~lightning_sparse.core.movement.MovementScores`,
     trained from ``w ⊙ ∂L/∂w`` by :meth:`observe` at every step until ``end``), recomputed from ``S`` alone so a pruned
-    weight whose score rose comes back with its old value. Pruned weights keep their optimizer state, as the paper's
-    dense ``W`` does.
+    weight whose score rose comes back with its old value. Until ``end`` pruned weights move as the paper's dense
+    ``W`` does (Hugging Face ``examples/research_projects/movement-pruning``, ``emmental.MaskedLinear``: the forward
+    uses ``W ⊙ M``, the optimizer steps all of ``W``): they keep their optimizer state, gradients are masked with the
+    masks of the forward that took them, and each optimizer step also steps their values (momentum, Adam moments,
+    decoupled weight decay), which :meth:`before_optimizer_step` lends to the model for the step alone and
+    :meth:`after_optimizer_step` takes back into the latent copy, leaving exact zeros in the model.
 
     ``check_signal``: at the first mask update that prunes, warn once (through ``warn``) when the scores are still
     minibatch noise (:func:`~lightning_sparse.core.movement.signal_warning`); costs two more weight-sized fp32 tensors
@@ -392,6 +412,7 @@ class MovementPruner(MagnitudePruner):
 
     metric_prefix = "movement"
     reset_pruned_state = False
+    masks_grads_before_update = True
 
     def __init__(
         self, model: nn.Module, sparsity: Sparsity = 0.9, schedule: StepSchedule | None = None, *, score_rule: str = "adam",
@@ -400,13 +421,36 @@ class MovementPruner(MagnitudePruner):
         super().__init__(model, sparsity, schedule, **options)
         self.score_rule = score_rule
         self.scores = MovementScores(self.masks.params, rule=score_rule, lr=score_lr, track_signal=check_signal)
+        self.lent = False  # the model holds the pruned weights' values for an optimizer step
 
     def observe(self, step: int, lr_factor: float = 1.0) -> None:
         """One step of the scores on the dense gradients, until the last mask update (``end``; after it they would
         be computed for nothing)."""
+        if self.lent:
+            raise RuntimeError(
+                f"{self.name}: the pruned weights lent to the model for the last optimizer step were not taken back: "
+                f"call `pruner.after_optimizer_step()` after every `optimizer.step()` (the Lightning callback does)"
+            )
         end = self.schedule.end_step
         if end is None or step <= end:
             self.scores.accumulate_(lr_factor)
+
+    def before_optimizer_step(self, step: int) -> bool:
+        """Lend the pruned weights' values to the model so the optimizer steps them too (as the paper's dense ``W``),
+        while a later mask update may still bring them back (before ``end``)."""
+        end = self.schedule.end_step
+        self.lent = bool(self.scores.latent) and (end is None or step < end)
+        if self.lent:
+            self.scores.lend_()
+        return self.lent
+
+    def after_optimizer_step(self) -> None:
+        """Take the lent values back (stepped by the optimizer) into the latent copy; pruned weights exactly zero."""
+        if self.lent:
+            self.scores.take_back_(self.masks)
+            self.lent = False
+        else:
+            self.masks.apply_()
 
     def prune(self, target: Sparsity, step: int | None = None) -> None:
         missing = self.scores.missing()

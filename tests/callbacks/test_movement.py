@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
 from support import DIGITS, ROOT, StopAfterEpoch, checkpoint_sparsity, digits_model, make_trainer
@@ -14,6 +15,8 @@ from lightning_sparse import GradualMagnitudePruning, MovementPruning
 from lightning_sparse.core.allocation import erk_sparsities, round_half_up
 from lightning_sparse.core.criteria import exact_mask
 from lightning_sparse.core.masks import MaskSet
+from lightning_sparse.core.pruners import MovementPruner
+from lightning_sparse.core.schedules import StepSchedule
 from lightning_sparse.core.movement import (
     NOISE_MEDIAN_ABS_T, SIGNAL_MEDIAN_ABS_T, MovementScores, prune_by_movement, signal_warning,
 )
@@ -92,6 +95,67 @@ def test_adam_scores_are_torch_adam_on_the_straight_through_gradient_w_times_g()
         MovementScores(masks.params, rule="sgd")
 
 
+def test_pruned_weights_move_under_adamw_as_the_papers_dense_weight_until_the_last_update():
+    """Issue 31's cause: the paper's code (``emmental.MaskedLinear``) keeps a dense ``W``, multiplies it by the mask in
+    forward and lets AdamW step all of it, so a pruned weight keeps moving (momentum, decoupled weight decay) and
+    comes back changed. Holding it at its pruned value collapsed the port to a constant predictor at 600 steps on
+    six layers. Against that reference, fed the same masks, the weights in the model plus the latent copy are ``W``
+    bit for bit at every step up to the last mask update, and the model's pruned weights are exact zeros."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    reference = copy.deepcopy(net)
+    pruner = MovementPruner(net, 0.75, StepSchedule(2, 14, 1), check_signal=False)  # top-k of every matmul weight each step to 14
+    pruner.start(20)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.5)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.5)
+    names = list(pruner.masks)
+    moved, revived = 0, 0
+    for step in range(20):
+        batch = slice(step % 4 * 16, step % 4 * 16 + 16)
+        forward_masks = {name: pruner.masks.mask(name) for name in names}  # what this step's forward uses
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+        pruner.step(step, [optimizer.state])
+        optimizer.step()
+        pruner.after_optimizer_step()
+
+        reference_optimizer.zero_grad()
+        weights = {name: p * forward_masks[name] if name in names else p for name, p in reference.named_parameters()}
+        logits = torch.func.functional_call(reference, weights, (x[batch],))
+        nn.functional.cross_entropy(logits, y[batch]).backward()  # the gradient of W is that of W * M, times M
+        reference_optimizer.step()
+        for name in names:
+            param, mask, dense = net.get_parameter(name), pruner.masks.mask(name), reference.get_parameter(name)
+            assert torch.equal(param.detach(), torch.where(mask, dense.detach(), 0)), (step, name)  # zeros where pruned
+            if step < 14:  # pruned weights stepped as W's
+                assert torch.equal(param.detach() + pruner.scores.latent.get(name, 0), dense.detach()), (step, name)
+            if step >= 2:
+                revived += int((mask & ~forward_masks[name]).sum())
+        if 2 <= step < 14:
+            moved += sum(int((pruner.scores.latent[n] != 0).sum()) for n in names)
+    assert moved > 0 and revived > 0  # pruned weights held values and some came back: the check compared something
+    assert pruner.masks.sparsity() == pytest.approx(0.75, abs=0.01)
+
+
+def test_a_plain_loop_that_skips_after_optimizer_step_is_told_what_to_call():
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    pruner = MovementPruner(net, 0.5, StepSchedule(0, 4, 1))
+    pruner.start(6)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+    for step in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        if step == 1:
+            with pytest.raises(RuntimeError, match=r"call `pruner.after_optimizer_step\(\)` after every `optimizer.step\(\)`"):
+                pruner.step(step, [optimizer.state])
+            break
+        pruner.step(step, [optimizer.state])
+        optimizer.step()
+        pruner.masks.apply_()  # not enough: the pruned weights' values are still lent to the model
+
+
 # ----------------------------------------------------------------- arguments
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -155,6 +219,41 @@ def test_scores_are_the_hand_computed_sum_of_minus_w_times_grad(digits_model, ma
         count = round_half_up(0.6 * by_hand[name].numel())
         assert torch.equal(callback.masks.mask(name), exact_mask(callback.scores.scores[name], count))
         assert (callback.masks.mask(name) == exact_mask(by_hand[name], count)).float().mean() > 0.999
+
+
+class PrunedZeros(pl.Callback):
+    """After every batch (after the pruning callback): the model's pruned weights are exact zeros, nothing is lent."""
+
+    def __init__(self, movement: MovementPruning) -> None:
+        self.movement, self.batches, self.latent_nonzero = movement, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001
+        pruner = self.movement.pruner
+        assert not pruner.lent and self.movement._after_step_hook is None
+        for name, param in pruner.masks.params.items():
+            assert not param.detach()[~pruner.masks.mask(name)].any(), (trainer.global_step, name)
+        self.latent_nonzero += sum(int(v.count_nonzero()) for v in pruner.scores.latent.values())
+        self.batches += 1
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_lent_weights_are_taken_back_after_every_step_and_every_skipped_step(make_trainer, tmp_path, digits, skips):
+    """Pruned weights are lent to the model for the optimizer step alone; with ``skips`` an fp16 gradient scaler
+    that grows its scale 2^30-fold after every good step overflows every other step, so ``optimizer.step`` is not
+    called there and the weights are taken back at the end of the batch."""
+    pl.seed_everything(0)
+    movement = MovementPruning(sparsity=0.5, start=2, end=12, frequency=1, verbose=False, check_signal=False)
+    check, scales = PrunedZeros(movement), []
+    options = {}
+    if skips:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_factor=2.0**30, backoff_factor=2.0**-30, growth_interval=1)
+        options["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+        check.on_train_batch_start = lambda *args: scales.append(scaler.get_scale())
+    make_trainer(tmp_path, [movement, check], max_epochs=1, limit_train_batches=16, **options).fit(digits_model(), digits)
+    assert check.batches == 16 and check.latent_nonzero > 0  # the pruned weights had values to lend
+    if skips:
+        assert scales[1:] == [2.0**30, 1.0] * 7 + [2.0**30]  # a skipped step after every good one
+    assert movement.masks.sparsity() == pytest.approx(0.5, abs=0.01)
 
 
 def test_scores_accumulate_once_per_optimizer_step_under_gradient_accumulation(digits_model, make_trainer, tmp_path, digits):

@@ -86,7 +86,7 @@ def _train(net: nn.Module, pruner: Pruner, optimizer: torch.optim.Optimizer, ste
         nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
         pruner.step(step, [optimizer.state])
         optimizer.step()
-        pruner.masks.apply_()
+        pruner.after_optimizer_step()
 
 
 @pytest.mark.parametrize("method", list(PRUNERS))
