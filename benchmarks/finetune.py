@@ -163,7 +163,8 @@ def run(row: str, dm: ShakespearePlaysDataModule, args: argparse.Namespace) -> d
     options = dict(pretrained="minilm", num_classes=dm.num_classes, lr=args.lr)
     if args.recipe == "paper":
         options["weight_decay"] = 0.0  # masked_run_glue.py: --weight_decay defaults to 0.0
-    model = shrink(ReferenceClassifier(**options, score_lr=args.score_lr) if method == "reference" else TextClassifier(**options), args.layers)
+    reference = dict(score_lr=args.score_lr, fused=False if args.unfused_adam else None)
+    model = shrink(ReferenceClassifier(**options, **reference) if method == "reference" else TextClassifier(**options), args.layers)
     if args.recipe == "paper":
         model.backbone.embeddings.requires_grad_(False)  # emmental/modeling_bert_masked.py, MaskedBertModel.__init__
     callbacks: list[pl.Callback] = []
@@ -211,6 +212,9 @@ def main() -> None:
     parser.add_argument("--output", default="finetune", help="results go to benchmarks/results/OUTPUT.json")
     parser.add_argument("--score-lr", type=float, default=1e-2, help="reference: AdamW learning rate of the scores")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unfused-adam", action="store_true",
+                        help="reference rows: torch's default (unfused) AdamW instead of the fused one (the same arithmetic, "
+                             "other rounding: a control for how much an outcome depends on rounding)")
     parser.add_argument("--recipe", choices=("ours", "paper"), default="ours",
                         help="paper: every row with the paper's training recipe (masked_run_glue.py): embeddings frozen, "
                              "gradient norm clipped at 1.0, no weight decay; ours: embeddings trained, no clipping, "

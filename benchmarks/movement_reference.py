@@ -108,9 +108,9 @@ class ReferenceClassifier(TextClassifier):
     """``TextClassifier`` whose encoder Linear layers are emmental ``MaskedLinear``s; AdamW groups as
     ``masked_run_glue.py``: scores at ``score_lr`` without decay, weights with, biases and norms without."""
 
-    def __init__(self, *args: Any, score_lr: float = 1e-2, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, score_lr: float = 1e-2, fused: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.score_lr = score_lr
+        self.score_lr, self.fused = score_lr, fused  # fused: None = as TextClassifier (fused_adam), False = torch's default (unfused)
         self.masked = install(self.backbone)
 
     def configure_optimizers(self):  # noqa: ANN201
@@ -124,7 +124,7 @@ class ReferenceClassifier(TextClassifier):
             [{"params": groups["scores"], "lr": self.score_lr, "weight_decay": 0.0},
              {"params": groups["decay"], "weight_decay": hp.weight_decay},
              {"params": groups["no_decay"], "weight_decay": 0.0}],
-            lr=hp.lr, fused=fused_adam(self),
+            lr=hp.lr, fused=fused_adam(self) if self.fused is None else self.fused,
         )  # fmt: skip
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(hp.warmup * total)

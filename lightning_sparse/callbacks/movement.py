@@ -24,7 +24,7 @@ class MovementPruning(GradualMagnitudePruning):
 
     Every optimizer step, in ``on_before_optimizer_step`` (gradients all-reduced under DDP and accumulated over
     ``accumulate_grad_batches``, not yet masked), the scores of every selected weight, pruned ones included (they
-    score with the value they had when pruned; see :mod:`lightning_sparse.core.movement`), take a step on
+    score with their latent value; see :mod:`lightning_sparse.core.movement`), take a step on
     ``∂L/∂S = w ⊙ ∂L/∂w``: by default as the paper's code does (Hugging Face ``examples/research_projects/
     movement-pruning``, ``emmental``), an Adam step at ``score_lr`` that follows the weights' learning-rate schedule
     (``score_rule="adam"``); ``score_rule="sum"`` adds ``-w ⊙ ∂L/∂w`` instead. At each update step of the schedule
@@ -38,14 +38,16 @@ class MovementPruning(GradualMagnitudePruning):
     ``on_before_optimizer_step`` and callbacks after this one see the dense values). After ``end`` the masks are
     frozen and scores stop.
 
-    Measured in ``benchmarks/finetune.py`` (a pretrained MiniLM fine-tuned on a 2-class task, 90%): on its first one
-    or two layers, summed scores with masks held for 10 steps collapsed the model to a constant predictor where the
-    paper's code kept it; Adam-stepped scores and masks recomputed at every step (the paper's two choices, now the
-    defaults) keep it there. On four layers, holding pruned weights at their pruned value *and* resetting their
-    optimizer state collapses the paper's code too (either alone does not); this callback therefore keeps the
-    optimizer state (momentum, Adam moments) of pruned weights, as the paper's dense ``W`` does, and re-masks the
-    weights after every optimizer step so they stay exactly zero (4 layers, 90%: 96.25% where it was a constant
-    predictor; the paper's code 98.75%). On six layers both collapse (README, "Movement pruning").
+    The masks decided at an update step ``t`` are those of step ``t + 1``'s forward, at the schedule's sparsity of
+    ``t + 1``, as the paper's code sets its kept fraction before each forward.
+
+    Measured in ``benchmarks/finetune.py`` against a port of the paper's code (a pretrained MiniLM fine-tuned on a
+    2-class task, 90%): summed scores with masks held for 10 steps collapsed one or two layers to a constant predictor
+    where the paper's code kept them (Adam-stepped scores and masks recomputed every step, the paper's choices, are
+    the defaults since); pruned weights held at their pruned value collapsed the paper's own code on 6 layers at 600
+    steps; with all of the above, runs follow the paper's step for step until rounding drifts them apart. Whether a
+    run then collapses to a constant predictor depends on the seed for both, and can flip with those rounding-level
+    differences (README, "Movement pruning").
 
     Memory: ``S`` and the pruned weights' values (two fp32 weight-sized tensors) and, with ``score_rule="adam"``, the
     scores' two Adam moments (two more): four weight-sized tensors beside the one-bit masks, where the paper's code

@@ -399,7 +399,7 @@ class MovementPruner(MagnitudePruner):
     """Hard movement pruning (Sanh, Wolf & Rush 2020, arXiv 2005.07683) on the magnitude pruner's schedule: masks are
     the top ``1 - s_t`` of the movement scores ``S`` (:class:`~lightning_sparse.core.movement.MovementScores`,
     trained from ``w ⊙ ∂L/∂w`` by :meth:`observe` at every step until ``end``), recomputed from ``S`` alone so a pruned
-    weight whose score rose comes back with its old value. Until ``end`` pruned weights move as the paper's dense
+    weight whose score rose comes back with its latent value. Until ``end`` pruned weights move as the paper's dense
     ``W`` does (Hugging Face ``examples/research_projects/movement-pruning``, ``emmental.MaskedLinear``: the forward
     uses ``W ⊙ M``, the optimizer steps all of ``W``): they keep their optimizer state, gradients are masked with the
     masks of the forward that took them, and each optimizer step also steps their values (momentum, Adam moments,
@@ -438,9 +438,10 @@ class MovementPruner(MagnitudePruner):
     def update(self, step: int, optimizer_states: OptimizerStates = ()) -> bool:
         """At an update step, the top ``1 - s`` of the scores at the schedule's sparsity of ``step + 1``: these masks
         are the next forward's, and the paper's code sets the kept fraction of a step (``schedule_threshold``) before
-        that step's forward. Measured: with the sparsity of ``step`` instead, the masks ran one step behind the port's
-        (``benchmarks/movement_reference.py``), which was bit-identical before; Adam-stepped scores amplified that into
-        a different model (4 MiniLM layers, seed 3: a constant predictor where the port keeps 99.17%)."""
+        that step's forward. Measured: with the sparsity of ``step`` instead, the masks ran one step behind those of
+        the paper's code ported (``benchmarks/movement_reference.py``; the weights of the two runs are bit-identical
+        until pruning begins), and Adam-stepped scores amplified that into a different model (4 MiniLM layers, seed 3:
+        a constant predictor where the port keeps 99.17%)."""
         if not self.decides(step):
             return False
         target = self.schedule.target(step + 1)
